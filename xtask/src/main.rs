@@ -1,0 +1,33 @@
+//! `cargo xtask`: guest artifacts, tests across tiers, the demo and benchmarks.
+//!
+//! One binary, one file per task (the rust-analyzer `xtask` pattern). Slow artifacts live in a
+//! cache outside the checkout (see [`util::cache_dir`]), keyed by a hash of their inputs.
+
+mod guest;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Project automation for the sandbox SDK")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the guest artifacts (kernel, rootfs); cached by a hash of their inputs.
+    Guest {
+        #[command(subcommand)]
+        what: guest::GuestCmd,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Guest { what } => guest::run(what),
+    }
+}
