@@ -4,3 +4,5 @@
 //! console, i8042 reset, the virtio-mmio transport with virtio-blk and virtio-vsock, the
 //! `sandbox-vmm` binary that runs one VM per process, and `KvmRuntime`/`KvmSandbox`.
 #![warn(missing_docs)]
+
+pub mod devices;
