@@ -2,6 +2,8 @@
 //! [`IrqTrigger`] and guest memory through `vm_memory::GuestMemory`, so they are unit-tested on any
 //! machine (the rust-vmm `vm-superio` `Trigger` pattern).
 
+pub mod virtio;
+
 use std::io;
 
 /// A device mapped on a PIO or MMIO bus.

@@ -1,0 +1,1 @@
+//! virtio-vsock (virtio 1.2 §5.10).
