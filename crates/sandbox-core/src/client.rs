@@ -1,0 +1,507 @@
+//! The host-side agent client: one handshaken connection to a guest agent over any async byte
+//! stream (a Unix socket to the VMM's vsock device after `CONNECT 1024`, a test socket...).
+//!
+//! One request is in flight per connection (see `docs/protocol.md`); open several connections
+//! for concurrency. Any transport or protocol failure marks the client broken: later calls fail
+//! fast with [`ClientError::Broken`] and the caller should open a new connection.
+//!
+//! ```no_run
+//! # async fn demo(stream: tokio::net::UnixStream) -> Result<(), sandbox_core::client::ClientError> {
+//! use std::time::Duration;
+//! use sandbox_core::{client::AgentClient, ExecRequest};
+//! let mut agent = AgentClient::handshake(stream, Duration::from_secs(5)).await?;
+//! let out = agent.exec(&ExecRequest::shell("echo hi")).await?;
+//! assert_eq!(out.stdout, b"hi\n");
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use crate::exec::{ExecError, ExecEvent, ExecOutput, ExecRequest, OutputCollector};
+use crate::file::{self, FileError, FileOptions, Listing, FILE_CHUNK_BYTES, MAX_FILE_BYTES};
+use crate::protocol::{
+    asynch, AgentError, AgentFrame, AgentInfo, AgentMessage, ExecStart, Hello, HostFrame,
+    HostMessage, ProtocolError, Role,
+};
+use crate::sandbox::ExecEventSender;
+
+/// Default per-frame wait for non-exec requests.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Extra time the client waits past an exec's own timeout before giving up on the agent.
+pub const EXEC_GRACE: Duration = Duration::from_secs(30);
+/// `SIGKILL`, sent to a command's group when its stream is abandoned.
+const SIGKILL: i32 = 9;
+
+/// Result of client operations.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The agent did not complete the handshake before the deadline.
+    #[error("The agent did not answer the handshake within {after:?}.")]
+    HandshakeTimeout {
+        /// The deadline.
+        after: Duration,
+    },
+    /// The handshake failed (closed stream, bad magic, version mismatch).
+    #[error("The agent handshake failed.")]
+    Handshake(#[source] ProtocolError),
+    /// Framing or transport failed mid-request.
+    #[error("The agent connection failed.")]
+    Protocol(#[from] ProtocolError),
+    /// The agent closed the connection in the middle of a request.
+    #[error("The agent closed the connection.")]
+    Closed,
+    /// No frame arrived in time.
+    #[error("No answer from the agent for {what} within {after:?}.")]
+    Timeout {
+        /// The request kind.
+        what: &'static str,
+        /// The wait that expired.
+        after: Duration,
+    },
+    /// The agent sent a frame that does not fit the exchange.
+    #[error("The agent sent an unexpected {got} frame (id {id}) during {what}.")]
+    Unexpected {
+        /// The request kind.
+        what: &'static str,
+        /// Frame id received.
+        id: u64,
+        /// Frame kind received.
+        got: &'static str,
+    },
+    /// The agent reported a request failure (the connection stays usable).
+    #[error("The agent refused the request.")]
+    Agent(#[from] AgentError),
+    /// The exec request is invalid.
+    #[error("The exec request is invalid.")]
+    Exec(#[from] ExecError),
+    /// The file request is invalid.
+    #[error("The file request is invalid.")]
+    File(#[from] FileError),
+    /// An earlier failure left the connection unusable.
+    #[error("The agent connection is broken by an earlier error; open a new one.")]
+    Broken,
+}
+
+impl ClientError {
+    /// The public kind for this error.
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            ClientError::HandshakeTimeout { .. } | ClientError::Closed => K::AgentUnreachable,
+            ClientError::Handshake(
+                ProtocolError::Io(_) | ProtocolError::Truncated { .. },
+            ) => K::AgentUnreachable,
+            ClientError::Handshake(_) | ClientError::Unexpected { .. } => K::Protocol,
+            ClientError::Protocol(e) => crate::Error::from_protocol_kind(e),
+            ClientError::Timeout { .. } => K::Timeout,
+            ClientError::Agent(e) => crate::Error::from(e.clone()).kind(),
+            ClientError::Exec(e) => crate::Error::from(e.clone()).kind(),
+            ClientError::File(e) => crate::Error::from(e.clone()).kind(),
+            ClientError::Broken => K::InvalidState,
+        }
+    }
+
+    /// Whether the connection is unusable after this error.
+    fn breaks_connection(&self) -> bool {
+        !matches!(self, ClientError::Agent(_) | ClientError::Exec(_) | ClientError::File(_))
+    }
+}
+
+impl crate::Error {
+    fn from_protocol_kind(e: &ProtocolError) -> crate::ErrorKind {
+        match e {
+            ProtocolError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+                crate::ErrorKind::Timeout
+            }
+            ProtocolError::Io(_) => crate::ErrorKind::AgentUnreachable,
+            _ => crate::ErrorKind::Protocol,
+        }
+    }
+}
+
+impl From<ClientError> for crate::Error {
+    fn from(e: ClientError) -> Self {
+        let kind = e.kind();
+        let message = match &e {
+            ClientError::Agent(a) => a.message.clone(),
+            other => other.to_string(),
+        };
+        crate::Error::with_source(kind, message, e)
+    }
+}
+
+fn frame_name(m: &AgentMessage) -> &'static str {
+    match m {
+        AgentMessage::Pong(_) => "Pong",
+        AgentMessage::Started { .. } => "Started",
+        AgentMessage::Stdout(_) => "Stdout",
+        AgentMessage::Stderr(_) => "Stderr",
+        AgentMessage::Exited(_) => "Exited",
+        AgentMessage::FileStart { .. } => "FileStart",
+        AgentMessage::FileData(_) => "FileData",
+        AgentMessage::Ready => "Ready",
+        AgentMessage::Done => "Done",
+        AgentMessage::Listing(_) => "Listing",
+        AgentMessage::Error(_) => "Error",
+    }
+}
+
+/// A handshaken connection to one guest agent.
+#[derive(Debug)]
+pub struct AgentClient<S> {
+    stream: S,
+    next_id: u64,
+    request_timeout: Duration,
+    /// An exec whose session was dropped before `Exited`; settled before the next request.
+    pending_exec: Option<u64>,
+    broken: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
+    /// Exchanges hellos over `stream` (host first), within `deadline`.
+    ///
+    /// # Errors
+    /// [`ClientError::HandshakeTimeout`] (kind `AgentUnreachable`), or
+    /// [`ClientError::Handshake`] with the typed cause (`VersionMismatch`, `BadMagic`...).
+    pub async fn handshake(mut stream: S, deadline: Duration) -> Result<Self> {
+        let exchange = async {
+            asynch::write_hello(&mut stream, Role::Host).await?;
+            let bytes = asynch::read_hello_bytes(&mut stream).await?;
+            Hello::check(bytes, Role::Agent)
+        };
+        match tokio::time::timeout(deadline, exchange).await {
+            Err(_) => Err(ClientError::HandshakeTimeout { after: deadline }),
+            Ok(Err(e)) => Err(ClientError::Handshake(e)),
+            Ok(Ok(_)) => Ok(AgentClient {
+                stream,
+                next_id: 1,
+                request_timeout: DEFAULT_REQUEST_TIMEOUT,
+                pending_exec: None,
+                broken: false,
+            }),
+        }
+    }
+
+    /// Sets the per-frame wait for non-exec requests (default [`DEFAULT_REQUEST_TIMEOUT`]).
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.request_timeout = timeout;
+    }
+
+    /// Whether an earlier failure made this connection unusable.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// The underlying stream (for example to shut it down).
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+
+    fn fail(&mut self, e: ClientError) -> ClientError {
+        if e.breaks_connection() {
+            self.broken = true;
+        }
+        e
+    }
+
+    async fn send(&mut self, id: u64, body: HostMessage) -> Result<()> {
+        let r = asynch::write_frame(&mut self.stream, &HostFrame { id, body }).await;
+        r.map_err(|e| self.fail(e.into()))
+    }
+
+    /// Waits for the next frame of request `id`, until `deadline` (`None`: forever).
+    async fn recv(&mut self, id: u64, what: &'static str, deadline: Option<Instant>) -> Result<AgentMessage> {
+        let read = asynch::read_frame::<AgentFrame, _>(&mut self.stream);
+        let r = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let after = d.saturating_duration_since(Instant::now());
+                    return Err(self.fail(ClientError::Timeout { what, after }));
+                }
+            },
+            None => read.await,
+        };
+        match r {
+            Ok(Some(AgentFrame { id: got, body })) if got == id => Ok(body),
+            // The agent reports connection-level protocol errors with id 0 before closing.
+            Ok(Some(AgentFrame { id: 0, body: AgentMessage::Error(_) })) => {
+                Err(self.fail(ClientError::Unexpected { what, id: 0, got: "connection Error" }))
+            }
+            Ok(Some(f)) => {
+                let got = frame_name(&f.body);
+                Err(self.fail(ClientError::Unexpected { what, id: f.id, got }))
+            }
+            Ok(None) => Err(self.fail(ClientError::Closed)),
+            Err(e) => Err(self.fail(e.into())),
+        }
+    }
+
+    fn request_deadline(&self) -> Option<Instant> {
+        Some(Instant::now() + self.request_timeout)
+    }
+
+    /// Starts request `body`: checks the connection, settles any abandoned exec, picks an id.
+    async fn begin(&mut self, body: HostMessage) -> Result<u64> {
+        if self.broken {
+            return Err(ClientError::Broken);
+        }
+        if let Some(old) = self.pending_exec.take() {
+            // Kill the abandoned command and read up to its Exited, so frames stay in step.
+            self.send(old, HostMessage::Signal { signal: SIGKILL }).await?;
+            let deadline = Some(Instant::now() + self.request_timeout + EXEC_GRACE);
+            loop {
+                match self.recv(old, "an abandoned exec", deadline).await? {
+                    AgentMessage::Exited(_) | AgentMessage::Error(_) => break,
+                    _ => {}
+                }
+            }
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.send(id, body).await?;
+        Ok(id)
+    }
+
+    /// Checks the agent is alive.
+    ///
+    /// # Errors
+    /// Connection errors, [`ClientError::Timeout`].
+    pub async fn ping(&mut self) -> Result<AgentInfo> {
+        let id = self.begin(HostMessage::Ping).await?;
+        match self.recv(id, "ping", self.request_deadline()).await? {
+            AgentMessage::Pong(info) => Ok(info),
+            other => Err(self.unexpected("ping", id, &other)),
+        }
+    }
+
+    fn unexpected(&mut self, what: &'static str, id: u64, m: &AgentMessage) -> ClientError {
+        if let AgentMessage::Error(e) = m {
+            return ClientError::Agent(e.clone());
+        }
+        self.fail(ClientError::Unexpected { what, id, got: frame_name(m) })
+    }
+
+    /// Starts a command; read its events from the returned session.
+    ///
+    /// # Errors
+    /// [`ClientError::Exec`] for an invalid request (nothing sent), [`ClientError::Agent`] when
+    /// the agent refuses it (unknown user...), connection errors.
+    pub async fn exec_start(&mut self, req: &ExecRequest) -> Result<ExecSession<'_, S>> {
+        req.validate()?;
+        let start = ExecStart::from_request(req, &Default::default());
+        let deadline = req.timeout.map(|t| Instant::now() + t + EXEC_GRACE);
+        let id = self.begin(HostMessage::Exec(start)).await?;
+        let first = self.recv(id, "exec", deadline.or(self.request_deadline())).await?;
+        match first {
+            AgentMessage::Started { pid } => {
+                self.pending_exec = Some(id);
+                Ok(ExecSession { client: self, id, pid, deadline, done: false })
+            }
+            other => Err(self.unexpected("exec", id, &other)),
+        }
+    }
+
+    /// Runs a command to completion and collects its output.
+    ///
+    /// # Errors
+    /// As [`AgentClient::exec_start`], plus [`ClientError::Timeout`] if the agent stays silent
+    /// [`EXEC_GRACE`] past the command's own timeout.
+    pub async fn exec(&mut self, req: &ExecRequest) -> Result<ExecOutput> {
+        let mut s = self.exec_start(req).await?;
+        let mut c = OutputCollector::new();
+        while let Some(ev) = s.next_event().await? {
+            c.push(ev);
+        }
+        c.finish().ok_or(ClientError::Closed)
+    }
+
+    /// Runs a command and forwards its events into `tx` (the sending half of an
+    /// [`ExecStream`](crate::ExecStream)); a failure is also sent as the stream's last item. If the
+    /// receiver goes away, the command's process group is killed.
+    ///
+    /// # Errors
+    /// The failure that ended the exchange (already forwarded to `tx`).
+    pub async fn exec_to_channel(&mut self, req: &ExecRequest, tx: ExecEventSender) -> Result<()> {
+        let r = self.exec_forward(req, &tx).await;
+        if let Err(e) = &r {
+            let public = crate::Error::new(e.kind(), e.to_string());
+            let _ = tx.send(Err(public)).await;
+        }
+        r
+    }
+
+    async fn exec_forward(&mut self, req: &ExecRequest, tx: &ExecEventSender) -> Result<()> {
+        let mut s = self.exec_start(req).await?;
+        while let Some(ev) = s.next_event().await? {
+            if tx.send(Ok(ev)).await.is_err() {
+                s.signal(SIGKILL).await?;
+                while s.next_event().await?.is_some() {}
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a whole file (at most [`MAX_FILE_BYTES`]).
+    ///
+    /// # Errors
+    /// [`ClientError::File`] for a bad path, [`ClientError::Agent`] (not found, escape, too
+    /// large...), connection errors.
+    pub async fn read_file(&mut self, path: &str, opts: &FileOptions) -> Result<Vec<u8>> {
+        file::validate_path(path, opts)?;
+        let id = self.begin(HostMessage::ReadFile { path: path.to_owned(), opts: opts.clone() }).await?;
+        let size = match self.recv(id, "read_file", self.request_deadline()).await? {
+            AgentMessage::FileStart { size } if size <= MAX_FILE_BYTES => size,
+            AgentMessage::FileStart { .. } => {
+                return Err(self.fail(ClientError::Unexpected { what: "read_file", id, got: "oversized FileStart" }))
+            }
+            other => return Err(self.unexpected("read_file", id, &other)),
+        };
+        // `size` comes from the guest: allocate as data arrives, not up front.
+        let mut data = Vec::with_capacity(FILE_CHUNK_BYTES.min(size as usize));
+        loop {
+            match self.recv(id, "read_file", self.request_deadline()).await? {
+                AgentMessage::FileData(chunk) if (data.len() + chunk.len()) as u64 <= size => {
+                    data.extend_from_slice(&chunk)
+                }
+                AgentMessage::Done if data.len() as u64 == size => return Ok(data),
+                AgentMessage::Error(e) => return Err(ClientError::Agent(e)),
+                other => return Err(self.fail(ClientError::Unexpected { what: "read_file", id, got: frame_name(&other) })),
+            }
+        }
+    }
+
+    /// Writes a whole file (at most [`MAX_FILE_BYTES`]), in [`FILE_CHUNK_BYTES`] frames.
+    ///
+    /// # Errors
+    /// [`ClientError::File`] (bad path, too large: nothing sent), [`ClientError::Agent`],
+    /// connection errors.
+    pub async fn write_file(&mut self, path: &str, data: &[u8], opts: &FileOptions) -> Result<()> {
+        file::validate_path(path, opts)?;
+        let size = data.len() as u64;
+        if size > MAX_FILE_BYTES {
+            return Err(FileError::TooLarge { got: size, max: MAX_FILE_BYTES }.into());
+        }
+        let body = HostMessage::WriteFile { path: path.to_owned(), opts: opts.clone(), size };
+        let id = self.begin(body).await?;
+        match self.recv(id, "write_file", self.request_deadline()).await? {
+            AgentMessage::Ready => {}
+            other => return Err(self.unexpected("write_file", id, &other)),
+        }
+        for chunk in data.chunks(FILE_CHUNK_BYTES) {
+            self.send(id, HostMessage::FileData(Bytes::copy_from_slice(chunk))).await?;
+        }
+        match self.recv(id, "write_file", self.request_deadline()).await? {
+            AgentMessage::Done => Ok(()),
+            other => Err(self.unexpected("write_file", id, &other)),
+        }
+    }
+
+    /// Removes a file, symlink or empty directory.
+    ///
+    /// # Errors
+    /// As [`AgentClient::read_file`].
+    pub async fn remove(&mut self, path: &str, opts: &FileOptions) -> Result<()> {
+        file::validate_path(path, opts)?;
+        let id = self.begin(HostMessage::Remove { path: path.to_owned(), opts: opts.clone() }).await?;
+        match self.recv(id, "remove", self.request_deadline()).await? {
+            AgentMessage::Done => Ok(()),
+            other => Err(self.unexpected("remove", id, &other)),
+        }
+    }
+
+    /// Lists a directory.
+    ///
+    /// # Errors
+    /// As [`AgentClient::read_file`].
+    pub async fn list(&mut self, path: &str, opts: &FileOptions) -> Result<Listing> {
+        file::validate_path(path, opts)?;
+        let id = self.begin(HostMessage::List { path: path.to_owned(), opts: opts.clone() }).await?;
+        match self.recv(id, "list", self.request_deadline()).await? {
+            AgentMessage::Listing(l) => Ok(l),
+            other => Err(self.unexpected("list", id, &other)),
+        }
+    }
+
+    /// Asks the agent to sync and power the VM off. A connection closed before the answer
+    /// counts as success (the guest went down first).
+    ///
+    /// # Errors
+    /// Connection errors before the request was sent, [`ClientError::Agent`].
+    pub async fn power_off(&mut self) -> Result<()> {
+        let id = self.begin(HostMessage::PowerOff).await?;
+        match self.recv(id, "power_off", self.request_deadline()).await {
+            Ok(AgentMessage::Done) | Err(ClientError::Closed) => Ok(()),
+            Err(ClientError::Protocol(ProtocolError::Io(_))) => Ok(()),
+            Ok(other) => Err(self.unexpected("power_off", id, &other)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A running command on an [`AgentClient`]. Dropping it early is allowed: the client kills the
+/// command's process group before its next request.
+#[derive(Debug)]
+pub struct ExecSession<'a, S> {
+    client: &'a mut AgentClient<S>,
+    id: u64,
+    pid: u32,
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ExecSession<'_, S> {
+    /// The command's guest pid (also its process-group id).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The next event; `Ok(None)` after [`ExecEvent::Exit`].
+    ///
+    /// # Errors
+    /// Connection errors; [`ClientError::Timeout`] when nothing arrives [`EXEC_GRACE`] past the
+    /// command's timeout.
+    pub async fn next_event(&mut self) -> Result<Option<ExecEvent>> {
+        if self.done {
+            return Ok(None);
+        }
+        let m = self.client.recv(self.id, "exec", self.deadline).await?;
+        Ok(Some(match m {
+            AgentMessage::Stdout(b) => ExecEvent::Stdout(b),
+            AgentMessage::Stderr(b) => ExecEvent::Stderr(b),
+            AgentMessage::Exited(s) => {
+                self.done = true;
+                self.client.pending_exec = None;
+                ExecEvent::Exit(s)
+            }
+            other => {
+                let e = self.client.unexpected("exec", self.id, &other);
+                return Err(self.client.fail(match e {
+                    // An agent error mid-command cannot be resynchronised: treat as protocol.
+                    ClientError::Agent(_) => ClientError::Unexpected { what: "exec", id: self.id, got: "Error" },
+                    e => e,
+                }));
+            }
+        }))
+    }
+
+    /// Sends `signal` to the command's whole process group.
+    ///
+    /// # Errors
+    /// Connection errors.
+    pub async fn signal(&mut self, signal: i32) -> Result<()> {
+        if self.done {
+            return Ok(());
+        }
+        self.client.send(self.id, HostMessage::Signal { signal }).await
+    }
+}
