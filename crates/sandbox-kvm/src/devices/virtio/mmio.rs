@@ -114,7 +114,8 @@ impl QueueRegs {
         q.try_set_desc_table_address(GuestAddress(self.desc)).ok()?;
         q.try_set_avail_ring_address(GuestAddress(self.driver))
             .ok()?;
-        q.try_set_used_ring_address(GuestAddress(self.device)).ok()?;
+        q.try_set_used_ring_address(GuestAddress(self.device))
+            .ok()?;
         q.set_ready(true);
         // is_valid checks the whole descriptor table and both rings against guest memory.
         q.is_valid(mem).then_some(q)
@@ -217,7 +218,11 @@ where
     /// logged; guest mistakes were already answered on the used ring.
     pub fn process_queue(&mut self, index: usize) {
         if !self.active || index >= self.queues.len() {
-            debug!(index, active = self.active, "virtio-mmio: notification ignored");
+            debug!(
+                index,
+                active = self.active,
+                "virtio-mmio: notification ignored"
+            );
             return;
         }
         if let Err(err) = self.device.process_queue(index) {
@@ -321,7 +326,10 @@ where
             }
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.write_status(value),
-            _ => debug!(offset, value, "virtio-mmio: write to read-only or unknown register"),
+            _ => debug!(
+                offset,
+                value, "virtio-mmio: write to read-only or unknown register"
+            ),
         }
     }
 
@@ -384,12 +392,18 @@ where
         // The driver never sets DEVICE_NEEDS_RESET; the device owns that bit.
         let value = value & !status::DEVICE_NEEDS_RESET | (old & status::DEVICE_NEEDS_RESET);
         if value & old != old {
-            debug!(old, value, "virtio-mmio: status write clearing bits ignored");
+            debug!(
+                old,
+                value, "virtio-mmio: status write clearing bits ignored"
+            );
             return;
         }
         let added = value & !old;
         if added & status::FAILED != 0 {
-            info!(device_type = self.device.device_type(), "virtio-mmio: driver set FAILED");
+            info!(
+                device_type = self.device.device_type(),
+                "virtio-mmio: driver set FAILED"
+            );
             self.status |= status::FAILED;
             return;
         }
@@ -466,7 +480,10 @@ where
     }
 
     fn reset(&mut self) {
-        debug!(device_type = self.device.device_type(), "virtio-mmio: reset");
+        debug!(
+            device_type = self.device.device_type(),
+            "virtio-mmio: reset"
+        );
         self.device.reset();
         for q in &mut self.queues {
             *q = QueueRegs::new(q.max_size);
@@ -494,7 +511,11 @@ where
         if data.len() == 4 && offset % 4 == 0 {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
-            debug!(offset, width = data.len(), "virtio-mmio: bad register read width");
+            debug!(
+                offset,
+                width = data.len(),
+                "virtio-mmio: bad register read width"
+            );
             data.fill(0);
         }
     }
@@ -506,7 +527,11 @@ where
         }
         match <[u8; 4]>::try_from(data) {
             Ok(bytes) if offset % 4 == 0 => self.write_reg(offset, u32::from_le_bytes(bytes)),
-            _ => debug!(offset, width = data.len(), "virtio-mmio: bad register write width"),
+            _ => debug!(
+                offset,
+                width = data.len(),
+                "virtio-mmio: bad register write width"
+            ),
         }
     }
 }
@@ -579,7 +604,10 @@ mod tests {
             sizes: sizes.to_vec(),
             ..FakeDevice::default()
         };
-        (MmioTransport::new(mem(), dev, line.clone()).expect("eventfds"), line)
+        (
+            MmioTransport::new(mem(), dev, line.clone()).expect("eventfds"),
+            line,
+        )
     }
 
     fn r(t: &mut T, off: u64) -> u32 {
@@ -599,7 +627,11 @@ mod tests {
         w(t, reg::DRIVER_FEATURES, 1); // VERSION_1 is bit 32.
         w(t, reg::DRIVER_FEATURES_SEL, 0);
         w(t, reg::DRIVER_FEATURES, 1);
-        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        w(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
     }
 
     fn program_queue(t: &mut T, index: u32, q: &TestQueue) {
@@ -687,9 +719,18 @@ mod tests {
         for (desc, avail, used) in cases {
             let (mut t, _) = transport(&[16]);
             negotiate(&mut t);
-            let bad = TestQueue { desc, avail, used, ..q.clone() };
+            let bad = TestQueue {
+                desc,
+                avail,
+                used,
+                ..q.clone()
+            };
             program_queue(&mut t, 0, &bad);
-            assert_eq!(r(&mut t, reg::QUEUE_READY), 0, "{desc:#x} {avail:#x} {used:#x}");
+            assert_eq!(
+                r(&mut t, reg::QUEUE_READY),
+                0,
+                "{desc:#x} {avail:#x} {used:#x}"
+            );
         }
     }
 
@@ -747,19 +788,31 @@ mod tests {
         w(&mut t, reg::DRIVER_FEATURES, 1);
         w(&mut t, reg::DRIVER_FEATURES_SEL, 0);
         w(&mut t, reg::DRIVER_FEATURES, 1 << 5);
-        w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        w(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_eq!(r(&mut t, reg::STATUS), status::ACKNOWLEDGE | status::DRIVER);
         // Without VERSION_1: refused too.
         w(&mut t, reg::DRIVER_FEATURES, 1);
         w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
         w(&mut t, reg::DRIVER_FEATURES, 0);
-        w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        w(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_eq!(r(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
         // Clearing a bit without a reset is ignored.
         w(&mut t, reg::STATUS, status::ACKNOWLEDGE);
         assert_eq!(r(&mut t, reg::STATUS), status::ACKNOWLEDGE | status::DRIVER);
         // FAILED is accepted at any time and blocks further progress.
-        w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FAILED);
+        w(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FAILED,
+        );
         assert_ne!(r(&mut t, reg::STATUS) & status::FAILED, 0);
     }
 

@@ -72,7 +72,8 @@ impl TestQueue {
         let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
         let end = used + 6 + 8 * u64::from(size);
         let zeros = vec![0u8; (end - base) as usize];
-        m.write_slice(&zeros, GuestAddress(base)).expect("rings in memory");
+        m.write_slice(&zeros, GuestAddress(base))
+            .expect("rings in memory");
         Self {
             size,
             desc,
@@ -95,10 +96,12 @@ impl TestQueue {
     ) {
         let at = GuestAddress(self.desc + 16 * u64::from(idx));
         m.write_obj(addr.to_le(), at).expect("desc addr");
-        m.write_obj(len.to_le(), at.unchecked_add(8)).expect("desc len");
+        m.write_obj(len.to_le(), at.unchecked_add(8))
+            .expect("desc len");
         m.write_obj(flags.to_le(), at.unchecked_add(12))
             .expect("desc flags");
-        m.write_obj(next.to_le(), at.unchecked_add(14)).expect("desc next");
+        m.write_obj(next.to_le(), at.unchecked_add(14))
+            .expect("desc next");
     }
 
     /// Publishes `head` on the available ring.
@@ -131,10 +134,7 @@ impl TestQueue {
 
     /// The device's used index.
     pub fn used_idx(&self, m: &GuestMemoryMmap) -> u16 {
-        u16::from_le(
-            m.read_obj(GuestAddress(self.used + 2))
-                .expect("used idx"),
-        )
+        u16::from_le(m.read_obj(GuestAddress(self.used + 2)).expect("used idx"))
     }
 
     /// Used ring element `i`: (descriptor head id, bytes written).
