@@ -2,6 +2,11 @@
 //! [`IrqTrigger`] and guest memory through `vm_memory::GuestMemory`, so they are unit-tested on any
 //! machine (the rust-vmm `vm-superio` `Trigger` pattern).
 
+pub mod console;
+pub mod i8042;
+pub mod power;
+pub mod rtc;
+pub mod serial;
 pub mod virtio;
 
 use std::io;

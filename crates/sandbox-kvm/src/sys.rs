@@ -1,0 +1,109 @@
+//! Signal plumbing that kicks a vCPU thread out of `KVM_RUN`.
+//!
+//! A kicker sends [`kick_signal`] to the vCPU thread with `pthread_kill`. The handler sets
+//! `kvm_run.immediate_exit` of the vCPU that thread runs (found through a thread-local pointer):
+//! if the thread is inside `KVM_RUN`, the signal makes it return `EINTR`; if the signal lands just
+//! before `KVM_RUN`, `immediate_exit` makes the next `KVM_RUN` return `EINTR` at once
+//! (KVM API doc, `KVM_CAP_IMMEDIATE_EXIT`). Either way no kick is lost.
+
+use std::cell::Cell;
+use std::io;
+use std::os::raw::{c_int, c_void};
+use std::sync::OnceLock;
+
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+thread_local! {
+    /// `&kvm_run.immediate_exit` of the vCPU this thread runs, or null.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The real-time signal used for kicks (the first one glibc leaves to applications).
+pub fn kick_signal() -> c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_num: c_int, _info: *mut libc::siginfo_t, _ctx: *mut c_void) {
+    // `try_with` on a const-initialized Cell neither allocates nor registers a destructor, so it is
+    // async-signal-safe.
+    let _ = IMMEDIATE_EXIT.try_with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: `p` was set by `set_immediate_exit_target` on this thread and points into the
+            // vCPU's `kvm_run` mapping, which stays mapped until `clear_immediate_exit_target` runs
+            // on this same thread (before the VcpuFd is dropped). A byte write is atomic enough for
+            // KVM, which only reads the byte at the next KVM_RUN.
+            unsafe { p.write_volatile(1) };
+        }
+    });
+}
+
+/// Installs the kick handler once per process.
+///
+/// # Errors
+/// The `sigaction` error.
+pub fn install_kick_handler() -> io::Result<()> {
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
+        .map_err(io::Error::from_raw_os_error)
+}
+
+/// Points this thread's kick handler at `immediate_exit`.
+///
+/// # Safety
+/// `immediate_exit` must stay valid for writes until [`clear_immediate_exit_target`] is called on
+/// this thread.
+pub unsafe fn set_immediate_exit_target(immediate_exit: *mut u8) {
+    IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+}
+
+/// Detaches this thread's kick handler from its vCPU (before the vCPU is dropped).
+pub fn clear_immediate_exit_target() {
+    IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+}
+
+/// Sends the kick signal to `thread`.
+///
+/// # Errors
+/// The `pthread_kill` error (e.g. `ESRCH`).
+pub fn kick_thread(thread: libc::pthread_t) -> io::Result<()> {
+    // SAFETY: the callers pass the pthread_t of a thread they own through a JoinHandle that has
+    // not been joined, so the id is valid.
+    let rc = unsafe { libc::pthread_kill(thread, kick_signal()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::thread::JoinHandleExt;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    #[test]
+    fn kick_sets_the_target_byte_of_the_kicked_thread() {
+        install_kick_handler().expect("install");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let mut byte = 0u8;
+            // SAFETY: `byte` lives until the target is cleared below.
+            unsafe { set_immediate_exit_target(&mut byte) };
+            ready_tx.send(()).expect("send");
+            done_rx.recv().expect("recv");
+            clear_immediate_exit_target();
+            // SAFETY: plain read of a local the handler may have written.
+            unsafe { std::ptr::read_volatile(&byte) }
+        });
+        ready_rx.recv().expect("ready");
+        kick_thread(t.as_pthread_t()).expect("kick");
+        // The handler runs before pthread_kill's target resumes; give it the message after.
+        done_tx.send(()).expect("send");
+        assert_eq!(t.join().expect("join"), 1);
+    }
+}

@@ -1,0 +1,691 @@
+//! Building a VM: a linear recipe of small steps that ends in a paused [`VmHandle`].
+//!
+//! [`build`] runs the steps in the only order that works; each step's doc says what it needs
+//! before it. The builder is a different type from the running handle, so a running VM cannot be
+//! "set up" again and a half-built one cannot be started.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::config::{VmResources, BASE_CMDLINE};
+use super::exit::ExitState;
+use super::handle::VmHandle;
+use crate::boot::{self, acpi, cpuid, regs, BootParamsInput, LoadedInitrd, LoadedKernel};
+use crate::bus::{Bus, BusRange, SharedDevice};
+use crate::devices::console::{CappedWriter, LineSink, Tee};
+use crate::devices::i8042::I8042;
+use crate::devices::power::{AcpiPower, PowerEventSink};
+use crate::devices::rtc::Rtc;
+use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::block::backend::RawFile;
+use crate::devices::virtio::block::{Block, BlockConfig};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{MMIO_REGION_SIZE, NOTIFY_REG_OFFSET};
+use crate::event_loop::{EventLoop, EventLoopError};
+use crate::kvm::{self, KvmError};
+use crate::layout;
+use crate::vcpu::Vcpu;
+
+/// Errors from building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// `/dev/kvm` is unusable.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// A KVM ioctl failed.
+    #[error("{op} failed")]
+    KvmIoctl {
+        /// The ioctl or operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM could not be allocated.
+    #[error("cannot allocate {bytes} bytes of guest RAM")]
+    Memory {
+        /// Requested bytes.
+        bytes: u64,
+        /// The cause.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Kernel, initrd, boot params or ACPI tables.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// A device range collided on a bus.
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
+    /// The device event loop.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    /// A host file or thread operation failed.
+    #[error("{what} failed")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A disk could not be set up.
+    #[error("cannot attach disk {path}: {message}")]
+    Disk {
+        /// The image path.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// All virtio-mmio slots (GSIs) are taken.
+    #[error(
+        "no free virtio-mmio slot: at most {} devices",
+        layout::VIRTIO_MMIO_MAX_DEVICES
+    )]
+    NoMmioSlot,
+    /// A step ran before one it depends on.
+    #[error("build step {step} needs {needs} first")]
+    Order {
+        /// The step that was called.
+        step: &'static str,
+        /// The step it needs.
+        needs: &'static str,
+    },
+    /// The vCPU threads did not reach the paused state.
+    #[error("vCPU {0} did not report ready")]
+    VcpuNotReady(u8),
+}
+
+/// A local `Result` for this module.
+pub type Result<T> = std::result::Result<T, BuildError>;
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::KvmIoctl { op, source }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> BuildError {
+    let what = what.into();
+    move |source| BuildError::Io { what, source }
+}
+
+/// A window in the MMIO gap with its GSI, for one virtio-mmio device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioSlot {
+    /// The register window.
+    pub range: BusRange,
+    /// The interrupt line (IOAPIC pin).
+    pub gsi: u32,
+}
+
+/// A VM under construction. Field order matters for drop: the fds that KVM ties to guest RAM
+/// (vCPUs, VM) go before the RAM mapping.
+pub struct VmBuilder {
+    resources: VmResources,
+    vcpu_fds: Vec<VcpuFd>,
+    vm: VmFd,
+    kvm: Kvm,
+    memory: GuestMemoryMmap,
+    pio: Bus,
+    mmio: Bus,
+    exit: Arc<ExitState>,
+    event_loop: EventLoop,
+    cmdline_devices: Vec<String>,
+    next_mmio_slot: u32,
+    kernel: Option<LoadedKernel>,
+    initrd: Option<LoadedInitrd>,
+    rsdp: Option<u64>,
+    serial: Option<Arc<Mutex<SerialDevice>>>,
+    irqchip: bool,
+    boot_params: bool,
+}
+
+impl std::fmt::Debug for VmBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmBuilder")
+            .field("resources", &self.resources)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the whole recipe: a VM with every device attached, vCPU threads started and paused.
+/// Call [`VmHandle::start`] to boot it.
+///
+/// # Errors
+/// [`BuildError`] from the first step that fails.
+pub fn build(resources: VmResources) -> Result<VmHandle> {
+    let mut b = VmBuilder::new(resources)?; // /dev/kvm, VM fd, guest RAM
+    b.setup_irqchip()?; // IOAPIC/PIC/LAPIC + PIT: before any vCPU exists
+    b.load_kernel()?;
+    b.load_initrd()?; // after the kernel: placed above its end
+    b.attach_serial()?;
+    b.attach_i8042()?;
+    b.attach_rtc()?;
+    b.attach_acpi_power()?;
+    b.attach_disks()?; // virtio-mmio: adds command-line entries
+    b.setup_acpi_tables()?;
+    b.setup_boot_params()?; // after every device: the command line lists them
+    b.setup_vcpus()?; // after the irqchip (LAPIC state) and boot params
+    b.into_paused()
+}
+
+impl VmBuilder {
+    /// Opens and checks `/dev/kvm`, creates the VM, sets the TSS address and maps guest RAM
+    /// ([`layout::ram_ranges`]) into KVM memory slots.
+    ///
+    /// # Errors
+    /// [`BuildError::Kvm`], [`BuildError::KvmIoctl`], [`BuildError::Memory`].
+    pub fn new(resources: VmResources) -> Result<Self> {
+        let kvm = kvm::open_kvm()?;
+        let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        // Intel VMX needs three pages for the real-mode TSS; harmless elsewhere.
+        vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+
+        let bytes = resources.memory_bytes;
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(bytes)
+            .into_iter()
+            .map(|(a, len)| (a, len as usize)) // <= 64 GiB, validated
+            .collect();
+        let memory = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|source| BuildError::Memory { bytes, source })?;
+        for (slot, region) in memory.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping of `memory_size` bytes owned by `memory`, which
+            // outlives the VM fd (field order of VmBuilder and VmHandle; every vCPU thread holds a
+            // clone). Slots do not overlap: the regions are disjoint by construction.
+            unsafe { vm.set_user_memory_region(region_desc) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        tracing::info!(ram_bytes = bytes, vcpus = resources.vcpus, "VM created");
+        Ok(Self {
+            resources,
+            vcpu_fds: Vec::new(),
+            vm,
+            kvm,
+            memory,
+            pio: Bus::new("pio"),
+            mmio: Bus::new("mmio"),
+            exit: Arc::new(ExitState::default()),
+            event_loop: EventLoop::new()?,
+            cmdline_devices: Vec::new(),
+            next_mmio_slot: 0,
+            kernel: None,
+            initrd: None,
+            rsdp: None,
+            serial: None,
+            irqchip: false,
+            boot_params: false,
+        })
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The VM fd (for device wiring: irqfds, ioeventfds).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Creates the in-kernel irqchip (PIC, IOAPIC, per-vCPU LAPICs) and the PIT. KVM requires
+    /// both before the first vCPU is created.
+    ///
+    /// # Errors
+    /// [`BuildError::KvmIoctl`], [`BuildError::Order`] after vCPUs exist.
+    pub fn setup_irqchip(&mut self) -> Result<()> {
+        if !self.vcpu_fds.is_empty() {
+            return Err(BuildError::Order {
+                step: "setup_irqchip",
+                needs: "no vCPUs",
+            });
+        }
+        self.vm
+            .create_irq_chip()
+            .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        self.irqchip = true;
+        Ok(())
+    }
+
+    /// Loads the kernel (vmlinux ELF or bzImage).
+    ///
+    /// # Errors
+    /// [`BuildError::Boot`].
+    pub fn load_kernel(&mut self) -> Result<()> {
+        let kernel = boot::load_kernel(&self.memory, &self.resources.kernel)?;
+        tracing::debug!(
+            entry = format_args!("{:#x}", kernel.entry.0),
+            end = format_args!("{:#x}", kernel.end),
+            "kernel loaded"
+        );
+        self.kernel = Some(kernel);
+        Ok(())
+    }
+
+    /// Loads the initrd, if configured, at the top of low RAM. Needs [`Self::load_kernel`].
+    ///
+    /// # Errors
+    /// [`BuildError::Boot`], [`BuildError::Order`].
+    pub fn load_initrd(&mut self) -> Result<()> {
+        let Some(path) = self.resources.initrd.clone() else {
+            return Ok(());
+        };
+        let kernel = self.kernel.ok_or(BuildError::Order {
+            step: "load_initrd",
+            needs: "load_kernel",
+        })?;
+        self.initrd = Some(boot::load_initrd(
+            &self.memory,
+            &path,
+            &kernel,
+            self.resources.memory_bytes,
+        )?);
+        Ok(())
+    }
+
+    /// An eventfd registered as an irqfd for `gsi`: writing it raises the interrupt.
+    ///
+    /// # Errors
+    /// [`BuildError::Io`], [`BuildError::KvmIoctl`], [`BuildError::Order`] before the irqchip.
+    pub fn irqfd(&self, gsi: u32) -> Result<Arc<EventFd>> {
+        if !self.irqchip {
+            return Err(BuildError::Order {
+                step: "irqfd",
+                needs: "setup_irqchip",
+            });
+        }
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        self.vm
+            .register_irqfd(&evt, gsi)
+            .map_err(ioctl("KVM_IRQFD"))?;
+        Ok(Arc::new(evt))
+    }
+
+    /// Maps a device on the PIO bus at `port`, spanning `count` ports.
+    ///
+    /// # Errors
+    /// [`BuildError::Bus`].
+    pub fn attach_pio(&mut self, port: u16, count: u64, device: SharedDevice) -> Result<()> {
+        self.pio
+            .insert(BusRange::new(u64::from(port), count)?, device)?;
+        Ok(())
+    }
+
+    fn console_sink(&self) -> Result<Box<dyn LineSink>> {
+        let console = &self.resources.console;
+        let mut sinks: Vec<Box<dyn LineSink>> = Vec::new();
+        match &console.path {
+            Some(path) => {
+                let file = File::create(path)
+                    .map_err(io_err(format!("creating console log {}", path.display())))?;
+                sinks.push(Box::new(CappedWriter::new(file, console.cap_bytes)));
+            }
+            None => sinks.push(Box::new(CappedWriter::new(StdoutWriter, console.cap_bytes))),
+        }
+        if let Some(ring) = &self.resources.console_ring {
+            sinks.push(Box::new(ring.clone()));
+        }
+        Ok(Box::new(Tee(sinks)))
+    }
+
+    /// The 16550 console on COM1, IRQ 4, writing to the configured bounded sink.
+    /// Needs [`Self::setup_irqchip`].
+    ///
+    /// # Errors
+    /// [`BuildError::Io`], [`BuildError::KvmIoctl`], [`BuildError::Bus`].
+    pub fn attach_serial(&mut self) -> Result<()> {
+        let irq = self.irqfd(layout::SERIAL_GSI)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(irq, self.console_sink()?)));
+        self.attach_pio(layout::COM1_PORT, SerialDevice::PORTS, serial.clone())?;
+        self.serial = Some(serial);
+        Ok(())
+    }
+
+    fn power_sink(&self) -> Arc<dyn PowerEventSink> {
+        self.exit.clone()
+    }
+
+    /// The i8042 reset line on ports 0x60..=0x64.
+    ///
+    /// # Errors
+    /// [`BuildError::Bus`].
+    pub fn attach_i8042(&mut self) -> Result<()> {
+        let dev = Arc::new(Mutex::new(I8042::new(self.power_sink())));
+        self.attach_pio(layout::I8042_PORT, I8042::PORTS, dev)
+    }
+
+    /// The CMOS RTC on ports 0x70/0x71.
+    ///
+    /// # Errors
+    /// [`BuildError::Bus`].
+    pub fn attach_rtc(&mut self) -> Result<()> {
+        self.attach_pio(
+            layout::RTC_PORT,
+            Rtc::PORTS,
+            Arc::new(Mutex::new(Rtc::default())),
+        )
+    }
+
+    /// The ACPI sleep/reset registers the FADT points at.
+    ///
+    /// # Errors
+    /// [`BuildError::Bus`].
+    pub fn attach_acpi_power(&mut self) -> Result<()> {
+        let dev = Arc::new(Mutex::new(AcpiPower::new(self.power_sink())));
+        self.attach_pio(layout::ACPI_SLEEP_CONTROL_PORT, AcpiPower::PORTS, dev)
+    }
+
+    /// Reserves the next virtio-mmio window and GSI.
+    ///
+    /// # Errors
+    /// [`BuildError::NoMmioSlot`].
+    pub fn allocate_mmio_slot(&mut self) -> Result<MmioSlot> {
+        let n = self.next_mmio_slot;
+        if n >= layout::VIRTIO_MMIO_MAX_DEVICES {
+            return Err(BuildError::NoMmioSlot);
+        }
+        self.next_mmio_slot += 1;
+        let base = layout::VIRTIO_MMIO_BASE + u64::from(n) * layout::VIRTIO_MMIO_WINDOW;
+        Ok(MmioSlot {
+            range: BusRange::new(base, layout::VIRTIO_MMIO_WINDOW)?,
+            gsi: layout::VIRTIO_FIRST_GSI + n,
+        })
+    }
+
+    /// Puts a virtio-mmio device on the MMIO bus at `slot` and declares it on the kernel command
+    /// line (`virtio_mmio.device=<size>@<addr>:<irq>`, drivers/virtio/virtio_mmio.c).
+    ///
+    /// # Errors
+    /// [`BuildError::Bus`], [`BuildError::Order`] after the boot params are written.
+    pub fn attach_mmio(&mut self, slot: MmioSlot, device: SharedDevice) -> Result<()> {
+        if self.boot_params {
+            return Err(BuildError::Order {
+                step: "attach_mmio",
+                needs: "to run before setup_boot_params",
+            });
+        }
+        self.mmio.insert(slot.range, device)?;
+        self.cmdline_devices.push(format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            slot.range.size().get() / 1024,
+            slot.range.base().0,
+            slot.gsi
+        ));
+        Ok(())
+    }
+
+    /// Registers `evt` as an ioeventfd: KVM signals it on a 4-byte guest write of `datamatch` to
+    /// MMIO address `addr`, without a vCPU exit; `handler` then runs on the event-loop thread.
+    ///
+    /// # Errors
+    /// [`BuildError::KvmIoctl`], [`BuildError::EventLoop`].
+    pub fn register_ioeventfd(
+        &mut self,
+        evt: EventFd,
+        addr: u64,
+        datamatch: u32,
+        mut handler: crate::event_loop::Handler,
+    ) -> Result<()> {
+        self.vm
+            .register_ioevent(&evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(ioctl("KVM_IOEVENTFD"))?;
+        let fd = evt.as_raw_fd();
+        // The closure owns `evt`, so the fd stays open as long as the loop may poll it.
+        self.event_loop.add(
+            fd,
+            Box::new(move || {
+                let _registered = &evt;
+                handler();
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// One virtio-blk device per configured disk (/dev/vda, /dev/vdb, ... in order), each on its
+    /// own virtio-mmio slot, with its IRQ through an irqfd and its queue notifications through
+    /// ioeventfds served by the event loop.
+    ///
+    /// # Errors
+    /// [`BuildError::Disk`], [`BuildError::NoMmioSlot`], ioctl and bus errors.
+    pub fn attach_disks(&mut self) -> Result<()> {
+        for (i, disk) in self.resources.disks.clone().iter().enumerate() {
+            let disk_err = |message: String| BuildError::Disk {
+                path: disk.path.clone(),
+                message,
+            };
+            let backend =
+                RawFile::open(&disk.path, disk.read_only).map_err(|e| disk_err(e.to_string()))?;
+            let config = BlockConfig::new(disk.read_only).with_id(format!("sandbox-disk{i}"));
+            let block = Block::new(Box::new(backend), &config);
+            let slot = self.allocate_mmio_slot()?;
+            let irq = self.irqfd(slot.gsi)?;
+            let transport = MmioTransport::new(self.memory.clone(), block, irq)
+                .map_err(|e| disk_err(e.to_string()))?;
+            let transport = Arc::new(Mutex::new(transport));
+            let events: Vec<EventFd> = {
+                let t = crate::bus::lock(&transport);
+                t.queue_events()
+                    .iter()
+                    .map(EventFd::try_clone)
+                    .collect::<io::Result<_>>()
+                    .map_err(io_err("eventfd dup"))?
+            };
+            for (q, evt) in events.into_iter().enumerate() {
+                let t = transport.clone();
+                let addr = slot.range.base().0 + NOTIFY_REG_OFFSET;
+                // `handle_queue_event` reads the transport's eventfd, which shares its counter
+                // with this dup.
+                self.register_ioeventfd(
+                    evt,
+                    addr,
+                    q as u32,
+                    Box::new(move || {
+                        crate::bus::lock(&t).handle_queue_event(q);
+                    }),
+                )?;
+            }
+            debug_assert_eq!(slot.range.size().get(), MMIO_REGION_SIZE);
+            self.attach_mmio(slot, transport)?;
+            tracing::info!(path = %disk.path.display(), read_only = disk.read_only, gsi = slot.gsi, "disk attached");
+        }
+        Ok(())
+    }
+
+    /// Writes the ACPI tables (RSDP, XSDT, FADT, DSDT, MADT) for the configured vCPU count.
+    ///
+    /// # Errors
+    /// [`BuildError::Boot`].
+    pub fn setup_acpi_tables(&mut self) -> Result<()> {
+        self.rsdp = Some(acpi::write_tables(&self.memory, self.resources.vcpus)?);
+        Ok(())
+    }
+
+    /// The full kernel command line: base, devices, user extra.
+    ///
+    /// # Errors
+    /// [`BuildError::Boot`] if it is too long.
+    pub fn cmdline(&self) -> Result<String> {
+        let mut parts: Vec<&str> = vec![BASE_CMDLINE];
+        parts.extend(self.cmdline_devices.iter().map(String::as_str));
+        parts.push(&self.resources.cmdline_extra);
+        Ok(boot::build_cmdline(&parts)?)
+    }
+
+    /// Writes the command line, `boot_params` (e820, initrd, RSDP), GDT, IDT and page tables.
+    /// Needs [`Self::load_kernel`] and [`Self::setup_acpi_tables`]; devices attached after this
+    /// would be missing from the command line.
+    ///
+    /// # Errors
+    /// [`BuildError::Boot`], [`BuildError::Order`].
+    pub fn setup_boot_params(&mut self) -> Result<()> {
+        let kernel = self.kernel.ok_or(BuildError::Order {
+            step: "setup_boot_params",
+            needs: "load_kernel",
+        })?;
+        let rsdp_addr = self.rsdp.ok_or(BuildError::Order {
+            step: "setup_boot_params",
+            needs: "setup_acpi_tables",
+        })?;
+        let cmdline = self.cmdline()?;
+        tracing::debug!(%cmdline, "kernel command line");
+        let input = BootParamsInput {
+            cmdline_addr: layout::CMDLINE_ADDR,
+            cmdline_len: cmdline.len(),
+            initrd: self.initrd,
+            setup_header: kernel.setup_header,
+            e820: boot::e820_map(self.resources.memory_bytes),
+            rsdp_addr,
+        };
+        boot::write_boot_params(&self.memory, &cmdline, input)?;
+        regs::write_boot_tables(&self.memory)?;
+        self.boot_params = true;
+        Ok(())
+    }
+
+    /// Creates the vCPUs and sets their CPUID (filtered per vCPU), MSRs, FPU, LAPIC LINT pins,
+    /// and, on vCPU 0, the 64-bit boot registers; the others wait for INIT/SIPI from vCPU 0.
+    ///
+    /// # Errors
+    /// [`BuildError::KvmIoctl`], [`BuildError::Order`].
+    pub fn setup_vcpus(&mut self) -> Result<()> {
+        if !self.irqchip {
+            return Err(BuildError::Order {
+                step: "setup_vcpus",
+                needs: "setup_irqchip",
+            });
+        }
+        if !self.boot_params {
+            return Err(BuildError::Order {
+                step: "setup_vcpus",
+                needs: "setup_boot_params",
+            });
+        }
+        let kernel = self.kernel.ok_or(BuildError::Order {
+            step: "setup_vcpus",
+            needs: "load_kernel",
+        })?;
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let count = self.resources.vcpus;
+        for index in 0..count {
+            let fd = self
+                .vm
+                .create_vcpu(u64::from(index))
+                .map_err(ioctl("KVM_CREATE_VCPU"))?;
+            let cpuid =
+                cpuid::vcpu_cpuid(&supported, index, count).map_err(|_| BuildError::KvmIoctl {
+                    op: "building CPUID",
+                    source: kvm_ioctls::Error::new(libc::E2BIG),
+                })?;
+            fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+            let msrs = regs::boot_msrs();
+            let set = fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+            if set != msrs.as_slice().len() {
+                tracing::warn!(
+                    vcpu = index,
+                    set,
+                    wanted = msrs.as_slice().len(),
+                    "KVM accepted only some boot MSRs"
+                );
+            }
+            fd.set_fpu(&regs::boot_fpu())
+                .map_err(ioctl("KVM_SET_FPU"))?;
+            let mut lapic = fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+            regs::configure_lint(&mut lapic);
+            fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+            if index == 0 {
+                let sregs = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+                fd.set_sregs(&regs::long_mode_sregs(sregs))
+                    .map_err(ioctl("KVM_SET_SREGS"))?;
+                fd.set_regs(&regs::boot_regs(kernel.entry))
+                    .map_err(ioctl("KVM_SET_REGS"))?;
+            }
+            self.vcpu_fds.push(fd);
+        }
+        Ok(())
+    }
+
+    /// Starts the vCPU threads (paused) and the device event loop; returns the handle.
+    ///
+    /// # Errors
+    /// [`BuildError::Io`], [`BuildError::EventLoop`], [`BuildError::VcpuNotReady`],
+    /// [`BuildError::Order`] if no vCPU was set up.
+    pub fn into_paused(self) -> Result<VmHandle> {
+        if self.vcpu_fds.is_empty() {
+            return Err(BuildError::Order {
+                step: "into_paused",
+                needs: "setup_vcpus",
+            });
+        }
+        let pio = Arc::new(self.pio);
+        let mmio = Arc::new(self.mmio);
+        let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
+        for (index, fd) in self.vcpu_fds.into_iter().enumerate() {
+            let index = index as u8; // < MAX_VCPUS
+            let vcpu = Vcpu::new(
+                index,
+                fd,
+                pio.clone(),
+                mmio.clone(),
+                self.exit.clone(),
+                self.memory.clone(),
+            );
+            let handle = vcpu.spawn().map_err(io_err("starting a vCPU thread"))?;
+            if handle
+                .wait_for(
+                    crate::vcpu::VcpuState::Paused,
+                    std::time::Duration::from_secs(10),
+                )
+                .is_none()
+            {
+                return Err(BuildError::VcpuNotReady(index));
+            }
+            vcpus.push(handle);
+        }
+        let event_loop = self.event_loop.spawn()?;
+        Ok(VmHandle::new(
+            vcpus,
+            event_loop,
+            self.exit,
+            self.serial,
+            pio,
+            mmio,
+            self.vm,
+            self.memory,
+        ))
+    }
+}
+
+/// Standard output as a `Write + Send` for the capped console (locks per line).
+struct StdoutWriter;
+
+impl Write for StdoutWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        io::stdout().lock().write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().lock().flush()
+    }
+}

@@ -1,0 +1,454 @@
+//! The VM configuration: plain serde data ([`VmConfig`]) validated once into [`VmResources`].
+//!
+//! JSON shape (unknown fields are rejected):
+//!
+//! ```json
+//! {
+//!   "kernel": "/path/to/vmlinux",
+//!   "initrd": null,
+//!   "cmdline_extra": "root=/dev/vda rw init=/sbin/sandbox-test-init",
+//!   "vcpus": 2,
+//!   "memory_mib": 256,
+//!   "disks": [{ "path": "/tmp/rootfs.ext4", "read_only": false }],
+//!   "console": { "path": "/tmp/console.log", "cap_bytes": 1048576 }
+//! }
+//! ```
+//!
+//! Only `kernel` is required. `console.path` absent means standard output (still capped).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::console::ConsoleRing;
+use crate::layout;
+
+/// Most vCPUs a VM may have (xAPIC ids fit in 8 bits; the MADT lists them all).
+pub const MAX_VCPUS: u8 = 32;
+/// Least guest RAM, MiB (the kernel loads at 16 MiB and needs room to run).
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// Most guest RAM, MiB (64 GiB).
+pub const MAX_MEMORY_MIB: u32 = 64 * 1024;
+/// Longest `cmdline_extra`, bytes (the whole command line must stay below 2 KiB).
+pub const MAX_CMDLINE_EXTRA: usize = 1024;
+/// Default console cap, bytes (1 MiB).
+pub const DEFAULT_CONSOLE_CAP: u64 = 1 << 20;
+/// Largest console cap, bytes (1 GiB).
+pub const MAX_CONSOLE_CAP: u64 = 1 << 30;
+/// The command line every VM starts with: console on COM1, reset via the keyboard controller,
+/// reboot immediately on panic (which ends the VM as "reset").
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// One virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Expose the disk read-only (writes fail in the guest with an I/O error).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    /// A disk backed by `path`.
+    pub fn new(path: impl Into<PathBuf>, read_only: bool) -> Self {
+        Self {
+            path: path.into(),
+            read_only,
+        }
+    }
+}
+
+/// Where guest console output goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ConsoleConfig {
+    /// Log file (created or truncated); standard output if absent.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Most bytes written; the rest is dropped.
+    #[serde(default = "default_console_cap")]
+    pub cap_bytes: u64,
+}
+
+fn default_console_cap() -> u64 {
+    DEFAULT_CONSOLE_CAP
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            cap_bytes: DEFAULT_CONSOLE_CAP,
+        }
+    }
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+fn default_memory_mib() -> u32 {
+    256
+}
+
+/// One VM, as a user writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct VmConfig {
+    /// Guest kernel: a `vmlinux` ELF or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initrd.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Appended to [`BASE_CMDLINE`] and the device entries.
+    #[serde(default)]
+    pub cmdline_extra: String,
+    /// Number of vCPUs, 1..=[`MAX_VCPUS`].
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Guest RAM, MiB, [`MIN_MEMORY_MIB`]..=[`MAX_MEMORY_MIB`].
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u32,
+    /// virtio-blk disks, in order (/dev/vda, /dev/vdb...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// Console destination.
+    #[serde(default)]
+    pub console: ConsoleConfig,
+}
+
+impl VmConfig {
+    /// A config with defaults (1 vCPU, 256 MiB, no disks, console on stdout) for `kernel`.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline_extra: String::new(),
+            vcpus: default_vcpus(),
+            memory_mib: default_memory_mib(),
+            disks: Vec::new(),
+            console: ConsoleConfig::default(),
+        }
+    }
+
+    /// Sets the vCPU count.
+    pub fn vcpus(mut self, vcpus: u8) -> Self {
+        self.vcpus = vcpus;
+        self
+    }
+
+    /// Sets guest RAM, MiB.
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Sets the extra kernel arguments.
+    pub fn cmdline_extra(mut self, extra: impl Into<String>) -> Self {
+        self.cmdline_extra = extra.into();
+        self
+    }
+
+    /// Adds a disk.
+    pub fn disk(mut self, disk: DiskConfig) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// Sets the initrd.
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    /// Sends console output to a capped file.
+    pub fn console_file(mut self, path: impl Into<PathBuf>, cap_bytes: u64) -> Self {
+        self.console = ConsoleConfig {
+            path: Some(path.into()),
+            cap_bytes,
+        };
+        self
+    }
+
+    /// Parses JSON.
+    ///
+    /// # Errors
+    /// [`ConfigError::Json`].
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(ConfigError::Json)
+    }
+}
+
+/// Errors from reading or validating a [`VmConfig`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not valid JSON for a [`VmConfig`].
+    #[error("invalid VM config JSON")]
+    Json(#[source] serde_json::Error),
+    /// A field is out of range.
+    #[error("invalid VM config: {field} {problem}")]
+    Invalid {
+        /// The field name.
+        field: &'static str,
+        /// What is wrong, as a sentence fragment.
+        problem: String,
+    },
+    /// A file the config names is missing or not a regular file.
+    #[error("invalid VM config: {field} {path} is not a readable file")]
+    MissingFile {
+        /// The field name.
+        field: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A local `Result` for this module.
+pub type Result<T> = std::result::Result<T, ConfigError>;
+
+/// A validated VM description: every range checked, every file present.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct VmResources {
+    /// Kernel image path.
+    pub kernel: PathBuf,
+    /// Initrd path.
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel arguments (printable ASCII, at most [`MAX_CMDLINE_EXTRA`] bytes).
+    pub cmdline_extra: String,
+    /// vCPUs, 1..=[`MAX_VCPUS`].
+    pub vcpus: u8,
+    /// Guest RAM, bytes.
+    pub memory_bytes: u64,
+    /// Disks.
+    pub disks: Vec<DiskConfig>,
+    /// Console destination.
+    pub console: ConsoleConfig,
+    /// An extra in-memory console copy (library users: wait for lines on it).
+    pub console_ring: Option<ConsoleRing>,
+}
+
+impl VmResources {
+    /// Also copies console lines into `ring`.
+    pub fn with_console_ring(mut self, ring: ConsoleRing) -> Self {
+        self.console_ring = Some(ring);
+        self
+    }
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        problem: problem.into(),
+    }
+}
+
+fn check_file(field: &'static str, path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::MissingFile {
+        field,
+        path: path.into(),
+        source,
+    })?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(ConfigError::MissingFile {
+            field,
+            path: path.into(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        })
+    }
+}
+
+impl TryFrom<VmConfig> for VmResources {
+    type Error = ConfigError;
+
+    fn try_from(c: VmConfig) -> Result<Self> {
+        if c.vcpus == 0 || c.vcpus > MAX_VCPUS {
+            return Err(invalid(
+                "vcpus",
+                format!("must be 1..={MAX_VCPUS}, got {}", c.vcpus),
+            ));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&c.memory_mib) {
+            return Err(invalid(
+                "memory_mib",
+                format!(
+                    "must be {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}, got {}",
+                    c.memory_mib
+                ),
+            ));
+        }
+        if c.cmdline_extra.len() > MAX_CMDLINE_EXTRA {
+            return Err(invalid(
+                "cmdline_extra",
+                format!("is longer than {MAX_CMDLINE_EXTRA} bytes"),
+            ));
+        }
+        if c.cmdline_extra.bytes().any(|b| !(0x20..0x7f).contains(&b)) {
+            return Err(invalid(
+                "cmdline_extra",
+                "must be printable ASCII on one line",
+            ));
+        }
+        let max_disks = layout::VIRTIO_MMIO_MAX_DEVICES as usize;
+        if c.disks.len() > max_disks {
+            return Err(invalid(
+                "disks",
+                format!("has {} entries, at most {max_disks} allowed", c.disks.len()),
+            ));
+        }
+        if c.console.cap_bytes == 0 || c.console.cap_bytes > MAX_CONSOLE_CAP {
+            return Err(invalid(
+                "console.cap_bytes",
+                format!("must be 1..={MAX_CONSOLE_CAP}"),
+            ));
+        }
+        check_file("kernel", &c.kernel)?;
+        if let Some(initrd) = &c.initrd {
+            check_file("initrd", initrd)?;
+        }
+        for disk in &c.disks {
+            check_file("disks[].path", &disk.path)?;
+        }
+        Ok(Self {
+            kernel: c.kernel,
+            initrd: c.initrd,
+            cmdline_extra: c.cmdline_extra,
+            vcpus: c.vcpus,
+            memory_bytes: u64::from(c.memory_mib) << 20,
+            disks: c.disks,
+            console: c.console,
+            console_ring: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_file() -> tempfile::NamedTempFile {
+        tempfile::NamedTempFile::new().expect("temp file")
+    }
+
+    #[test]
+    fn minimal_json_gets_defaults() {
+        let c = VmConfig::from_json(r#"{"kernel": "/k"}"#).expect("parse");
+        assert_eq!(c, VmConfig::new("/k"));
+        assert_eq!(
+            (c.vcpus, c.memory_mib, c.console.cap_bytes),
+            (1, 256, DEFAULT_CONSOLE_CAP)
+        );
+    }
+
+    #[test]
+    fn full_json_round_trips() {
+        let text = r#"{"kernel":"/k","initrd":null,"cmdline_extra":"root=/dev/vda rw","vcpus":2,
+            "memory_mib":512,"disks":[{"path":"/d","read_only":true}],
+            "console":{"path":"/c.log","cap_bytes":4096}}"#;
+        let c = VmConfig::from_json(text).expect("parse");
+        let expected = VmConfig::new("/k")
+            .vcpus(2)
+            .memory_mib(512)
+            .cmdline_extra("root=/dev/vda rw")
+            .disk(DiskConfig::new("/d", true))
+            .console_file("/c.log", 4096);
+        assert_eq!(c, expected);
+        let again =
+            VmConfig::from_json(&serde_json::to_string(&c).expect("serialize")).expect("parse");
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn unknown_fields_and_missing_kernel_are_rejected() {
+        assert!(matches!(
+            VmConfig::from_json(r#"{"kernel":"/k","vcpu":2}"#),
+            Err(ConfigError::Json(_))
+        ));
+        assert!(matches!(
+            VmConfig::from_json(r#"{"vcpus":2}"#),
+            Err(ConfigError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn validation_checks_ranges() {
+        let k = kernel_file();
+        let base = VmConfig::new(k.path());
+        let field = |c: VmConfig| match VmResources::try_from(c) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        assert_eq!(field(base.clone().vcpus(0)), "vcpus");
+        assert_eq!(field(base.clone().vcpus(MAX_VCPUS + 1)), "vcpus");
+        assert_eq!(
+            field(base.clone().memory_mib(MIN_MEMORY_MIB - 1)),
+            "memory_mib"
+        );
+        assert_eq!(
+            field(base.clone().memory_mib(MAX_MEMORY_MIB + 1)),
+            "memory_mib"
+        );
+        assert_eq!(field(base.clone().cmdline_extra("a\nb")), "cmdline_extra");
+        assert_eq!(
+            field(
+                base.clone()
+                    .cmdline_extra("x".repeat(MAX_CMDLINE_EXTRA + 1))
+            ),
+            "cmdline_extra"
+        );
+        assert_eq!(
+            field(base.clone().console_file("/c", 0)),
+            "console.cap_bytes"
+        );
+        let mut many = base.clone();
+        for _ in 0..=layout::VIRTIO_MMIO_MAX_DEVICES {
+            many = many.disk(DiskConfig::new(k.path(), true));
+        }
+        assert_eq!(field(many), "disks");
+        let ok =
+            VmResources::try_from(base.vcpus(MAX_VCPUS).memory_mib(MIN_MEMORY_MIB)).expect("valid");
+        assert_eq!((ok.vcpus, ok.memory_bytes), (MAX_VCPUS, 64 << 20));
+    }
+
+    #[test]
+    fn validation_checks_files() {
+        let missing = VmResources::try_from(VmConfig::new("/nonexistent/vmlinux"));
+        assert!(matches!(
+            missing,
+            Err(ConfigError::MissingFile {
+                field: "kernel",
+                ..
+            })
+        ));
+        let dir = tempfile::tempdir().expect("dir");
+        let not_file = VmResources::try_from(VmConfig::new(dir.path()));
+        assert!(matches!(
+            not_file,
+            Err(ConfigError::MissingFile {
+                field: "kernel",
+                ..
+            })
+        ));
+        let k = kernel_file();
+        let bad_disk = VmResources::try_from(
+            VmConfig::new(k.path()).disk(DiskConfig::new("/nonexistent", false)),
+        );
+        assert!(matches!(
+            bad_disk,
+            Err(ConfigError::MissingFile {
+                field: "disks[].path",
+                ..
+            })
+        ));
+    }
+}
