@@ -1,0 +1,297 @@
+//! Running one command: spawn in its own process group, pump stdout/stderr as frames, feed stdin,
+//! enforce the timeout by killing the whole group, and report the exit status.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nix::fcntl::OFlag;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::{pipe2, Pid};
+use sandbox_core::exec::{ExitStatus, MAX_OUTPUT_CHUNK_BYTES};
+use sandbox_core::protocol::{AgentErrorKind, AgentMessage, ExecStart, HostMessage};
+
+use crate::conn::{protocol_error, Ctx, Event, Next, Writer};
+use crate::sys::{self, SpawnPlan};
+
+/// After the command's main process exits, how long to wait for its stdout/stderr to reach end of
+/// file. Background processes that keep the pipes open would otherwise hold the answer forever;
+/// they keep running, but their later output is dropped.
+const DRAIN_GRACE: Duration = Duration::from_millis(250);
+/// `PATH` for commands that do not set one.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A user from `/etc/passwd` (parsed by hand: a static glibc cannot load NSS modules).
+struct User {
+    uid: u32,
+    gid: u32,
+    name: String,
+    home: String,
+}
+
+fn lookup_user(spec: &str) -> Option<User> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let numeric: Option<u32> = spec.parse().ok();
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 {
+            continue;
+        }
+        let (Ok(uid), Ok(gid)) = (f[2].parse::<u32>(), f[3].parse::<u32>()) else { continue };
+        if f[0] == spec || numeric == Some(uid) {
+            return Some(User { uid, gid, name: f[0].to_owned(), home: f[5].to_owned() });
+        }
+    }
+    // A numeric uid without a passwd entry is still allowed, with its own gid.
+    numeric.map(|uid| User { uid, gid: uid, name: uid.to_string(), home: "/".to_owned() })
+}
+
+/// Finds `argv0` in `path` like `execvp` would, but before fork (so the child need not allocate).
+fn resolve(argv0: &str, path: &str) -> String {
+    if argv0.contains('/') {
+        return argv0.to_owned();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(argv0);
+        if let Ok(m) = std::fs::metadata(&candidate) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return candidate.to_string_lossy().into_owned();
+            }
+        }
+    }
+    // Not found: an empty path makes execve fail with ENOENT, and the child reports 127.
+    String::new()
+}
+
+fn cstring(s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| "A string contains a NUL byte.".to_owned())
+}
+
+fn plan(start: &ExecStart) -> Result<SpawnPlan, (AgentErrorKind, String)> {
+    let bad = |m: String| (AgentErrorKind::InvalidRequest, m);
+    let argv0 = start.argv.first().filter(|a| !a.is_empty()).ok_or_else(|| bad("argv is empty.".into()))?;
+    let user = match &start.user {
+        None => None,
+        Some(u) => Some(lookup_user(u).ok_or_else(|| bad(format!("Unknown user {u:?}.")))?),
+    };
+    let home = user.as_ref().map_or("/root", |u| u.home.as_str()).to_owned();
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOME".into(), home.clone()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("TERM".into(), "dumb".into()),
+    ];
+    if let Some(u) = &user {
+        env.push(("USER".into(), u.name.clone()));
+        env.push(("LOGNAME".into(), u.name.clone()));
+    }
+    for (k, v) in &start.env {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
+    let path_var = env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    let cwd = start.cwd.clone().unwrap_or_else(|| if user.is_some() { home } else { "/".into() });
+    if !Path::new(&cwd).is_dir() {
+        return Err((AgentErrorKind::NotFound, format!("The working directory {cwd} does not exist.")));
+    }
+    let argv = start.argv.iter().map(|a| cstring(a)).collect::<Result<Vec<_>, _>>().map_err(bad)?;
+    let envp =
+        env.iter().map(|(k, v)| cstring(&format!("{k}={v}"))).collect::<Result<Vec<_>, _>>().map_err(bad)?;
+    Ok(SpawnPlan::new(
+        cstring(&resolve(argv0, path_var)).map_err(bad)?,
+        argv,
+        envp,
+        cstring(&cwd).map_err(bad)?,
+        user.map(|u| (u.uid, u.gid)),
+        argv0,
+    ))
+}
+
+/// Runs `start` as request `id` and reports `Started`, output and `Exited` (or `Error`).
+pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
+    let plan = match plan(&start) {
+        Ok(p) => p,
+        Err((kind, msg)) => {
+            ctx.writer.error(id, kind, msg);
+            return Next::Continue;
+        }
+    };
+    let pipes = (|| -> nix::Result<_> {
+        Ok((pipe2(OFlag::O_CLOEXEC)?, pipe2(OFlag::O_CLOEXEC)?, pipe2(OFlag::O_CLOEXEC)?))
+    })();
+    let ((in_r, in_w), (out_r, out_w), (err_r, err_w)) = match pipes {
+        Ok(p) => p,
+        Err(e) => {
+            ctx.writer.error(id, AgentErrorKind::Io, format!("Cannot create pipes: {e}."));
+            return Next::Continue;
+        }
+    };
+    let started = Instant::now();
+    let spawned = ctx.reaper.spawn_registered(ctx.tx.clone(), || {
+        sys::spawn(&plan, in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd())
+    });
+    // The child has its copies; ours must close so EOF reaches the pumps when it exits.
+    drop((in_r, out_w, err_w));
+    let pid = match spawned {
+        Ok(pid) => pid,
+        Err(e) => {
+            ctx.writer.error(id, AgentErrorKind::Io, format!("Cannot fork: {e}."));
+            return Next::Continue;
+        }
+    };
+    ctx.writer.set_open_exec(Some(id));
+    ctx.writer.send(id, AgentMessage::Started { pid: pid.as_raw().unsigned_abs() });
+    crate::debug!("exec {id}: pid {pid} {:?}", start.argv);
+
+    feed_stdin(in_w, start.stdin.clone());
+    pump(ctx, id, out_r, AgentMessage::Stdout);
+    pump(ctx, id, err_r, AgentMessage::Stderr);
+
+    let deadline = start.timeout().map(|t| started + t);
+    let mut status: Option<(WaitStatus, Duration)> = None;
+    let mut exited_at: Option<Instant> = None;
+    let mut pipes_open = 2u8;
+    let mut timed_out = false;
+    let mut client_gone = false;
+    let mut next = Next::Continue;
+    loop {
+        let now = Instant::now();
+        if let Some(at) = exited_at {
+            if pipes_open == 0 || client_gone || now >= at + DRAIN_GRACE {
+                break;
+            }
+        }
+        // Wake up for the timeout while the command runs, for the drain grace after it exits.
+        let wake = match (exited_at, deadline) {
+            (Some(at), _) => Some(at + DRAIN_GRACE),
+            (None, Some(d)) if !timed_out => Some(d),
+            _ => None,
+        };
+        let ev = match wake {
+            Some(w) => ctx.rx.recv_timeout(w.saturating_duration_since(now)),
+            None => ctx.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match ev {
+            Err(RecvTimeoutError::Timeout) => {
+                if exited_at.is_none() && !timed_out {
+                    crate::debug!("exec {id}: timeout, killing group {pid}");
+                    kill_group(pid, Signal::SIGKILL);
+                    timed_out = true;
+                }
+            }
+            // Our own `tx` is in ctx, so the channel cannot disconnect; treat it as a lost client.
+            Err(RecvTimeoutError::Disconnected) => client_gone = true,
+            Ok(Event::Exited(ws)) if ws.pid() == Some(pid) => {
+                status = Some((ws, started.elapsed()));
+                exited_at = Some(Instant::now());
+            }
+            Ok(Event::Exited(_)) => {}
+            Ok(Event::PipeDone(pid_id)) if pid_id == id => pipes_open = pipes_open.saturating_sub(1),
+            Ok(Event::PipeDone(_)) => {}
+            Ok(Event::Frame(f)) if f.id == id => match f.body {
+                HostMessage::Signal { signal } => match Signal::try_from(signal) {
+                    Ok(sig) => kill_group(pid, sig),
+                    Err(_) => crate::debug!("exec {id}: ignoring bad signal {signal}"),
+                },
+                _ => {
+                    protocol_error(ctx, id, "Only Signal may be sent during an exec.");
+                    kill_group(pid, Signal::SIGKILL);
+                    next = Next::Close;
+                    client_gone = true;
+                }
+            },
+            Ok(Event::Frame(f)) => {
+                protocol_error(ctx, f.id, "A new request arrived during an exec.");
+                kill_group(pid, Signal::SIGKILL);
+                next = Next::Close;
+                client_gone = true;
+            }
+            Ok(Event::Closed(_)) => {
+                // The host went away mid-command: nobody will read the output, so the command
+                // must not outlive the request.
+                crate::debug!("exec {id}: client gone, killing group {pid}");
+                kill_group(pid, Signal::SIGKILL);
+                client_gone = true;
+                next = Next::Close;
+            }
+        }
+        if client_gone && status.is_none() {
+            // Keep waiting for the reaper, but only for the exit.
+            if let Some((ws, d)) = wait_exit(ctx, pid, started) {
+                status = Some((ws, d));
+            }
+            break;
+        }
+    }
+    ctx.writer.set_open_exec(None);
+    if !client_gone {
+        let exit = match status {
+            Some((WaitStatus::Exited(_, code), d)) => {
+                let mut s = ExitStatus::exited(code, d);
+                s.timed_out = timed_out;
+                s
+            }
+            Some((WaitStatus::Signaled(_, sig, _), d)) => ExitStatus::signaled(sig as i32, timed_out, d),
+            _ => ExitStatus::signaled(Signal::SIGKILL as i32, timed_out, started.elapsed()),
+        };
+        ctx.writer.send(id, AgentMessage::Exited(exit));
+    }
+    next
+}
+
+/// After the client left: waits for the reaper to report `pid`.
+fn wait_exit(ctx: &Ctx, pid: Pid, started: Instant) -> Option<(WaitStatus, Duration)> {
+    while let Ok(ev) = ctx.rx.recv() {
+        if let Event::Exited(ws) = ev {
+            if ws.pid() == Some(pid) {
+                return Some((ws, started.elapsed()));
+            }
+        }
+    }
+    None
+}
+
+fn kill_group(pid: Pid, sig: Signal) {
+    // ESRCH: the group is already gone.
+    let _ = killpg(pid, sig);
+}
+
+fn feed_stdin(fd: OwnedFd, data: Bytes) {
+    let spawned = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut f = std::fs::File::from(fd);
+        // EPIPE when the command does not read its stdin is fine.
+        let _ = f.write_all(&data);
+    });
+    if let Err(e) = spawned {
+        crate::log!("cannot start stdin thread: {e}");
+    }
+}
+
+fn pump(ctx: &Ctx, id: u64, fd: OwnedFd, wrap: fn(Bytes) -> AgentMessage) {
+    let writer: Arc<Writer> = ctx.writer.clone();
+    let tx = ctx.tx.clone();
+    let spawned = std::thread::Builder::new().name("pump".into()).spawn(move || {
+        let mut f = std::fs::File::from(fd);
+        let mut buf = vec![0u8; MAX_OUTPUT_CHUNK_BYTES];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => writer.send_output(id, wrap(Bytes::copy_from_slice(&buf[..n]))),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let _ = tx.send(Event::PipeDone(id));
+    });
+    if let Err(e) = spawned {
+        crate::log!("cannot start output thread: {e}");
+        let _ = ctx.tx.send(Event::PipeDone(id));
+    }
+}

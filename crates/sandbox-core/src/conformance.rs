@@ -1,0 +1,347 @@
+//! The backend conformance suite: one async function per promised behaviour.
+//!
+//! Backends call these from their own test files (feature `conformance`). Each check panics with
+//! a message naming the behaviour when the backend does not hold it, like an `assert!` would:
+//!
+//! ```no_run
+//! # use sandbox_core::conformance::{self, Harness};
+//! # async fn t(h: &dyn Harness) {
+//! conformance::run_all(h).await; // or one check at a time:
+//! let sb = conformance::create(h).await;
+//! conformance::exit_codes(sb.as_ref()).await;
+//! conformance::destroy(h, sb).await;
+//! # }
+//! ```
+//!
+//! Checks that need one sandbox take `&dyn Sandbox` so a backend can share one VM between them;
+//! the checks about creation, raw frames and teardown take the backend's [`Harness`].
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::{ErrorKind, Result};
+use crate::exec::{ExecEvent, ExecRequest};
+use crate::file::{FileKind, FileOptions, MAX_FILE_BYTES};
+use crate::protocol::{self, asynch, AgentFrame, AgentMessage, Hello, Role, MAX_FRAME_BYTES};
+use crate::sandbox::{Runtime, Sandbox};
+use crate::spec::SandboxSpec;
+use crate::state::SandboxState;
+
+/// A raw byte stream to an agent, before the handshake.
+pub trait RawStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> RawStream for T {}
+
+/// What a backend supplies to be tested.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// The runtime under test.
+    fn runtime(&self) -> &dyn Runtime;
+
+    /// A spec that boots a working sandbox.
+    fn spec(&self) -> SandboxSpec;
+
+    /// A new raw, un-handshaken stream to `sandbox`'s agent (for the KVM backend: the vsock Unix
+    /// socket after `CONNECT 1024`).
+    async fn raw_agent_stream(&self, sandbox: &dyn Sandbox) -> Result<Box<dyn RawStream>>;
+
+    /// Creates a sandbox whose agent never answers (for example a guest whose init is not the
+    /// agent); the backend must fail with `AgentUnreachable` (or `Timeout`) by
+    /// [`Harness::unreachable_deadline`].
+    async fn create_unreachable(&self) -> Result<Box<dyn Sandbox>>;
+
+    /// The handshake deadline the backend promises for [`Harness::create_unreachable`].
+    fn unreachable_deadline(&self) -> Duration;
+
+    /// Everything on the host the backend could leave behind (processes, files, sockets), as
+    /// comparable strings. Compared before create and after destroy.
+    async fn inventory(&self) -> Result<BTreeSet<String>>;
+}
+
+/// Creates a sandbox from the harness spec and checks it is running.
+pub async fn create(h: &dyn Harness) -> Box<dyn Sandbox> {
+    let sb = h.runtime().create(h.spec()).await.expect("create() of a valid spec must succeed");
+    assert_eq!(sb.state(), SandboxState::Running, "a created sandbox must be Running");
+    sb
+}
+
+/// Every check, sharing one sandbox where possible, then the teardown checks.
+pub async fn run_all(h: &dyn Harness) {
+    let before = h.inventory().await.expect("inventory");
+    let sb = create(h).await;
+    exit_codes(sb.as_ref()).await;
+    stdout_stderr_separate_and_ordered(sb.as_ref()).await;
+    stream_10_mib(sb.as_ref()).await;
+    stdin_round_trip(sb.as_ref()).await;
+    timeout_kills_process_group(sb.as_ref()).await;
+    no_zombies_after_1000_execs(sb.as_ref()).await;
+    file_round_trip(sb.as_ref()).await;
+    confined_root_blocks_escapes(sb.as_ref()).await;
+    oversized_frames_refused(h, sb.as_ref()).await;
+    destroy(h, sb).await;
+    let after = h.inventory().await.expect("inventory");
+    assert_eq!(before, after, "destroy must leave the host inventory as it was");
+    unreachable_agent_is_typed(h).await;
+}
+
+async fn sh(sb: &dyn Sandbox, script: &str) -> crate::ExecOutput {
+    sb.exec(ExecRequest::shell(script)).await.expect("exec must succeed")
+}
+
+/// Exit codes 0, 1 and 127 (unknown command, both through a shell and directly), and death by
+/// signal.
+pub async fn exit_codes(sb: &dyn Sandbox) {
+    assert_eq!(sh(sb, "exit 0").await.status.code, Some(0), "exit 0");
+    assert_eq!(sh(sb, "exit 1").await.status.code, Some(1), "exit 1");
+    assert_eq!(sh(sb, "no-such-command-xyz").await.status.code, Some(127), "shell: not found");
+    let direct = sb.exec(ExecRequest::new(["/no/such/binary"])).await.expect("exec");
+    assert_eq!(direct.status.code, Some(127), "direct exec of a missing binary: {direct:?}");
+    let killed = sh(sb, "kill -9 $$").await;
+    assert_eq!((killed.status.code, killed.status.signal), (None, Some(9)), "death by SIGKILL");
+    assert!(!killed.status.timed_out);
+    let term = sh(sb, "kill -15 $$").await;
+    assert_eq!(term.status.signal, Some(15), "death by SIGTERM");
+}
+
+/// Stdout and stderr arrive on their own streams, each in order.
+pub async fn stdout_stderr_separate_and_ordered(sb: &dyn Sandbox) {
+    let out = sh(sb, "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done").await;
+    assert_eq!(out.stdout_str(), "out1\nout2\nout3\nout4\nout5\n");
+    assert_eq!(out.stderr_str(), "err1\nerr2\nerr3\nerr4\nerr5\n");
+    assert_eq!(out.status.code, Some(0));
+}
+
+/// 10 MiB of stdout, streamed, arrive complete and in order.
+pub async fn stream_10_mib(sb: &dyn Sandbox) {
+    const TOTAL: usize = 10 * 1024 * 1024;
+    // Each line is "NNNNNNN\n": its own number, so loss or reordering shows.
+    let script = "i=0; while [ $i -lt 1310720 ]; do printf '%07d\\n' $i; i=$((i+1)); done";
+    let fast = "seq -w 0 1310719";
+    let req = ExecRequest::shell(format!("command -v seq >/dev/null && {fast} || {{ {script}; }}"));
+    let mut stream = sb.exec_stream(req).await.expect("exec_stream");
+    let mut buf = Vec::with_capacity(TOTAL);
+    let mut status = None;
+    while let Some(ev) = stream.next().await {
+        match ev.expect("stream event") {
+            ExecEvent::Stdout(b) => buf.extend_from_slice(&b),
+            ExecEvent::Stderr(b) => panic!("unexpected stderr: {}", String::from_utf8_lossy(&b)),
+            ExecEvent::Exit(s) => status = Some(s),
+        }
+    }
+    assert_eq!(status.map(|s| s.code), Some(Some(0)));
+    assert_eq!(buf.len(), TOTAL, "10 MiB must arrive without loss");
+    for (i, line) in buf.chunks(8).enumerate() {
+        let expect = format!("{i:07}\n");
+        assert_eq!(line, expect.as_bytes(), "line {i} out of order or corrupted");
+    }
+}
+
+/// Stdin (binary, 256 KiB) comes back unchanged through `cat`.
+pub async fn stdin_round_trip(sb: &dyn Sandbox) {
+    let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let out = sb.exec(ExecRequest::new(["cat"]).stdin(data.clone())).await.expect("exec");
+    assert_eq!(out.status.code, Some(0));
+    assert!(out.stdout == data, "stdin round trip changed the data ({} bytes back)", out.stdout.len());
+    let empty = sb.exec(ExecRequest::new(["cat"])).await.expect("exec");
+    assert_eq!((empty.status.code, empty.stdout.len()), (Some(0), 0), "empty stdin is closed");
+}
+
+/// A timeout kills the whole process group, including a backgrounded `sleep`.
+pub async fn timeout_kills_process_group(sb: &dyn Sandbox) {
+    let req = ExecRequest::shell("sleep 1000 & echo $!; wait").timeout(Duration::from_secs(1));
+    let out = sb.exec(req).await.expect("exec");
+    assert!(out.status.timed_out, "timed_out must be set: {:?}", out.status);
+    assert_eq!(out.status.signal, Some(9), "the group leader dies by SIGKILL");
+    let bg: u32 = out.stdout_str().trim().parse().expect("the background pid was printed");
+    // The killed sleep is reaped by the agent; poll briefly for it to vanish.
+    let check = format!(
+        "for i in $(seq 1 100 2>/dev/null || echo 1 2 3 4 5 6 7 8 9 10); do \
+           [ -e /proc/{bg} ] || exit 0; \
+           s=$(cat /proc/{bg}/stat 2>/dev/null) || exit 0; s=${{s##*) }}; \
+           [ \"${{s%% *}}\" = Z ] && exit 3; sleep 0.1; \
+         done; exit 4"
+    );
+    let gone = sh(sb, &check).await;
+    assert_eq!(gone.status.code, Some(0), "the backgrounded sleep {bg} survived the timeout (3: zombie, 4: alive)");
+}
+
+/// Counts zombie children of the agent (the parent of the shell running the script).
+const COUNT_ZOMBIES: &str = "n=0; for f in /proc/[0-9]*/stat; do s=$(cat $f 2>/dev/null) || continue; \
+    s=${s##*) }; set -- $s; [ \"$1\" = Z ] && [ \"$2\" = \"$PPID\" ] && n=$((n+1)); done; echo $n";
+
+/// 1000 short commands (and orphans they leave) leave no zombies behind.
+pub async fn no_zombies_after_1000_execs(sb: &dyn Sandbox) {
+    for i in 0..1000 {
+        let req = if i % 10 == 0 {
+            // An orphan: the shell exits, its background child is reparented to the agent.
+            ExecRequest::shell("(sleep 0.01; true) & exit 0")
+        } else {
+            ExecRequest::new(["true"])
+        };
+        let out = sb.exec(req).await.expect("exec");
+        assert_eq!(out.status.code, Some(0), "exec {i}");
+    }
+    let mut last = String::new();
+    for _ in 0..50 {
+        last = sh(sb, COUNT_ZOMBIES).await.stdout_str();
+        if last.trim() == "0" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("zombies remain after 1000 execs: {}", last.trim());
+}
+
+/// Binary files round-trip (several chunks), listing shows them, remove removes them, caps hold.
+pub async fn file_round_trip(sb: &dyn Sandbox) {
+    let dir = "/tmp/conformance-files";
+    let path = "/tmp/conformance-files/sub/blob.bin";
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let opts = FileOptions::new().create_parents(true).mode(0o600);
+    sb.write_file(path, &data, &opts).await.expect("write_file");
+    let back = sb.read_file(path, &FileOptions::new()).await.expect("read_file");
+    assert!(back == data, "read_file returned {} bytes, different from the {} written", back.len(), data.len());
+    let listing = sb.list("/tmp/conformance-files/sub", &FileOptions::new()).await.expect("list");
+    let e = listing.entries.iter().find(|e| e.name == "blob.bin").expect("listed");
+    assert_eq!((e.kind, e.size, e.mode), (FileKind::File, data.len() as u64, 0o600));
+    sb.write_file("/tmp/conformance-files/empty", b"", &FileOptions::new()).await.expect("empty file");
+    assert_eq!(sb.read_file("/tmp/conformance-files/empty", &FileOptions::new()).await.expect("read"), b"");
+    sb.remove(path, &FileOptions::new()).await.expect("remove");
+    let err = sb.read_file(path, &FileOptions::new()).await.expect_err("removed file");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let too_big = vec![0u8; MAX_FILE_BYTES as usize + 1];
+    let err = sb.write_file(path, &too_big, &FileOptions::new()).await.expect_err("over the cap");
+    assert_eq!(err.kind(), ErrorKind::TooLarge);
+    let err = sb.read_file("relative/path", &FileOptions::new()).await.expect_err("relative");
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest);
+    sb.remove("/tmp/conformance-files/empty", &FileOptions::new()).await.expect("remove");
+    sb.remove("/tmp/conformance-files/sub", &FileOptions::new()).await.expect("remove dir");
+    sb.remove(dir, &FileOptions::new()).await.expect("remove dir");
+}
+
+/// With a confined root, `..` and symlinks (absolute, relative, through `/proc`) cannot leave it,
+/// for reads, writes, lists and removes; symlinks inside the root still work.
+pub async fn confined_root_blocks_escapes(sb: &dyn Sandbox) {
+    let setup = sh(
+        sb,
+        "set -e; rm -rf /tmp/jail /tmp/outside; mkdir -p /tmp/jail/d /tmp/outside; \
+         echo secret > /tmp/outside/secret; echo inside > /tmp/jail/d/ok; \
+         ln -s /tmp/outside /tmp/jail/abs; ln -s ../outside /tmp/jail/rel; \
+         ln -s /tmp/outside/secret /tmp/jail/file; ln -s d/ok /tmp/jail/good; \
+         ln -s /proc/self/root/tmp/outside /tmp/jail/magic",
+    )
+    .await;
+    assert_eq!(setup.status.code, Some(0), "setup: {}", setup.stderr_str());
+    let jail = FileOptions::new().confined_to("/tmp/jail");
+    for p in ["abs/secret", "rel/secret", "file", "../outside/secret", "/../outside/secret", "magic/secret"] {
+        let err = sb.read_file(p, &jail).await.expect_err(p);
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied, "read {p}: {err}");
+        let err = sb.write_file(p, b"pwned", &jail).await.expect_err(p);
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied, "write {p}: {err}");
+    }
+    for p in ["abs", "rel", "magic"] {
+        let err = sb.list(p, &jail).await.expect_err(p);
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied, "list {p}: {err}");
+    }
+    let err = sb.remove("abs/secret", &jail).await.expect_err("remove through symlink");
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+    assert_eq!(sb.read_file("d/ok", &jail).await.expect("inside"), b"inside\n");
+    assert_eq!(sb.read_file("/d/ok", &jail).await.expect("leading slash"), b"inside\n");
+    let good = sb.read_file("good", &jail).await;
+    assert_eq!(good.expect("an inside symlink"), b"inside\n");
+    // Removing a symlink removes the link, never its target.
+    sb.remove("file", &jail).await.expect("remove the link");
+    let secret = sb.read_file("/tmp/outside/secret", &FileOptions::new()).await.expect("target intact");
+    assert_eq!(secret, b"secret\n");
+    let created = FileOptions::new().confined_to("/tmp/jail").create_parents(true);
+    sb.write_file("new/dir/f", b"x", &created).await.expect("create parents inside");
+    let err = sb.write_file("abs/new/f", b"x", &created).await.expect_err("create parents through a link");
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+    assert_eq!(sh(sb, "ls /tmp/outside").await.stdout_str(), "secret\n", "nothing was created outside");
+    sh(sb, "rm -rf /tmp/jail /tmp/outside").await;
+}
+
+async fn raw_handshake(h: &dyn Harness, sb: &dyn Sandbox) -> Box<dyn RawStream> {
+    let mut s = h.raw_agent_stream(sb).await.expect("raw agent stream");
+    asynch::write_hello(&mut s, Role::Host).await.expect("hello");
+    let hello = asynch::read_hello_bytes(&mut s).await.expect("agent hello");
+    Hello::check(hello, Role::Agent).expect("agent hello is valid");
+    s
+}
+
+/// Reads until the agent closes the stream, allowing one `Error` frame first (bounded wait).
+async fn expect_closed(s: &mut Box<dyn RawStream>, what: &str) {
+    let closed = async {
+        loop {
+            match asynch::read_frame::<AgentFrame, _>(s).await {
+                Ok(Some(AgentFrame { body: AgentMessage::Error(e), .. })) => {
+                    assert_eq!(e.kind, protocol::AgentErrorKind::Protocol, "{what}: {e:?}");
+                }
+                Ok(Some(f)) => panic!("{what}: unexpected frame {f:?}"),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), closed)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the agent kept the connection open"));
+}
+
+/// Oversized and garbage frames are refused and the connection closed; a wrong magic or version
+/// gets no service; the agent keeps serving new connections.
+pub async fn oversized_frames_refused(h: &dyn Harness, sb: &dyn Sandbox) {
+    let mut s = raw_handshake(h, sb).await;
+    s.write_all(&(MAX_FRAME_BYTES + 1).to_be_bytes()).await.expect("write header");
+    let _ = s.write_all(&[0u8; 4096]).await;
+    expect_closed(&mut s, "oversized frame").await;
+
+    let mut s = raw_handshake(h, sb).await;
+    s.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.expect("write garbage");
+    expect_closed(&mut s, "undecodable frame").await;
+
+    let mut s = h.raw_agent_stream(sb).await.expect("raw agent stream");
+    let mut bad = Hello::ours(Role::Host).encode();
+    bad[4..6].copy_from_slice(&(protocol::PROTOCOL_VERSION + 1).to_be_bytes());
+    s.write_all(&bad).await.expect("write hello");
+    let reply = asynch::read_hello_bytes(&mut s).await;
+    if let Ok(reply) = reply {
+        assert!(matches!(Hello::check(reply, Role::Agent), Ok(_)), "agent replies with its own hello");
+    }
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest)).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "a version mismatch must close the connection: {n:?}");
+
+    // Still serving.
+    assert_eq!(sh(sb, "echo alive").await.stdout_str(), "alive\n");
+}
+
+/// An agent that never answers gives `AgentUnreachable` (or `Timeout`) within the deadline.
+pub async fn unreachable_agent_is_typed(h: &dyn Harness) {
+    let deadline = h.unreachable_deadline();
+    let slack = deadline / 2 + Duration::from_secs(10);
+    let r = tokio::time::timeout(deadline + slack, h.create_unreachable())
+        .await
+        .unwrap_or_else(|_| panic!("create() with an unreachable agent did not fail within {:?}", deadline + slack));
+    match r {
+        Ok(sb) => {
+            let _ = sb.destroy().await;
+            panic!("create() with an unreachable agent succeeded");
+        }
+        Err(e) => assert!(
+            matches!(e.kind(), ErrorKind::AgentUnreachable | ErrorKind::Timeout),
+            "unreachable agent gave {e}"
+        ),
+    }
+}
+
+/// Destroys `sb`, checks the state machine and that further calls fail with `InvalidState`.
+/// Compare [`Harness::inventory`] before create and after this (as [`run_all`] does).
+pub async fn destroy(_h: &dyn Harness, sb: Box<dyn Sandbox>) {
+    sb.destroy().await.expect("destroy");
+    assert_eq!(sb.state(), SandboxState::Destroyed);
+    let err = sb.exec(ExecRequest::new(["true"])).await.expect_err("exec after destroy");
+    assert_eq!(err.kind(), ErrorKind::InvalidState);
+    sb.destroy().await.expect("a second destroy is a no-op");
+}
