@@ -1,1 +1,925 @@
-//! virtio-vsock (virtio 1.2 §5.10).
+//! virtio-vsock (virtio 1.2 §5.10) with a Unix-socket host side.
+//!
+//! Queues: 0 = rx (device → guest), 1 = tx (guest → device), 2 = event (unused: we never
+//! migrate, so no TRANSPORT_RESET is ever sent). Config space: `le64 guest_cid`. Stream sockets
+//! only; packets are 44-byte [`packet::Header`]s plus payload, with credit-based flow control
+//! (virtio 1.2 §5.10.6.3) in both directions.
+//!
+//! The host side ([`muxer::Muxer`]) follows the established Unix-socket scheme: a host process
+//! connects to `uds_path`, writes `CONNECT <guest_port>\n`, reads `OK <host_port>\n` once the
+//! guest accepted, then talks. Guest-initiated connections are refused with an RST.
+//!
+//! # Wiring in the VMM's event loop
+//!
+//! Besides the queue eventfds of the transport (see [`super`]), register
+//! [`Vsock::backend_fd`] for `EPOLLIN` (level-triggered). When it is readable call
+//! `transport.lock().device_mut().handle_backend_event()`: it accepts connections, reads
+//! CONNECT lines, moves host bytes into the guest's rx buffers (raising the interrupt) and
+//! writes guest bytes to the host, all without blocking and with bounded work per call. The fd
+//! is stable for the device's lifetime; connection sockets live behind it in a private epoll
+//! instance. The listener exists from [`Vsock::new`] on, so the host may connect before the
+//! guest driver is up; the REQUEST is delivered once the driver posts rx buffers.
+//!
+//! Hardening: a packet with a short header is dropped (no reply possible); one whose declared
+//! length exceeds 64 KiB or the bytes in its buffers, whose type is not stream, whose
+//! destination CID is not the host, whose op is unknown, or that targets no connection gets an
+//! RST; one with a spoofed source CID is dropped. A guest sending more than its credit is
+//! reset. Buffers are checked against guest memory before use.
+
+pub mod muxer;
+pub mod packet;
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tracing::debug;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemory;
+
+use super::chain::{self, ChainDesc};
+use super::{
+    feature, read_config_bytes, VirtioDevice, VirtioError, VirtioInterrupt, DEVICE_ID_VSOCK,
+    VIRTIO_F_VERSION_1,
+};
+use muxer::Muxer;
+use packet::{Header, HEADER_LEN, MAX_PAYLOAD};
+
+/// Size of each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+/// Default bound on host connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default bytes buffered per connection towards the host (our `buf_alloc`), 256 KiB.
+pub const DEFAULT_MAX_BUFFERED_BYTES: u32 = 256 * 1024;
+
+/// Errors of the vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The guest CID is reserved (0, 1, 2, `u32::MAX`) or does not fit in 32 bits.
+    #[error("guest CID {cid} is reserved or out of range; use 3 to 4294967294.")]
+    InvalidCid {
+        /// The refused CID.
+        cid: u64,
+    },
+    /// The Unix listener cannot be bound.
+    #[error("cannot listen on the vsock socket {path}.")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The private epoll instance cannot be set up.
+    #[error("cannot set up the vsock epoll instance.")]
+    Epoll(#[source] io::Error),
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, VsockError>;
+
+/// How a vsock device is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VsockConfig {
+    /// The guest's context ID (3 to 2^32 − 2).
+    pub guest_cid: u64,
+    /// Where the host-side Unix listener is bound; must not exist yet. Removed on drop.
+    pub uds_path: PathBuf,
+    /// Most simultaneous host connections.
+    pub max_connections: usize,
+    /// Most bytes buffered per connection from the guest towards the host (advertised to the
+    /// guest as `buf_alloc`).
+    pub max_buffered_bytes: u32,
+}
+
+impl VsockConfig {
+    /// A config with default bounds.
+    pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Self {
+        Self {
+            guest_cid,
+            uds_path: uds_path.into(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+        }
+    }
+
+    /// Sets the connection bound.
+    #[must_use]
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Sets the per-connection buffer bound, in bytes.
+    #[must_use]
+    pub fn with_max_buffered_bytes(mut self, n: u32) -> Self {
+        self.max_buffered_bytes = n;
+        self
+    }
+}
+
+struct Active<M> {
+    mem: M,
+    rx: Queue,
+    tx: Queue,
+    // Held so the driver's event buffers stay owned by the device; never used.
+    _event: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// A virtio-vsock device.
+pub struct Vsock<M> {
+    guest_cid: u64,
+    muxer: Muxer,
+    queue_sizes: [u16; 3],
+    active: Option<Active<M>>,
+    descs: Vec<ChainDesc>,
+    bounce: Box<[u8]>,
+}
+
+impl<M> std::fmt::Debug for Vsock<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vsock")
+            .field("guest_cid", &self.guest_cid)
+            .field("connections", &self.muxer.connection_count())
+            .field("active", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: GuestMemory> Vsock<M> {
+    /// A device for `config`; binds the Unix listener now.
+    ///
+    /// # Errors
+    /// [`VsockError::InvalidCid`], [`VsockError::Bind`] (e.g. the path exists), or
+    /// [`VsockError::Epoll`].
+    pub fn new(config: &VsockConfig) -> Result<Self> {
+        let cid = config.guest_cid;
+        if cid < 3 || cid >= u64::from(u32::MAX) {
+            return Err(VsockError::InvalidCid { cid });
+        }
+        let muxer = Muxer::new(
+            cid,
+            &config.uds_path,
+            config.max_connections,
+            config.max_buffered_bytes,
+        )?;
+        Ok(Self {
+            guest_cid: cid,
+            muxer,
+            queue_sizes: [QUEUE_SIZE; 3],
+            active: None,
+            descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            bounce: vec![0u8; MAX_PAYLOAD].into_boxed_slice(),
+        })
+    }
+
+    /// The fd the VMM's event loop watches for `EPOLLIN`; see the module docs.
+    pub fn backend_fd(&self) -> RawFd {
+        self.muxer.epoll_fd()
+    }
+
+    /// Number of host connections (any state).
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    /// Event-loop entry point for [`Vsock::backend_fd`] readiness: services host sockets, then
+    /// fills the guest's rx queue if the device is active.
+    ///
+    /// # Errors
+    /// [`VirtioError::Queue`] or [`VirtioError::Interrupt`] on a device-side failure.
+    pub fn handle_backend_event(&mut self) -> std::result::Result<(), VirtioError> {
+        self.muxer.process_events();
+        self.process_rx()
+    }
+
+    /// Moves packets from the muxer into the rx queue, one pass at most.
+    fn process_rx(&mut self) -> std::result::Result<(), VirtioError> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let mut used = 0usize;
+        for _ in 0..active.rx.size() {
+            let Some(desc_chain) = active.rx.pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            let head = desc_chain.head_index();
+            let max = usize::from(active.rx.size());
+            let usable = chain::collect(desc_chain, max, &mut self.descs).is_ok()
+                && self.descs.iter().all(|d| d.write_only)
+                && chain::check_ranges(&active.mem, &self.descs).is_ok()
+                && chain::total_len(&self.descs) >= HEADER_LEN as u64;
+            if !usable {
+                debug!("vsock: unusable rx buffer returned empty");
+                active
+                    .rx
+                    .add_used(&active.mem, head, 0)
+                    .map_err(VirtioError::Queue)?;
+                used += 1;
+                continue;
+            }
+            let room = chain::total_len(&self.descs) - HEADER_LEN as u64;
+            let cap = usize::try_from(room)
+                .unwrap_or(usize::MAX)
+                .min(self.bounce.len());
+            let Some((hdr, n)) = self.muxer.next_rx(&mut self.bounce[..cap]) else {
+                // Nothing to send: give the buffer back for later.
+                active.rx.go_to_previous_position();
+                break;
+            };
+            let mut len = 0;
+            let wrote =
+                chain::write_at(&active.mem, &self.descs, 0, &hdr.to_bytes()).and_then(|h| {
+                    len += h;
+                    chain::write_at(
+                        &active.mem,
+                        &self.descs,
+                        HEADER_LEN as u64,
+                        &self.bounce[..n],
+                    )
+                });
+            match wrote {
+                Ok(p) => len += p,
+                Err(err) => debug!(error = %err, "vsock: rx write failed"),
+            }
+            // len <= HEADER_LEN + 64 KiB.
+            let len = u32::try_from(len).unwrap_or(0);
+            active
+                .rx
+                .add_used(&active.mem, head, len)
+                .map_err(VirtioError::Queue)?;
+            used += 1;
+        }
+        if used > 0 {
+            active.interrupt.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Takes packets from the tx queue and hands them to the muxer, one pass at most.
+    fn process_tx(&mut self) -> std::result::Result<(), VirtioError> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let mut used = 0usize;
+        for _ in 0..active.tx.size() {
+            let Some(desc_chain) = active.tx.pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            let head = desc_chain.head_index();
+            let max = usize::from(active.tx.size());
+            if chain::collect(desc_chain, max, &mut self.descs).is_ok() {
+                let split = self
+                    .descs
+                    .iter()
+                    .position(|d| d.write_only)
+                    .unwrap_or(self.descs.len());
+                tx_packet(
+                    &active.mem,
+                    &self.descs[..split],
+                    &mut self.muxer,
+                    &mut self.bounce,
+                );
+            } else {
+                debug!("vsock: over-long tx chain dropped");
+            }
+            active
+                .tx
+                .add_used(&active.mem, head, 0)
+                .map_err(VirtioError::Queue)?;
+            used += 1;
+        }
+        if used > 0 {
+            active.interrupt.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+/// Decodes one tx packet from its readable buffers and hands it to the muxer.
+fn tx_packet<M: GuestMemory>(
+    mem: &M,
+    readable: &[ChainDesc],
+    muxer: &mut Muxer,
+    bounce: &mut [u8],
+) {
+    if chain::check_ranges(mem, readable).is_err() {
+        debug!("vsock: tx buffer outside guest memory dropped");
+        return;
+    }
+    let mut raw = [0u8; HEADER_LEN];
+    match chain::read_at(mem, readable, 0, &mut raw) {
+        Ok(n) if n == HEADER_LEN => {}
+        _ => {
+            debug!("vsock: short tx header dropped");
+            return;
+        }
+    }
+    let hdr = Header::from_bytes(&raw);
+    let avail = chain::total_len(readable) - HEADER_LEN as u64;
+    let len = hdr.len as usize;
+    if len > MAX_PAYLOAD || u64::from(hdr.len) > avail || len > bounce.len() {
+        debug!(len = hdr.len, avail, "vsock: tx packet with a bad length");
+        muxer.handle_malformed(&hdr);
+        return;
+    }
+    match chain::read_at(mem, readable, HEADER_LEN as u64, &mut bounce[..len]) {
+        Ok(n) if n == len => muxer.handle_guest_packet(&hdr, &bounce[..len]),
+        _ => muxer.handle_malformed(&hdr),
+    }
+}
+
+impl<M: GuestMemory + Send> VirtioDevice<M> for Vsock<M> {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID_VSOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        feature(VIRTIO_F_VERSION_1)
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        debug!(offset, "vsock: config write ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: M,
+        _acked_features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> std::result::Result<(), VirtioError> {
+        let got = queues.len();
+        let Ok([rx, tx, event]) = <[Queue; 3]>::try_from(queues) else {
+            return Err(VirtioError::QueueCount { expected: 3, got });
+        };
+        self.active = Some(Active {
+            mem,
+            rx,
+            tx,
+            _event: event,
+            interrupt,
+        });
+        // Connections may have been requested before the driver was ready.
+        self.process_rx()
+    }
+
+    fn process_queue(&mut self, index: usize) -> std::result::Result<(), VirtioError> {
+        match index {
+            0 => self.process_rx(),
+            1 => {
+                self.process_tx()?;
+                // Tx may have produced replies (RST, credit) or freed credit for host data.
+                self.process_rx()
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.muxer.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::packet::{op, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+    use super::*;
+    use crate::devices::virtio::test_utils::{irq, mem, CountingIrq, TestQueue};
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    const CID: u64 = 3;
+    const RX_BUF: u64 = 0x1_0000;
+    const RX_STRIDE: u64 = 0x2000;
+    const RX_DATA: u32 = 4096;
+    const TX_BUF: u64 = 0x5_0000;
+
+    /// A fake guest driver: rx/tx/event queues in guest memory and a view of the packets.
+    struct Guest {
+        m: GuestMemoryMmap,
+        rxq: TestQueue,
+        txq: TestQueue,
+        dev: Vsock<GuestMemoryMmap>,
+        line: Arc<CountingIrq>,
+        rx_seen: u16,
+        rx_addr: HashMap<u16, u64>,
+        next_rx: u64,
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    fn guest(config: impl FnOnce(VsockConfig) -> VsockConfig) -> Guest {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vsock.sock");
+        let dev = Vsock::new(&config(VsockConfig::new(CID, &path))).expect("vsock");
+        let m = mem();
+        let rxq = TestQueue::new(&m, 0x1000, 32);
+        let txq = TestQueue::new(&m, 0x2000, 16);
+        let evq = TestQueue::new(&m, 0x3000, 16);
+        let line = irq();
+        let mut g = Guest {
+            m,
+            rxq,
+            txq,
+            dev,
+            line,
+            rx_seen: 0,
+            rx_addr: HashMap::new(),
+            next_rx: 0,
+            path,
+            _dir: dir,
+        };
+        let queues = vec![g.rxq.queue(), g.txq.queue(), evq.queue()];
+        let interrupt = Arc::new(VirtioInterrupt::new(g.line.clone()));
+        g.dev
+            .activate(g.m.clone(), feature(VIRTIO_F_VERSION_1), queues, interrupt)
+            .expect("activate");
+        g
+    }
+
+    fn hdr(op: u16, src_port: u32, dst_port: u32) -> Header {
+        Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 64 * 1024,
+            ..Header::default()
+        }
+    }
+
+    impl Guest {
+        /// Posts `n` rx buffers (44-byte header descriptor + 4 KiB data descriptor, as Linux 6.1).
+        fn post_rx(&mut self, n: usize) {
+            for _ in 0..n {
+                let addr = RX_BUF + (self.next_rx % 16) * RX_STRIDE;
+                self.next_rx += 1;
+                let head = self.rxq.add_chain(
+                    &self.m,
+                    &[
+                        (addr, HEADER_LEN as u32, true),
+                        (addr + HEADER_LEN as u64, RX_DATA, true),
+                    ],
+                );
+                self.rx_addr.insert(head, addr);
+            }
+        }
+
+        /// Packets the device put on the rx ring since last time; their buffers are reposted.
+        fn recv(&mut self) -> Vec<(Header, Vec<u8>)> {
+            let mut out = Vec::new();
+            while self.rx_seen != self.rxq.used_idx(&self.m) {
+                let (id, len) = self.rxq.used_elem(&self.m, self.rx_seen);
+                self.rx_seen = self.rx_seen.wrapping_add(1);
+                let addr = self.rx_addr[&(id as u16)];
+                let mut raw = [0u8; HEADER_LEN];
+                self.m
+                    .read_slice(&mut raw, GuestAddress(addr))
+                    .expect("hdr");
+                let h = Header::from_bytes(&raw);
+                assert_eq!(len as usize, HEADER_LEN + h.len as usize, "used length");
+                let mut payload = vec![0u8; h.len as usize];
+                self.m
+                    .read_slice(&mut payload, GuestAddress(addr + HEADER_LEN as u64))
+                    .expect("payload");
+                out.push((h, payload));
+                self.post_rx(1);
+            }
+            out
+        }
+
+        /// Puts one packet on the tx queue (header and payload in separate descriptors, with
+        /// `payload_room` bytes of payload buffer) and notifies the device.
+        fn send_raw(&mut self, h: &Header, payload: &[u8], payload_room: u32) {
+            self.m
+                .write_slice(&h.to_bytes(), GuestAddress(TX_BUF))
+                .expect("hdr");
+            self.m
+                .write_slice(payload, GuestAddress(TX_BUF + 0x100))
+                .expect("payload");
+            let before = self.txq.used_idx(&self.m);
+            if payload_room == 0 {
+                self.txq
+                    .add_chain(&self.m, &[(TX_BUF, HEADER_LEN as u32, false)]);
+            } else {
+                self.txq.add_chain(
+                    &self.m,
+                    &[
+                        (TX_BUF, HEADER_LEN as u32, false),
+                        (TX_BUF + 0x100, payload_room, false),
+                    ],
+                );
+            }
+            self.dev.process_queue(1).expect("tx");
+            assert_eq!(
+                self.txq.used_idx(&self.m),
+                before.wrapping_add(1),
+                "tx completed"
+            );
+        }
+
+        fn send(&mut self, mut h: Header, payload: &[u8]) {
+            h.len = payload.len() as u32;
+            self.send_raw(&h, payload, payload.len() as u32);
+        }
+
+        fn pump(&mut self) {
+            for _ in 0..4 {
+                self.dev.handle_backend_event().expect("backend");
+            }
+        }
+
+        fn connect_host(&mut self, port: u32) -> UnixStream {
+            let mut s = UnixStream::connect(&self.path).expect("connect");
+            // A safety net against a hang, not a timing assertion.
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            s.write_all(format!("CONNECT {port}\n").as_bytes())
+                .expect("connect line");
+            s
+        }
+
+        /// Host connects to guest port `port`; the guest accepts with `buf_alloc`.
+        /// Returns the host stream and the host port.
+        fn establish(&mut self, port: u32, buf_alloc: u32) -> (UnixStream, u32) {
+            let mut host = self.connect_host(port);
+            self.pump();
+            let pkts = self.recv();
+            assert_eq!(pkts.len(), 1, "{pkts:?}");
+            let req = pkts[0].0;
+            assert_eq!(req.op, op::REQUEST);
+            let mut resp = hdr(op::RESPONSE, port, req.src_port);
+            resp.buf_alloc = buf_alloc;
+            self.send(resp, &[]);
+            assert_eq!(read_line(&mut host), format!("OK {}\n", req.src_port));
+            (host, req.src_port)
+        }
+    }
+
+    fn read_line(s: &mut UnixStream) -> String {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.last() != Some(&b'\n') {
+            assert_eq!(s.read(&mut b).expect("read"), 1, "EOF before newline");
+            line.push(b[0]);
+        }
+        String::from_utf8(line).expect("utf8")
+    }
+
+    fn read_exact(s: &mut UnixStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).expect("read");
+        buf
+    }
+
+    /// The device closed its end: EOF, or ECONNRESET when it closed with our bytes unread.
+    fn assert_eof(s: &mut UnixStream) {
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(n) => assert_eq!(n, 0, "expected EOF"),
+            Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset),
+        }
+    }
+
+    fn payload_of(pkts: &[(Header, Vec<u8>)]) -> Vec<u8> {
+        pkts.iter()
+            .filter(|(h, _)| h.op == op::RW)
+            .flat_map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    #[test]
+    fn connect_handshake_and_data_both_ways() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        let mut host = g.connect_host(1234);
+        g.pump();
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1);
+        let req = pkts[0].0;
+        assert_eq!(
+            (req.op, req.src_cid, req.dst_cid, req.dst_port, req.type_),
+            (op::REQUEST, HOST_CID, CID, 1234, TYPE_STREAM)
+        );
+        assert_eq!(req.buf_alloc, DEFAULT_MAX_BUFFERED_BYTES);
+        g.send(hdr(op::RESPONSE, 1234, req.src_port), &[]);
+        assert_eq!(read_line(&mut host), format!("OK {}\n", req.src_port));
+
+        host.write_all(b"ping").expect("write");
+        g.pump();
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!((pkts[0].0.op, pkts[0].0.dst_port), (op::RW, 1234));
+        assert_eq!(pkts[0].1, b"ping");
+
+        g.send(hdr(op::RW, 1234, req.src_port), b"pong");
+        assert_eq!(read_exact(&mut host, 4), b"pong");
+        assert!(g.line.count() > 0);
+        assert_eq!(g.dev.connection_count(), 1);
+    }
+
+    #[test]
+    fn host_bytes_sent_right_after_connect_are_delivered() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        let mut host = UnixStream::connect(&g.path).expect("connect");
+        host.write_all(b"CONNECT 7\nearly").expect("write");
+        g.pump();
+        let req = g.recv()[0].0;
+        g.send(hdr(op::RESPONSE, 7, req.src_port), &[]);
+        g.pump();
+        assert_eq!(payload_of(&g.recv()), b"early");
+    }
+
+    #[test]
+    fn host_to_guest_respects_guest_credit() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        let (mut host, hp) = g.establish(80, 8);
+        host.write_all(b"abcdefghijklmnopqrst").expect("write");
+        g.pump();
+        assert_eq!(payload_of(&g.recv()), b"abcdefgh");
+        g.pump();
+        assert!(g.recv().is_empty(), "no credit, no data");
+        let mut upd = hdr(op::CREDIT_UPDATE, 80, hp);
+        upd.buf_alloc = 8;
+        upd.fwd_cnt = 8;
+        g.send(upd, &[]);
+        assert_eq!(payload_of(&g.recv()), b"ijklmnop");
+        upd.fwd_cnt = 16;
+        g.send(upd, &[]);
+        assert_eq!(payload_of(&g.recv()), b"qrst");
+    }
+
+    #[test]
+    fn guest_to_host_credit_is_advertised_and_enforced() {
+        let mut g = guest(|c| c.with_max_buffered_bytes(16));
+        g.post_rx(8);
+        let (mut host, hp) = g.establish(80, 4096);
+        g.send(hdr(op::CREDIT_REQUEST, 80, hp), &[]);
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!(
+            (pkts[0].0.op, pkts[0].0.buf_alloc, pkts[0].0.fwd_cnt),
+            (op::CREDIT_UPDATE, 16, 0)
+        );
+        g.send(hdr(op::RW, 80, hp), b"0123456789");
+        assert_eq!(read_exact(&mut host, 10), b"0123456789");
+        // Forwarding a quarter of the window or more triggers an unsolicited update.
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!((pkts[0].0.op, pkts[0].0.fwd_cnt), (op::CREDIT_UPDATE, 10));
+        // More than the whole window in one packet: the guest ignored its credit.
+        g.send(hdr(op::RW, 80, hp), &[b'x'; 17]);
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!((pkts[0].0.op, pkts[0].0.dst_port), (op::RST, 80));
+        assert_eof(&mut host);
+        assert_eq!(g.dev.connection_count(), 0);
+    }
+
+    #[test]
+    fn malformed_packets_get_rst_or_are_dropped() {
+        let mut g = guest(|c| c);
+        g.post_rx(16);
+        let (mut host, hp) = g.establish(80, 4096);
+
+        // Wrong destination CID.
+        let mut h = hdr(op::REQUEST, 99, 5);
+        h.dst_cid = 7;
+        g.send(h, &[]);
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!(
+            (
+                pkts[0].0.op,
+                pkts[0].0.src_cid,
+                pkts[0].0.dst_cid,
+                pkts[0].0.dst_port
+            ),
+            (op::RST, 7, CID, 99)
+        );
+        // Not a stream socket.
+        let mut h = hdr(op::REQUEST, 99, 5);
+        h.type_ = 2;
+        g.send(h, &[]);
+        assert_eq!(g.recv()[0].0.op, op::RST);
+        // Guest-initiated connection: refused.
+        g.send(hdr(op::REQUEST, 99, 5), &[]);
+        assert_eq!(g.recv()[0].0.op, op::RST);
+        // Data for a connection that does not exist.
+        g.send(hdr(op::RW, 99, 5), b"zz");
+        assert_eq!(g.recv()[0].0.op, op::RST);
+        // An RST for an unknown connection is not answered.
+        g.send(hdr(op::RST, 99, 5), &[]);
+        assert!(g.recv().is_empty());
+        // Spoofed source CID: dropped without a reply.
+        let mut h = hdr(op::REQUEST, 99, 5);
+        h.src_cid = 9;
+        g.send(h, &[]);
+        assert!(g.recv().is_empty());
+        // Header shorter than 44 bytes: dropped, but the chain is completed.
+        g.m.write_slice(&[0u8; 20], GuestAddress(TX_BUF))
+            .expect("hdr");
+        g.txq.add_chain(&g.m, &[(TX_BUF, 20, false)]);
+        g.dev.process_queue(1).expect("tx");
+        assert!(g.recv().is_empty());
+        // Declared length larger than the buffer: RST, and the connection is gone.
+        let mut h = hdr(op::RW, 80, hp);
+        h.len = 100;
+        g.send_raw(&h, b"0123456789", 10);
+        let pkts = g.recv();
+        assert_eq!((pkts[0].0.op, pkts[0].0.dst_port), (op::RST, 80));
+        assert_eof(&mut host);
+
+        // Oversized and unknown-op packets on fresh connections reset them too.
+        let (mut host, hp) = g.establish(81, 4096);
+        let mut h = hdr(op::RW, 81, hp);
+        h.len = 70_000;
+        g.send_raw(&h, b"", 10);
+        assert_eq!(g.recv()[0].0.op, op::RST);
+        assert_eof(&mut host);
+        let (mut host, hp) = g.establish(82, 4096);
+        g.send(hdr(99, 82, hp), &[]);
+        assert_eq!(g.recv()[0].0.op, op::RST);
+        assert_eof(&mut host);
+        // A second RESPONSE on an established connection is a protocol error.
+        let (mut host, hp) = g.establish(83, 4096);
+        g.send(hdr(op::RESPONSE, 83, hp), &[]);
+        assert_eq!(g.recv()[0].0.op, op::RST);
+        assert_eof(&mut host);
+        assert_eq!(g.dev.connection_count(), 0);
+    }
+
+    #[test]
+    fn connection_limit_closes_extra_host_connections() {
+        let mut g = guest(|c| c.with_max_connections(2));
+        g.post_rx(8);
+        let _a = g.connect_host(1);
+        let _b = g.connect_host(2);
+        g.pump();
+        let mut c = g.connect_host(3);
+        g.pump();
+        let reqs: Vec<u32> = g.recv().iter().map(|(h, _)| h.dst_port).collect();
+        assert_eq!(reqs, vec![1, 2]);
+        assert_eof(&mut c);
+        assert_eq!(g.dev.connection_count(), 2);
+    }
+
+    #[test]
+    fn guest_close_flushes_data_then_resets() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        let (mut host, hp) = g.establish(80, 4096);
+        g.send(hdr(op::RW, 80, hp), b"bye");
+        let mut shut = hdr(op::SHUTDOWN, 80, hp);
+        shut.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        g.send(shut, &[]);
+        assert_eq!(read_exact(&mut host, 3), b"bye");
+        assert_eof(&mut host);
+        let ops: Vec<u16> = g.recv().iter().map(|(h, _)| h.op).collect();
+        assert_eq!(ops.last(), Some(&op::RST));
+        assert_eq!(g.dev.connection_count(), 0);
+    }
+
+    #[test]
+    fn guest_half_close_shuts_the_host_write_side() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        let (mut host, hp) = g.establish(80, 4096);
+        let mut shut = hdr(op::SHUTDOWN, 80, hp);
+        shut.flags = SHUTDOWN_SEND;
+        g.send(shut, &[]);
+        assert_eof(&mut host);
+        // The other direction still works.
+        host.write_all(b"still here").expect("write");
+        g.pump();
+        assert_eq!(payload_of(&g.recv()), b"still here");
+    }
+
+    #[test]
+    fn host_close_sends_shutdown_then_guest_close_completes() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        let (host, hp) = g.establish(80, 4096);
+        drop(host);
+        g.pump();
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!(
+            (pkts[0].0.op, pkts[0].0.flags),
+            (op::SHUTDOWN, SHUTDOWN_SEND)
+        );
+        let mut shut = hdr(op::SHUTDOWN, 80, hp);
+        shut.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        g.send(shut, &[]);
+        assert_eq!(g.recv()[0].0.op, op::RST);
+        assert_eq!(g.dev.connection_count(), 0);
+    }
+
+    #[test]
+    fn guest_refusal_closes_the_host_stream() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        let mut host = g.connect_host(5);
+        g.pump();
+        let req = g.recv()[0].0;
+        g.send(hdr(op::RST, 5, req.src_port), &[]);
+        assert_eof(&mut host);
+        assert_eq!(g.dev.connection_count(), 0);
+    }
+
+    #[test]
+    fn bad_connect_lines_close_the_stream() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        for line in [&b"HELLO\n"[..], b"CONNECT x\n", &[b'9'; 40]] {
+            let mut s = UnixStream::connect(&g.path).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            s.write_all(line).expect("write");
+            g.pump();
+            assert_eof(&mut s);
+        }
+        assert!(g.recv().is_empty());
+        assert_eq!(g.dev.connection_count(), 0);
+    }
+
+    #[test]
+    fn packets_wait_for_rx_buffers() {
+        let mut g = guest(|c| c);
+        let _host = g.connect_host(9);
+        g.pump();
+        assert!(g.recv().is_empty());
+        g.post_rx(2);
+        g.dev.process_queue(0).expect("rx");
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!(pkts[0].0.op, op::REQUEST);
+    }
+
+    #[test]
+    fn unusable_rx_buffers_are_returned_empty() {
+        let mut g = guest(|c| c);
+        let _host = g.connect_host(9);
+        g.pump();
+        // Too small for a header, then a device-readable one, then a good one.
+        let small = g.rxq.add_chain(&g.m, &[(RX_BUF, 20, true)]);
+        let readable = g.rxq.add_chain(&g.m, &[(RX_BUF, 4096, false)]);
+        g.post_rx(1);
+        g.dev.process_queue(0).expect("rx");
+        assert_eq!(g.rxq.used_idx(&g.m), 3);
+        assert_eq!(g.rxq.used_elem(&g.m, 0), (u32::from(small), 0));
+        assert_eq!(g.rxq.used_elem(&g.m, 1), (u32::from(readable), 0));
+        assert_eq!(g.rxq.used_elem(&g.m, 2).1, HEADER_LEN as u32);
+    }
+
+    #[test]
+    fn config_cid_and_setup_errors() {
+        let g = guest(|c| c);
+        let mut cid = [0u8; 8];
+        g.dev.read_config(0, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), CID);
+        assert_eq!(g.dev.device_type(), 19);
+        // The path is taken: binding again fails and names it.
+        let err = Vsock::<GuestMemoryMmap>::new(&VsockConfig::new(4, &g.path)).expect_err("taken");
+        assert!(matches!(err, VsockError::Bind { ref path, .. } if *path == g.path));
+        for cid in [0u64, 1, 2, u64::from(u32::MAX), 1 << 40] {
+            let err = Vsock::<GuestMemoryMmap>::new(&VsockConfig::new(cid, "/nonexistent/x"))
+                .expect_err("bad cid");
+            assert!(matches!(err, VsockError::InvalidCid { .. }));
+        }
+        // The socket file is removed with the device.
+        let path = g.path.clone();
+        drop(g);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn reset_drops_connections() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        let (mut host, _) = g.establish(80, 4096);
+        g.dev.reset();
+        assert_eof(&mut host);
+        assert_eq!(g.dev.connection_count(), 0);
+    }
+}
