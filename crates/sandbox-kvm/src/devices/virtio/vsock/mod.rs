@@ -922,4 +922,68 @@ mod tests {
         assert_eof(&mut host);
         assert_eq!(g.dev.connection_count(), 0);
     }
+
+    /// A guest packet header with fields drawn around the interesting values.
+    fn arb_packet() -> impl proptest::strategy::Strategy<Value = (Header, bool, usize, u32)> {
+        use proptest::prelude::*;
+        let header = (
+            prop_oneof![Just(CID), Just(9u64)],
+            prop_oneof![Just(HOST_CID), Just(7u64)],
+            0u16..10,
+            prop_oneof![Just(TYPE_STREAM), Just(2u16)],
+            0u32..4,
+            any::<u32>(),
+            any::<u32>(),
+        );
+        let len = prop_oneof![
+            Just(None),
+            Just(Some(70_000u32)),
+            Just(Some(u32::MAX)),
+            (0u32..300).prop_map(Some)
+        ];
+        (header, any::<bool>(), len, 0usize..200, 0u32..300).prop_map(
+            |((src_cid, dst_cid, op, type_, flags, buf_alloc, fwd_cnt), live, len, n, room)| {
+                let h = Header {
+                    src_cid,
+                    dst_cid,
+                    src_port: 80,
+                    dst_port: 5,
+                    len: len.unwrap_or(n.min(room as usize) as u32),
+                    type_,
+                    op,
+                    flags,
+                    buf_alloc,
+                    fwd_cnt,
+                };
+                (h, live, n, room)
+            },
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+        #[test]
+        fn arbitrary_tx_packets_are_completed_and_bounded(
+            pkts in proptest::collection::vec(arb_packet(), 1..8),
+        ) {
+            let mut g = guest(|c| c.with_max_buffered_bytes(1024));
+            g.post_rx(16);
+            let (_host, hp) = g.establish(80, 4096);
+            for (mut h, live, n, room) in pkts {
+                if live {
+                    h.dst_port = hp;
+                }
+                let payload = vec![0xabu8; n.min(room as usize)];
+                // send_raw asserts that the tx chain is completed.
+                g.send_raw(&h, &payload, room);
+                for (r, p) in g.recv() {
+                    proptest::prop_assert_eq!(r.dst_cid, CID);
+                    proptest::prop_assert_eq!(r.type_, TYPE_STREAM);
+                    proptest::prop_assert_eq!(p.len(), r.len as usize);
+                    proptest::prop_assert!(p.len() <= RX_DATA as usize);
+                }
+                proptest::prop_assert!(g.dev.connection_count() <= 1);
+            }
+        }
+    }
 }
