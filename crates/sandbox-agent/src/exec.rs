@@ -81,7 +81,9 @@ fn plan(start: &ExecStart) -> Result<SpawnPlan, (AgentErrorKind, String)> {
         None => None,
         Some(u) => Some(lookup_user(u).ok_or_else(|| bad(format!("Unknown user {u:?}.")))?),
     };
+    // A home that does not exist (nobody's is /nonexistent) falls back to /, like login(1).
     let home = user.as_ref().map_or("/root", |u| u.home.as_str()).to_owned();
+    let home = if user.is_some() && !Path::new(&home).is_dir() { "/".to_owned() } else { home };
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
         ("HOME".into(), home.clone()),
@@ -293,5 +295,27 @@ fn pump(ctx: &Ctx, id: u64, fd: OwnedFd, wrap: fn(Bytes) -> AgentMessage) {
     if let Err(e) = spawned {
         crate::log!("cannot start output thread: {e}");
         let _ = ctx.tx.send(Event::PipeDone(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_searches_path_like_execvp() {
+        assert_eq!(resolve("./x", "/bin"), "./x");
+        assert_eq!(resolve("/bin/sh", ""), "/bin/sh");
+        let sh = resolve("sh", DEFAULT_PATH);
+        assert!(sh.ends_with("/sh") && Path::new(&sh).is_file(), "{sh}");
+        assert_eq!(resolve("no-such-program-xyz", DEFAULT_PATH), "");
+    }
+
+    #[test]
+    fn numeric_users_without_passwd_entries_are_allowed() {
+        let u = lookup_user("4242424").expect("numeric uid");
+        assert_eq!((u.uid, u.gid, u.home.as_str()), (4242424, 4242424, "/"));
+        assert!(lookup_user("no-such-user-xyz").is_none());
+        assert_eq!(lookup_user("root").map(|u| u.uid), Some(0));
     }
 }

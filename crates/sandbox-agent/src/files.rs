@@ -366,3 +366,71 @@ pub fn list(path: &str, opts: &FileOptions) -> Result<Listing> {
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Listing::new(entries, truncated))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn jail() -> (tempfile::TempDir, OwnedFd) {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("d")).expect("mkdir");
+        std::fs::write(root.join("d/ok"), b"ok").expect("write");
+        std::fs::write(t.path().join("secret"), b"secret").expect("write");
+        symlink(t.path().join("secret"), root.join("abs")).expect("symlink");
+        symlink("../secret", root.join("rel")).expect("symlink");
+        symlink("d", root.join("inner")).expect("symlink");
+        let fd = nix::fcntl::open(&root, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            .expect("open root");
+        (t, fd)
+    }
+
+    fn read_all(fd: OwnedFd) -> Vec<u8> {
+        let mut v = Vec::new();
+        File::from(fd).read_to_end(&mut v).expect("read");
+        v
+    }
+
+    /// The fallback walk refuses every symlink and `..`, and still opens plain paths.
+    #[test]
+    fn walk_refuses_symlinks_and_dotdot() {
+        let (_t, root) = jail();
+        let ro = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+        assert_eq!(read_all(open_beneath_walk(&root, "d/ok", ro, Mode::empty()).expect("plain")), b"ok");
+        assert_eq!(read_all(open_beneath_walk(&root, "./d//ok", ro, Mode::empty()).expect("dots")), b"ok");
+        for p in ["abs", "rel", "inner/ok", "../secret", "d/../../secret"] {
+            let r = open_beneath_walk(&root, p, ro, Mode::empty());
+            assert!(matches!(r, Err(Errno::ELOOP | Errno::EXDEV)), "{p}: {r:?}");
+        }
+    }
+
+    /// `openat2` refuses escapes but follows symlinks that stay inside.
+    #[test]
+    fn openat2_beneath_confines() {
+        let (_t, root) = jail();
+        let ro = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+        assert_eq!(read_all(open_beneath(&root, "inner/ok", ro, Mode::empty()).expect("inside link")), b"ok");
+        for p in ["abs", "rel", "../secret", "/etc/passwd"] {
+            let r = open_beneath(&root, p, ro, Mode::empty());
+            assert!(matches!(r, Err(Errno::EXDEV | Errno::ELOOP)), "{p}: {r:?}");
+            assert_eq!(errno_error(r.expect_err("refused"), true, "read").kind, AgentErrorKind::Escape);
+        }
+    }
+
+    #[test]
+    fn remove_and_list_confined() {
+        let (t, _root) = jail();
+        let opts = FileOptions::new().confined_to(t.path().join("root").to_string_lossy());
+        let l = list("/", &opts).expect("list root");
+        let names: Vec<&str> = l.entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["abs", "d", "inner", "rel"]);
+        assert_eq!(l.entries[0].kind, FileKind::Symlink);
+        assert_eq!(remove("abs/x", &opts).map_err(|e| e.kind), Err(AgentErrorKind::Escape));
+        remove("abs", &opts).expect("remove the link itself");
+        assert!(t.path().join("secret").exists(), "the link's target survives");
+        assert_eq!(remove("..", &opts).map_err(|e| e.kind), Err(AgentErrorKind::InvalidRequest));
+        assert_eq!(list("rel", &opts).map_err(|e| e.kind), Err(AgentErrorKind::Escape));
+    }
+}

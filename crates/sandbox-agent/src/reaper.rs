@@ -107,3 +107,52 @@ impl Reaper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::sys::{spawn, SpawnPlan};
+
+    fn sh(script: &str) -> SpawnPlan {
+        let c = |s: &str| CString::new(s).expect("no NUL");
+        SpawnPlan::new(c("/bin/sh"), vec![c("sh"), c("-c"), c(script)], vec![], c("/"), None, "sh")
+    }
+
+    /// Commands that exit at once keep their statuses, and their orphans are reaped too.
+    /// (This is the only test in this binary that forks, so the blanket waitpid(-1) cannot steal
+    /// another test's child.)
+    #[test]
+    fn keeps_command_statuses_and_reaps_orphans() {
+        nix::sys::prctl::set_child_subreaper(true).expect("subreaper");
+        let reaper = Reaper::start().expect("reaper");
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        let fd = null.as_raw_fd();
+        let mut waiting = Vec::new();
+        for i in 0..100 {
+            let (tx, rx) = mpsc::channel();
+            // Every fifth command leaves an orphan behind.
+            let script = if i % 5 == 0 { format!("sleep 0.01 & exit {i}") } else { format!("exit {i}") };
+            let plan = sh(&script);
+            let pid = reaper.spawn_registered(tx, || spawn(&plan, fd, fd, fd)).expect("spawn");
+            waiting.push((i, pid, rx));
+        }
+        for (i, pid, rx) in waiting {
+            match rx.recv_timeout(Duration::from_secs(30)).expect("a status for every command") {
+                Event::Exited(WaitStatus::Exited(p, code)) => assert_eq!((p, code), (pid, i)),
+                other => panic!("command {i}: {other:?}"),
+            }
+        }
+        for _ in 0..300 {
+            if reaper.orphans_reaped() >= 20 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("only {} of 20 orphans were reaped", reaper.orphans_reaped());
+    }
+}

@@ -158,6 +158,7 @@ fn frame_name(m: &AgentMessage) -> &'static str {
 #[derive(Debug)]
 pub struct AgentClient<S> {
     stream: S,
+    reader: asynch::FrameReader,
     next_id: u64,
     request_timeout: Duration,
     /// An exec whose session was dropped before `Exited`; settled before the next request.
@@ -182,6 +183,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
             Ok(Err(e)) => Err(ClientError::Handshake(e)),
             Ok(Ok(_)) => Ok(AgentClient {
                 stream,
+                reader: asynch::FrameReader::new(),
                 next_id: 1,
                 request_timeout: DEFAULT_REQUEST_TIMEOUT,
                 pending_exec: None,
@@ -219,7 +221,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
 
     /// Waits for the next frame of request `id`, until `deadline` (`None`: forever).
     async fn recv(&mut self, id: u64, what: &'static str, deadline: Option<Instant>) -> Result<AgentMessage> {
-        let read = asynch::read_frame::<AgentFrame, _>(&mut self.stream);
+        let read = self.reader.read_frame::<AgentFrame, _>(&mut self.stream);
         let r = match deadline {
             Some(d) => match tokio::time::timeout_at(d, read).await {
                 Ok(r) => r,
@@ -341,14 +343,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
 
     async fn exec_forward(&mut self, req: &ExecRequest, tx: &ExecEventSender) -> Result<()> {
         let mut s = self.exec_start(req).await?;
-        while let Some(ev) = s.next_event().await? {
-            if tx.send(Ok(ev)).await.is_err() {
+        loop {
+            // Watch for the receiver going away even while the command is silent; reading is
+            // cancel-safe (`FrameReader`), so losing the race loses no bytes.
+            let ev = tokio::select! {
+                biased;
+                _ = tx.closed() => None,
+                ev = s.next_event() => Some(ev?),
+            };
+            let delivered = match ev {
+                Some(None) => return Ok(()),
+                Some(Some(ev)) => tx.send(Ok(ev)).await.is_ok(),
+                None => false,
+            };
+            if !delivered {
                 s.signal(SIGKILL).await?;
                 while s.next_event().await?.is_some() {}
-                break;
+                return Ok(());
             }
         }
-        Ok(())
     }
 
     /// Reads a whole file (at most [`MAX_FILE_BYTES`]).

@@ -555,6 +555,60 @@ pub mod asynch {
         decode_payload(&payload).map(Some)
     }
 
+    /// A cancel-safe frame reader: partial frames are kept in its buffer, so a `read_frame`
+    /// future dropped by `tokio::select!` or a timeout loses nothing. The buffer never holds more
+    /// than one maximal frame plus a small read-ahead.
+    #[derive(Debug, Default)]
+    pub struct FrameReader {
+        buf: bytes::BytesMut,
+    }
+
+    impl FrameReader {
+        /// An empty reader.
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        /// Reads one frame, as [`read_frame`], but cancel-safe.
+        ///
+        /// # Errors
+        /// As [`blocking::read_frame`].
+        pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin + ?Sized>(
+            &mut self,
+            r: &mut R,
+        ) -> Result<Option<T>> {
+            loop {
+                let need = if self.buf.len() >= FRAME_HEADER_BYTES {
+                    let mut header = [0u8; FRAME_HEADER_BYTES];
+                    header.copy_from_slice(&self.buf[..FRAME_HEADER_BYTES]);
+                    // Checked before any payload-sized reservation.
+                    let len = check_frame_len(header)?;
+                    let total = FRAME_HEADER_BYTES + len;
+                    if self.buf.len() >= total {
+                        let frame = self.buf.split_to(total);
+                        return decode_payload(&frame[FRAME_HEADER_BYTES..]).map(Some);
+                    }
+                    total
+                } else {
+                    FRAME_HEADER_BYTES
+                };
+                self.buf.reserve(need - self.buf.len());
+                // `read_buf` is cancel-safe: a dropped future has read nothing.
+                let n = match r.read_buf(&mut self.buf).await {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                if n == 0 {
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Err(ProtocolError::Truncated { expected: need, got: self.buf.len() });
+                }
+            }
+        }
+    }
+
     /// Encodes and writes one frame, then flushes.
     ///
     /// # Errors
@@ -770,6 +824,37 @@ mod tests {
             let _ = blocking::read_frame::<HostFrame, _>(&mut Cursor::new(&wire));
             let _ = blocking::read_frame::<AgentFrame, _>(&mut Cursor::new(&wire));
         }
+    }
+
+    #[tokio::test]
+    async fn frame_reader_handles_split_and_oversized_input() {
+        let a = AgentFrame { id: 1, body: AgentMessage::Stdout(Bytes::from(vec![7u8; 100_000])) };
+        let b = AgentFrame { id: 2, body: AgentMessage::Done };
+        let mut wire = encode_frame(&a).expect("enc");
+        wire.extend(encode_frame(&b).expect("enc"));
+        // Feed it through a pipe in small pieces.
+        let (mut tx, mut rx) = tokio::io::duplex(333);
+        let feeder = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for c in wire.chunks(1000) {
+                tx.write_all(c).await.expect("write");
+            }
+        });
+        let mut fr = asynch::FrameReader::new();
+        assert_eq!(fr.read_frame::<AgentFrame, _>(&mut rx).await.expect("a"), Some(a));
+        assert_eq!(fr.read_frame::<AgentFrame, _>(&mut rx).await.expect("b"), Some(b));
+        feeder.await.expect("feeder");
+        assert_eq!(fr.read_frame::<AgentFrame, _>(&mut rx).await.expect("eof"), None);
+        let mut huge = &(MAX_FRAME_BYTES + 1).to_be_bytes()[..];
+        assert!(matches!(
+            asynch::FrameReader::new().read_frame::<AgentFrame, _>(&mut huge).await,
+            Err(ProtocolError::FrameSize { .. })
+        ));
+        let mut cut = &encode_frame(&AgentFrame { id: 3, body: AgentMessage::Ready }).expect("enc")[..5];
+        assert!(matches!(
+            asynch::FrameReader::new().read_frame::<AgentFrame, _>(&mut cut).await,
+            Err(ProtocolError::Truncated { .. })
+        ));
     }
 
     #[tokio::test]
