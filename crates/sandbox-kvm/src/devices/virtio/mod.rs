@@ -224,6 +224,19 @@ pub trait VirtioDevice<M: GuestMemory>: Send {
     fn reset(&mut self);
 }
 
+/// Puts chain `head` on the used ring with `len` bytes written. A failure (a head index the
+/// guest put out of range, which walks as an empty chain) is logged and skipped so the rest of
+/// the ring is still served. Returns whether the element was added.
+pub(crate) fn complete<M: GuestMemory>(queue: &mut Queue, mem: &M, head: u16, len: u32) -> bool {
+    match virtio_queue::QueueT::add_used(queue, mem, head, len) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::debug!(head, error = %err, "virtio: cannot complete a chain");
+            false
+        }
+    }
+}
+
 /// Feature bit `bit` as a mask.
 pub(crate) const fn feature(bit: u32) -> u64 {
     1u64 << bit

@@ -24,7 +24,7 @@ use request::{Parsed, Request, RequestKind, ID_LEN, SECTOR_SIZE, S_IOERR, S_OK, 
 
 use super::chain::{self, ChainDesc};
 use super::{
-    feature, read_config_bytes, Result, VirtioDevice, VirtioError, VirtioInterrupt,
+    complete, feature, read_config_bytes, Result, VirtioDevice, VirtioError, VirtioInterrupt,
     DEVICE_ID_BLOCK, VIRTIO_F_VERSION_1,
 };
 
@@ -208,11 +208,9 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
                     0
                 }
             };
-            active
-                .queue
-                .add_used(&active.mem, head, len)
-                .map_err(VirtioError::Queue)?;
-            used += 1;
+            if complete(&mut active.queue, &active.mem, head, len) {
+                used += 1;
+            }
         }
         if used > 0 {
             active.interrupt.signal_used_queue()?;
@@ -674,6 +672,23 @@ mod tests {
         f.dev.process_queue(0).expect("process");
         assert_eq!(f.q.used_idx(&f.m), 1);
         assert_eq!(f.q.used_elem(&f.m, 0), (0, 0));
+    }
+
+    #[test]
+    fn out_of_range_head_index_does_not_stall_the_ring() {
+        let mut f = fixture(false, false);
+        header(&f.m, T_FLUSH, 0);
+        // A head index beyond the queue size, then a good request in the same pass.
+        f.q.push_avail(&f.m, 999);
+        f.q.add_chain(&f.m, &[(HDR, 16, false), (STATUS, 1, true)]);
+        f.m.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+        f.dev.process_queue(0).expect("process");
+        assert_eq!(f.q.used_idx(&f.m), 1);
+        assert_eq!(f.q.used_elem(&f.m, 0), (0, 1));
+        assert_eq!(
+            f.m.read_obj::<u8>(GuestAddress(STATUS)).expect("status"),
+            S_OK
+        );
     }
 
     #[test]

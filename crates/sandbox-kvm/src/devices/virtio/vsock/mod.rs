@@ -40,8 +40,8 @@ use vm_memory::GuestMemory;
 
 use super::chain::{self, ChainDesc};
 use super::{
-    feature, read_config_bytes, VirtioDevice, VirtioError, VirtioInterrupt, DEVICE_ID_VSOCK,
-    VIRTIO_F_VERSION_1,
+    complete, feature, read_config_bytes, VirtioDevice, VirtioError, VirtioInterrupt,
+    DEVICE_ID_VSOCK, VIRTIO_F_VERSION_1,
 };
 use muxer::Muxer;
 use packet::{Header, HEADER_LEN, MAX_PAYLOAD};
@@ -214,11 +214,9 @@ impl<M: GuestMemory> Vsock<M> {
                 && chain::total_len(&self.descs) >= HEADER_LEN as u64;
             if !usable {
                 debug!("vsock: unusable rx buffer returned empty");
-                active
-                    .rx
-                    .add_used(&active.mem, head, 0)
-                    .map_err(VirtioError::Queue)?;
-                used += 1;
+                if complete(&mut active.rx, &active.mem, head, 0) {
+                    used += 1;
+                }
                 continue;
             }
             let room = chain::total_len(&self.descs) - HEADER_LEN as u64;
@@ -247,11 +245,9 @@ impl<M: GuestMemory> Vsock<M> {
             }
             // len <= HEADER_LEN + 64 KiB.
             let len = u32::try_from(len).unwrap_or(0);
-            active
-                .rx
-                .add_used(&active.mem, head, len)
-                .map_err(VirtioError::Queue)?;
-            used += 1;
+            if complete(&mut active.rx, &active.mem, head, len) {
+                used += 1;
+            }
         }
         if used > 0 {
             active.interrupt.signal_used_queue()?;
@@ -286,11 +282,9 @@ impl<M: GuestMemory> Vsock<M> {
             } else {
                 debug!("vsock: over-long tx chain dropped");
             }
-            active
-                .tx
-                .add_used(&active.mem, head, 0)
-                .map_err(VirtioError::Queue)?;
-            used += 1;
+            if complete(&mut active.tx, &active.mem, head, 0) {
+                used += 1;
+            }
         }
         if used > 0 {
             active.interrupt.signal_used_queue()?;
