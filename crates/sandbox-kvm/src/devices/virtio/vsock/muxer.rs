@@ -189,6 +189,9 @@ pub struct Muxer {
     next_port: u32,
     /// Round-robin cursor over connections for rx fairness.
     cursor: u32,
+    /// The listener is out of the epoll set after an accept error (e.g. EMFILE), so a
+    /// level-triggered loop does not spin on it; it comes back when a connection closes.
+    listener_paused: bool,
 }
 
 impl Muxer {
@@ -217,6 +220,7 @@ impl Muxer {
             rst_queue: VecDeque::new(),
             next_port: FIRST_HOST_PORT,
             cursor: 0,
+            listener_paused: false,
         };
         muxer
             .listener
@@ -278,8 +282,17 @@ impl Muxer {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
                 Err(err) => {
-                    warn!(error = %err, "vsock: accept failed");
+                    warn!(error = %err, "vsock: accept failed; pausing the listener");
+                    self.pause_listener();
                     return;
                 }
             };
@@ -299,6 +312,30 @@ impl Muxer {
             self.refresh(port);
             // The CONNECT line is often already there.
             self.read_handshake(port);
+        }
+    }
+
+    fn pause_listener(&mut self) {
+        if !self.listener_paused {
+            let fd = self.listener.as_raw_fd();
+            if self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+                .is_ok()
+            {
+                self.listener_paused = true;
+            }
+        }
+    }
+
+    fn resume_listener(&mut self) {
+        if self.listener_paused {
+            let fd = self.listener.as_raw_fd();
+            let ev = EpollEvent::new(EventSet::IN, LISTENER_TOKEN);
+            match self.epoll.ctl(ControlOperation::Add, fd, ev) {
+                Ok(()) => self.listener_paused = false,
+                Err(err) => warn!(error = %err, "vsock: cannot resume the listener"),
+            }
         }
     }
 
@@ -432,6 +469,8 @@ impl Muxer {
         let Some(conn) = self.conns.remove(&port) else {
             return;
         };
+        // A freed fd may be what a failed accept was missing.
+        self.resume_listener();
         if conn.interest.is_some() {
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
