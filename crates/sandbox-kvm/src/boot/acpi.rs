@@ -7,7 +7,12 @@
 //! - FADT: hardware-reduced ACPI (§5.2.9, flag `HW_REDUCED_ACPI`), no VGA/MSI/ASPM, no i8042
 //!   (so the keyboard driver does not probe), sleep control/status and reset registers in PIO
 //!   space (handled by [`crate::devices::power::AcpiPower`]);
-//! - DSDT: only the `\_S5_` package (§7.4.2), which tells the guest the S5 `SLP_TYP` value;
+//! - DSDT: the `\_S5_` package (§7.4.2), which tells the guest the S5 `SLP_TYP` value, COM1
+//!   (`PNP0501`) and every virtio-mmio device (`LNRO0005`, the id Linux's virtio_mmio driver
+//!   matches) with their interrupts. Declaring the interrupts matters: with hardware-reduced ACPI
+//!   Linux has no legacy PIC, so it maps no ISA IRQ by itself, and a GSI becomes a usable Linux IRQ
+//!   only once a `_CRS` names it (the virtio devices are also on the kernel command line; the
+//!   second registration of the same window is refused by the guest, harmlessly);
 //! - MADT: one enabled local APIC per vCPU (APIC id = vCPU index) and the IOAPIC (GSI base 0).
 //!
 //! The tables live in the reserved BIOS area from [`layout::RSDP_ADDR`]; `boot_params` also
@@ -53,22 +58,74 @@ fn pio_register(port: u16) -> GAS {
     )
 }
 
-/// The tables as (guest address, bytes), for `cpu_count` vCPUs. The first is the RSDP at
+/// A virtio-mmio device to declare in the DSDT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioDeviceDesc {
+    /// First byte of the register window (below 4 GiB).
+    pub base: u32,
+    /// Window size, bytes.
+    pub size: u32,
+    /// The device's GSI.
+    pub gsi: u32,
+}
+
+/// COM1's GSI and ports, for its DSDT entry.
+const COM1_GSI: u32 = layout::SERIAL_GSI;
+
+/// The DSDT body: `\_S5_`, COM1 and the virtio-mmio devices.
+fn dsdt_body(mmio: &[MmioDeviceDesc]) -> Vec<u8> {
+    let mut body = Vec::new();
+    aml::Name::new(
+        aml::Path::new("_S5_"),
+        &aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut body);
+
+    // Edge-triggered, active-high, exclusive: how KVM's irqfds deliver.
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_GSI);
+    let com1_io = aml::IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, 8);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_irq, &com1_io]);
+    let com1_hid = aml::EISAName::new("PNP0501");
+    aml::Device::new(
+        aml::Path::new("\\_SB_.COM1"),
+        vec![
+            &aml::Name::new(aml::Path::new("_HID"), &com1_hid),
+            &aml::Name::new(aml::Path::new("_UID"), &0u8),
+            &aml::Name::new(aml::Path::new("_CRS"), &com1_crs),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+
+    for (i, dev) in mmio.iter().enumerate() {
+        let uid = i as u8; // at most VIRTIO_MMIO_MAX_DEVICES (19)
+        let mem = aml::Memory32Fixed::new(true, dev.base, dev.size);
+        let irq = aml::Interrupt::new(true, true, false, false, dev.gsi);
+        let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+        let path = format!("\\_SB_.V{:03}", uid);
+        aml::Device::new(
+            aml::Path::new(&path),
+            vec![
+                &aml::Name::new(aml::Path::new("_HID"), &"LNRO0005"),
+                &aml::Name::new(aml::Path::new("_UID"), &uid),
+                &aml::Name::new(aml::Path::new("_CRS"), &crs),
+            ],
+        )
+        .to_aml_bytes(&mut body);
+    }
+    body
+}
+
+/// The tables as (guest address, bytes), for `cpu_count` vCPUs and the virtio-mmio devices `mmio`. The first is the RSDP at
 /// [`layout::RSDP_ADDR`]; the rest follow it, 16-byte aligned, below [`layout::ACPI_AREA_END`].
 ///
 /// # Errors
 /// [`BootError::AcpiTooLarge`] if the tables do not fit below [`layout::ACPI_AREA_END`].
-pub fn build_tables(cpu_count: u8) -> Result<Vec<(u64, Vec<u8>)>> {
+pub fn build_tables(cpu_count: u8, mmio: &[MmioDeviceDesc]) -> Result<Vec<(u64, Vec<u8>)>> {
     let align = |a: u64| (a + 15) & !15;
     let rsdp_len = Rsdp::len() as u64;
 
-    // DSDT: Name (_S5_, Package () { 5, 5, 0, 0 }).
-    let s5 = aml::Name::new(
-        aml::Path::new("_S5_"),
-        &aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE, &0u8, &0u8]),
-    );
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, *b"SBXDSDT ", OEM_REVISION);
-    dsdt.append_slice(&to_bytes(&s5));
+    dsdt.append_slice(&dsdt_body(mmio));
     let dsdt = dsdt.as_slice().to_vec();
     let dsdt_addr = align(layout::RSDP_ADDR + rsdp_len);
 
@@ -124,8 +181,8 @@ pub fn build_tables(cpu_count: u8) -> Result<Vec<(u64, Vec<u8>)>> {
 ///
 /// # Errors
 /// [`BootError::AcpiTooLarge`], [`BootError::GuestMemory`].
-pub fn write_tables(mem: &GuestMemoryMmap, cpu_count: u8) -> Result<u64> {
-    for (addr, bytes) in build_tables(cpu_count)? {
+pub fn write_tables(mem: &GuestMemoryMmap, cpu_count: u8, mmio: &[MmioDeviceDesc]) -> Result<u64> {
+    for (addr, bytes) in build_tables(cpu_count, mmio)? {
         mem.write_slice(&bytes, GuestAddress(addr))
             .map_err(|source| BootError::GuestMemory {
                 what: "the ACPI tables",
@@ -153,7 +210,7 @@ mod tests {
 
     #[test]
     fn tables_checksum_and_link_up() {
-        let tables = build_tables(2).expect("tables");
+        let tables = build_tables(2, &[]).expect("tables");
         let [(rsdp_addr, rsdp), (dsdt_addr, dsdt), (fadt_addr, fadt), (madt_addr, madt), (xsdt_addr, xsdt)] =
             <[_; 5]>::try_from(tables).expect("five tables");
         assert_eq!(rsdp_addr, layout::RSDP_ADDR);
@@ -189,7 +246,7 @@ mod tests {
 
     #[test]
     fn madt_lists_every_vcpu_and_the_ioapic() {
-        let tables = build_tables(3).expect("tables");
+        let tables = build_tables(3, &[]).expect("tables");
         let madt = &tables[3].1;
         // Header (36) + LAPIC address + flags (8), then 3 × 8-byte LAPICs and a 12-byte IOAPIC.
         assert_eq!(madt.len(), 44 + 3 * 8 + 12);
@@ -204,16 +261,50 @@ mod tests {
         assert_eq!(u32_at(madt, 44 + 24 + 4), layout::IOAPIC_ADDR);
     }
 
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
     #[test]
-    fn dsdt_declares_s5() {
-        let dsdt = &build_tables(1).expect("tables")[1].1;
+    fn dsdt_declares_s5_com1_and_virtio_devices() {
+        let mmio = [
+            MmioDeviceDesc {
+                base: 0xd000_0000,
+                size: 0x1000,
+                gsi: 5,
+            },
+            MmioDeviceDesc {
+                base: 0xd000_1000,
+                size: 0x1000,
+                gsi: 6,
+            },
+        ];
+        let dsdt = &build_tables(1, &mmio).expect("tables")[1].1;
         let body = &dsdt[36..];
-        assert!(body.windows(4).any(|w| w == b"_S5_"));
+        assert!(contains(body, b"_S5_"));
+        assert!(contains(body, b"COM1"));
+        assert!(contains(body, b"V000") && contains(body, b"V001"));
+        assert!(contains(body, b"LNRO0005\0"));
+        // Extended IRQ descriptors (0x89, length 6, flags consumer|edge, one IRQ) for GSIs 4, 5, 6.
+        for gsi in [4u8, 5, 6] {
+            assert!(
+                contains(body, &[0x89, 6, 0, 0x3, 1, gsi, 0, 0, 0]),
+                "GSI {gsi}"
+            );
+        }
+        // Memory32Fixed (0x86, length 9, read-write) for the second window.
+        assert!(contains(
+            body,
+            &[0x86, 9, 0, 1, 0x00, 0x10, 0x00, 0xd0, 0x00, 0x10, 0, 0]
+        ));
+        assert_eq!(sum(dsdt), 0);
+        let without = &build_tables(1, &[]).expect("tables")[1].1;
+        assert!(!contains(without, b"V000"));
     }
 
     #[test]
     fn fadt_points_at_the_power_registers() {
-        let fadt = &build_tables(1).expect("tables")[2].1;
+        let fadt = &build_tables(1, &[]).expect("tables")[2].1;
         // SLEEP_CONTROL_REG at offset 244, SLEEP_STATUS_REG at 256, RESET_REG at 116 (GAS:
         // space id, width, offset, access size, then the 64-bit address at +4).
         assert_eq!(fadt[244], 1, "system I/O space");
@@ -228,6 +319,13 @@ mod tests {
 
     #[test]
     fn tables_fit_for_the_largest_vm() {
-        assert!(build_tables(u8::MAX).is_ok());
+        let mmio: Vec<MmioDeviceDesc> = (0..layout::VIRTIO_MMIO_MAX_DEVICES)
+            .map(|i| MmioDeviceDesc {
+                base: 0xd000_0000 + i * 0x1000,
+                size: 0x1000,
+                gsi: 5 + i,
+            })
+            .collect();
+        assert!(build_tables(u8::MAX, &mmio).is_ok());
     }
 }

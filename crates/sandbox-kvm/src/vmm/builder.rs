@@ -138,6 +138,7 @@ pub struct VmBuilder {
     exit: Arc<ExitState>,
     event_loop: EventLoop,
     cmdline_devices: Vec<String>,
+    mmio_devices: Vec<acpi::MmioDeviceDesc>,
     next_mmio_slot: u32,
     kernel: Option<LoadedKernel>,
     initrd: Option<LoadedInitrd>,
@@ -222,6 +223,7 @@ impl VmBuilder {
             exit: Arc::new(ExitState::default()),
             event_loop: EventLoop::new()?,
             cmdline_devices: Vec::new(),
+            mmio_devices: Vec::new(),
             next_mmio_slot: 0,
             kernel: None,
             initrd: None,
@@ -412,7 +414,8 @@ impl VmBuilder {
     }
 
     /// Puts a virtio-mmio device on the MMIO bus at `slot` and declares it on the kernel command
-    /// line (`virtio_mmio.device=<size>@<addr>:<irq>`, drivers/virtio/virtio_mmio.c).
+    /// line (`virtio_mmio.device=<size>@<addr>:<irq>`, drivers/virtio/virtio_mmio.c) and in the
+    /// DSDT (which is what makes its GSI usable under hardware-reduced ACPI; see [`acpi`]).
     ///
     /// # Errors
     /// [`BuildError::Bus`], [`BuildError::Order`] after the boot params are written.
@@ -515,7 +518,11 @@ impl VmBuilder {
     /// # Errors
     /// [`BuildError::Boot`].
     pub fn setup_acpi_tables(&mut self) -> Result<()> {
-        self.rsdp = Some(acpi::write_tables(&self.memory, self.resources.vcpus)?);
+        self.rsdp = Some(acpi::write_tables(
+            &self.memory,
+            self.resources.vcpus,
+            &self.mmio_devices,
+        )?);
         Ok(())
     }
 
