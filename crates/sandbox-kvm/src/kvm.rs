@@ -64,6 +64,8 @@ pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
     (Cap::MpState, "KVM_CAP_MP_STATE"),
+    // The guest's only timer (hardware-reduced ACPI has no PIT); see boot::cpuid.
+    (Cap::TscDeadlineTimer, "KVM_CAP_TSC_DEADLINE_TIMER"),
 ];
 
 /// Opens `/dev/kvm` (close-on-exec) and checks the API version and [`REQUIRED_CAPS`].

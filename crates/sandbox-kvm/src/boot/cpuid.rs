@@ -2,7 +2,9 @@
 //!
 //! What we change, leaf by leaf (Intel SDM vol. 2A "CPUID"; AMD APM vol. 3 appendix E):
 //! - leaf 0x1: initial APIC id (EBX[31:24]), logical processor count (EBX[23:16]) with HTT
-//!   (EDX[28]) when there is more than one vCPU, and the hypervisor bit (ECX[31]);
+//!   (EDX[28]) when there is more than one vCPU, the hypervisor bit (ECX[31]) and the TSC-deadline
+//!   timer (ECX[24]; KVM emulates it in its LAPIC but leaves the bit to the VMM, and with
+//!   hardware-reduced ACPI there is no PIT to calibrate the LAPIC timer against);
 //! - leaf 0x4: cores per package (EAX[31:26]) and threads sharing each cache (EAX[25:14]);
 //! - leaves 0xB and 0x1F: the x2APIC topology, one thread per core and `n` cores in one package;
 //! - leaf 0x8000_0008: AMD core count (ECX[7:0]) and APIC id size (ECX[15:12]);
@@ -15,6 +17,8 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 /// Leaf 1 ECX bit 31: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX bit 24: TSC-deadline mode of the LAPIC timer.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 EDX bit 28: the logical-processor count in EBX[23:16] is valid.
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// The KVM CPUID signature leaf and its "KVMKVMKVM\0\0\0" value in EBX, ECX, EDX.
@@ -77,7 +81,7 @@ pub fn filter_cpuid(
         match e.function {
             0x1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((count & 0xff) << 16);
-                e.ecx |= LEAF1_ECX_HYPERVISOR;
+                e.ecx |= LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE;
                 if count > 1 {
                     e.edx |= LEAF1_EDX_HTT;
                 } else {
@@ -197,6 +201,7 @@ mod tests {
             "CLFLUSH size and brand index are kept"
         );
         assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        assert_ne!(l1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
         assert_ne!(l1.edx & LEAF1_EDX_HTT, 0);
         let single = find(&filter_cpuid(&host(), 0, 1), 1, 0);
         assert_eq!(single.edx & LEAF1_EDX_HTT, 0);
