@@ -908,6 +908,53 @@ mod tests {
     }
 
     #[test]
+    fn host_connections_made_before_the_driver_survive_its_probe_reset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.sock");
+        let mut dev = Vsock::<GuestMemoryMmap>::new(&VsockConfig::new(CID, &path)).expect("vsock");
+        let _early = UnixStream::connect(&path)
+            .and_then(|mut s| s.write_all(b"CONNECT 52\n").map(|()| s))
+            .expect("connect");
+        dev.handle_backend_event().expect("backend");
+        assert_eq!(dev.connection_count(), 1);
+        // Linux writes 0 to Status when it probes the device.
+        dev.reset();
+        assert_eq!(dev.connection_count(), 1);
+        let m = mem();
+        let mut g = Guest {
+            rxq: TestQueue::new(&m, 0x1000, 32),
+            txq: TestQueue::new(&m, 0x2000, 16),
+            m,
+            dev,
+            line: irq(),
+            rx_seen: 0,
+            rx_addr: HashMap::new(),
+            next_rx: 0,
+            path,
+            _dir: dir,
+        };
+        for _round in 0..2 {
+            // (Re)start the driver: fresh rings, rx buffers, activation.
+            g.rxq = TestQueue::new(&g.m, 0x1000, 32);
+            g.rx_seen = 0;
+            g.rx_addr.clear();
+            g.post_rx(4);
+            let evq = TestQueue::new(&g.m, 0x3000, 16);
+            let queues = vec![g.rxq.queue(), g.txq.queue(), evq.queue()];
+            let interrupt = Arc::new(VirtioInterrupt::new(g.line.clone()));
+            g.dev
+                .activate(g.m.clone(), feature(VIRTIO_F_VERSION_1), queues, interrupt)
+                .expect("activate");
+            let pkts = g.recv();
+            assert_eq!(pkts.len(), 1);
+            assert_eq!((pkts[0].0.op, pkts[0].0.dst_port), (op::REQUEST, 52));
+            // A reset before the guest answered: the REQUEST goes out again next round.
+            g.dev.reset();
+        }
+        assert_eq!(g.dev.connection_count(), 1);
+    }
+
+    #[test]
     fn reset_drops_connections() {
         let mut g = guest(|c| c);
         g.post_rx(8);

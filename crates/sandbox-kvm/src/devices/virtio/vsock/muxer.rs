@@ -268,11 +268,23 @@ impl Muxer {
         }
     }
 
-    /// Forgets every connection (driver reset); the listener stays.
+    /// The driver reset the device: connections the guest knew are closed (its side is gone);
+    /// connections still waiting for their REQUEST to go out are kept, and a REQUEST already
+    /// sent will be sent again, so host connections made before the guest driver started
+    /// (Linux resets the device when it probes it) survive. The listener stays.
     pub fn reset(&mut self) {
         let ports: Vec<u32> = self.conns.keys().copied().collect();
         for port in ports {
-            self.teardown(port, false);
+            let Some(conn) = self.conns.get_mut(&port) else {
+                continue;
+            };
+            match conn.state {
+                State::Handshake { .. } | State::Requesting { sent: false } => {}
+                State::Requesting { sent: true } => {
+                    conn.state = State::Requesting { sent: false };
+                }
+                State::Established | State::Closing => self.teardown(port, false),
+            }
         }
         self.rst_queue.clear();
     }
