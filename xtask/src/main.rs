@@ -18,10 +18,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build the guest artifacts (kernel, rootfs); cached by a hash of their inputs.
+    /// Build the guest artifacts (kernel, rootfs; both if no subcommand); cached by a hash of
+    /// their inputs.
     Guest {
         #[command(subcommand)]
-        what: guest::GuestCmd,
+        what: Option<guest::GuestCmd>,
     },
 }
 

@@ -99,3 +99,128 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
+
+/// How many lines of a failed command's log [`run_logged`] puts into its error.
+const LOG_TAIL_LINES: usize = 40;
+
+/// Runs a long command while showing a spinner with the elapsed time and the command's latest
+/// output line; its full stdout and stderr go to `log` (created or truncated).
+///
+/// When stderr is not a terminal (CI), a progress line is printed every 30 s instead. On a
+/// non-zero exit the error names the log and carries its last lines.
+pub fn run_logged(cmd: &mut Command, label: &str, log: &Path) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut log_file = std::fs::File::create(log)
+        .with_context(|| format!("creating log file {}", log.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+
+    // One reader thread per pipe; lines meet in a channel so the log keeps their arrival order.
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().expect("stdout was set to piped");
+    let stderr = child.stderr.take().expect("stderr was set to piped");
+    let readers = [
+        spawn_line_reader(Box::new(stdout), tx.clone()),
+        spawn_line_reader(Box::new(stderr), tx),
+    ];
+
+    let started = Instant::now();
+    let interactive = std::io::stderr().is_terminal();
+    let bar = if interactive {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix}: {wide_msg}")
+                .expect("the progress template is valid"),
+        );
+        bar.set_prefix(label.to_string());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    } else {
+        eprintln!("xtask: {label}: started (log: {})", log.display());
+        indicatif::ProgressBar::hidden()
+    };
+    let mut last_report = Instant::now();
+    let mut last_line = String::new();
+    for line in rx {
+        writeln!(log_file, "{line}").with_context(|| format!("writing {}", log.display()))?;
+        let trimmed = line.trim();
+        if !trimmed.is_empty() {
+            last_line = trimmed.chars().take(160).collect();
+            bar.set_message(last_line.clone());
+        }
+        if !interactive && last_report.elapsed() >= Duration::from_secs(30) {
+            last_report = Instant::now();
+            eprintln!("xtask: {label}: {}s: {last_line}", started.elapsed().as_secs());
+        }
+    }
+    for r in readers {
+        // A reader thread only ends when its pipe closes; a panic there is a bug worth surfacing.
+        r.join().expect("the line reader thread does not panic");
+    }
+    let status = child.wait().context("waiting for the command")?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    if !status.success() {
+        let tail = tail_lines(log, LOG_TAIL_LINES);
+        bail!(
+            "{label} failed ({status}) after {secs:.0} s; full log: {}\n--- last lines ---\n{tail}",
+            log.display()
+        );
+    }
+    eprintln!("xtask: {label}: done in {secs:.0} s");
+    Ok(())
+}
+
+fn spawn_line_reader(
+    pipe: Box<dyn std::io::Read + Send>,
+    tx: std::sync::mpsc::Sender<String>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::BufRead;
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(pipe);
+        let mut buf = Vec::new();
+        // Lines are read as bytes: build tools print whatever bytes they like.
+        while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_string();
+            if tx.send(line).is_err() {
+                return;
+            }
+            buf.clear();
+        }
+    })
+}
+
+/// The last `n` lines of a text file, or a note saying why it could not be read.
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// Hex SHA-256 of a (possibly large) file, by coreutils `sha256sum`: streaming, and fast even in
+/// xtask's unoptimised debug build, where hashing a 1 GiB image in Rust takes tens of seconds.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let out = output(Command::new("sha256sum").arg("--binary").arg(path))?;
+    match out.split_whitespace().next() {
+        Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(hex.to_ascii_lowercase())
+        }
+        _ => bail!("unexpected sha256sum output for {}: {out:?}", path.display()),
+    }
+}
