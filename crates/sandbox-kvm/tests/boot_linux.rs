@@ -51,30 +51,43 @@ impl Run {
 
     /// The command's exit code from `sandbox-init: exit=<code>`.
     fn command_exit(&self) -> Option<i32> {
-        self.lines().iter().find_map(|l| l.strip_prefix("sandbox-init: exit=")).and_then(|c| c.trim().parse().ok())
+        self.lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("sandbox-init: exit="))
+            .and_then(|c| c.trim().parse().ok())
     }
 }
 
 /// Boots `rootfs` with `vcpus`, extra kernel arguments `extra`, waits for the ready marker and
 /// then for the VM to end by itself.
 fn boot(rootfs: &Path, read_only: bool, vcpus: u8, extra: &str) -> Run {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one_at_a_time = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let log_dir = tempfile::tempdir().expect("temp dir");
     let mode = if read_only { "ro" } else { "rw" };
     let config = VmConfig::new(env_path("SANDBOX_KERNEL"))
         .vcpus(vcpus)
         .memory_mib(MEMORY_MIB)
         .disk(DiskConfig::new(rootfs, read_only))
-        .cmdline_extra(format!("root=/dev/vda {mode} init=/sbin/sandbox-test-init {extra}"))
+        .cmdline_extra(format!(
+            "root=/dev/vda {mode} init=/sbin/sandbox-test-init {extra}"
+        ))
         .console_file(log_dir.path().join("console.log"), 1 << 20);
     let ring = ConsoleRing::new(1 << 20);
-    let resources = VmResources::try_from(config).expect("valid config").with_console_ring(ring.clone());
+    let resources = VmResources::try_from(config)
+        .expect("valid config")
+        .with_console_ring(ring.clone());
     let mut vm = build(resources).expect("build the VM");
     vm.start().expect("start the VM");
     let ready = ring.wait_for_line(READY, BOOT_TIMEOUT);
     let reason = vm.wait_timeout(BOOT_TIMEOUT).unwrap_or_else(|| vm.stop());
     let console = ring.lines();
-    assert!(ready.is_some(), "no `{READY}` on the console; VM ended with {reason}; console:\n{}", console.concat());
+    assert!(
+        ready.is_some(),
+        "no `{READY}` on the console; VM ended with {reason}; console:\n{}",
+        console.concat()
+    );
     Run { reason, console }
 }
 
@@ -82,14 +95,23 @@ fn boot(rootfs: &Path, read_only: bool, vcpus: u8, extra: &str) -> Run {
 fn boots_to_init_with_one_vcpu_and_powers_off() {
     let (_dir, rootfs) = rootfs_copy();
     let run = boot(&rootfs, false, 1, "");
-    assert_eq!(run.reason, ExitReason::Poweroff, "console:\n{}", run.console.concat());
+    assert_eq!(
+        run.reason,
+        ExitReason::Poweroff,
+        "console:\n{}",
+        run.console.concat()
+    );
 }
 
 #[test]
 fn boots_with_two_vcpus_and_linux_sees_both() {
     let (_dir, rootfs) = rootfs_copy();
     let run = boot(&rootfs, false, 2, r#"sandbox_run="echo cpus=$(nproc)""#);
-    assert!(run.lines().contains(&"cpus=2"), "console:\n{}", run.console.concat());
+    assert!(
+        run.lines().contains(&"cpus=2"),
+        "console:\n{}",
+        run.console.concat()
+    );
     assert_eq!(run.command_exit(), Some(0));
     assert_eq!(run.reason, ExitReason::Poweroff);
 }
@@ -98,17 +120,36 @@ fn boots_with_two_vcpus_and_linux_sees_both() {
 fn guest_reboot_ends_the_vm_as_reset() {
     let (_dir, rootfs) = rootfs_copy();
     let run = boot(&rootfs, false, 1, "sandbox_halt=reboot");
-    assert_eq!(run.reason, ExitReason::Reset, "console:\n{}", run.console.concat());
+    assert_eq!(
+        run.reason,
+        ExitReason::Reset,
+        "console:\n{}",
+        run.console.concat()
+    );
 }
 
 #[test]
 fn read_write_rootfs_keeps_a_file_across_boots() {
     let (_dir, rootfs) = rootfs_copy();
-    let first = boot(&rootfs, false, 1, r#"sandbox_run="echo persisted-42 > /root/marker""#);
-    assert_eq!(first.command_exit(), Some(0), "console:\n{}", first.console.concat());
+    let first = boot(
+        &rootfs,
+        false,
+        1,
+        r#"sandbox_run="echo persisted-42 > /root/marker""#,
+    );
+    assert_eq!(
+        first.command_exit(),
+        Some(0),
+        "console:\n{}",
+        first.console.concat()
+    );
     assert_eq!(first.reason, ExitReason::Poweroff);
     let second = boot(&rootfs, false, 1, r#"sandbox_run="cat /root/marker""#);
-    assert!(second.lines().contains(&"persisted-42"), "console:\n{}", second.console.concat());
+    assert!(
+        second.lines().contains(&"persisted-42"),
+        "console:\n{}",
+        second.console.concat()
+    );
     assert_eq!(second.command_exit(), Some(0));
 }
 
@@ -124,15 +165,24 @@ fn read_only_rootfs_refuses_writes() {
         1,
         r#"sandbox_run="echo x > /root/nope || dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct""#,
     );
-    assert!(matches!(run.command_exit(), Some(code) if code != 0), "console:\n{}", run.console.concat());
+    assert!(
+        matches!(run.command_exit(), Some(code) if code != 0),
+        "console:\n{}",
+        run.console.concat()
+    );
     assert_eq!(run.reason, ExitReason::Poweroff);
-    assert!(std::fs::read(&rootfs).expect("read image") == before, "the read-only image changed");
+    assert!(
+        std::fs::read(&rootfs).expect("read image") == before,
+        "the read-only image changed"
+    );
 }
 
 #[test]
 fn sandbox_vmm_binary_boots_the_guest_from_a_json_config() {
     let (dir, rootfs) = rootfs_copy();
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one_at_a_time = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let console = dir.path().join("console.log");
     let config = serde_json::json!({
         "kernel": env_path("SANDBOX_KERNEL"),
@@ -142,7 +192,10 @@ fn sandbox_vmm_binary_boots_the_guest_from_a_json_config() {
         "disks": [{ "path": rootfs, "read_only": false }],
         "console": { "path": console, "cap_bytes": 1 << 20 },
     });
-    let vmm = std::env::var_os("SANDBOX_VMM").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sandbox-vmm")), PathBuf::from);
+    let vmm = std::env::var_os("SANDBOX_VMM").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_sandbox-vmm")),
+        PathBuf::from,
+    );
     let mut child = Command::new(vmm)
         .arg("-")
         .stdin(std::process::Stdio::piped())
@@ -151,10 +204,16 @@ fn sandbox_vmm_binary_boots_the_guest_from_a_json_config() {
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().expect("stdin is piped");
-        stdin.write_all(config.to_string().as_bytes()).expect("write the config");
+        stdin
+            .write_all(config.to_string().as_bytes())
+            .expect("write the config");
     }
     let status = child.wait().expect("wait for sandbox-vmm");
     let log = std::fs::read_to_string(&console).expect("console log");
     assert!(log.contains(READY), "console:\n{log}");
-    assert_eq!(status.code(), Some(3), "reset is exit status 3; console:\n{log}");
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "reset is exit status 3; console:\n{log}"
+    );
 }

@@ -11,7 +11,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use sandbox_kvm::devices::console::ConsoleRing;
-use sandbox_kvm::vmm::{build, ExitReason, VmConfig, VmHandle, VmResources, VmState};
+use sandbox_kvm::vmm::{
+    build, DiskConfig, ExitReason, VmConfig, VmHandle, VmResources, VmState, VsockDeviceConfig,
+};
 
 /// Guest-physical load address and entry point.
 const ENTRY: u64 = 0x100_0000;
@@ -49,7 +51,14 @@ fn elf(code: &[u8]) -> Vec<u8> {
     }
     img.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
     img.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    for v in [CODE_OFFSET as u64, ENTRY, ENTRY, code.len() as u64, code.len() as u64, 0x1000] {
+    for v in [
+        CODE_OFFSET as u64,
+        ENTRY,
+        ENTRY,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
         img.extend_from_slice(&v.to_le_bytes());
     }
     img.resize(CODE_OFFSET, 0);
@@ -71,7 +80,9 @@ fn boot(code: &[&[u8]], vcpus: u8) -> (VmHandle, ConsoleRing, tempfile::TempDir)
         .memory_mib(64)
         .console_file(dir.path().join("console.log"), 4096);
     let ring = ConsoleRing::new(4096);
-    let resources = VmResources::try_from(config).expect("valid config").with_console_ring(ring.clone());
+    let resources = VmResources::try_from(config)
+        .expect("valid config")
+        .with_console_ring(ring.clone());
     let mut vm = build(resources).expect("build the VM");
     assert_eq!(vm.state(), VmState::Paused);
     vm.start().expect("start");
@@ -103,7 +114,10 @@ fn i8042_reset_ends_the_vm_as_reset() {
 #[test]
 fn triple_fault_is_reported() {
     let (mut vm, _ring, _dir) = boot(&[UD2], 1);
-    assert_eq!(vm.wait_timeout(WAIT), Some(ExitReason::TripleFault { vcpu: 0 }));
+    assert_eq!(
+        vm.wait_timeout(WAIT),
+        Some(ExitReason::TripleFault { vcpu: 0 })
+    );
 }
 
 #[test]
@@ -122,7 +136,11 @@ fn pause_resume_and_stop_a_spinning_guest() {
 #[test]
 fn binary_exit_codes_say_why() {
     let dir = tempfile::tempdir().expect("temp dir");
-    for (code, expected) in [(&[POWEROFF][..], 0), (&[I8042_RESET][..], 3), (&[UD2][..], 4)] {
+    for (code, expected) in [
+        (&[POWEROFF][..], 0),
+        (&[I8042_RESET][..], 3),
+        (&[UD2][..], 4),
+    ] {
         let kernel = write_kernel(dir.path(), code);
         let config = serde_json::json!({
             "kernel": kernel,
@@ -145,4 +163,25 @@ fn binary_exit_codes_say_why() {
         .status()
         .expect("run sandbox-vmm");
     assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+fn virtio_disk_and_vsock_attach_and_release_their_resources() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kernel = write_kernel(dir.path(), &[POWEROFF]);
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("write the disk image");
+    let uds = dir.path().join("vm.vsock");
+    let config = VmConfig::new(kernel)
+        .memory_mib(64)
+        .disk(DiskConfig::new(&disk, false))
+        .disk(DiskConfig::new(&disk, true))
+        .vsock(VsockDeviceConfig::new(3, &uds))
+        .console_file(dir.path().join("console.log"), 4096);
+    let mut vm = build(VmResources::try_from(config).expect("valid config")).expect("build the VM");
+    assert!(uds.exists(), "the vsock listener is bound at build time");
+    vm.start().expect("start");
+    assert_eq!(vm.wait_timeout(WAIT), Some(ExitReason::Poweroff));
+    drop(vm);
+    assert!(!uds.exists(), "the vsock socket is removed with the VM");
 }

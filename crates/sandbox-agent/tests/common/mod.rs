@@ -25,7 +25,20 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Starts the agent on `sock`, waits for the ready line.
 pub async fn start_agent(sock: &Path) -> Child {
-    let mut child = Command::new(AGENT)
+    start_agent_as(sock, false).await
+}
+
+/// Starts the agent on `sock`; with `pid1`, as PID 1 of new PID, mount, UTS and network
+/// namespaces (needs root), so it runs its init duties without touching the host.
+pub async fn start_agent_as(sock: &Path, pid1: bool) -> Child {
+    let mut cmd = if pid1 {
+        let mut c = Command::new("unshare");
+        c.args(["--pid", "--fork", "--kill-child", "--mount", "--uts", "--net", "--propagation", "private", AGENT]);
+        c
+    } else {
+        Command::new(AGENT)
+    };
+    let mut child = cmd
         .arg("--listen")
         .arg(format!("unix:{}", sock.display()))
         .stdout(std::process::Stdio::piped())
@@ -50,14 +63,23 @@ pub async fn connect(sock: &Path) -> Result<AgentClient<UnixStream>> {
 #[derive(Debug)]
 pub struct LocalRuntime {
     pub base: tempfile::TempDir,
+    /// Run each agent as PID 1 in its own namespaces.
+    pub pid1: bool,
     counter: AtomicU64,
     sockets: Mutex<HashMap<SandboxId, PathBuf>>,
 }
 
 impl LocalRuntime {
     pub fn new() -> Self {
+        Self::with_pid1(false)
+    }
+
+    pub fn with_pid1(pid1: bool) -> Self {
+        // Not under /tmp: a PID-1 agent mounts its own tmpfs there, hiding the socket from us.
+        let parent = std::env::var_os("CARGO_TARGET_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
         LocalRuntime {
-            base: tempfile::Builder::new().prefix("sbx-local-").tempdir().expect("tempdir"),
+            pid1,
+            base: tempfile::Builder::new().prefix("sbx-local-").tempdir_in(parent).expect("tempdir"),
             counter: AtomicU64::new(0),
             sockets: Mutex::new(HashMap::new()),
         }
@@ -72,7 +94,7 @@ impl Runtime for LocalRuntime {
         let dir = self.base.path().join(id.as_str());
         std::fs::create_dir(&dir)?;
         let sock = dir.join("agent.sock");
-        let child = start_agent(&sock).await;
+        let child = start_agent_as(&sock, self.pid1).await;
         let mut client = connect(&sock).await?;
         client.ping().await?;
         self.sockets.lock().expect("lock").insert(id.clone(), sock.clone());
@@ -176,6 +198,10 @@ pub struct LocalHarness {
 impl LocalHarness {
     pub fn new() -> Self {
         LocalHarness { runtime: LocalRuntime::new() }
+    }
+
+    pub fn pid1() -> Self {
+        LocalHarness { runtime: LocalRuntime::with_pid1(true) }
     }
 }
 

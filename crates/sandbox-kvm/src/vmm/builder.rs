@@ -29,7 +29,8 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::backend::RawFile;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::{MMIO_REGION_SIZE, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::vsock::{Vsock, VsockConfig};
+use crate::devices::virtio::{VirtioDevice, MMIO_REGION_SIZE, NOTIFY_REG_OFFSET};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::kvm::{self, KvmError};
 use crate::layout;
@@ -76,6 +77,17 @@ pub enum BuildError {
         /// The cause.
         #[source]
         source: io::Error,
+    },
+    /// A virtio transport could not be created.
+    #[error("cannot create a virtio-mmio transport: {0}")]
+    Virtio(String),
+    /// The vsock device could not be set up.
+    #[error("cannot attach vsock at {path}: {message}")]
+    Vsock {
+        /// The Unix socket path.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
     },
     /// A disk could not be set up.
     #[error("cannot attach disk {path}: {message}")]
@@ -170,7 +182,8 @@ pub fn build(resources: VmResources) -> Result<VmHandle> {
     b.attach_i8042()?;
     b.attach_rtc()?;
     b.attach_acpi_power()?;
-    b.attach_disks()?; // virtio-mmio: adds command-line entries
+    b.attach_disks()?; // virtio-mmio: adds command-line and DSDT entries
+    b.attach_vsock()?;
     b.setup_acpi_tables()?;
     b.setup_boot_params()?; // after every device: the command line lists them
     b.setup_vcpus()?; // after the irqchip (LAPIC state) and boot params
@@ -463,53 +476,97 @@ impl VmBuilder {
         Ok(())
     }
 
-    /// One virtio-blk device per configured disk (/dev/vda, /dev/vdb, ... in order), each on its
-    /// own virtio-mmio slot, with its IRQ through an irqfd and its queue notifications through
-    /// ioeventfds served by the event loop.
+    /// Attaches a virtio device over virtio-mmio, the whole recipe for one device: a slot (4 KiB
+    /// window + GSI), the transport with its interrupt as an irqfd, one ioeventfd per queue served
+    /// by the event loop, the bus entry, and the command-line/DSDT declarations. Returns the
+    /// slot and the shared transport (for extra event-loop wiring, like vsock's backend fd).
     ///
     /// # Errors
-    /// [`BuildError::Disk`], [`BuildError::NoMmioSlot`], ioctl and bus errors.
+    /// [`BuildError::NoMmioSlot`], [`BuildError::Virtio`], ioctl, bus and event-loop errors.
+    pub fn attach_virtio<D>(
+        &mut self,
+        device: D,
+    ) -> Result<(MmioSlot, Arc<Mutex<MmioTransport<GuestMemoryMmap, D>>>)>
+    where
+        D: VirtioDevice<GuestMemoryMmap> + 'static,
+    {
+        let slot = self.allocate_mmio_slot()?;
+        let irq = self.irqfd(slot.gsi)?;
+        let transport = MmioTransport::new(self.memory.clone(), device, irq)
+            .map_err(|e| BuildError::Virtio(e.to_string()))?;
+        let transport = Arc::new(Mutex::new(transport));
+        let events: Vec<EventFd> = crate::bus::lock(&transport)
+            .queue_events()
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<io::Result<_>>()
+            .map_err(io_err("eventfd dup"))?;
+        let notify_addr = slot.range.base().0 + NOTIFY_REG_OFFSET;
+        for (q, evt) in events.into_iter().enumerate() {
+            let t = transport.clone();
+            // `handle_queue_event` reads the transport's eventfd, which shares its counter with
+            // this dup.
+            self.register_ioeventfd(
+                evt,
+                notify_addr,
+                q as u32, // a handful of queues
+                Box::new(move || crate::bus::lock(&t).handle_queue_event(q)),
+            )?;
+        }
+        debug_assert_eq!(slot.range.size().get(), MMIO_REGION_SIZE);
+        self.attach_mmio(slot, transport.clone())?;
+        Ok((slot, transport))
+    }
+
+    /// One virtio-blk device per configured disk (/dev/vda, /dev/vdb, ... in order).
+    ///
+    /// # Errors
+    /// [`BuildError::Disk`] and the errors of [`Self::attach_virtio`].
     pub fn attach_disks(&mut self) -> Result<()> {
         for (i, disk) in self.resources.disks.clone().iter().enumerate() {
-            let disk_err = |message: String| BuildError::Disk {
-                path: disk.path.clone(),
-                message,
-            };
             let backend =
-                RawFile::open(&disk.path, disk.read_only).map_err(|e| disk_err(e.to_string()))?;
+                RawFile::open(&disk.path, disk.read_only).map_err(|e| BuildError::Disk {
+                    path: disk.path.clone(),
+                    message: e.to_string(),
+                })?;
             let config = BlockConfig::new(disk.read_only).with_id(format!("sandbox-disk{i}"));
-            let block = Block::new(Box::new(backend), &config);
-            let slot = self.allocate_mmio_slot()?;
-            let irq = self.irqfd(slot.gsi)?;
-            let transport = MmioTransport::new(self.memory.clone(), block, irq)
-                .map_err(|e| disk_err(e.to_string()))?;
-            let transport = Arc::new(Mutex::new(transport));
-            let events: Vec<EventFd> = {
-                let t = crate::bus::lock(&transport);
-                t.queue_events()
-                    .iter()
-                    .map(EventFd::try_clone)
-                    .collect::<io::Result<_>>()
-                    .map_err(io_err("eventfd dup"))?
-            };
-            for (q, evt) in events.into_iter().enumerate() {
-                let t = transport.clone();
-                let addr = slot.range.base().0 + NOTIFY_REG_OFFSET;
-                // `handle_queue_event` reads the transport's eventfd, which shares its counter
-                // with this dup.
-                self.register_ioeventfd(
-                    evt,
-                    addr,
-                    q as u32,
-                    Box::new(move || {
-                        crate::bus::lock(&t).handle_queue_event(q);
-                    }),
-                )?;
-            }
-            debug_assert_eq!(slot.range.size().get(), MMIO_REGION_SIZE);
-            self.attach_mmio(slot, transport)?;
+            let block: Block<GuestMemoryMmap> = Block::new(Box::new(backend), &config);
+            let (slot, _) = self.attach_virtio(block)?;
             tracing::info!(path = %disk.path.display(), read_only = disk.read_only, gsi = slot.gsi, "disk attached");
         }
+        Ok(())
+    }
+
+    /// virtio-vsock, if configured: the guest's CID and a host Unix socket at `uds_path` where
+    /// host processes connect with `CONNECT <port>\n` (docs/virtio.md). The device's host-side
+    /// epoll fd is served by the event loop.
+    ///
+    /// # Errors
+    /// [`BuildError::Vsock`] and the errors of [`Self::attach_virtio`].
+    pub fn attach_vsock(&mut self) -> Result<()> {
+        let Some(cfg) = self.resources.vsock.clone() else {
+            return Ok(());
+        };
+        let config = VsockConfig::new(cfg.guest_cid, &cfg.uds_path);
+        let vsock: Vsock<GuestMemoryMmap> = Vsock::new(&config).map_err(|e| BuildError::Vsock {
+            path: cfg.uds_path.clone(),
+            message: e.to_string(),
+        })?;
+        let backend_fd = vsock.backend_fd();
+        let (slot, transport) = self.attach_virtio(vsock)?;
+        // The fd belongs to the device inside `transport`, which the handler keeps alive.
+        self.event_loop.add(
+            backend_fd,
+            Box::new(move || {
+                if let Err(err) = crate::bus::lock(&transport)
+                    .device_mut()
+                    .handle_backend_event()
+                {
+                    tracing::warn!(%err, "vsock backend event failed");
+                }
+            }),
+        )?;
+        tracing::info!(cid = cfg.guest_cid, uds = %cfg.uds_path.display(), gsi = slot.gsi, "vsock attached");
         Ok(())
     }
 

@@ -10,7 +10,8 @@
 //!   "vcpus": 2,
 //!   "memory_mib": 256,
 //!   "disks": [{ "path": "/tmp/rootfs.ext4", "read_only": false }],
-//!   "console": { "path": "/tmp/console.log", "cap_bytes": 1048576 }
+//!   "console": { "path": "/tmp/console.log", "cap_bytes": 1048576 },
+//!   "vsock": { "guest_cid": 3, "uds_path": "/tmp/vm.vsock" }
 //! }
 //! ```
 //!
@@ -87,6 +88,27 @@ impl Default for ConsoleConfig {
     }
 }
 
+/// virtio-vsock: the guest's context ID and the host-side Unix socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct VsockDeviceConfig {
+    /// The guest's CID, 3..=2^32 - 2 (0-2 are reserved, 2^32 - 1 is "any").
+    pub guest_cid: u64,
+    /// Where the VMM listens; must not exist yet (the VMM creates it and removes it at exit).
+    pub uds_path: PathBuf,
+}
+
+impl VsockDeviceConfig {
+    /// A vsock device with CID `guest_cid` and host socket `uds_path`.
+    pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Self {
+        Self {
+            guest_cid,
+            uds_path: uds_path.into(),
+        }
+    }
+}
+
 fn default_vcpus() -> u8 {
     1
 }
@@ -120,6 +142,9 @@ pub struct VmConfig {
     /// Console destination.
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// Optional virtio-vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockDeviceConfig>,
 }
 
 impl VmConfig {
@@ -133,7 +158,14 @@ impl VmConfig {
             memory_mib: default_memory_mib(),
             disks: Vec::new(),
             console: ConsoleConfig::default(),
+            vsock: None,
         }
+    }
+
+    /// Adds a virtio-vsock device.
+    pub fn vsock(mut self, vsock: VsockDeviceConfig) -> Self {
+        self.vsock = Some(vsock);
+        self
     }
 
     /// Sets the vCPU count.
@@ -234,6 +266,8 @@ pub struct VmResources {
     pub console: ConsoleConfig,
     /// An extra in-memory console copy (library users: wait for lines on it).
     pub console_ring: Option<ConsoleRing>,
+    /// virtio-vsock.
+    pub vsock: Option<VsockDeviceConfig>,
 }
 
 impl VmResources {
@@ -319,6 +353,37 @@ impl TryFrom<VmConfig> for VmResources {
         for disk in &c.disks {
             check_file("disks[].path", &disk.path)?;
         }
+        if let Some(v) = &c.vsock {
+            if !(3..u64::from(u32::MAX)).contains(&v.guest_cid) {
+                return Err(invalid(
+                    "vsock.guest_cid",
+                    format!("must be 3..={}, got {}", u32::MAX - 1, v.guest_cid),
+                ));
+            }
+            if v.uds_path.exists() {
+                return Err(invalid(
+                    "vsock.uds_path",
+                    format!("{} already exists", v.uds_path.display()),
+                ));
+            }
+            let parent = v
+                .uds_path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(invalid(
+                    "vsock.uds_path",
+                    format!("directory {} does not exist", parent.display()),
+                ));
+            }
+        }
+        if c.disks.len() + usize::from(c.vsock.is_some()) > max_disks {
+            return Err(invalid(
+                "disks",
+                format!("and vsock need more than {max_disks} virtio-mmio slots"),
+            ));
+        }
         Ok(Self {
             kernel: c.kernel,
             initrd: c.initrd,
@@ -328,6 +393,7 @@ impl TryFrom<VmConfig> for VmResources {
             disks: c.disks,
             console: c.console,
             console_ring: None,
+            vsock: c.vsock,
         })
     }
 }
@@ -354,14 +420,15 @@ mod tests {
     fn full_json_round_trips() {
         let text = r#"{"kernel":"/k","initrd":null,"cmdline_extra":"root=/dev/vda rw","vcpus":2,
             "memory_mib":512,"disks":[{"path":"/d","read_only":true}],
-            "console":{"path":"/c.log","cap_bytes":4096}}"#;
+            "console":{"path":"/c.log","cap_bytes":4096},"vsock":{"guest_cid":3,"uds_path":"/v.sock"}}"#;
         let c = VmConfig::from_json(text).expect("parse");
         let expected = VmConfig::new("/k")
             .vcpus(2)
             .memory_mib(512)
             .cmdline_extra("root=/dev/vda rw")
             .disk(DiskConfig::new("/d", true))
-            .console_file("/c.log", 4096);
+            .console_file("/c.log", 4096)
+            .vsock(VsockDeviceConfig::new(3, "/v.sock"));
         assert_eq!(c, expected);
         let again =
             VmConfig::from_json(&serde_json::to_string(&c).expect("serialize")).expect("parse");
@@ -418,6 +485,37 @@ mod tests {
         let ok =
             VmResources::try_from(base.vcpus(MAX_VCPUS).memory_mib(MIN_MEMORY_MIB)).expect("valid");
         assert_eq!((ok.vcpus, ok.memory_bytes), (MAX_VCPUS, 64 << 20));
+    }
+
+    #[test]
+    fn validation_checks_vsock() {
+        let k = kernel_file();
+        let dir = tempfile::tempdir().expect("dir");
+        let field =
+            |v: VsockDeviceConfig| match VmResources::try_from(VmConfig::new(k.path()).vsock(v)) {
+                Err(ConfigError::Invalid { field, .. }) => field,
+                other => panic!("expected Invalid, got {other:?}"),
+            };
+        assert_eq!(
+            field(VsockDeviceConfig::new(2, dir.path().join("v"))),
+            "vsock.guest_cid"
+        );
+        assert_eq!(
+            field(VsockDeviceConfig::new(
+                u64::from(u32::MAX),
+                dir.path().join("v")
+            )),
+            "vsock.guest_cid"
+        );
+        assert_eq!(field(VsockDeviceConfig::new(3, k.path())), "vsock.uds_path");
+        assert_eq!(
+            field(VsockDeviceConfig::new(3, "/nonexistent/dir/v.sock")),
+            "vsock.uds_path"
+        );
+        let ok = VmResources::try_from(
+            VmConfig::new(k.path()).vsock(VsockDeviceConfig::new(3, dir.path().join("v"))),
+        );
+        assert_eq!(ok.map(|r| r.vsock.map(|v| v.guest_cid)).ok(), Some(Some(3)));
     }
 
     #[test]

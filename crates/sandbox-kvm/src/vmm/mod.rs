@@ -18,6 +18,8 @@ pub mod exit;
 pub mod handle;
 
 pub use builder::{build, BuildError, MmioSlot, VmBuilder};
-pub use config::{ConfigError, ConsoleConfig, DiskConfig, VmConfig, VmResources};
+pub use config::{
+    ConfigError, ConsoleConfig, DiskConfig, VmConfig, VmResources, VsockDeviceConfig,
+};
 pub use exit::{ExitReason, ExitState, InternalErrorInfo};
 pub use handle::{HandleError, VmHandle, VmState};
