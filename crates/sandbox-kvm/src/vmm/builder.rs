@@ -128,6 +128,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> BuildError {
     move |source| BuildError::Io { what, source }
 }
 
+/// A virtio-mmio transport shared by the MMIO bus (vCPU threads) and the event loop.
+pub type SharedTransport<D> = Arc<Mutex<MmioTransport<GuestMemoryMmap, D>>>;
+
 /// A window in the MMIO gap with its GSI, for one virtio-mmio device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmioSlot {
@@ -483,10 +486,7 @@ impl VmBuilder {
     ///
     /// # Errors
     /// [`BuildError::NoMmioSlot`], [`BuildError::Virtio`], ioctl, bus and event-loop errors.
-    pub fn attach_virtio<D>(
-        &mut self,
-        device: D,
-    ) -> Result<(MmioSlot, Arc<Mutex<MmioTransport<GuestMemoryMmap, D>>>)>
+    pub fn attach_virtio<D>(&mut self, device: D) -> Result<(MmioSlot, SharedTransport<D>)>
     where
         D: VirtioDevice<GuestMemoryMmap> + 'static,
     {
