@@ -885,4 +885,111 @@ mod tests {
         assert_eq!(t.queues[0].size, 16);
         assert_eq!(t.queues[0].desc, q.desc);
     }
+
+    /// One guest access: (offset, width, value, is_write).
+    fn arb_access() -> impl proptest::strategy::Strategy<Value = (u64, usize, u32, bool)> {
+        use proptest::prelude::*;
+        let offset = prop_oneof![
+            4 => proptest::sample::select(vec![
+                reg::DEVICE_FEATURES_SEL, reg::DRIVER_FEATURES, reg::DRIVER_FEATURES_SEL,
+                reg::QUEUE_SEL, reg::QUEUE_NUM, reg::QUEUE_READY, reg::QUEUE_NOTIFY,
+                reg::INTERRUPT_ACK, reg::STATUS, reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH,
+                reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, reg::QUEUE_DEVICE_LOW,
+                reg::QUEUE_DEVICE_HIGH,
+            ]),
+            1 => 0u64..0x1000,
+        ];
+        let width = prop_oneof![8 => Just(4usize), 1 => Just(1), 1 => Just(2), 1 => Just(8)];
+        let value = prop_oneof![
+            0u32..16,
+            Just(0x1000u32),
+            Just(0x1100),
+            Just(0x1200),
+            Just(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
+            Just(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK),
+            any::<u32>(),
+        ];
+        (offset, width, value, any::<bool>())
+    }
+
+    /// The register writes of a correct driver initialisation with queues 0 (16 entries at
+    /// 0x1000) and 1 (8 entries at 0x2000).
+    fn init_script() -> Vec<(u64, u32)> {
+        let m = mem();
+        let mut script = vec![
+            (reg::STATUS, status::ACKNOWLEDGE),
+            (reg::STATUS, status::ACKNOWLEDGE | status::DRIVER),
+            (reg::DRIVER_FEATURES_SEL, 1),
+            (reg::DRIVER_FEATURES, 1),
+            (reg::DRIVER_FEATURES_SEL, 0),
+            (reg::DRIVER_FEATURES, 1),
+            (
+                reg::STATUS,
+                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+            ),
+        ];
+        for (i, base, size) in [(0u32, 0x1000u64, 16u16), (1, 0x2000, 8)] {
+            let q = TestQueue::new(&m, base, size);
+            script.extend([
+                (reg::QUEUE_SEL, i),
+                (reg::QUEUE_NUM, u32::from(size)),
+                (reg::QUEUE_DESC_LOW, q.desc as u32),
+                (reg::QUEUE_DESC_HIGH, 0),
+                (reg::QUEUE_DRIVER_LOW, q.avail as u32),
+                (reg::QUEUE_DRIVER_HIGH, 0),
+                (reg::QUEUE_DEVICE_LOW, q.used as u32),
+                (reg::QUEUE_DEVICE_HIGH, 0),
+                (reg::QUEUE_READY, 1),
+            ]);
+        }
+        script.push((reg::STATUS, ALL_OK));
+        script
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// A driver initialisation with random steps replaced by arbitrary accesses, then
+        /// arbitrary traffic: nothing panics, a ready queue is always valid, and the device is
+        /// only activated with valid queue sizes and offered features.
+        #[test]
+        fn arbitrary_register_traffic_never_panics_or_activates_bad_queues(
+            mutations in proptest::collection::vec(
+                proptest::prop_oneof![
+                    24 => proptest::strategy::Just(None),
+                    1 => proptest::strategy::Strategy::prop_map(arb_access(), Some),
+                ],
+                26,
+            ),
+            tail in proptest::collection::vec(arb_access(), 0..100),
+        ) {
+            let (mut t, _) = transport(&[16, 8]);
+            let script = init_script();
+            let steps = script.iter().zip(&mutations).map(|(&(off, v), m)| match m {
+                Some(access) => *access,
+                None => (off, 4, v, true),
+            });
+            for (offset, width, value, is_write) in steps.chain(tail) {
+                let bytes = u64::from(value).to_le_bytes();
+                if is_write {
+                    t.write(offset, &bytes[..width]);
+                } else {
+                    let mut buf = vec![0u8; width];
+                    t.read(offset, &mut buf);
+                }
+                // A ready queue always has a valid size and rings inside guest memory.
+                for q in &t.queues {
+                    if q.ready {
+                        proptest::prop_assert!(q.to_queue(&t.mem).is_some());
+                    }
+                }
+                if let Some(active) = &t.device().activated {
+                    for (i, &(size, acked)) in active.iter().enumerate() {
+                        proptest::prop_assert!(size.is_power_of_two());
+                        proptest::prop_assert!(size <= t.device().sizes[i]);
+                        proptest::prop_assert_eq!(acked & !t.device().avail_features(), 0);
+                    }
+                }
+            }
+        }
+    }
 }
