@@ -128,6 +128,7 @@ impl Vcpu {
         let mut state = VcpuState::Paused;
         let _ = states.send(state);
         while state != VcpuState::Finished {
+            let before = state;
             state = match state {
                 VcpuState::Paused => match commands.recv_timeout(PAUSED_POLL) {
                     Ok(VcpuCommand::Resume) => VcpuState::Running,
@@ -158,7 +159,9 @@ impl Vcpu {
                 },
                 VcpuState::Finished => VcpuState::Finished,
             };
-            if state != VcpuState::Running {
+            // Report changes only: a paused vCPU wakes every PAUSED_POLL, and the channel must
+            // not grow while it waits.
+            if state != before && state != VcpuState::Running {
                 let _ = states.send(state);
             }
         }

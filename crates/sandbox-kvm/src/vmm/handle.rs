@@ -204,3 +204,14 @@ impl Drop for VmHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handle_can_move_to_another_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<VmHandle>();
+    }
+}
