@@ -955,6 +955,76 @@ mod tests {
     }
 
     #[test]
+    fn a_mebibyte_each_way_arrives_intact_under_flow_control() {
+        const N: usize = 1 << 20;
+        let pattern = |seed: usize| (0..N).map(move |i| ((i * 31 + seed) % 251) as u8);
+        let mut g = guest(|c| c.with_max_buffered_bytes(32 * 1024));
+        g.post_rx(16);
+        let (host, hp) = g.establish(80, 64 * 1024);
+        let mut host_w = host.try_clone().expect("clone");
+        let mut host_r = host;
+        let to_guest: Vec<u8> = pattern(1).collect();
+        let writer = std::thread::spawn(move || {
+            host_w.write_all(&to_guest).expect("host write");
+            host_w
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+        });
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            host_r.read_to_end(&mut got).expect("host read");
+            got
+        });
+        let to_host: Vec<u8> = pattern(2).collect();
+        let (mut got, mut sent, mut told) = (Vec::new(), 0usize, 0usize);
+        let (mut peer_alloc, mut peer_fwd) = (0u32, 0u32);
+        let (mut host_done, mut shut_sent) = (false, false);
+        let mut turns = 0u64;
+        while !(host_done && shut_sent) {
+            turns += 1;
+            assert!(turns < 10_000_000, "no progress");
+            g.pump();
+            for (h, p) in g.recv() {
+                peer_alloc = h.buf_alloc;
+                peer_fwd = h.fwd_cnt;
+                match h.op {
+                    op::RW => got.extend_from_slice(&p),
+                    op::SHUTDOWN => host_done = true,
+                    op::CREDIT_UPDATE => {}
+                    other => panic!("unexpected op {other}"),
+                }
+            }
+            if got.len() != told {
+                // The fake guest consumes at once and tells the device.
+                let mut upd = hdr(op::CREDIT_UPDATE, 80, hp);
+                upd.fwd_cnt = got.len() as u32;
+                g.send(upd, &[]);
+                told = got.len();
+            }
+            let credit = peer_alloc.wrapping_sub((sent as u32).wrapping_sub(peer_fwd)) as usize;
+            let n = credit.min(RX_DATA as usize).min(N - sent);
+            if n > 0 {
+                let mut rw = hdr(op::RW, 80, hp);
+                rw.fwd_cnt = got.len() as u32;
+                g.send(rw, &to_host[sent..sent + n]);
+                sent += n;
+            } else if sent == N && !shut_sent {
+                let mut shut = hdr(op::SHUTDOWN, 80, hp);
+                shut.flags = SHUTDOWN_SEND;
+                g.send(shut, &[]);
+                shut_sent = true;
+            }
+        }
+        writer.join().expect("writer");
+        assert!(
+            got == pattern(1).collect::<Vec<u8>>(),
+            "host to guest bytes differ"
+        );
+        let at_host = reader.join().expect("reader");
+        assert!(at_host == to_host, "guest to host bytes differ");
+    }
+
+    #[test]
     fn reset_drops_connections() {
         let mut g = guest(|c| c);
         g.post_rx(8);
