@@ -76,7 +76,7 @@ impl LocalRuntime {
 
     pub fn with_pid1(pid1: bool) -> Self {
         // Not under /tmp: a PID-1 agent mounts its own tmpfs there, hiding the socket from us.
-        let parent = std::env::var_os("CARGO_TARGET_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let parent = option_env!("CARGO_TARGET_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
         LocalRuntime {
             pid1,
             base: tempfile::Builder::new().prefix("sbx-local-").tempdir_in(parent).expect("tempdir"),
