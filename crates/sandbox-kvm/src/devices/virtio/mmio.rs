@@ -76,6 +76,8 @@ mod reg {
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
     pub const CONFIG_GENERATION: u64 = 0x0fc;
     pub const CONFIG: u64 = 0x100;
 }
@@ -288,9 +290,11 @@ where
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
-            // Write-only, reserved and unimplemented (SHM, QueueReset) registers read as zero;
-            // so do the queue address registers, which the spec makes write-only on mmio v2
-            // except through the driver's own bookkeeping.
+            // No shared memory regions: length and base of a missing region read as -1
+            // (virtio 1.2 §4.2.2).
+            reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX,
+            // Write-only registers (feature selectors, QueueNum, the queue addresses, ...),
+            // reserved offsets and the unimplemented SHM/QueueReset registers read as zero.
             _ => 0,
         }
     }
@@ -657,6 +661,7 @@ mod tests {
         assert_eq!(r(&mut t, reg::DEVICE_ID), 42);
         assert_eq!(r(&mut t, reg::VENDOR_ID), 0);
         assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 16);
+        assert_eq!(r(&mut t, reg::SHM_LEN_LOW), u32::MAX);
         assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 1);
         w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
         assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 1);
