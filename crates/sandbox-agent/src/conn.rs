@@ -144,14 +144,26 @@ fn serve_inner(agent: Arc<Agent>, reaper: Arc<Reaper>, mut stream: Stream) -> io
     let (tx, rx) = mpsc::channel();
     let mut read_half = stream.try_clone()?;
     let writer = Arc::new(Writer {
-        inner: Mutex::new(WriterState { stream, open_exec: None, failed: false }),
+        inner: Mutex::new(WriterState {
+            stream,
+            open_exec: None,
+            failed: false,
+        }),
     });
     let reader_tx = tx.clone();
-    std::thread::Builder::new().name("conn-reader".into()).spawn(move || {
-        reader(&mut read_half, &reader_tx);
-    })?;
+    std::thread::Builder::new()
+        .name("conn-reader".into())
+        .spawn(move || {
+            reader(&mut read_half, &reader_tx);
+        })?;
 
-    let ctx = Ctx { agent, reaper, writer: writer.clone(), rx, tx };
+    let ctx = Ctx {
+        agent,
+        reaper,
+        writer: writer.clone(),
+        rx,
+        tx,
+    };
     worker(&ctx);
     writer.shutdown();
     Ok(())
@@ -245,6 +257,7 @@ fn handle(ctx: &Ctx, f: HostFrame) -> Next {
         }
         HostMessage::PowerOff => {
             ctx.writer.send(id, AgentMessage::Done);
+            ctx.reaper.kill_all_groups();
             ctx.agent.power_off();
         }
     }

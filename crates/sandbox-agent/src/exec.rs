@@ -43,13 +43,25 @@ fn lookup_user(spec: &str) -> Option<User> {
         if f.len() < 7 {
             continue;
         }
-        let (Ok(uid), Ok(gid)) = (f[2].parse::<u32>(), f[3].parse::<u32>()) else { continue };
+        let (Ok(uid), Ok(gid)) = (f[2].parse::<u32>(), f[3].parse::<u32>()) else {
+            continue;
+        };
         if f[0] == spec || numeric == Some(uid) {
-            return Some(User { uid, gid, name: f[0].to_owned(), home: f[5].to_owned() });
+            return Some(User {
+                uid,
+                gid,
+                name: f[0].to_owned(),
+                home: f[5].to_owned(),
+            });
         }
     }
     // A numeric uid without a passwd entry is still allowed, with its own gid.
-    numeric.map(|uid| User { uid, gid: uid, name: uid.to_string(), home: "/".to_owned() })
+    numeric.map(|uid| User {
+        uid,
+        gid: uid,
+        name: uid.to_string(),
+        home: "/".to_owned(),
+    })
 }
 
 /// Finds `argv0` in `path` like `execvp` would, but before fork (so the child need not allocate).
@@ -76,14 +88,25 @@ fn cstring(s: &str) -> Result<CString, String> {
 
 fn plan(start: &ExecStart) -> Result<SpawnPlan, (AgentErrorKind, String)> {
     let bad = |m: String| (AgentErrorKind::InvalidRequest, m);
-    let argv0 = start.argv.first().filter(|a| !a.is_empty()).ok_or_else(|| bad("argv is empty.".into()))?;
+    let argv0 = start
+        .argv
+        .first()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| bad("argv is empty.".into()))?;
     let user = match &start.user {
         None => None,
         Some(u) => Some(lookup_user(u).ok_or_else(|| bad(format!("Unknown user {u:?}.")))?),
     };
     // A home that does not exist (nobody's is /nonexistent) falls back to /, like login(1).
-    let home = user.as_ref().map_or("/root", |u| u.home.as_str()).to_owned();
-    let home = if user.is_some() && !Path::new(&home).is_dir() { "/".to_owned() } else { home };
+    let home = user
+        .as_ref()
+        .map_or("/root", |u| u.home.as_str())
+        .to_owned();
+    let home = if user.is_some() && !Path::new(&home).is_dir() {
+        "/".to_owned()
+    } else {
+        home
+    };
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
         ("HOME".into(), home.clone()),
@@ -98,14 +121,31 @@ fn plan(start: &ExecStart) -> Result<SpawnPlan, (AgentErrorKind, String)> {
         env.retain(|(ek, _)| ek != k);
         env.push((k.clone(), v.clone()));
     }
-    let path_var = env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
-    let cwd = start.cwd.clone().unwrap_or_else(|| if user.is_some() { home } else { "/".into() });
+    let path_var = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    let cwd = start
+        .cwd
+        .clone()
+        .unwrap_or_else(|| if user.is_some() { home } else { "/".into() });
     if !Path::new(&cwd).is_dir() {
-        return Err((AgentErrorKind::NotFound, format!("The working directory {cwd} does not exist.")));
+        return Err((
+            AgentErrorKind::NotFound,
+            format!("The working directory {cwd} does not exist."),
+        ));
     }
-    let argv = start.argv.iter().map(|a| cstring(a)).collect::<Result<Vec<_>, _>>().map_err(bad)?;
-    let envp =
-        env.iter().map(|(k, v)| cstring(&format!("{k}={v}"))).collect::<Result<Vec<_>, _>>().map_err(bad)?;
+    let argv = start
+        .argv
+        .iter()
+        .map(|a| cstring(a))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad)?;
+    let envp = env
+        .iter()
+        .map(|(k, v)| cstring(&format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad)?;
     Ok(SpawnPlan::new(
         cstring(&resolve(argv0, path_var)).map_err(bad)?,
         argv,
@@ -126,30 +166,46 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
         }
     };
     let pipes = (|| -> nix::Result<_> {
-        Ok((pipe2(OFlag::O_CLOEXEC)?, pipe2(OFlag::O_CLOEXEC)?, pipe2(OFlag::O_CLOEXEC)?))
+        Ok((
+            pipe2(OFlag::O_CLOEXEC)?,
+            pipe2(OFlag::O_CLOEXEC)?,
+            pipe2(OFlag::O_CLOEXEC)?,
+        ))
     })();
     let ((in_r, in_w), (out_r, out_w), (err_r, err_w)) = match pipes {
         Ok(p) => p,
         Err(e) => {
-            ctx.writer.error(id, AgentErrorKind::Io, format!("Cannot create pipes: {e}."));
+            ctx.writer
+                .error(id, AgentErrorKind::Io, format!("Cannot create pipes: {e}."));
             return Next::Continue;
         }
     };
     let started = Instant::now();
     let spawned = ctx.reaper.spawn_registered(ctx.tx.clone(), || {
-        sys::spawn(&plan, in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd())
+        sys::spawn(
+            &plan,
+            in_r.as_raw_fd(),
+            out_w.as_raw_fd(),
+            err_w.as_raw_fd(),
+        )
     });
     // The child has its copies; ours must close so EOF reaches the pumps when it exits.
     drop((in_r, out_w, err_w));
     let pid = match spawned {
         Ok(pid) => pid,
         Err(e) => {
-            ctx.writer.error(id, AgentErrorKind::Io, format!("Cannot fork: {e}."));
+            ctx.writer
+                .error(id, AgentErrorKind::Io, format!("Cannot fork: {e}."));
             return Next::Continue;
         }
     };
     ctx.writer.set_open_exec(Some(id));
-    ctx.writer.send(id, AgentMessage::Started { pid: pid.as_raw().unsigned_abs() });
+    ctx.writer.send(
+        id,
+        AgentMessage::Started {
+            pid: pid.as_raw().unsigned_abs(),
+        },
+    );
     crate::debug!("exec {id}: pid {pid} {:?}", start.argv);
 
     feed_stdin(in_w, start.stdin.clone());
@@ -195,7 +251,9 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
                 exited_at = Some(Instant::now());
             }
             Ok(Event::Exited(_)) => {}
-            Ok(Event::PipeDone(pid_id)) if pid_id == id => pipes_open = pipes_open.saturating_sub(1),
+            Ok(Event::PipeDone(pid_id)) if pid_id == id => {
+                pipes_open = pipes_open.saturating_sub(1)
+            }
             Ok(Event::PipeDone(_)) => {}
             Ok(Event::Frame(f)) if f.id == id => match f.body {
                 HostMessage::Signal { signal } => match Signal::try_from(signal) {
@@ -240,7 +298,9 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
                 s.timed_out = timed_out;
                 s
             }
-            Some((WaitStatus::Signaled(_, sig, _), d)) => ExitStatus::signaled(sig as i32, timed_out, d),
+            Some((WaitStatus::Signaled(_, sig, _), d)) => {
+                ExitStatus::signaled(sig as i32, timed_out, d)
+            }
             _ => ExitStatus::signaled(Signal::SIGKILL as i32, timed_out, started.elapsed()),
         };
         ctx.writer.send(id, AgentMessage::Exited(exit));
@@ -266,11 +326,13 @@ fn kill_group(pid: Pid, sig: Signal) {
 }
 
 fn feed_stdin(fd: OwnedFd, data: Bytes) {
-    let spawned = std::thread::Builder::new().name("stdin".into()).spawn(move || {
-        let mut f = std::fs::File::from(fd);
-        // EPIPE when the command does not read its stdin is fine.
-        let _ = f.write_all(&data);
-    });
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut f = std::fs::File::from(fd);
+            // EPIPE when the command does not read its stdin is fine.
+            let _ = f.write_all(&data);
+        });
     if let Err(e) = spawned {
         crate::log!("cannot start stdin thread: {e}");
     }
@@ -279,19 +341,21 @@ fn feed_stdin(fd: OwnedFd, data: Bytes) {
 fn pump(ctx: &Ctx, id: u64, fd: OwnedFd, wrap: fn(Bytes) -> AgentMessage) {
     let writer: Arc<Writer> = ctx.writer.clone();
     let tx = ctx.tx.clone();
-    let spawned = std::thread::Builder::new().name("pump".into()).spawn(move || {
-        let mut f = std::fs::File::from(fd);
-        let mut buf = vec![0u8; MAX_OUTPUT_CHUNK_BYTES];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => writer.send_output(id, wrap(Bytes::copy_from_slice(&buf[..n]))),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+    let spawned = std::thread::Builder::new()
+        .name("pump".into())
+        .spawn(move || {
+            let mut f = std::fs::File::from(fd);
+            let mut buf = vec![0u8; MAX_OUTPUT_CHUNK_BYTES];
+            loop {
+                match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => writer.send_output(id, wrap(Bytes::copy_from_slice(&buf[..n]))),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
             }
-        }
-        let _ = tx.send(Event::PipeDone(id));
-    });
+            let _ = tx.send(Event::PipeDone(id));
+        });
     if let Err(e) = spawned {
         crate::log!("cannot start output thread: {e}");
         let _ = ctx.tx.send(Event::PipeDone(id));

@@ -32,7 +32,9 @@ fn errno_error(e: Errno, confined: bool, what: &str) -> AgentError {
         Errno::EACCES | Errno::EPERM | Errno::EROFS => AgentErrorKind::PermissionDenied,
         Errno::EXDEV | Errno::ELOOP if confined => AgentErrorKind::Escape,
         Errno::EFBIG | Errno::ENOSPC => AgentErrorKind::TooLarge,
-        Errno::EISDIR | Errno::ENOTEMPTY | Errno::EINVAL | Errno::EEXIST => AgentErrorKind::InvalidRequest,
+        Errno::EISDIR | Errno::ENOTEMPTY | Errno::EINVAL | Errno::EEXIST => {
+            AgentErrorKind::InvalidRequest
+        }
         _ => AgentErrorKind::Io,
     };
     let msg = if kind == AgentErrorKind::Escape {
@@ -59,11 +61,17 @@ enum Resolved {
 impl Resolved {
     fn new(path: &str, opts: &FileOptions) -> Result<Resolved> {
         if path.is_empty() || path.contains('\0') {
-            return Err(AgentError::new(AgentErrorKind::InvalidRequest, "The path is empty or contains NUL."));
+            return Err(AgentError::new(
+                AgentErrorKind::InvalidRequest,
+                "The path is empty or contains NUL.",
+            ));
         }
         match &opts.root {
             None if path.starts_with('/') => Ok(Resolved::Absolute(path.to_owned())),
-            None => Err(AgentError::new(AgentErrorKind::InvalidRequest, "The path must be absolute.")),
+            None => Err(AgentError::new(
+                AgentErrorKind::InvalidRequest,
+                "The path must be absolute.",
+            )),
             Some(root) => {
                 // The root itself is trusted caller input: it may be reached through symlinks.
                 let fd = nix::fcntl::open(
@@ -73,7 +81,11 @@ impl Resolved {
                 )
                 .map_err(|e| errno_error(e, false, "open the confined root"))?;
                 let rel = path.trim_start_matches('/');
-                let rel = if rel.is_empty() { ".".to_owned() } else { rel.to_owned() };
+                let rel = if rel.is_empty() {
+                    ".".to_owned()
+                } else {
+                    rel.to_owned()
+                };
                 Ok(Resolved::Beneath { root: fd, rel })
             }
         }
@@ -90,7 +102,9 @@ impl Resolved {
             Resolved::Absolute(p) => {
                 nix::fcntl::open(p.as_str(), flags, mode).map_err(|e| errno_error(e, false, what))
             }
-            Resolved::Beneath { root, rel } => open_beneath(root, rel, flags, mode).map_err(|e| errno_error(e, true, what)),
+            Resolved::Beneath { root, rel } => {
+                open_beneath(root, rel, flags, mode).map_err(|e| errno_error(e, true, what))
+            }
         }
     }
 
@@ -106,15 +120,18 @@ impl Resolved {
             None => (".", trimmed),
         };
         if name.is_empty() || name == "." || name == ".." {
-            return Err(AgentError::new(AgentErrorKind::InvalidRequest, format!("Cannot {what}: the path has no file name.")));
+            return Err(AgentError::new(
+                AgentErrorKind::InvalidRequest,
+                format!("Cannot {what}: the path has no file name."),
+            ));
         }
         let dir = if dir.is_empty() { "/" } else { dir };
         let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
         let fd = match self {
-            Resolved::Absolute(_) => nix::fcntl::open(dir, flags, Mode::empty()).map_err(|e| errno_error(e, false, what))?,
-            Resolved::Beneath { root, .. } => {
-                open_beneath(root, dir, flags, Mode::empty()).map_err(|e| errno_error(e, true, what))?
-            }
+            Resolved::Absolute(_) => nix::fcntl::open(dir, flags, Mode::empty())
+                .map_err(|e| errno_error(e, false, what))?,
+            Resolved::Beneath { root, .. } => open_beneath(root, dir, flags, Mode::empty())
+                .map_err(|e| errno_error(e, true, what))?,
         };
         Ok((fd, name.to_owned()))
     }
@@ -124,7 +141,11 @@ impl Resolved {
 pub fn open_beneath(root: &OwnedFd, rel: &str, flags: OFlag, mode: Mode) -> nix::Result<OwnedFd> {
     let how = OpenHow::new()
         .flags(flags)
-        .mode(if flags.contains(OFlag::O_CREAT) { mode } else { Mode::empty() })
+        .mode(if flags.contains(OFlag::O_CREAT) {
+            mode
+        } else {
+            Mode::empty()
+        })
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     match openat2(root.as_fd(), rel, how) {
         Err(Errno::ENOSYS) => open_beneath_walk(root, rel, flags, mode),
@@ -134,19 +155,37 @@ pub fn open_beneath(root: &OwnedFd, rel: &str, flags: OFlag, mode: Mode) -> nix:
 
 /// The fallback: walk one component at a time with `O_NOFOLLOW`, refusing symlinks and `..`
 /// (stricter than `openat2`, which allows symlinks that stay inside).
-pub fn open_beneath_walk(root: &OwnedFd, rel: &str, flags: OFlag, mode: Mode) -> nix::Result<OwnedFd> {
-    let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+pub fn open_beneath_walk(
+    root: &OwnedFd,
+    rel: &str,
+    flags: OFlag,
+    mode: Mode,
+) -> nix::Result<OwnedFd> {
+    let comps: Vec<&str> = rel
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
     if comps.contains(&"..") {
         return Err(Errno::EXDEV);
     }
     let Some((last, dirs)) = comps.split_last() else {
         return openat(root.as_fd(), ".", flags, mode);
     };
-    let mut cur = openat(root.as_fd(), ".", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+    let mut cur = openat(
+        root.as_fd(),
+        ".",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
     for c in dirs {
         // O_NOFOLLOW with O_PATH opens a symlink itself; O_DIRECTORY then fails with ENOTDIR,
         // so check explicitly to report an escape attempt rather than "not found".
-        let next = openat(cur.as_fd(), *c, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
+        let next = openat(
+            cur.as_fd(),
+            *c,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
         let st = nix::sys::stat::fstat(next.as_fd())?;
         match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
             SFlag::S_IFLNK => return Err(Errno::ELOOP),
@@ -168,11 +207,21 @@ fn read_inner(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions) -> Result<()> 
     let r = Resolved::new(path, opts)?;
     let fd = r.open(OFlag::O_RDONLY, Mode::empty(), "read the file")?;
     let mut f = File::from(fd);
-    let meta = f.metadata().map_err(|e| io_error(e, r.confined(), "read the file"))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| io_error(e, r.confined(), "read the file"))?;
     if meta.is_dir() {
-        return Err(AgentError::new(AgentErrorKind::InvalidRequest, "Cannot read a directory."));
+        return Err(AgentError::new(
+            AgentErrorKind::InvalidRequest,
+            "Cannot read a directory.",
+        ));
     }
-    let too_large = || AgentError::new(AgentErrorKind::TooLarge, format!("The file is over {MAX_FILE_BYTES} bytes."));
+    let too_large = || {
+        AgentError::new(
+            AgentErrorKind::TooLarge,
+            format!("The file is over {MAX_FILE_BYTES} bytes."),
+        )
+    };
     if meta.len() > MAX_FILE_BYTES {
         return Err(too_large());
     }
@@ -184,23 +233,40 @@ fn read_inner(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions) -> Result<()> 
         let mut left = size;
         while left > 0 {
             let want = (left as usize).min(buf.len());
-            let n = f.read(&mut buf[..want]).map_err(|e| io_error(e, false, "read the file"))?;
+            let n = f
+                .read(&mut buf[..want])
+                .map_err(|e| io_error(e, false, "read the file"))?;
             if n == 0 {
-                return Err(AgentError::new(AgentErrorKind::Io, "The file shrank while being read."));
+                return Err(AgentError::new(
+                    AgentErrorKind::Io,
+                    "The file shrank while being read.",
+                ));
             }
-            ctx.writer.send(id, AgentMessage::FileData(Bytes::copy_from_slice(&buf[..n])));
+            ctx.writer.send(
+                id,
+                AgentMessage::FileData(Bytes::copy_from_slice(&buf[..n])),
+            );
             left -= n as u64;
         }
     } else {
         // /proc files and devices report size 0: read them whole, up to the cap.
         let mut data = Vec::new();
-        (&mut f).take(MAX_FILE_BYTES + 1).read_to_end(&mut data).map_err(|e| io_error(e, false, "read the file"))?;
+        (&mut f)
+            .take(MAX_FILE_BYTES + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| io_error(e, false, "read the file"))?;
         if data.len() as u64 > MAX_FILE_BYTES {
             return Err(too_large());
         }
-        ctx.writer.send(id, AgentMessage::FileStart { size: data.len() as u64 });
+        ctx.writer.send(
+            id,
+            AgentMessage::FileStart {
+                size: data.len() as u64,
+            },
+        );
         for chunk in data.chunks(FILE_CHUNK_BYTES) {
-            ctx.writer.send(id, AgentMessage::FileData(Bytes::copy_from_slice(chunk)));
+            ctx.writer
+                .send(id, AgentMessage::FileData(Bytes::copy_from_slice(chunk)));
         }
     }
     ctx.writer.send(id, AgentMessage::Done);
@@ -213,7 +279,9 @@ fn create_parents(r: &Resolved) -> Result<()> {
         Resolved::Beneath { root, rel } => (rel.as_str(), Some(root)),
     };
     let comps: Vec<&str> = full.split('/').filter(|c| !c.is_empty()).collect();
-    let Some((_, dirs)) = comps.split_last() else { return Ok(()) };
+    let Some((_, dirs)) = comps.split_last() else {
+        return Ok(());
+    };
     let mut prefix = String::new();
     for c in dirs {
         match base {
@@ -228,9 +296,18 @@ fn create_parents(r: &Resolved) -> Result<()> {
             }
             Some(root) => {
                 // Resolve the parent beneath the root, then create one name in it.
-                let parent_path = if prefix.is_empty() { "." } else { prefix.as_str() };
-                let parent = open_beneath(root, parent_path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-                    .map_err(|e| errno_error(e, true, "create the parent directories"))?;
+                let parent_path = if prefix.is_empty() {
+                    "."
+                } else {
+                    prefix.as_str()
+                };
+                let parent = open_beneath(
+                    root,
+                    parent_path,
+                    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| errno_error(e, true, "create the parent directories"))?;
                 match mkdirat(parent.as_fd(), *c, Mode::from_bits_truncate(0o755)) {
                     Ok(()) | Err(Errno::EEXIST) => {}
                     Err(e) => return Err(errno_error(e, true, "create the parent directories")),
@@ -249,7 +326,10 @@ fn create_parents(r: &Resolved) -> Result<()> {
 pub fn write(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions, size: u64) -> Next {
     let opened = (|| -> Result<(File, bool)> {
         if size > MAX_FILE_BYTES {
-            return Err(AgentError::new(AgentErrorKind::TooLarge, format!("The file is over {MAX_FILE_BYTES} bytes.")));
+            return Err(AgentError::new(
+                AgentErrorKind::TooLarge,
+                format!("The file is over {MAX_FILE_BYTES} bytes."),
+            ));
         }
         let r = Resolved::new(path, opts)?;
         if opts.create_parents {
@@ -331,8 +411,14 @@ pub fn remove(path: &str, opts: &FileOptions) -> Result<()> {
 /// Lists a directory, sorted by name, capped at `MAX_LIST_ENTRIES`.
 pub fn list(path: &str, opts: &FileOptions) -> Result<Listing> {
     let r = Resolved::new(path, opts)?;
-    let fd = r.open(OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty(), "list the directory")?;
-    let dup = fd.try_clone().map_err(|e| io_error(e, false, "list the directory"))?;
+    let fd = r.open(
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        Mode::empty(),
+        "list the directory",
+    )?;
+    let dup = fd
+        .try_clone()
+        .map_err(|e| io_error(e, false, "list the directory"))?;
     let mut dir = Dir::from_fd(dup).map_err(|e| errno_error(e, false, "list the directory"))?;
     let mut entries = Vec::new();
     let mut truncated = false;
@@ -382,8 +468,12 @@ mod tests {
         symlink(t.path().join("secret"), root.join("abs")).expect("symlink");
         symlink("../secret", root.join("rel")).expect("symlink");
         symlink("d", root.join("inner")).expect("symlink");
-        let fd = nix::fcntl::open(&root, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-            .expect("open root");
+        let fd = nix::fcntl::open(
+            &root,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .expect("open root");
         (t, fd)
     }
 
@@ -398,8 +488,14 @@ mod tests {
     fn walk_refuses_symlinks_and_dotdot() {
         let (_t, root) = jail();
         let ro = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
-        assert_eq!(read_all(open_beneath_walk(&root, "d/ok", ro, Mode::empty()).expect("plain")), b"ok");
-        assert_eq!(read_all(open_beneath_walk(&root, "./d//ok", ro, Mode::empty()).expect("dots")), b"ok");
+        assert_eq!(
+            read_all(open_beneath_walk(&root, "d/ok", ro, Mode::empty()).expect("plain")),
+            b"ok"
+        );
+        assert_eq!(
+            read_all(open_beneath_walk(&root, "./d//ok", ro, Mode::empty()).expect("dots")),
+            b"ok"
+        );
         for p in ["abs", "rel", "inner/ok", "../secret", "d/../../secret"] {
             let r = open_beneath_walk(&root, p, ro, Mode::empty());
             assert!(matches!(r, Err(Errno::ELOOP | Errno::EXDEV)), "{p}: {r:?}");
@@ -411,11 +507,17 @@ mod tests {
     fn openat2_beneath_confines() {
         let (_t, root) = jail();
         let ro = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
-        assert_eq!(read_all(open_beneath(&root, "inner/ok", ro, Mode::empty()).expect("inside link")), b"ok");
+        assert_eq!(
+            read_all(open_beneath(&root, "inner/ok", ro, Mode::empty()).expect("inside link")),
+            b"ok"
+        );
         for p in ["abs", "rel", "../secret", "/etc/passwd"] {
             let r = open_beneath(&root, p, ro, Mode::empty());
             assert!(matches!(r, Err(Errno::EXDEV | Errno::ELOOP)), "{p}: {r:?}");
-            assert_eq!(errno_error(r.expect_err("refused"), true, "read").kind, AgentErrorKind::Escape);
+            assert_eq!(
+                errno_error(r.expect_err("refused"), true, "read").kind,
+                AgentErrorKind::Escape
+            );
         }
     }
 
@@ -427,10 +529,22 @@ mod tests {
         let names: Vec<&str> = l.entries.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["abs", "d", "inner", "rel"]);
         assert_eq!(l.entries[0].kind, FileKind::Symlink);
-        assert_eq!(remove("abs/x", &opts).map_err(|e| e.kind), Err(AgentErrorKind::Escape));
+        assert_eq!(
+            remove("abs/x", &opts).map_err(|e| e.kind),
+            Err(AgentErrorKind::Escape)
+        );
         remove("abs", &opts).expect("remove the link itself");
-        assert!(t.path().join("secret").exists(), "the link's target survives");
-        assert_eq!(remove("..", &opts).map_err(|e| e.kind), Err(AgentErrorKind::InvalidRequest));
-        assert_eq!(list("rel", &opts).map_err(|e| e.kind), Err(AgentErrorKind::Escape));
+        assert!(
+            t.path().join("secret").exists(),
+            "the link's target survives"
+        );
+        assert_eq!(
+            remove("..", &opts).map_err(|e| e.kind),
+            Err(AgentErrorKind::InvalidRequest)
+        );
+        assert_eq!(
+            list("rel", &opts).map_err(|e| e.kind),
+            Err(AgentErrorKind::Escape)
+        );
     }
 }

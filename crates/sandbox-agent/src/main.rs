@@ -68,7 +68,10 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
         return Ok(Listen::Vsock(AGENT_VSOCK_PORT));
     }
     if let Some(port) = s.strip_prefix("vsock:") {
-        return port.parse().map(Listen::Vsock).map_err(|e| format!("bad vsock port: {e}"));
+        return port
+            .parse()
+            .map(Listen::Vsock)
+            .map_err(|e| format!("bad vsock port: {e}"));
     }
     if let Some(path) = s.strip_prefix("unix:") {
         return Ok(Listen::Unix(PathBuf::from(path)));
@@ -146,7 +149,10 @@ fn main() {
         Cli::parse()
     };
     VERBOSE.store(cli.verbose, Ordering::Relaxed);
-    let agent = Arc::new(Agent { hostname: cli.hostname.clone(), pid1 });
+    let agent = Arc::new(Agent {
+        hostname: cli.hostname.clone(),
+        pid1,
+    });
     if let Err(e) = run(&agent, &cli) {
         log!("fatal: {e}");
         if pid1 {
@@ -161,7 +167,8 @@ fn run(agent: &Arc<Agent>, cli: &Cli) -> Result<(), String> {
         init_system(&agent.hostname);
     } else {
         // Orphans of our commands become our children, so we can reap them as init would.
-        nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))?;
+        nix::sys::prctl::set_child_subreaper(true)
+            .map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))?;
     }
     let reaper = reaper::Reaper::start().map_err(|e| format!("cannot start the reaper: {e}"))?;
     let listener = bind(&cli.listen)?;
@@ -185,10 +192,12 @@ fn run(agent: &Arc<Agent>, cli: &Cli) -> Result<(), String> {
             continue;
         }
         let (agent, reaper, active2) = (agent.clone(), reaper.clone(), active.clone());
-        let spawned = std::thread::Builder::new().name("conn".into()).spawn(move || {
-            conn::serve(agent, reaper, stream);
-            active2.fetch_sub(1, Ordering::SeqCst);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || {
+                conn::serve(agent, reaper, stream);
+                active2.fetch_sub(1, Ordering::SeqCst);
+            });
         if let Err(e) = spawned {
             active.fetch_sub(1, Ordering::SeqCst);
             log!("cannot start a connection thread: {e}");
@@ -225,19 +234,29 @@ impl Listener {
 fn bind(listen: &Listen) -> Result<Listener, String> {
     match listen {
         Listen::Vsock(port) => {
-            let fd = socket::socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-                .map_err(|e| format!("vsock socket: {e} (is CONFIG_VIRTIO_VSOCKETS enabled?)"))?;
+            let fd = socket::socket(
+                AddressFamily::Vsock,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| format!("vsock socket: {e} (is CONFIG_VIRTIO_VSOCKETS enabled?)"))?;
             let addr = VsockAddr::new(libc::VMADDR_CID_ANY, *port);
-            socket::bind(fd.as_raw_fd(), &addr).map_err(|e| format!("vsock bind to port {port}: {e}"))?;
+            socket::bind(fd.as_raw_fd(), &addr)
+                .map_err(|e| format!("vsock bind to port {port}: {e}"))?;
             socket::listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))
                 .map_err(|e| format!("vsock listen: {e}"))?;
             Ok(Listener::Vsock(fd))
         }
         Listen::Unix(path) => {
             let _ = std::fs::remove_file(path);
-            UnixListener::bind(path).map(Listener::Unix).map_err(|e| format!("bind {}: {e}", path.display()))
+            UnixListener::bind(path)
+                .map(Listener::Unix)
+                .map_err(|e| format!("bind {}: {e}", path.display()))
         }
-        Listen::Tcp(addr) => TcpListener::bind(addr).map(Listener::Tcp).map_err(|e| format!("bind {addr}: {e}")),
+        Listen::Tcp(addr) => TcpListener::bind(addr)
+            .map(Listener::Tcp)
+            .map_err(|e| format!("bind {addr}: {e}")),
     }
 }
 
@@ -249,11 +268,41 @@ fn init_system(hostname: &str) {
     let mounts: [(&str, &str, &str, MsFlags, Option<&str>); 7] = [
         ("proc", "/proc", "proc", nosuid, None),
         ("sysfs", "/sys", "sysfs", nosuid, None),
-        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
-        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=620,ptmxmode=666")),
-        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
-        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
-        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("gid=5,mode=620,ptmxmode=666"),
+        ),
+        (
+            "tmpfs",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
     ];
     for (src, target, fstype, flags, data) in mounts {
         let _ = std::fs::create_dir_all(target);
@@ -264,7 +313,11 @@ fn init_system(hostname: &str) {
         }
         if target == "/dev" && !sys::fd_is_open(1) {
             // No /dev/console in the image when the kernel started us: stdio is closed.
-            if let Ok(console) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/console") {
+            if let Ok(console) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/console")
+            {
                 sys::attach_console(&OwnedFd::from(console));
             }
         }
@@ -285,8 +338,14 @@ mod tests {
     fn listen_addresses() {
         assert_eq!(parse_listen("vsock"), Ok(Listen::Vsock(1024)));
         assert_eq!(parse_listen("vsock:5000"), Ok(Listen::Vsock(5000)));
-        assert_eq!(parse_listen("unix:/tmp/a.sock"), Ok(Listen::Unix("/tmp/a.sock".into())));
-        assert_eq!(parse_listen("tcp:127.0.0.1:7000"), Ok(Listen::Tcp("127.0.0.1:7000".parse().expect("addr"))));
+        assert_eq!(
+            parse_listen("unix:/tmp/a.sock"),
+            Ok(Listen::Unix("/tmp/a.sock".into()))
+        );
+        assert_eq!(
+            parse_listen("tcp:127.0.0.1:7000"),
+            Ok(Listen::Tcp("127.0.0.1:7000".parse().expect("addr")))
+        );
         assert!(parse_listen("tcp:0.0.0.0:7000").is_err());
         assert!(parse_listen("http://x").is_err());
     }

@@ -37,7 +37,9 @@ impl Reaper {
     pub fn start() -> io::Result<Arc<Reaper>> {
         let reaper = Arc::new(Reaper::default());
         let r = reaper.clone();
-        std::thread::Builder::new().name("reaper".into()).spawn(move || r.run())?;
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || r.run())?;
         Ok(reaper)
     }
 
@@ -60,6 +62,14 @@ impl Reaper {
         reg.generation = reg.generation.wrapping_add(1);
         self.spawned.notify_all();
         Ok(pid)
+    }
+
+    /// Sends `SIGKILL` to the process group of every running command (before power-off, so that
+    /// outside a VM no command outlives the agent).
+    pub fn kill_all_groups(&self) {
+        for pid in self.lock().waiters.keys() {
+            let _ = nix::sys::signal::killpg(*pid, nix::sys::signal::Signal::SIGKILL);
+        }
     }
 
     /// How many processes nobody registered (orphans) have been reaped.
@@ -120,7 +130,14 @@ mod tests {
 
     fn sh(script: &str) -> SpawnPlan {
         let c = |s: &str| CString::new(s).expect("no NUL");
-        SpawnPlan::new(c("/bin/sh"), vec![c("sh"), c("-c"), c(script)], vec![], c("/"), None, "sh")
+        SpawnPlan::new(
+            c("/bin/sh"),
+            vec![c("sh"), c("-c"), c(script)],
+            vec![],
+            c("/"),
+            None,
+            "sh",
+        )
     }
 
     /// Commands that exit at once keep their statuses, and their orphans are reaped too.
@@ -136,13 +153,22 @@ mod tests {
         for i in 0..100 {
             let (tx, rx) = mpsc::channel();
             // Every fifth command leaves an orphan behind.
-            let script = if i % 5 == 0 { format!("sleep 0.01 & exit {i}") } else { format!("exit {i}") };
+            let script = if i % 5 == 0 {
+                format!("sleep 0.01 & exit {i}")
+            } else {
+                format!("exit {i}")
+            };
             let plan = sh(&script);
-            let pid = reaper.spawn_registered(tx, || spawn(&plan, fd, fd, fd)).expect("spawn");
+            let pid = reaper
+                .spawn_registered(tx, || spawn(&plan, fd, fd, fd))
+                .expect("spawn");
             waiting.push((i, pid, rx));
         }
         for (i, pid, rx) in waiting {
-            match rx.recv_timeout(Duration::from_secs(30)).expect("a status for every command") {
+            match rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("a status for every command")
+            {
                 Event::Exited(WaitStatus::Exited(p, code)) => assert_eq!((p, code), (pid, i)),
                 other => panic!("command {i}: {other:?}"),
             }

@@ -91,7 +91,7 @@ pub fn spawn(plan: &SpawnPlan, stdin: RawFd, stdout: RawFd, stderr: RawFd) -> io
 /// # Safety
 /// Only to be called in a freshly forked child, with `plan` prepared before the fork.
 unsafe fn child_exec(plan: &SpawnPlan, stdin: RawFd, stdout: RawFd, stderr: RawFd) -> ! {
-    // SAFETY (whole body): only async-signal-safe libc calls on valid pointers from `plan`.
+    // SAFETY: only async-signal-safe libc calls, on valid pointers from `plan` (whole body).
     unsafe {
         // Own process group, so a timeout can kill the command and everything it started.
         libc::setpgid(0, 0);
@@ -115,7 +115,11 @@ unsafe fn child_exec(plan: &SpawnPlan, stdin: RawFd, stdout: RawFd, stderr: RawF
                 fail(&plan.msg_user, 126);
             }
         }
-        libc::execve(plan.path.as_ptr(), plan.argv_ptrs.as_ptr(), plan.envp_ptrs.as_ptr());
+        libc::execve(
+            plan.path.as_ptr(),
+            plan.argv_ptrs.as_ptr(),
+            plan.envp_ptrs.as_ptr(),
+        );
         let errno = *libc::__errno_location();
         if errno == libc::ENOENT || errno == libc::ENOTDIR {
             fail(&plan.msg_not_found, 127);
@@ -169,7 +173,12 @@ pub fn attach_console(console: &OwnedFd) {
 /// Socket or ioctl failure.
 pub fn loopback_up() -> io::Result<()> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {

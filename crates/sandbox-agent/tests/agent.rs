@@ -37,18 +37,33 @@ async fn client_disconnect_mid_command_kills_its_group_and_agent_keeps_serving()
     let _agent = start_agent(&sock).await;
     let mut client = connect(&sock).await.expect("connect");
     // The background sleep holds stdout open and is in the same group.
-    let mut session = client.exec_start(&ExecRequest::shell("sleep 1000 & echo $!; sleep 1000")).await.expect("start");
+    let mut session = client
+        .exec_start(&ExecRequest::shell("sleep 1000 & echo $!; sleep 1000"))
+        .await
+        .expect("start");
     let leader = session.pid();
     let bg = match session.next_event().await.expect("event") {
-        Some(ExecEvent::Stdout(b)) => String::from_utf8_lossy(&b).trim().parse::<u32>().expect("pid"),
+        Some(ExecEvent::Stdout(b)) => String::from_utf8_lossy(&b)
+            .trim()
+            .parse::<u32>()
+            .expect("pid"),
         other => panic!("expected the background pid, got {other:?}"),
     };
-    drop(session);
+    // The session (and its borrow of the client) ends here; closing the client is the disconnect.
     drop(client);
-    assert!(gone(leader).await, "the command {leader} outlived its client");
-    assert!(gone(bg).await, "the background child {bg} outlived its client");
+    assert!(
+        gone(leader).await,
+        "the command {leader} outlived its client"
+    );
+    assert!(
+        gone(bg).await,
+        "the background child {bg} outlived its client"
+    );
     let mut again = connect(&sock).await.expect("reconnect");
-    let out = again.exec(&ExecRequest::shell("echo still here")).await.expect("exec");
+    let out = again
+        .exec(&ExecRequest::shell("echo still here"))
+        .await
+        .expect("exec");
     assert_eq!(out.stdout, b"still here\n");
 }
 
@@ -58,7 +73,11 @@ async fn abandoned_session_is_killed_before_the_next_request() {
     let sock = agent_sock(&dir);
     let _agent = start_agent(&sock).await;
     let mut client = connect(&sock).await.expect("connect");
-    let pid = client.exec_start(&ExecRequest::new(["sleep", "1000"])).await.expect("start").pid();
+    let pid = client
+        .exec_start(&ExecRequest::new(["sleep", "1000"]))
+        .await
+        .expect("start")
+        .pid();
     // Same connection: the client must settle the old command first.
     let info = client.ping().await.expect("ping after an abandoned exec");
     assert!(info.pid > 1);
@@ -69,13 +88,22 @@ async fn abandoned_session_is_killed_before_the_next_request() {
 async fn dropping_an_exec_stream_kills_the_command() {
     let h = LocalHarness::new();
     let sb = conformance::create(&h).await;
-    let mut stream = sb.exec_stream(ExecRequest::shell("echo $$; exec sleep 1000")).await.expect("stream");
+    let mut stream = sb
+        .exec_stream(ExecRequest::shell("echo $$; exec sleep 1000"))
+        .await
+        .expect("stream");
     let pid = match stream.next().await {
-        Some(Ok(ExecEvent::Stdout(b))) => String::from_utf8_lossy(&b).trim().parse::<u32>().expect("pid"),
+        Some(Ok(ExecEvent::Stdout(b))) => String::from_utf8_lossy(&b)
+            .trim()
+            .parse::<u32>()
+            .expect("pid"),
         other => panic!("expected the pid, got {other:?}"),
     };
     drop(stream);
-    assert!(gone(pid).await, "the command {pid} outlived its dropped stream");
+    assert!(
+        gone(pid).await,
+        "the command {pid} outlived its dropped stream"
+    );
     conformance::destroy(&h, sb).await;
 }
 
@@ -85,7 +113,10 @@ async fn signals_reach_the_group() {
     let sock = agent_sock(&dir);
     let _agent = start_agent(&sock).await;
     let mut client = connect(&sock).await.expect("connect");
-    let mut s = client.exec_start(&ExecRequest::new(["sleep", "1000"])).await.expect("start");
+    let mut s = client
+        .exec_start(&ExecRequest::new(["sleep", "1000"]))
+        .await
+        .expect("start");
     s.signal(15).await.expect("signal");
     let mut status = None;
     while let Some(ev) = s.next_event().await.expect("event") {
@@ -117,9 +148,14 @@ async fn concurrent_connections_run_in_parallel() {
     }
     for t in tasks {
         let out = t.await.expect("task");
-        assert_eq!((out.status.code, out.stdout_str()), (Some(0), "go\n".to_owned()));
+        assert_eq!(
+            (out.status.code, out.stdout_str()),
+            (Some(0), "go\n".to_owned())
+        );
     }
-    sb.exec(ExecRequest::shell("rm -f /tmp/sbx-gate-$PPID")).await.expect("cleanup");
+    sb.exec(ExecRequest::shell("rm -f /tmp/sbx-gate-$PPID"))
+        .await
+        .expect("cleanup");
     sb.destroy().await.expect("destroy");
 }
 
@@ -128,17 +164,37 @@ async fn cwd_env_and_spec_env() {
     let h = LocalHarness::new();
     let sb = conformance::create(&h).await;
     let out = sb
-        .exec(ExecRequest::shell("pwd; echo $FOO; echo $SANDBOX_TEST; echo $HOME").cwd("/tmp").env("FOO", "bar"))
+        .exec(
+            ExecRequest::shell("pwd; echo $FOO; echo $SANDBOX_TEST; echo $HOME")
+                .cwd("/tmp")
+                .env("FOO", "bar"),
+        )
         .await
         .expect("exec");
     assert_eq!(out.stdout_str(), "/tmp\nbar\n1\n/root\n");
-    let overridden = sb.exec(ExecRequest::shell("echo $SANDBOX_TEST").env("SANDBOX_TEST", "mine")).await.expect("exec");
-    assert_eq!(overridden.stdout_str(), "mine\n", "the request's env wins over the spec's");
-    let err = sb.exec(ExecRequest::new(["true"]).cwd("/no/such/dir")).await.expect_err("missing cwd");
+    let overridden = sb
+        .exec(ExecRequest::shell("echo $SANDBOX_TEST").env("SANDBOX_TEST", "mine"))
+        .await
+        .expect("exec");
+    assert_eq!(
+        overridden.stdout_str(),
+        "mine\n",
+        "the request's env wins over the spec's"
+    );
+    let err = sb
+        .exec(ExecRequest::new(["true"]).cwd("/no/such/dir"))
+        .await
+        .expect_err("missing cwd");
     assert_eq!(err.kind(), ErrorKind::NotFound);
-    let err = sb.exec(ExecRequest::new(["true"]).user("no-such-user-xyz")).await.expect_err("unknown user");
+    let err = sb
+        .exec(ExecRequest::new(["true"]).user("no-such-user-xyz"))
+        .await
+        .expect_err("unknown user");
     assert_eq!(err.kind(), ErrorKind::InvalidRequest);
-    let err = sb.exec(ExecRequest::new(Vec::<String>::new())).await.expect_err("empty argv");
+    let err = sb
+        .exec(ExecRequest::new(Vec::<String>::new()))
+        .await
+        .expect_err("empty argv");
     assert_eq!(err.kind(), ErrorKind::InvalidRequest);
     conformance::destroy(&h, sb).await;
 }
@@ -147,9 +203,15 @@ async fn cwd_env_and_spec_env() {
 async fn runs_as_another_user() {
     let h = LocalHarness::new();
     let sb = conformance::create(&h).await;
-    let out = sb.exec(ExecRequest::new(["id", "-u"]).user("65534")).await.expect("exec");
+    let out = sb
+        .exec(ExecRequest::new(["id", "-u"]).user("65534"))
+        .await
+        .expect("exec");
     if nix::unistd::geteuid().is_root() {
-        assert_eq!((out.status.code, out.stdout_str()), (Some(0), "65534\n".to_owned()));
+        assert_eq!(
+            (out.status.code, out.stdout_str()),
+            (Some(0), "65534\n".to_owned())
+        );
     } else {
         // Only root can switch users; the child says so and exits 126.
         assert_eq!(out.status.code, Some(126), "{}", out.stderr_str());
@@ -162,15 +224,37 @@ async fn listing_is_capped_and_proc_files_are_readable() {
     let h = LocalHarness::new();
     let sb = conformance::create(&h).await;
     let dir = h.runtime.base.path().join("many");
-    let mk = format!("mkdir {d} && cd {d} && for i in $(seq 1 2100); do : > f$i; done", d = dir.display());
-    assert_eq!(sb.exec(ExecRequest::shell(mk)).await.expect("exec").status.code, Some(0));
-    let listing = sb.list(&dir.to_string_lossy(), &FileOptions::new()).await.expect("list");
+    let mk = format!(
+        "mkdir {d} && cd {d} && for i in $(seq 1 2100); do : > f$i; done",
+        d = dir.display()
+    );
+    assert_eq!(
+        sb.exec(ExecRequest::shell(mk))
+            .await
+            .expect("exec")
+            .status
+            .code,
+        Some(0)
+    );
+    let listing = sb
+        .list(&dir.to_string_lossy(), &FileOptions::new())
+        .await
+        .expect("list");
     assert!(listing.truncated);
     assert_eq!(listing.entries.len(), sandbox_core::file::MAX_LIST_ENTRIES);
     std::fs::remove_dir_all(&dir).expect("cleanup");
-    let status = sb.read_file("/proc/self/status", &FileOptions::new()).await.expect("read /proc");
-    assert!(String::from_utf8_lossy(&status).contains("Name:"), "a size-0 /proc file is read whole");
-    let err = sb.read_file("/tmp", &FileOptions::new()).await.expect_err("directory");
+    let status = sb
+        .read_file("/proc/self/status", &FileOptions::new())
+        .await
+        .expect("read /proc");
+    assert!(
+        String::from_utf8_lossy(&status).contains("Name:"),
+        "a size-0 /proc file is read whole"
+    );
+    let err = sb
+        .read_file("/tmp", &FileOptions::new())
+        .await
+        .expect_err("directory");
     assert_eq!(err.kind(), ErrorKind::InvalidRequest);
     conformance::destroy(&h, sb).await;
 }
@@ -182,7 +266,10 @@ async fn power_off_outside_a_vm_exits_the_agent() {
     let mut agent = start_agent(&sock).await;
     let mut client = connect(&sock).await.expect("connect");
     client.power_off().await.expect("power off");
-    let status = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await.expect("agent exits").expect("wait");
+    let status = tokio::time::timeout(Duration::from_secs(10), agent.wait())
+        .await
+        .expect("agent exits")
+        .expect("wait");
     assert_eq!(status.code(), Some(0));
 }
 
@@ -194,7 +281,9 @@ async fn bad_magic_gets_no_reply() {
     let mut s = UnixStream::connect(&sock).await.expect("connect");
     s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.expect("write");
     let mut buf = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await.expect("closed");
+    let n = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf))
+        .await
+        .expect("closed");
     // Closing with our unread bytes in its buffer makes the kernel send a reset instead of EOF.
     let closed = match n {
         Ok(0) => true,
@@ -214,20 +303,34 @@ async fn client_reports_version_mismatch_and_silent_agents() {
         let (mut s, _) = listener.accept().await.expect("accept");
         let mut hello = [0u8; 8];
         s.read_exact(&mut hello).await.expect("hello");
-        let future = Hello { version: PROTOCOL_VERSION + 1, role: Role::Agent }.encode();
+        let future = Hello {
+            version: PROTOCOL_VERSION + 1,
+            role: Role::Agent,
+        }
+        .encode();
         s.write_all(&future).await.expect("reply");
         let (_silent, _) = listener.accept().await.expect("accept");
         tokio::time::sleep(Duration::from_secs(60)).await;
     });
     let s = UnixStream::connect(&path).await.expect("connect");
-    let err = AgentClient::handshake(s, Duration::from_secs(5)).await.expect_err("mismatch");
+    let err = AgentClient::handshake(s, Duration::from_secs(5))
+        .await
+        .expect_err("mismatch");
     assert!(
-        matches!(err, ClientError::Handshake(ProtocolError::VersionMismatch { ours: PROTOCOL_VERSION, .. })),
+        matches!(
+            err,
+            ClientError::Handshake(ProtocolError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                ..
+            })
+        ),
         "{err:?}"
     );
     assert_eq!(err.kind(), ErrorKind::Protocol);
     let s = UnixStream::connect(&path).await.expect("connect");
-    let err = AgentClient::handshake(s, Duration::from_millis(300)).await.expect_err("silent");
+    let err = AgentClient::handshake(s, Duration::from_millis(300))
+        .await
+        .expect_err("silent");
     assert_eq!(err.kind(), ErrorKind::AgentUnreachable);
 }
 
@@ -237,7 +340,10 @@ async fn inventory_returns_to_empty_after_destroy() {
     let before = h.inventory().await.expect("inventory");
     let sb = conformance::create(&h).await;
     let during = h.inventory().await.expect("inventory");
-    assert!(during.len() > before.len(), "the inventory sees the running agent: {during:?}");
+    assert!(
+        during.len() > before.len(),
+        "the inventory sees the running agent: {during:?}"
+    );
     conformance::destroy(&h, sb).await;
     assert_eq!(h.inventory().await.expect("inventory"), before);
 }

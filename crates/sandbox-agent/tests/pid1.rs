@@ -25,7 +25,19 @@ async fn pid1_agent_sets_up_the_system() {
     let out = sb.exec(ExecRequest::shell(script)).await.expect("exec");
     let text = out.stdout_str();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(&lines[..7], ["sandbox-agent", "sandbox", "/proc", "/sys", "/dev", "/tmp", "/run"], "{text}");
+    assert_eq!(
+        &lines[..7],
+        [
+            "sandbox-agent",
+            "sandbox",
+            "/proc",
+            "/sys",
+            "/dev",
+            "/tmp",
+            "/run"
+        ],
+        "{text}"
+    );
     // A fresh netns's lo reports "unknown" once up, "down" otherwise.
     assert_ne!(lines.get(7), Some(&"down"), "lo must be up: {text}");
     conformance::destroy(&h, sb).await;

@@ -96,9 +96,9 @@ impl ClientError {
         use crate::ErrorKind as K;
         match self {
             ClientError::HandshakeTimeout { .. } | ClientError::Closed => K::AgentUnreachable,
-            ClientError::Handshake(
-                ProtocolError::Io(_) | ProtocolError::Truncated { .. },
-            ) => K::AgentUnreachable,
+            ClientError::Handshake(ProtocolError::Io(_) | ProtocolError::Truncated { .. }) => {
+                K::AgentUnreachable
+            }
             ClientError::Handshake(_) | ClientError::Unexpected { .. } => K::Protocol,
             ClientError::Protocol(e) => crate::Error::from_protocol_kind(e),
             ClientError::Timeout { .. } => K::Timeout,
@@ -111,7 +111,10 @@ impl ClientError {
 
     /// Whether the connection is unusable after this error.
     fn breaks_connection(&self) -> bool {
-        !matches!(self, ClientError::Agent(_) | ClientError::Exec(_) | ClientError::File(_))
+        !matches!(
+            self,
+            ClientError::Agent(_) | ClientError::Exec(_) | ClientError::File(_)
+        )
     }
 }
 
@@ -220,7 +223,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     }
 
     /// Waits for the next frame of request `id`, until `deadline` (`None`: forever).
-    async fn recv(&mut self, id: u64, what: &'static str, deadline: Option<Instant>) -> Result<AgentMessage> {
+    async fn recv(
+        &mut self,
+        id: u64,
+        what: &'static str,
+        deadline: Option<Instant>,
+    ) -> Result<AgentMessage> {
         let read = self.reader.read_frame::<AgentFrame, _>(&mut self.stream);
         let r = match deadline {
             Some(d) => match tokio::time::timeout_at(d, read).await {
@@ -235,12 +243,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
         match r {
             Ok(Some(AgentFrame { id: got, body })) if got == id => Ok(body),
             // The agent reports connection-level protocol errors with id 0 before closing.
-            Ok(Some(AgentFrame { id: 0, body: AgentMessage::Error(_) })) => {
-                Err(self.fail(ClientError::Unexpected { what, id: 0, got: "connection Error" }))
-            }
+            Ok(Some(AgentFrame {
+                id: 0,
+                body: AgentMessage::Error(_),
+            })) => Err(self.fail(ClientError::Unexpected {
+                what,
+                id: 0,
+                got: "connection Error",
+            })),
             Ok(Some(f)) => {
                 let got = frame_name(&f.body);
-                Err(self.fail(ClientError::Unexpected { what, id: f.id, got }))
+                Err(self.fail(ClientError::Unexpected {
+                    what,
+                    id: f.id,
+                    got,
+                }))
             }
             Ok(None) => Err(self.fail(ClientError::Closed)),
             Err(e) => Err(self.fail(e.into())),
@@ -258,7 +275,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
         }
         if let Some(old) = self.pending_exec.take() {
             // Kill the abandoned command and read up to its Exited, so frames stay in step.
-            self.send(old, HostMessage::Signal { signal: SIGKILL }).await?;
+            self.send(old, HostMessage::Signal { signal: SIGKILL })
+                .await?;
             let deadline = Some(Instant::now() + self.request_timeout + EXEC_GRACE);
             loop {
                 match self.recv(old, "an abandoned exec", deadline).await? {
@@ -289,7 +307,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
         if let AgentMessage::Error(e) = m {
             return ClientError::Agent(e.clone());
         }
-        self.fail(ClientError::Unexpected { what, id, got: frame_name(m) })
+        self.fail(ClientError::Unexpected {
+            what,
+            id,
+            got: frame_name(m),
+        })
     }
 
     /// Starts a command; read its events from the returned session.
@@ -302,11 +324,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
         let start = ExecStart::from_request(req, &Default::default());
         let deadline = req.timeout.map(|t| Instant::now() + t + EXEC_GRACE);
         let id = self.begin(HostMessage::Exec(start)).await?;
-        let first = self.recv(id, "exec", deadline.or(self.request_deadline())).await?;
+        let first = self
+            .recv(id, "exec", deadline.or(self.request_deadline()))
+            .await?;
         match first {
             AgentMessage::Started { pid } => {
                 self.pending_exec = Some(id);
-                Ok(ExecSession { client: self, id, pid, deadline, done: false })
+                Ok(ExecSession {
+                    client: self,
+                    id,
+                    pid,
+                    deadline,
+                    done: false,
+                })
             }
             other => Err(self.unexpected("exec", id, &other)),
         }
@@ -371,11 +401,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     /// large...), connection errors.
     pub async fn read_file(&mut self, path: &str, opts: &FileOptions) -> Result<Vec<u8>> {
         file::validate_path(path, opts)?;
-        let id = self.begin(HostMessage::ReadFile { path: path.to_owned(), opts: opts.clone() }).await?;
+        let id = self
+            .begin(HostMessage::ReadFile {
+                path: path.to_owned(),
+                opts: opts.clone(),
+            })
+            .await?;
         let size = match self.recv(id, "read_file", self.request_deadline()).await? {
             AgentMessage::FileStart { size } if size <= MAX_FILE_BYTES => size,
             AgentMessage::FileStart { .. } => {
-                return Err(self.fail(ClientError::Unexpected { what: "read_file", id, got: "oversized FileStart" }))
+                return Err(self.fail(ClientError::Unexpected {
+                    what: "read_file",
+                    id,
+                    got: "oversized FileStart",
+                }))
             }
             other => return Err(self.unexpected("read_file", id, &other)),
         };
@@ -388,7 +427,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
                 }
                 AgentMessage::Done if data.len() as u64 == size => return Ok(data),
                 AgentMessage::Error(e) => return Err(ClientError::Agent(e)),
-                other => return Err(self.fail(ClientError::Unexpected { what: "read_file", id, got: frame_name(&other) })),
+                other => {
+                    return Err(self.fail(ClientError::Unexpected {
+                        what: "read_file",
+                        id,
+                        got: frame_name(&other),
+                    }))
+                }
             }
         }
     }
@@ -402,16 +447,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
         file::validate_path(path, opts)?;
         let size = data.len() as u64;
         if size > MAX_FILE_BYTES {
-            return Err(FileError::TooLarge { got: size, max: MAX_FILE_BYTES }.into());
+            return Err(FileError::TooLarge {
+                got: size,
+                max: MAX_FILE_BYTES,
+            }
+            .into());
         }
-        let body = HostMessage::WriteFile { path: path.to_owned(), opts: opts.clone(), size };
+        let body = HostMessage::WriteFile {
+            path: path.to_owned(),
+            opts: opts.clone(),
+            size,
+        };
         let id = self.begin(body).await?;
         match self.recv(id, "write_file", self.request_deadline()).await? {
             AgentMessage::Ready => {}
             other => return Err(self.unexpected("write_file", id, &other)),
         }
         for chunk in data.chunks(FILE_CHUNK_BYTES) {
-            self.send(id, HostMessage::FileData(Bytes::copy_from_slice(chunk))).await?;
+            self.send(id, HostMessage::FileData(Bytes::copy_from_slice(chunk)))
+                .await?;
         }
         match self.recv(id, "write_file", self.request_deadline()).await? {
             AgentMessage::Done => Ok(()),
@@ -425,7 +479,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     /// As [`AgentClient::read_file`].
     pub async fn remove(&mut self, path: &str, opts: &FileOptions) -> Result<()> {
         file::validate_path(path, opts)?;
-        let id = self.begin(HostMessage::Remove { path: path.to_owned(), opts: opts.clone() }).await?;
+        let id = self
+            .begin(HostMessage::Remove {
+                path: path.to_owned(),
+                opts: opts.clone(),
+            })
+            .await?;
         match self.recv(id, "remove", self.request_deadline()).await? {
             AgentMessage::Done => Ok(()),
             other => Err(self.unexpected("remove", id, &other)),
@@ -438,7 +497,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     /// As [`AgentClient::read_file`].
     pub async fn list(&mut self, path: &str, opts: &FileOptions) -> Result<Listing> {
         file::validate_path(path, opts)?;
-        let id = self.begin(HostMessage::List { path: path.to_owned(), opts: opts.clone() }).await?;
+        let id = self
+            .begin(HostMessage::List {
+                path: path.to_owned(),
+                opts: opts.clone(),
+            })
+            .await?;
         match self.recv(id, "list", self.request_deadline()).await? {
             AgentMessage::Listing(l) => Ok(l),
             other => Err(self.unexpected("list", id, &other)),
@@ -500,7 +564,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ExecSession<'_, S> {
                 let e = self.client.unexpected("exec", self.id, &other);
                 return Err(self.client.fail(match e {
                     // An agent error mid-command cannot be resynchronised: treat as protocol.
-                    ClientError::Agent(_) => ClientError::Unexpected { what: "exec", id: self.id, got: "Error" },
+                    ClientError::Agent(_) => ClientError::Unexpected {
+                        what: "exec",
+                        id: self.id,
+                        got: "Error",
+                    },
                     e => e,
                 }));
             }
@@ -515,6 +583,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ExecSession<'_, S> {
         if self.done {
             return Ok(());
         }
-        self.client.send(self.id, HostMessage::Signal { signal }).await
+        self.client
+            .send(self.id, HostMessage::Signal { signal })
+            .await
     }
 }

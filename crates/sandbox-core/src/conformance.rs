@@ -62,8 +62,16 @@ pub trait Harness: Send + Sync {
 
 /// Creates a sandbox from the harness spec and checks it is running.
 pub async fn create(h: &dyn Harness) -> Box<dyn Sandbox> {
-    let sb = h.runtime().create(h.spec()).await.expect("create() of a valid spec must succeed");
-    assert_eq!(sb.state(), SandboxState::Running, "a created sandbox must be Running");
+    let sb = h
+        .runtime()
+        .create(h.spec())
+        .await
+        .expect("create() of a valid spec must succeed");
+    assert_eq!(
+        sb.state(),
+        SandboxState::Running,
+        "a created sandbox must be Running"
+    );
     sb
 }
 
@@ -82,12 +90,17 @@ pub async fn run_all(h: &dyn Harness) {
     oversized_frames_refused(h, sb.as_ref()).await;
     destroy(h, sb).await;
     let after = h.inventory().await.expect("inventory");
-    assert_eq!(before, after, "destroy must leave the host inventory as it was");
+    assert_eq!(
+        before, after,
+        "destroy must leave the host inventory as it was"
+    );
     unreachable_agent_is_typed(h).await;
 }
 
 async fn sh(sb: &dyn Sandbox, script: &str) -> crate::ExecOutput {
-    sb.exec(ExecRequest::shell(script)).await.expect("exec must succeed")
+    sb.exec(ExecRequest::shell(script))
+        .await
+        .expect("exec must succeed")
 }
 
 /// Exit codes 0, 1 and 127 (unknown command, both through a shell and directly), and death by
@@ -95,11 +108,26 @@ async fn sh(sb: &dyn Sandbox, script: &str) -> crate::ExecOutput {
 pub async fn exit_codes(sb: &dyn Sandbox) {
     assert_eq!(sh(sb, "exit 0").await.status.code, Some(0), "exit 0");
     assert_eq!(sh(sb, "exit 1").await.status.code, Some(1), "exit 1");
-    assert_eq!(sh(sb, "no-such-command-xyz").await.status.code, Some(127), "shell: not found");
-    let direct = sb.exec(ExecRequest::new(["/no/such/binary"])).await.expect("exec");
-    assert_eq!(direct.status.code, Some(127), "direct exec of a missing binary: {direct:?}");
+    assert_eq!(
+        sh(sb, "no-such-command-xyz").await.status.code,
+        Some(127),
+        "shell: not found"
+    );
+    let direct = sb
+        .exec(ExecRequest::new(["/no/such/binary"]))
+        .await
+        .expect("exec");
+    assert_eq!(
+        direct.status.code,
+        Some(127),
+        "direct exec of a missing binary: {direct:?}"
+    );
     let killed = sh(sb, "kill -9 $$").await;
-    assert_eq!((killed.status.code, killed.status.signal), (None, Some(9)), "death by SIGKILL");
+    assert_eq!(
+        (killed.status.code, killed.status.signal),
+        (None, Some(9)),
+        "death by SIGKILL"
+    );
     assert!(!killed.status.timed_out);
     let term = sh(sb, "kill -15 $$").await;
     assert_eq!(term.status.signal, Some(15), "death by SIGTERM");
@@ -107,7 +135,11 @@ pub async fn exit_codes(sb: &dyn Sandbox) {
 
 /// Stdout and stderr arrive on their own streams, each in order.
 pub async fn stdout_stderr_separate_and_ordered(sb: &dyn Sandbox) {
-    let out = sh(sb, "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done").await;
+    let out = sh(
+        sb,
+        "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done",
+    )
+    .await;
     assert_eq!(out.stdout_str(), "out1\nout2\nout3\nout4\nout5\n");
     assert_eq!(out.stderr_str(), "err1\nerr2\nerr3\nerr4\nerr5\n");
     assert_eq!(out.status.code, Some(0));
@@ -119,7 +151,9 @@ pub async fn stream_10_mib(sb: &dyn Sandbox) {
     // Each line is "NNNNNNN\n": its own number, so loss or reordering shows.
     let script = "i=0; while [ $i -lt 1310720 ]; do printf '%07d\\n' $i; i=$((i+1)); done";
     let fast = "seq -w 0 1310719";
-    let req = ExecRequest::shell(format!("command -v seq >/dev/null && {fast} || {{ {script}; }}"));
+    let req = ExecRequest::shell(format!(
+        "command -v seq >/dev/null && {fast} || {{ {script}; }}"
+    ));
     let mut stream = sb.exec_stream(req).await.expect("exec_stream");
     let mut buf = Vec::with_capacity(TOTAL);
     let mut status = None;
@@ -134,27 +168,54 @@ pub async fn stream_10_mib(sb: &dyn Sandbox) {
     assert_eq!(buf.len(), TOTAL, "10 MiB must arrive without loss");
     for (i, line) in buf.chunks(8).enumerate() {
         let expect = format!("{i:07}\n");
-        assert_eq!(line, expect.as_bytes(), "line {i} out of order or corrupted");
+        assert_eq!(
+            line,
+            expect.as_bytes(),
+            "line {i} out of order or corrupted"
+        );
     }
 }
 
 /// Stdin (binary, 256 KiB) comes back unchanged through `cat`.
 pub async fn stdin_round_trip(sb: &dyn Sandbox) {
     let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
-    let out = sb.exec(ExecRequest::new(["cat"]).stdin(data.clone())).await.expect("exec");
+    let out = sb
+        .exec(ExecRequest::new(["cat"]).stdin(data.clone()))
+        .await
+        .expect("exec");
     assert_eq!(out.status.code, Some(0));
-    assert!(out.stdout == data, "stdin round trip changed the data ({} bytes back)", out.stdout.len());
+    assert!(
+        out.stdout == data,
+        "stdin round trip changed the data ({} bytes back)",
+        out.stdout.len()
+    );
     let empty = sb.exec(ExecRequest::new(["cat"])).await.expect("exec");
-    assert_eq!((empty.status.code, empty.stdout.len()), (Some(0), 0), "empty stdin is closed");
+    assert_eq!(
+        (empty.status.code, empty.stdout.len()),
+        (Some(0), 0),
+        "empty stdin is closed"
+    );
 }
 
 /// A timeout kills the whole process group, including a backgrounded `sleep`.
 pub async fn timeout_kills_process_group(sb: &dyn Sandbox) {
     let req = ExecRequest::shell("sleep 1000 & echo $!; wait").timeout(Duration::from_secs(1));
     let out = sb.exec(req).await.expect("exec");
-    assert!(out.status.timed_out, "timed_out must be set: {:?}", out.status);
-    assert_eq!(out.status.signal, Some(9), "the group leader dies by SIGKILL");
-    let bg: u32 = out.stdout_str().trim().parse().expect("the background pid was printed");
+    assert!(
+        out.status.timed_out,
+        "timed_out must be set: {:?}",
+        out.status
+    );
+    assert_eq!(
+        out.status.signal,
+        Some(9),
+        "the group leader dies by SIGKILL"
+    );
+    let bg: u32 = out
+        .stdout_str()
+        .trim()
+        .parse()
+        .expect("the background pid was printed");
     // The killed sleep is reaped by the agent; poll briefly for it to vanish.
     let check = format!(
         "for i in $(seq 1 100 2>/dev/null || echo 1 2 3 4 5 6 7 8 9 10); do \
@@ -164,11 +225,16 @@ pub async fn timeout_kills_process_group(sb: &dyn Sandbox) {
          done; exit 4"
     );
     let gone = sh(sb, &check).await;
-    assert_eq!(gone.status.code, Some(0), "the backgrounded sleep {bg} survived the timeout (3: zombie, 4: alive)");
+    assert_eq!(
+        gone.status.code,
+        Some(0),
+        "the backgrounded sleep {bg} survived the timeout (3: zombie, 4: alive)"
+    );
 }
 
 /// Counts zombie children of the agent (the parent of the shell running the script).
-const COUNT_ZOMBIES: &str = "n=0; for f in /proc/[0-9]*/stat; do s=$(cat $f 2>/dev/null) || continue; \
+const COUNT_ZOMBIES: &str =
+    "n=0; for f in /proc/[0-9]*/stat; do s=$(cat $f 2>/dev/null) || continue; \
     s=${s##*) }; set -- $s; [ \"$1\" = Z ] && [ \"$2\" = \"$PPID\" ] && n=$((n+1)); done; echo $n";
 
 /// 1000 short commands (and orphans they leave) leave no zombies behind.
@@ -198,27 +264,69 @@ pub async fn no_zombies_after_1000_execs(sb: &dyn Sandbox) {
 pub async fn file_round_trip(sb: &dyn Sandbox) {
     let dir = "/tmp/conformance-files";
     let path = "/tmp/conformance-files/sub/blob.bin";
-    let data: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
     let opts = FileOptions::new().create_parents(true).mode(0o600);
     sb.write_file(path, &data, &opts).await.expect("write_file");
-    let back = sb.read_file(path, &FileOptions::new()).await.expect("read_file");
-    assert!(back == data, "read_file returned {} bytes, different from the {} written", back.len(), data.len());
-    let listing = sb.list("/tmp/conformance-files/sub", &FileOptions::new()).await.expect("list");
-    let e = listing.entries.iter().find(|e| e.name == "blob.bin").expect("listed");
-    assert_eq!((e.kind, e.size, e.mode), (FileKind::File, data.len() as u64, 0o600));
-    sb.write_file("/tmp/conformance-files/empty", b"", &FileOptions::new()).await.expect("empty file");
-    assert_eq!(sb.read_file("/tmp/conformance-files/empty", &FileOptions::new()).await.expect("read"), b"");
+    let back = sb
+        .read_file(path, &FileOptions::new())
+        .await
+        .expect("read_file");
+    assert!(
+        back == data,
+        "read_file returned {} bytes, different from the {} written",
+        back.len(),
+        data.len()
+    );
+    let listing = sb
+        .list("/tmp/conformance-files/sub", &FileOptions::new())
+        .await
+        .expect("list");
+    let e = listing
+        .entries
+        .iter()
+        .find(|e| e.name == "blob.bin")
+        .expect("listed");
+    assert_eq!(
+        (e.kind, e.size, e.mode),
+        (FileKind::File, data.len() as u64, 0o600)
+    );
+    sb.write_file("/tmp/conformance-files/empty", b"", &FileOptions::new())
+        .await
+        .expect("empty file");
+    assert_eq!(
+        sb.read_file("/tmp/conformance-files/empty", &FileOptions::new())
+            .await
+            .expect("read"),
+        b""
+    );
     sb.remove(path, &FileOptions::new()).await.expect("remove");
-    let err = sb.read_file(path, &FileOptions::new()).await.expect_err("removed file");
+    let err = sb
+        .read_file(path, &FileOptions::new())
+        .await
+        .expect_err("removed file");
     assert_eq!(err.kind(), ErrorKind::NotFound);
     let too_big = vec![0u8; MAX_FILE_BYTES as usize + 1];
-    let err = sb.write_file(path, &too_big, &FileOptions::new()).await.expect_err("over the cap");
+    let err = sb
+        .write_file(path, &too_big, &FileOptions::new())
+        .await
+        .expect_err("over the cap");
     assert_eq!(err.kind(), ErrorKind::TooLarge);
-    let err = sb.read_file("relative/path", &FileOptions::new()).await.expect_err("relative");
+    let err = sb
+        .read_file("relative/path", &FileOptions::new())
+        .await
+        .expect_err("relative");
     assert_eq!(err.kind(), ErrorKind::InvalidRequest);
-    sb.remove("/tmp/conformance-files/empty", &FileOptions::new()).await.expect("remove");
-    sb.remove("/tmp/conformance-files/sub", &FileOptions::new()).await.expect("remove dir");
-    sb.remove(dir, &FileOptions::new()).await.expect("remove dir");
+    sb.remove("/tmp/conformance-files/empty", &FileOptions::new())
+        .await
+        .expect("remove");
+    sb.remove("/tmp/conformance-files/sub", &FileOptions::new())
+        .await
+        .expect("remove dir");
+    sb.remove(dir, &FileOptions::new())
+        .await
+        .expect("remove dir");
 }
 
 /// With a confined root, `..` and symlinks (absolute, relative, through `/proc`) cannot leave it,
@@ -235,7 +343,14 @@ pub async fn confined_root_blocks_escapes(sb: &dyn Sandbox) {
     .await;
     assert_eq!(setup.status.code, Some(0), "setup: {}", setup.stderr_str());
     let jail = FileOptions::new().confined_to("/tmp/jail");
-    for p in ["abs/secret", "rel/secret", "file", "../outside/secret", "/../outside/secret", "magic/secret"] {
+    for p in [
+        "abs/secret",
+        "rel/secret",
+        "file",
+        "../outside/secret",
+        "/../outside/secret",
+        "magic/secret",
+    ] {
         let err = sb.read_file(p, &jail).await.expect_err(p);
         assert_eq!(err.kind(), ErrorKind::PermissionDenied, "read {p}: {err}");
         let err = sb.write_file(p, b"pwned", &jail).await.expect_err(p);
@@ -245,27 +360,52 @@ pub async fn confined_root_blocks_escapes(sb: &dyn Sandbox) {
         let err = sb.list(p, &jail).await.expect_err(p);
         assert_eq!(err.kind(), ErrorKind::PermissionDenied, "list {p}: {err}");
     }
-    let err = sb.remove("abs/secret", &jail).await.expect_err("remove through symlink");
+    let err = sb
+        .remove("abs/secret", &jail)
+        .await
+        .expect_err("remove through symlink");
     assert_eq!(err.kind(), ErrorKind::PermissionDenied);
-    assert_eq!(sb.read_file("d/ok", &jail).await.expect("inside"), b"inside\n");
-    assert_eq!(sb.read_file("/d/ok", &jail).await.expect("leading slash"), b"inside\n");
+    assert_eq!(
+        sb.read_file("d/ok", &jail).await.expect("inside"),
+        b"inside\n"
+    );
+    assert_eq!(
+        sb.read_file("/d/ok", &jail).await.expect("leading slash"),
+        b"inside\n"
+    );
     let good = sb.read_file("good", &jail).await;
     assert_eq!(good.expect("an inside symlink"), b"inside\n");
     // Removing a symlink removes the link, never its target.
     sb.remove("file", &jail).await.expect("remove the link");
-    let secret = sb.read_file("/tmp/outside/secret", &FileOptions::new()).await.expect("target intact");
+    let secret = sb
+        .read_file("/tmp/outside/secret", &FileOptions::new())
+        .await
+        .expect("target intact");
     assert_eq!(secret, b"secret\n");
-    let created = FileOptions::new().confined_to("/tmp/jail").create_parents(true);
-    sb.write_file("new/dir/f", b"x", &created).await.expect("create parents inside");
-    let err = sb.write_file("abs/new/f", b"x", &created).await.expect_err("create parents through a link");
+    let created = FileOptions::new()
+        .confined_to("/tmp/jail")
+        .create_parents(true);
+    sb.write_file("new/dir/f", b"x", &created)
+        .await
+        .expect("create parents inside");
+    let err = sb
+        .write_file("abs/new/f", b"x", &created)
+        .await
+        .expect_err("create parents through a link");
     assert_eq!(err.kind(), ErrorKind::PermissionDenied);
-    assert_eq!(sh(sb, "ls /tmp/outside").await.stdout_str(), "secret\n", "nothing was created outside");
+    assert_eq!(
+        sh(sb, "ls /tmp/outside").await.stdout_str(),
+        "secret\n",
+        "nothing was created outside"
+    );
     sh(sb, "rm -rf /tmp/jail /tmp/outside").await;
 }
 
 async fn raw_handshake(h: &dyn Harness, sb: &dyn Sandbox) -> Box<dyn RawStream> {
     let mut s = h.raw_agent_stream(sb).await.expect("raw agent stream");
-    asynch::write_hello(&mut s, Role::Host).await.expect("hello");
+    asynch::write_hello(&mut s, Role::Host)
+        .await
+        .expect("hello");
     let hello = asynch::read_hello_bytes(&mut s).await.expect("agent hello");
     Hello::check(hello, Role::Agent).expect("agent hello is valid");
     s
@@ -276,7 +416,10 @@ async fn expect_closed(s: &mut Box<dyn RawStream>, what: &str) {
     let closed = async {
         loop {
             match asynch::read_frame::<AgentFrame, _>(s).await {
-                Ok(Some(AgentFrame { body: AgentMessage::Error(e), .. })) => {
+                Ok(Some(AgentFrame {
+                    body: AgentMessage::Error(e),
+                    ..
+                })) => {
                     assert_eq!(e.kind, protocol::AgentErrorKind::Protocol, "{what}: {e:?}");
                 }
                 Ok(Some(f)) => panic!("{what}: unexpected frame {f:?}"),
@@ -293,12 +436,16 @@ async fn expect_closed(s: &mut Box<dyn RawStream>, what: &str) {
 /// gets no service; the agent keeps serving new connections.
 pub async fn oversized_frames_refused(h: &dyn Harness, sb: &dyn Sandbox) {
     let mut s = raw_handshake(h, sb).await;
-    s.write_all(&(MAX_FRAME_BYTES + 1).to_be_bytes()).await.expect("write header");
+    s.write_all(&(MAX_FRAME_BYTES + 1).to_be_bytes())
+        .await
+        .expect("write header");
     let _ = s.write_all(&[0u8; 4096]).await;
     expect_closed(&mut s, "oversized frame").await;
 
     let mut s = raw_handshake(h, sb).await;
-    s.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.expect("write garbage");
+    s.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .expect("write garbage");
     expect_closed(&mut s, "undecodable frame").await;
 
     let mut s = h.raw_agent_stream(sb).await.expect("raw agent stream");
@@ -307,11 +454,14 @@ pub async fn oversized_frames_refused(h: &dyn Harness, sb: &dyn Sandbox) {
     s.write_all(&bad).await.expect("write hello");
     let reply = asynch::read_hello_bytes(&mut s).await;
     if let Ok(reply) = reply {
-        assert!(matches!(Hello::check(reply, Role::Agent), Ok(_)), "agent replies with its own hello");
+        Hello::check(reply, Role::Agent).expect("the agent replies with its own valid hello");
     }
     let mut rest = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest)).await;
-    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "a version mismatch must close the connection: {n:?}");
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "a version mismatch must close the connection: {n:?}"
+    );
 
     // Still serving.
     assert_eq!(sh(sb, "echo alive").await.stdout_str(), "alive\n");
@@ -323,7 +473,12 @@ pub async fn unreachable_agent_is_typed(h: &dyn Harness) {
     let slack = deadline / 2 + Duration::from_secs(10);
     let r = tokio::time::timeout(deadline + slack, h.create_unreachable())
         .await
-        .unwrap_or_else(|_| panic!("create() with an unreachable agent did not fail within {:?}", deadline + slack));
+        .unwrap_or_else(|_| {
+            panic!(
+                "create() with an unreachable agent did not fail within {:?}",
+                deadline + slack
+            )
+        });
     match r {
         Ok(sb) => {
             let _ = sb.destroy().await;
@@ -341,7 +496,10 @@ pub async fn unreachable_agent_is_typed(h: &dyn Harness) {
 pub async fn destroy(_h: &dyn Harness, sb: Box<dyn Sandbox>) {
     sb.destroy().await.expect("destroy");
     assert_eq!(sb.state(), SandboxState::Destroyed);
-    let err = sb.exec(ExecRequest::new(["true"])).await.expect_err("exec after destroy");
+    let err = sb
+        .exec(ExecRequest::new(["true"]))
+        .await
+        .expect_err("exec after destroy");
     assert_eq!(err.kind(), ErrorKind::InvalidState);
     sb.destroy().await.expect("a second destroy is a no-op");
 }

@@ -86,7 +86,11 @@ pub struct Error {
 impl Error {
     /// An error of `kind` with a short sentence describing it.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), source: None }
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// An error of `kind` caused by `source`.
@@ -95,7 +99,11 @@ impl Error {
         message: impl Into<String>,
         source: impl Into<BoxError>,
     ) -> Self {
-        Error { kind, message: message.into(), source: Some(source.into()) }
+        Error {
+            kind,
+            message: message.into(),
+            source: Some(source.into()),
+        }
     }
 
     /// A [`ErrorKind::HostSetup`] error whose message says what is wrong and how to fix it.
@@ -122,7 +130,9 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_ref().map(|e| e.as_ref() as &(dyn std::error::Error + 'static))
+        self.source
+            .as_ref()
+            .map(|e| e.as_ref() as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -148,14 +158,20 @@ mod tests {
         let io = std::io::Error::other("disk on fire");
         let e = Error::with_source(ErrorKind::Io, "Could not write the overlay.", io);
         assert_eq!(e.to_string(), "io: Could not write the overlay.");
-        assert_eq!(e.source().map(|s| s.to_string()), Some("disk on fire".to_owned()));
+        assert_eq!(
+            e.source().map(|s| s.to_string()),
+            Some("disk on fire".to_owned())
+        );
     }
 
     #[test]
     fn host_setup_names_the_fix() {
         let e = Error::host_setup("/dev/kvm is not writable", "add your user to the kvm group");
         assert_eq!(e.kind(), ErrorKind::HostSetup);
-        assert!(e.message().contains("fix: add your user to the kvm group"), "{e}");
+        assert!(
+            e.message().contains("fix: add your user to the kvm group"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -148,7 +148,11 @@ impl ExecRequest {
             return Err(ExecError::EmptyArgv);
         }
         if self.argv.len() > MAX_ARGV {
-            return Err(ExecError::TooLarge { what: "argv", got: self.argv.len(), max: MAX_ARGV });
+            return Err(ExecError::TooLarge {
+                what: "argv",
+                got: self.argv.len(),
+                max: MAX_ARGV,
+            });
         }
         let mut total = 0usize;
         for a in &self.argv {
@@ -159,7 +163,9 @@ impl ExecRequest {
         }
         for (k, v) in &self.env {
             if k.is_empty() || k.contains('=') {
-                return Err(ExecError::EnvName { name: k.chars().take(64).collect() });
+                return Err(ExecError::EnvName {
+                    name: k.chars().take(64).collect(),
+                });
             }
             if k.contains('\0') || v.contains('\0') {
                 return Err(ExecError::Nul { field: "env" });
@@ -175,7 +181,11 @@ impl ExecRequest {
             }
         }
         if total > MAX_COMMAND_BYTES {
-            return Err(ExecError::TooLarge { what: "the command", got: total, max: MAX_COMMAND_BYTES });
+            return Err(ExecError::TooLarge {
+                what: "the command",
+                got: total,
+                max: MAX_COMMAND_BYTES,
+            });
         }
         if self.stdin.len() > MAX_STDIN_BYTES {
             return Err(ExecError::TooLarge {
@@ -210,11 +220,21 @@ pub struct ExitStatus {
 impl ExitStatus {
     /// Normal exit with `code`.
     pub fn exited(code: i32, duration: Duration) -> Self {
-        ExitStatus { code: Some(code), signal: None, timed_out: false, duration }
+        ExitStatus {
+            code: Some(code),
+            signal: None,
+            timed_out: false,
+            duration,
+        }
     }
     /// Killed by `signal`.
     pub fn signaled(signal: i32, timed_out: bool, duration: Duration) -> Self {
-        ExitStatus { code: None, signal: Some(signal), timed_out, duration }
+        ExitStatus {
+            code: None,
+            signal: Some(signal),
+            timed_out,
+            duration,
+        }
     }
     /// Exited with code 0 and did not time out.
     pub fn success(&self) -> bool {
@@ -311,28 +331,43 @@ mod tests {
 
     #[test]
     fn validate_refuses_bad_requests() {
-        assert_eq!(ExecRequest::new(Vec::<String>::new()).validate(), Err(ExecError::EmptyArgv));
+        assert_eq!(
+            ExecRequest::new(Vec::<String>::new()).validate(),
+            Err(ExecError::EmptyArgv)
+        );
         assert_eq!(ExecRequest::new([""]).validate(), Err(ExecError::EmptyArgv));
-        assert_eq!(ExecRequest::new(["a\0b"]).validate(), Err(ExecError::Nul { field: "argv" }));
+        assert_eq!(
+            ExecRequest::new(["a\0b"]).validate(),
+            Err(ExecError::Nul { field: "argv" })
+        );
         assert!(matches!(
             ExecRequest::new(["x"]).env("A=B", "1").validate(),
             Err(ExecError::EnvName { .. })
         ));
         assert!(matches!(
-            ExecRequest::new(["x"]).stdin(vec![0u8; MAX_STDIN_BYTES + 1]).validate(),
+            ExecRequest::new(["x"])
+                .stdin(vec![0u8; MAX_STDIN_BYTES + 1])
+                .validate(),
             Err(ExecError::TooLarge { what: "stdin", .. })
         ));
         assert_eq!(
             ExecRequest::new(["x"]).timeout(Duration::ZERO).validate(),
             Err(ExecError::Timeout)
         );
-        assert_eq!(ExecRequest::shell("true").cwd("/").user("0").validate(), Ok(()));
+        assert_eq!(
+            ExecRequest::shell("true").cwd("/").user("0").validate(),
+            Ok(())
+        );
     }
 
     #[test]
     fn collector_caps_and_flags() {
         let mut c = OutputCollector::new();
-        c.push(ExecEvent::Stdout(Bytes::from(vec![1u8; MAX_COLLECTED_OUTPUT_BYTES - 1])));
+        c.push(ExecEvent::Stdout(Bytes::from(vec![
+            1u8;
+            MAX_COLLECTED_OUTPUT_BYTES
+                - 1
+        ])));
         c.push(ExecEvent::Stdout(Bytes::from_static(b"ab")));
         c.push(ExecEvent::Stderr(Bytes::from_static(b"e")));
         assert!(OutputCollector::new().finish().is_none());

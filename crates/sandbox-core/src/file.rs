@@ -98,9 +98,7 @@ pub fn validate_path(path: &str, opts: &FileOptions) -> Result<()> {
     }
     match &opts.root {
         None if !path.starts_with('/') => Err(FileError::NotAbsolute),
-        Some(r)
-            if !r.starts_with('/') || r.len() > MAX_PATH_BYTES || r.contains('\0') =>
-        {
+        Some(r) if !r.starts_with('/') || r.len() > MAX_PATH_BYTES || r.contains('\0') => {
             Err(FileError::BadRoot)
         }
         _ => Ok(()),
@@ -138,7 +136,12 @@ pub struct DirEntry {
 impl DirEntry {
     /// An entry.
     pub fn new(name: impl Into<String>, kind: FileKind, size: u64, mode: u32) -> Self {
-        DirEntry { name: name.into(), kind, size, mode }
+        DirEntry {
+            name: name.into(),
+            kind,
+            size,
+            mode,
+        }
     }
 }
 
@@ -168,12 +171,18 @@ mod tests {
         let free = FileOptions::new();
         let conf = FileOptions::new().confined_to("/work");
         assert_eq!(validate_path("/etc/hosts", &free), Ok(()));
-        assert_eq!(validate_path("etc/hosts", &free), Err(FileError::NotAbsolute));
+        assert_eq!(
+            validate_path("etc/hosts", &free),
+            Err(FileError::NotAbsolute)
+        );
         assert_eq!(validate_path("etc/hosts", &conf), Ok(()));
         assert_eq!(validate_path("/etc/hosts", &conf), Ok(()));
         assert_eq!(validate_path("", &free), Err(FileError::BadPath));
         assert_eq!(validate_path("/a\0b", &free), Err(FileError::BadPath));
-        assert_eq!(validate_path(&"/a".repeat(3000), &free), Err(FileError::BadPath));
+        assert_eq!(
+            validate_path(&"/a".repeat(3000), &free),
+            Err(FileError::BadPath)
+        );
         assert_eq!(
             validate_path("x", &FileOptions::new().confined_to("work")),
             Err(FileError::BadRoot)

@@ -131,13 +131,25 @@ pub struct Hello {
 impl Hello {
     /// Our hello for `role` at [`PROTOCOL_VERSION`].
     pub fn ours(role: Role) -> Self {
-        Hello { version: PROTOCOL_VERSION, role }
+        Hello {
+            version: PROTOCOL_VERSION,
+            role,
+        }
     }
 
     /// Wire bytes.
     pub fn encode(self) -> [u8; HELLO_BYTES] {
         let v = self.version.to_be_bytes();
-        [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], v[0], v[1], self.role as u8, 0]
+        [
+            MAGIC[0],
+            MAGIC[1],
+            MAGIC[2],
+            MAGIC[3],
+            v[0],
+            v[1],
+            self.role as u8,
+            0,
+        ]
     }
 
     /// Parses a peer's hello and checks magic, role and version, in that order (so garbage is
@@ -154,14 +166,25 @@ impl Hello {
         let role = match bytes[6] {
             1 => Role::Host,
             2 => Role::Agent,
-            got => return Err(ProtocolError::BadRole { got, expected: expected as u8 }),
+            got => {
+                return Err(ProtocolError::BadRole {
+                    got,
+                    expected: expected as u8,
+                })
+            }
         };
         if role != expected {
-            return Err(ProtocolError::BadRole { got: bytes[6], expected: expected as u8 });
+            return Err(ProtocolError::BadRole {
+                got: bytes[6],
+                expected: expected as u8,
+            });
         }
         let version = u16::from_be_bytes([bytes[4], bytes[5]]);
         if version != PROTOCOL_VERSION {
-            return Err(ProtocolError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: version });
+            return Err(ProtocolError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+            });
         }
         Ok(Hello { version, role })
     }
@@ -250,15 +273,20 @@ impl ExecStart {
         req: &crate::ExecRequest,
         extra_env: &std::collections::BTreeMap<String, String>,
     ) -> Self {
-        let mut env: Vec<(String, String)> =
-            extra_env.iter().filter(|(k, _)| !req.env.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut env: Vec<(String, String)> = extra_env
+            .iter()
+            .filter(|(k, _)| !req.env.contains_key(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         env.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         ExecStart {
             argv: req.argv.clone(),
             env,
             cwd: req.cwd.clone(),
             stdin: req.stdin.clone(),
-            timeout_ms: req.timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            timeout_ms: req
+                .timeout
+                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
             user: req.user.clone(),
         }
     }
@@ -335,7 +363,10 @@ pub struct AgentError {
 impl AgentError {
     /// An error.
     pub fn new(kind: AgentErrorKind, message: impl Into<String>) -> Self {
-        AgentError { kind, message: message.into() }
+        AgentError {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -363,7 +394,9 @@ impl From<AgentError> for crate::Error {
         use crate::ErrorKind;
         let kind = match e.kind {
             AgentErrorKind::NotFound => ErrorKind::NotFound,
-            AgentErrorKind::PermissionDenied | AgentErrorKind::Escape => ErrorKind::PermissionDenied,
+            AgentErrorKind::PermissionDenied | AgentErrorKind::Escape => {
+                ErrorKind::PermissionDenied
+            }
             AgentErrorKind::TooLarge => ErrorKind::TooLarge,
             AgentErrorKind::InvalidRequest => ErrorKind::InvalidRequest,
             AgentErrorKind::Protocol => ErrorKind::Protocol,
@@ -380,12 +413,16 @@ impl From<AgentError> for crate::Error {
 /// [`ProtocolError::Encode`], or [`ProtocolError::FrameSize`] when the payload would exceed
 /// [`MAX_FRAME_BYTES`] (nothing is written then).
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
-    let mut buf = postcard::to_extend(msg, vec![0u8; FRAME_HEADER_BYTES]).map_err(ProtocolError::Encode)?;
+    let mut buf =
+        postcard::to_extend(msg, vec![0u8; FRAME_HEADER_BYTES]).map_err(ProtocolError::Encode)?;
     let len = buf.len() - FRAME_HEADER_BYTES;
     let len32 = u32::try_from(len)
         .ok()
         .filter(|&l| l <= MAX_FRAME_BYTES)
-        .ok_or(ProtocolError::FrameSize { len: len as u64, max: MAX_FRAME_BYTES })?;
+        .ok_or(ProtocolError::FrameSize {
+            len: len as u64,
+            max: MAX_FRAME_BYTES,
+        })?;
     buf[..FRAME_HEADER_BYTES].copy_from_slice(&len32.to_be_bytes());
     Ok(buf)
 }
@@ -397,7 +434,10 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
 pub fn check_frame_len(header: [u8; FRAME_HEADER_BYTES]) -> Result<usize> {
     let len = u32::from_be_bytes(header);
     if len == 0 || len > MAX_FRAME_BYTES {
-        return Err(ProtocolError::FrameSize { len: u64::from(len), max: MAX_FRAME_BYTES });
+        return Err(ProtocolError::FrameSize {
+            len: u64::from(len),
+            max: MAX_FRAME_BYTES,
+        });
     }
     Ok(len as usize)
 }
@@ -452,7 +492,10 @@ pub mod blocking {
         let mut b = [0u8; HELLO_BYTES];
         let got = read_full(r, &mut b)?;
         if got != HELLO_BYTES {
-            return Err(ProtocolError::Truncated { expected: HELLO_BYTES, got });
+            return Err(ProtocolError::Truncated {
+                expected: HELLO_BYTES,
+                got,
+            });
         }
         Ok(b)
     }
@@ -467,7 +510,12 @@ pub mod blocking {
         match read_full(r, &mut header)? {
             0 => return Ok(None),
             FRAME_HEADER_BYTES => {}
-            got => return Err(ProtocolError::Truncated { expected: FRAME_HEADER_BYTES, got }),
+            got => {
+                return Err(ProtocolError::Truncated {
+                    expected: FRAME_HEADER_BYTES,
+                    got,
+                })
+            }
         }
         let len = check_frame_len(header)?;
         let mut payload = vec![0u8; len];
@@ -524,11 +572,16 @@ pub mod asynch {
     ///
     /// # Errors
     /// [`ProtocolError::Io`] or [`ProtocolError::Truncated`].
-    pub async fn read_hello_bytes<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<[u8; HELLO_BYTES]> {
+    pub async fn read_hello_bytes<R: AsyncRead + Unpin + ?Sized>(
+        r: &mut R,
+    ) -> Result<[u8; HELLO_BYTES]> {
         let mut b = [0u8; HELLO_BYTES];
         let got = read_full(r, &mut b).await?;
         if got != HELLO_BYTES {
-            return Err(ProtocolError::Truncated { expected: HELLO_BYTES, got });
+            return Err(ProtocolError::Truncated {
+                expected: HELLO_BYTES,
+                got,
+            });
         }
         Ok(b)
     }
@@ -544,7 +597,12 @@ pub mod asynch {
         match read_full(r, &mut header).await? {
             0 => return Ok(None),
             FRAME_HEADER_BYTES => {}
-            got => return Err(ProtocolError::Truncated { expected: FRAME_HEADER_BYTES, got }),
+            got => {
+                return Err(ProtocolError::Truncated {
+                    expected: FRAME_HEADER_BYTES,
+                    got,
+                })
+            }
         }
         let len = check_frame_len(header)?;
         let mut payload = vec![0u8; len];
@@ -603,7 +661,10 @@ pub mod asynch {
                     if self.buf.is_empty() {
                         return Ok(None);
                     }
-                    return Err(ProtocolError::Truncated { expected: need, got: self.buf.len() });
+                    return Err(ProtocolError::Truncated {
+                        expected: need,
+                        got: self.buf.len(),
+                    });
                 }
             }
         }
@@ -613,7 +674,10 @@ pub mod asynch {
     ///
     /// # Errors
     /// As [`encode_frame`], or [`ProtocolError::Io`].
-    pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin + ?Sized>(w: &mut W, msg: &T) -> Result<()> {
+    pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin + ?Sized>(
+        w: &mut W,
+        msg: &T,
+    ) -> Result<()> {
         let buf = encode_frame(msg)?;
         w.write_all(&buf).await?;
         w.flush().await?;
@@ -634,12 +698,28 @@ mod tests {
     fn hello_round_trip_and_refusals() {
         let h = Hello::ours(Role::Agent).encode();
         assert_eq!(&h[..4], b"SBXA");
-        assert_eq!(Hello::check(h, Role::Agent).expect("valid").version, PROTOCOL_VERSION);
-        assert!(matches!(Hello::check(h, Role::Host), Err(ProtocolError::BadRole { got: 2, expected: 1 })));
+        assert_eq!(
+            Hello::check(h, Role::Agent).expect("valid").version,
+            PROTOCOL_VERSION
+        );
+        assert!(matches!(
+            Hello::check(h, Role::Host),
+            Err(ProtocolError::BadRole {
+                got: 2,
+                expected: 1
+            })
+        ));
         let mut bad = h;
         bad[0] = b'X';
-        assert!(matches!(Hello::check(bad, Role::Agent), Err(ProtocolError::BadMagic { .. })));
-        let newer = Hello { version: PROTOCOL_VERSION + 1, role: Role::Agent }.encode();
+        assert!(matches!(
+            Hello::check(bad, Role::Agent),
+            Err(ProtocolError::BadMagic { .. })
+        ));
+        let newer = Hello {
+            version: PROTOCOL_VERSION + 1,
+            role: Role::Agent,
+        }
+        .encode();
         assert!(matches!(
             Hello::check(newer, Role::Agent),
             Err(ProtocolError::VersionMismatch { ours: PROTOCOL_VERSION, theirs }) if theirs == PROTOCOL_VERSION + 1
@@ -662,7 +742,10 @@ mod tests {
     impl Read for HeaderOnly {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
             let n = self.header.read(buf)?;
-            assert!(n > 0 || buf.is_empty(), "the payload of an oversized frame was read");
+            assert!(
+                n > 0 || buf.is_empty(),
+                "the payload of an oversized frame was read"
+            );
             Ok(n)
         }
     }
@@ -670,7 +753,9 @@ mod tests {
     #[test]
     fn oversized_frame_refused_before_reading_payload() {
         for len in [MAX_FRAME_BYTES + 1, u32::MAX, 0] {
-            let mut r = HeaderOnly { header: Cursor::new(len.to_be_bytes().to_vec()) };
+            let mut r = HeaderOnly {
+                header: Cursor::new(len.to_be_bytes().to_vec()),
+            };
             let res = blocking::read_frame::<HostFrame, _>(&mut r);
             assert!(
                 matches!(res, Err(ProtocolError::FrameSize { len: l, max: MAX_FRAME_BYTES }) if l == u64::from(len)),
@@ -681,21 +766,40 @@ mod tests {
 
     #[test]
     fn oversized_message_not_encoded() {
-        let big = HostFrame { id: 1, body: HostMessage::FileData(Bytes::from(vec![0u8; MAX_FRAME_BYTES as usize])) };
-        assert!(matches!(encode_frame(&big), Err(ProtocolError::FrameSize { .. })));
+        let big = HostFrame {
+            id: 1,
+            body: HostMessage::FileData(Bytes::from(vec![0u8; MAX_FRAME_BYTES as usize])),
+        };
+        assert!(matches!(
+            encode_frame(&big),
+            Err(ProtocolError::FrameSize { .. })
+        ));
     }
 
     #[test]
     fn clean_eof_between_frames_is_none() {
-        let f = HostFrame { id: 7, body: HostMessage::Ping };
+        let f = HostFrame {
+            id: 7,
+            body: HostMessage::Ping,
+        };
         let mut c = Cursor::new(encode_frame(&f).expect("encodes"));
-        assert_eq!(blocking::read_frame::<HostFrame, _>(&mut c).expect("frame"), Some(f));
-        assert_eq!(blocking::read_frame::<HostFrame, _>(&mut c).expect("eof"), None);
+        assert_eq!(
+            blocking::read_frame::<HostFrame, _>(&mut c).expect("frame"),
+            Some(f)
+        );
+        assert_eq!(
+            blocking::read_frame::<HostFrame, _>(&mut c).expect("eof"),
+            None
+        );
     }
 
     #[test]
     fn trailing_bytes_refused() {
-        let mut payload = postcard::to_stdvec(&HostFrame { id: 1, body: HostMessage::Ping }).expect("enc");
+        let mut payload = postcard::to_stdvec(&HostFrame {
+            id: 1,
+            body: HostMessage::Ping,
+        })
+        .expect("enc");
         payload.push(0);
         let mut wire = (payload.len() as u32).to_be_bytes().to_vec();
         wire.extend_from_slice(&payload);
@@ -710,8 +814,16 @@ mod tests {
     }
 
     fn arb_opts() -> impl Strategy<Value = FileOptions> {
-        (proptest::option::of("/[a-z/]{0,20}"), proptest::option::of(0u32..0o7777), any::<bool>())
-            .prop_map(|(root, mode, create_parents)| FileOptions { root, mode, create_parents })
+        (
+            proptest::option::of("/[a-z/]{0,20}"),
+            proptest::option::of(0u32..0o7777),
+            any::<bool>(),
+        )
+            .prop_map(|(root, mode, create_parents)| FileOptions {
+                root,
+                mode,
+                create_parents,
+            })
     }
 
     fn arb_host_frame() -> impl Strategy<Value = HostFrame> {
@@ -727,7 +839,14 @@ mod tests {
                 proptest::option::of("[a-z0-9]{1,8}"),
             )
                 .prop_map(|(argv, env, cwd, stdin, timeout_ms, user)| {
-                    HostMessage::Exec(ExecStart { argv, env, cwd, stdin, timeout_ms, user })
+                    HostMessage::Exec(ExecStart {
+                        argv,
+                        env,
+                        cwd,
+                        stdin,
+                        timeout_ms,
+                        user,
+                    })
                 }),
             any::<i32>().prop_map(|signal| HostMessage::Signal { signal }),
             (".{0,40}", arb_opts()).prop_map(|(path, opts)| HostMessage::ReadFile { path, opts }),
@@ -750,19 +869,44 @@ mod tests {
             AgentErrorKind::Protocol,
             AgentErrorKind::Io,
         ]);
-        let entry = (".{0,20}", proptest::sample::select(vec![FileKind::File, FileKind::Dir, FileKind::Symlink, FileKind::Other]), any::<u64>(), any::<u32>())
+        let entry = (
+            ".{0,20}",
+            proptest::sample::select(vec![
+                FileKind::File,
+                FileKind::Dir,
+                FileKind::Symlink,
+                FileKind::Other,
+            ]),
+            any::<u64>(),
+            any::<u32>(),
+        )
             .prop_map(|(n, k, s, m)| DirEntry::new(n, k, s, m));
         let body = prop_oneof![
             (".{0,10}", any::<u32>(), ".{0,10}").prop_map(|(agent_version, pid, hostname)| {
-                AgentMessage::Pong(AgentInfo { agent_version, pid, hostname })
+                AgentMessage::Pong(AgentInfo {
+                    agent_version,
+                    pid,
+                    hostname,
+                })
             }),
             any::<u32>().prop_map(|pid| AgentMessage::Started { pid }),
             arb_bytes(4096).prop_map(AgentMessage::Stdout),
             arb_bytes(4096).prop_map(AgentMessage::Stderr),
-            (proptest::option::of(any::<i32>()), proptest::option::of(any::<i32>()), any::<bool>(), any::<u64>(), 0u32..1_000_000_000)
-                .prop_map(|(code, signal, timed_out, s, n)| AgentMessage::Exited(ExitStatus {
-                    code, signal, timed_out, duration: Duration::new(s, n)
-                })),
+            (
+                proptest::option::of(any::<i32>()),
+                proptest::option::of(any::<i32>()),
+                any::<bool>(),
+                any::<u64>(),
+                0u32..1_000_000_000
+            )
+                .prop_map(|(code, signal, timed_out, s, n)| AgentMessage::Exited(
+                    ExitStatus {
+                        code,
+                        signal,
+                        timed_out,
+                        duration: Duration::new(s, n)
+                    }
+                )),
             any::<u64>().prop_map(|size| AgentMessage::FileStart { size }),
             arb_bytes(4096).prop_map(AgentMessage::FileData),
             Just(AgentMessage::Ready),
@@ -828,8 +972,14 @@ mod tests {
 
     #[tokio::test]
     async fn frame_reader_handles_split_and_oversized_input() {
-        let a = AgentFrame { id: 1, body: AgentMessage::Stdout(Bytes::from(vec![7u8; 100_000])) };
-        let b = AgentFrame { id: 2, body: AgentMessage::Done };
+        let a = AgentFrame {
+            id: 1,
+            body: AgentMessage::Stdout(Bytes::from(vec![7u8; 100_000])),
+        };
+        let b = AgentFrame {
+            id: 2,
+            body: AgentMessage::Done,
+        };
         let mut wire = encode_frame(&a).expect("enc");
         wire.extend(encode_frame(&b).expect("enc"));
         // Feed it through a pipe in small pieces.
@@ -841,30 +991,55 @@ mod tests {
             }
         });
         let mut fr = asynch::FrameReader::new();
-        assert_eq!(fr.read_frame::<AgentFrame, _>(&mut rx).await.expect("a"), Some(a));
-        assert_eq!(fr.read_frame::<AgentFrame, _>(&mut rx).await.expect("b"), Some(b));
+        assert_eq!(
+            fr.read_frame::<AgentFrame, _>(&mut rx).await.expect("a"),
+            Some(a)
+        );
+        assert_eq!(
+            fr.read_frame::<AgentFrame, _>(&mut rx).await.expect("b"),
+            Some(b)
+        );
         feeder.await.expect("feeder");
-        assert_eq!(fr.read_frame::<AgentFrame, _>(&mut rx).await.expect("eof"), None);
+        assert_eq!(
+            fr.read_frame::<AgentFrame, _>(&mut rx).await.expect("eof"),
+            None
+        );
         let mut huge = &(MAX_FRAME_BYTES + 1).to_be_bytes()[..];
         assert!(matches!(
-            asynch::FrameReader::new().read_frame::<AgentFrame, _>(&mut huge).await,
+            asynch::FrameReader::new()
+                .read_frame::<AgentFrame, _>(&mut huge)
+                .await,
             Err(ProtocolError::FrameSize { .. })
         ));
-        let mut cut = &encode_frame(&AgentFrame { id: 3, body: AgentMessage::Ready }).expect("enc")[..5];
+        let mut cut = &encode_frame(&AgentFrame {
+            id: 3,
+            body: AgentMessage::Ready,
+        })
+        .expect("enc")[..5];
         assert!(matches!(
-            asynch::FrameReader::new().read_frame::<AgentFrame, _>(&mut cut).await,
+            asynch::FrameReader::new()
+                .read_frame::<AgentFrame, _>(&mut cut)
+                .await,
             Err(ProtocolError::Truncated { .. })
         ));
     }
 
     #[tokio::test]
     async fn async_and_blocking_framing_agree() {
-        let f = AgentFrame { id: 3, body: AgentMessage::Stdout(Bytes::from_static(b"hi")) };
+        let f = AgentFrame {
+            id: 3,
+            body: AgentMessage::Stdout(Bytes::from_static(b"hi")),
+        };
         let mut wire = Vec::new();
         asynch::write_frame(&mut wire, &f).await.expect("writes");
         assert_eq!(wire, encode_frame(&f).expect("encodes"));
         let mut r = &wire[..];
-        assert_eq!(asynch::read_frame::<AgentFrame, _>(&mut r).await.expect("reads"), Some(f));
+        assert_eq!(
+            asynch::read_frame::<AgentFrame, _>(&mut r)
+                .await
+                .expect("reads"),
+            Some(f)
+        );
         let mut huge = &(MAX_FRAME_BYTES + 1).to_be_bytes()[..];
         assert!(matches!(
             asynch::read_frame::<AgentFrame, _>(&mut huge).await,

@@ -118,7 +118,13 @@ pub type ExecEventSender = mpsc::Sender<Result<ExecEvent>>;
 /// A bounded channel for one command's events: the backend sends, the caller receives.
 pub fn exec_channel(capacity: usize) -> (ExecEventSender, ExecStream) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    (tx, ExecStream { rx, finished: false })
+    (
+        tx,
+        ExecStream {
+            rx,
+            finished: false,
+        },
+    )
 }
 
 /// The events of one running command, in order, ending with [`ExecEvent::Exit`] (or an error).
@@ -160,7 +166,10 @@ impl ExecStream {
             c.push(ev?);
         }
         c.finish().ok_or_else(|| {
-            Error::new(ErrorKind::Internal, "The exec stream finished without an exit status.")
+            Error::new(
+                ErrorKind::Internal,
+                "The exec stream finished without an exit status.",
+            )
         })
     }
 }
@@ -192,7 +201,14 @@ mod tests {
             Some(Some(ExecEvent::Stdout(Bytes::from_static(b"a"))))
         );
         let out = s.collect().await.expect("collects");
-        assert_eq!((out.stdout.as_slice(), out.stderr.as_slice(), out.status.code), (&b"b"[..], &b"x"[..], Some(3)));
+        assert_eq!(
+            (
+                out.stdout.as_slice(),
+                out.stderr.as_slice(),
+                out.status.code
+            ),
+            (&b"b"[..], &b"x"[..], Some(3))
+        );
     }
 
     #[tokio::test]

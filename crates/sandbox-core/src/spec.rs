@@ -29,8 +29,14 @@ pub const MAX_ENV_VARS: usize = 256;
 /// Maximum length in bytes of one environment variable (name plus value).
 pub const MAX_ENV_VAR_BYTES: usize = 32 * 1024;
 /// Kernel parameters the backend owns; setting them through `extra_cmdline` is refused.
-pub const RESERVED_CMDLINE_KEYS: &[&str] =
-    &["init", "rdinit", "root", "rootfstype", "rootflags", "virtio_mmio.device"];
+pub const RESERVED_CMDLINE_KEYS: &[&str] = &[
+    "init",
+    "rdinit",
+    "root",
+    "rootfstype",
+    "rootflags",
+    "virtio_mmio.device",
+];
 
 /// Result of spec validation.
 pub type Result<T> = std::result::Result<T, SpecError>;
@@ -91,7 +97,11 @@ pub enum SpecError {
 
 impl From<SpecError> for crate::Error {
     fn from(e: SpecError) -> Self {
-        crate::Error::with_source(crate::ErrorKind::InvalidSpec, "The sandbox spec is invalid.", e)
+        crate::Error::with_source(
+            crate::ErrorKind::InvalidSpec,
+            "The sandbox spec is invalid.",
+            e,
+        )
     }
 }
 
@@ -177,7 +187,9 @@ pub struct SandboxSpec {
 impl SandboxSpec {
     /// A builder with defaults (1 vCPU, 256 MiB, writable root, no TTL) for the two required paths.
     pub fn builder(kernel: impl Into<PathBuf>, rootfs: impl Into<PathBuf>) -> SandboxSpecBuilder {
-        SandboxSpecBuilder { config: SandboxSpecConfig::new(kernel, rootfs) }
+        SandboxSpecBuilder {
+            config: SandboxSpecConfig::new(kernel, rootfs),
+        }
     }
 
     /// Number of vCPUs.
@@ -219,7 +231,10 @@ impl TryFrom<SandboxSpecConfig> for SandboxSpec {
 
     fn try_from(c: SandboxSpecConfig) -> Result<Self> {
         if c.vcpus == 0 || c.vcpus > MAX_VCPUS {
-            return Err(SpecError::Vcpus { got: c.vcpus, max: MAX_VCPUS });
+            return Err(SpecError::Vcpus {
+                got: c.vcpus,
+                max: MAX_VCPUS,
+            });
         }
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&c.memory_mib) {
             return Err(SpecError::Memory {
@@ -244,7 +259,10 @@ impl TryFrom<SandboxSpecConfig> for SandboxSpec {
         let ttl = match c.ttl_secs {
             None => None,
             Some(s) if s == 0 || s > MAX_TTL.as_secs() => {
-                return Err(SpecError::Ttl { got_secs: s, max_secs: MAX_TTL.as_secs() })
+                return Err(SpecError::Ttl {
+                    got_secs: s,
+                    max_secs: MAX_TTL.as_secs(),
+                })
             }
             Some(s) => Some(Duration::from_secs(s)),
         };
@@ -289,11 +307,16 @@ fn check_path(field: &'static str, p: &Path) -> Result<()> {
 /// one entry become several parameters, or quote text into `init`'s argv), not `--` (which hands
 /// the rest of the line to init), and not a key the backend owns.
 fn check_cmdline_param(param: &str) -> Result<()> {
-    let bad = |reason| SpecError::Cmdline { param: param.chars().take(64).collect(), reason };
+    let bad = |reason| SpecError::Cmdline {
+        param: param.chars().take(64).collect(),
+        reason,
+    };
     if param.is_empty() {
         return Err(bad("it is empty"));
     }
-    if let Some(c) = param.bytes().find(|b| !b.is_ascii_graphic() || matches!(b, b'"' | b'\'' | b'\\'))
+    if let Some(c) = param
+        .bytes()
+        .find(|b| !b.is_ascii_graphic() || matches!(b, b'"' | b'\'' | b'\\'))
     {
         return Err(if c == b' ' || c == b'\t' || c == b'\n' || c == b'\r' {
             bad("it contains whitespace")
@@ -315,10 +338,16 @@ fn check_cmdline_param(param: &str) -> Result<()> {
 
 fn check_env(env: &BTreeMap<String, String>) -> Result<()> {
     if env.len() > MAX_ENV_VARS {
-        return Err(SpecError::Env { name: String::new(), reason: "more than 256 variables" });
+        return Err(SpecError::Env {
+            name: String::new(),
+            reason: "more than 256 variables",
+        });
     }
     for (k, v) in env {
-        let bad = |reason| SpecError::Env { name: k.chars().take(64).collect(), reason };
+        let bad = |reason| SpecError::Env {
+            name: k.chars().take(64).collect(),
+            reason,
+        };
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(bad("the name is empty or contains '=' or NUL"));
         }
@@ -390,7 +419,10 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let s = SandboxSpec::try_from(base()).expect("defaults are valid");
-        assert_eq!((s.vcpus(), s.memory_mib(), s.root()), (1, 256, RootMode::Writable));
+        assert_eq!(
+            (s.vcpus(), s.memory_mib(), s.root()),
+            (1, 256, RootMode::Writable)
+        );
     }
 
     #[test]
@@ -407,7 +439,12 @@ mod tests {
 
     #[test]
     fn memory_bounds() {
-        for (m, ok) in [(63, false), (64, true), (MAX_MEMORY_MIB, true), (MAX_MEMORY_MIB + 1, false)] {
+        for (m, ok) in [
+            (63, false),
+            (64, true),
+            (MAX_MEMORY_MIB, true),
+            (MAX_MEMORY_MIB + 1, false),
+        ] {
             let r = SandboxSpec::builder("/k", "/r").memory_mib(m).build();
             assert_eq!(r.is_ok(), ok, "memory={m}: {r:?}");
         }
@@ -442,9 +479,17 @@ mod tests {
             "x\u{7f}",
         ] {
             let r = SandboxSpec::builder("/k", "/r").cmdline_param(bad).build();
-            assert!(matches!(r, Err(SpecError::Cmdline { .. })), "{bad:?} was accepted: {r:?}");
+            assert!(
+                matches!(r, Err(SpecError::Cmdline { .. })),
+                "{bad:?} was accepted: {r:?}"
+            );
         }
-        for good in ["quiet", "loglevel=3", "sandbox_hostname=box-1", "8250.nr_uarts=1"] {
+        for good in [
+            "quiet",
+            "loglevel=3",
+            "sandbox_hostname=box-1",
+            "8250.nr_uarts=1",
+        ] {
             let r = SandboxSpec::builder("/k", "/r").cmdline_param(good).build();
             assert!(r.is_ok(), "{good:?} was refused: {r:?}");
         }
@@ -463,24 +508,40 @@ mod tests {
     fn ttl_bounds() {
         let mut c = base();
         c.ttl_secs = Some(0);
-        assert!(matches!(SandboxSpec::try_from(c.clone()), Err(SpecError::Ttl { .. })));
+        assert!(matches!(
+            SandboxSpec::try_from(c.clone()),
+            Err(SpecError::Ttl { .. })
+        ));
         c.ttl_secs = Some(MAX_TTL.as_secs() + 1);
-        assert!(matches!(SandboxSpec::try_from(c.clone()), Err(SpecError::Ttl { .. })));
+        assert!(matches!(
+            SandboxSpec::try_from(c.clone()),
+            Err(SpecError::Ttl { .. })
+        ));
         c.ttl_secs = Some(60);
-        assert_eq!(SandboxSpec::try_from(c).map(|s| s.ttl()), Ok(Some(Duration::from_secs(60))));
+        assert_eq!(
+            SandboxSpec::try_from(c).map(|s| s.ttl()),
+            Ok(Some(Duration::from_secs(60)))
+        );
     }
 
     #[test]
     fn env_checked() {
         for (k, v) in [("", "x"), ("A=B", "x"), ("A\0", "x"), ("A", "x\0y")] {
             let r = SandboxSpec::builder("/k", "/r").env(k, v).build();
-            assert!(matches!(r, Err(SpecError::Env { .. })), "{k:?}={v:?}: {r:?}");
+            assert!(
+                matches!(r, Err(SpecError::Env { .. })),
+                "{k:?}={v:?}: {r:?}"
+            );
         }
     }
 
     #[test]
     fn serde_round_trip_revalidates() {
-        let s = SandboxSpec::builder("/k", "/r").vcpus(2).env("A", "1").build().expect("valid");
+        let s = SandboxSpec::builder("/k", "/r")
+            .vcpus(2)
+            .env("A", "1")
+            .build()
+            .expect("valid");
         let json = serde_json::to_string(&s).expect("serializes");
         let back: SandboxSpec = serde_json::from_str(&json).expect("deserializes");
         assert_eq!(back, s);

@@ -119,7 +119,9 @@ impl SandboxState {
     }
     /// No transition leaves this state.
     pub fn is_terminal(self) -> bool {
-        SandboxState::ALL.iter().all(|&to| !self.can_transition_to(to))
+        SandboxState::ALL
+            .iter()
+            .all(|&to| !self.can_transition_to(to))
     }
 }
 
@@ -152,7 +154,10 @@ mod tests {
                 assert_eq!(from.can_transition_to(to), allowed, "{from:?} -> {to:?}");
                 match from.transition(to) {
                     Ok(s) => assert!(allowed && s == to, "{from:?} -> {to:?}"),
-                    Err(e) => assert!(!allowed && e.from == from && e.to == to, "{from:?} -> {to:?}"),
+                    Err(e) => assert!(
+                        !allowed && e.from == from && e.to == to,
+                        "{from:?} -> {to:?}"
+                    ),
                 }
             }
         }

@@ -33,7 +33,17 @@ pub async fn start_agent(sock: &Path) -> Child {
 pub async fn start_agent_as(sock: &Path, pid1: bool) -> Child {
     let mut cmd = if pid1 {
         let mut c = Command::new("unshare");
-        c.args(["--pid", "--fork", "--kill-child", "--mount", "--uts", "--net", "--propagation", "private", AGENT]);
+        c.args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount",
+            "--uts",
+            "--net",
+            "--propagation",
+            "private",
+            AGENT,
+        ]);
         c
     } else {
         Command::new(AGENT)
@@ -56,7 +66,9 @@ pub async fn start_agent_as(sock: &Path, pid1: bool) -> Child {
 }
 
 pub async fn connect(sock: &Path) -> Result<AgentClient<UnixStream>> {
-    let s = UnixStream::connect(sock).await.map_err(|e| Error::with_source(ErrorKind::AgentUnreachable, "connect failed", e))?;
+    let s = UnixStream::connect(sock)
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::AgentUnreachable, "connect failed", e))?;
     Ok(AgentClient::handshake(s, HANDSHAKE_DEADLINE).await?)
 }
 
@@ -76,10 +88,15 @@ impl LocalRuntime {
 
     pub fn with_pid1(pid1: bool) -> Self {
         // Not under /tmp: a PID-1 agent mounts its own tmpfs there, hiding the socket from us.
-        let parent = option_env!("CARGO_TARGET_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let parent = option_env!("CARGO_TARGET_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
         LocalRuntime {
             pid1,
-            base: tempfile::Builder::new().prefix("sbx-local-").tempdir_in(parent).expect("tempdir"),
+            base: tempfile::Builder::new()
+                .prefix("sbx-local-")
+                .tempdir_in(parent)
+                .expect("tempdir"),
             counter: AtomicU64::new(0),
             sockets: Mutex::new(HashMap::new()),
         }
@@ -97,7 +114,10 @@ impl Runtime for LocalRuntime {
         let child = start_agent_as(&sock, self.pid1).await;
         let mut client = connect(&sock).await?;
         client.ping().await?;
-        self.sockets.lock().expect("lock").insert(id.clone(), sock.clone());
+        self.sockets
+            .lock()
+            .expect("lock")
+            .insert(id.clone(), sock.clone());
         let state = SandboxState::Creating.transition(SandboxState::Running)?;
         Ok(Box::new(LocalSandbox {
             id,
@@ -124,7 +144,10 @@ impl LocalSandbox {
     fn check_running(&self) -> Result<()> {
         let s = *self.state.lock().expect("lock");
         if !s.can_exec() {
-            return Err(Error::new(ErrorKind::InvalidState, format!("The sandbox is {s:?}.")));
+            return Err(Error::new(
+                ErrorKind::InvalidState,
+                format!("The sandbox is {s:?}."),
+            ));
         }
         Ok(())
     }
@@ -179,7 +202,10 @@ impl Sandbox for LocalSandbox {
             if let Ok(mut c) = connect(&self.sock).await {
                 let _ = c.power_off().await;
             }
-            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
                 child.kill().await?;
             }
         }
@@ -197,11 +223,15 @@ pub struct LocalHarness {
 
 impl LocalHarness {
     pub fn new() -> Self {
-        LocalHarness { runtime: LocalRuntime::new() }
+        LocalHarness {
+            runtime: LocalRuntime::new(),
+        }
     }
 
     pub fn pid1() -> Self {
-        LocalHarness { runtime: LocalRuntime::with_pid1(true) }
+        LocalHarness {
+            runtime: LocalRuntime::with_pid1(true),
+        }
     }
 }
 
@@ -211,10 +241,20 @@ impl Harness for LocalHarness {
         &self.runtime
     }
     fn spec(&self) -> SandboxSpec {
-        SandboxSpec::builder("/unused/vmlinux", "/unused/rootfs.ext4").env("SANDBOX_TEST", "1").build().expect("valid spec")
+        SandboxSpec::builder("/unused/vmlinux", "/unused/rootfs.ext4")
+            .env("SANDBOX_TEST", "1")
+            .build()
+            .expect("valid spec")
     }
     async fn raw_agent_stream(&self, sandbox: &dyn Sandbox) -> Result<Box<dyn RawStream>> {
-        let sock = self.runtime.sockets.lock().expect("lock").get(sandbox.id()).cloned().expect("known sandbox");
+        let sock = self
+            .runtime
+            .sockets
+            .lock()
+            .expect("lock")
+            .get(sandbox.id())
+            .cloned()
+            .expect("known sandbox");
         Ok(Box::new(UnixStream::connect(sock).await?))
     }
     async fn create_unreachable(&self) -> Result<Box<dyn Sandbox>> {
@@ -231,7 +271,9 @@ impl Harness for LocalHarness {
         let r = connect(&sock).await;
         holder.abort();
         let _ = std::fs::remove_file(&sock);
-        r.map(|_| -> Box<dyn Sandbox> { unreachable!("a mute listener cannot complete a handshake") })
+        r.map(|_| -> Box<dyn Sandbox> {
+            unreachable!("a mute listener cannot complete a handshake")
+        })
     }
     fn unreachable_deadline(&self) -> Duration {
         HANDSHAKE_DEADLINE
