@@ -85,6 +85,14 @@ pub enum ClientError {
     /// The file request is invalid.
     #[error("The file request is invalid.")]
     File(#[from] FileError),
+    /// The VMM's vsock socket did not accept `CONNECT <port>` (no listener yet, or a bad reply).
+    #[error("The vsock CONNECT to port {port} failed: {reply:?}.")]
+    VsockConnect {
+        /// The guest port.
+        port: u32,
+        /// What came back instead of `OK <n>` (truncated), or the I/O error text.
+        reply: String,
+    },
     /// An earlier failure left the connection unusable.
     #[error("The agent connection is broken by an earlier error; open a new one.")]
     Broken,
@@ -95,7 +103,9 @@ impl ClientError {
     pub fn kind(&self) -> crate::ErrorKind {
         use crate::ErrorKind as K;
         match self {
-            ClientError::HandshakeTimeout { .. } | ClientError::Closed => K::AgentUnreachable,
+            ClientError::HandshakeTimeout { .. }
+            | ClientError::Closed
+            | ClientError::VsockConnect { .. } => K::AgentUnreachable,
             ClientError::Handshake(ProtocolError::Io(_) | ProtocolError::Truncated { .. }) => {
                 K::AgentUnreachable
             }
@@ -154,6 +164,105 @@ fn frame_name(m: &AgentMessage) -> &'static str {
         AgentMessage::Done => "Done",
         AgentMessage::Listing(_) => "Listing",
         AgentMessage::Error(_) => "Error",
+    }
+}
+
+/// Longest reply line accepted from the VMM's vsock socket (`OK <n>\n`).
+const MAX_CONNECT_REPLY: usize = 64;
+
+/// The host side of the VMM's vsock Unix-socket scheme: writes `CONNECT <port>\n` and reads the
+/// `OK <n>\n` line, one byte at a time so no byte of the following stream is consumed.
+///
+/// # Errors
+/// [`ClientError::VsockConnect`] when the reply is not `OK ...` (for example the connection is
+/// closed because nothing listens on `port` in the guest yet).
+pub async fn vsock_connect<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    port: u32,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = |e: std::io::Error| ClientError::VsockConnect {
+        port,
+        reply: e.to_string(),
+    };
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let b = stream.read_u8().await.map_err(io)?;
+        if b == b'\n' {
+            break;
+        }
+        line.push(b);
+        if line.len() > MAX_CONNECT_REPLY {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&line).into_owned();
+    match text.strip_prefix("OK ") {
+        Some(n) if n.trim().parse::<u32>().is_ok() => Ok(()),
+        _ => Err(ClientError::VsockConnect { port, reply: text }),
+    }
+}
+
+/// Connects to a VMM's vsock Unix socket at `path`, asks for guest `port`, and completes the agent
+/// handshake, all within `deadline`. One attempt; see [`wait_for_agent`] for boot-time polling.
+///
+/// # Errors
+/// [`ClientError::VsockConnect`], [`ClientError::Handshake`], [`ClientError::HandshakeTimeout`].
+pub async fn connect_vsock_unix(
+    path: &std::path::Path,
+    port: u32,
+    deadline: Duration,
+) -> Result<AgentClient<tokio::net::UnixStream>> {
+    let attempt = async {
+        let mut s =
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(|e| ClientError::VsockConnect {
+                    port,
+                    reply: e.to_string(),
+                })?;
+        vsock_connect(&mut s, port).await?;
+        AgentClient::handshake(s, deadline).await
+    };
+    match tokio::time::timeout(deadline, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::HandshakeTimeout { after: deadline }),
+    }
+}
+
+/// Polls [`connect_vsock_unix`] every 50 ms until the agent answers or `deadline` passes (the
+/// guest is booting: the socket may not exist yet, or nothing listens on the port yet).
+///
+/// # Errors
+/// [`ClientError::HandshakeTimeout`] (kind `AgentUnreachable`) after `deadline`, or a
+/// [`ClientError::Handshake`] protocol mismatch at once (retrying cannot fix it).
+pub async fn wait_for_agent(
+    path: &std::path::Path,
+    port: u32,
+    deadline: Duration,
+) -> Result<AgentClient<tokio::net::UnixStream>> {
+    let end = Instant::now() + deadline;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ClientError::HandshakeTimeout { after: deadline });
+        }
+        match connect_vsock_unix(path, port, left).await {
+            Ok(c) => return Ok(c),
+            Err(
+                e @ ClientError::Handshake(
+                    ProtocolError::BadMagic { .. }
+                    | ProtocolError::BadRole { .. }
+                    | ProtocolError::VersionMismatch { .. },
+                ),
+            ) => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50).min(left)).await,
+        }
     }
 }
 
@@ -586,5 +695,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ExecSession<'_, S> {
         self.client
             .send(self.id, HostMessage::Signal { signal })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn vsock_connect_reads_exactly_the_ok_line() {
+        let (mut host, mut vmm) = tokio::io::duplex(256);
+        let vmm_side = tokio::spawn(async move {
+            let mut req = [0u8; 13];
+            vmm.read_exact(&mut req).await.expect("request");
+            assert_eq!(&req, b"CONNECT 1024\n");
+            // The reply line and the first protocol bytes arrive together.
+            vmm.write_all(b"OK 1073741824\nSBXA").await.expect("reply");
+            vmm
+        });
+        vsock_connect(&mut host, 1024).await.expect("connected");
+        let mut next = [0u8; 4];
+        host.read_exact(&mut next).await.expect("stream bytes");
+        assert_eq!(&next, b"SBXA", "no byte after the OK line was consumed");
+        drop(vmm_side.await.expect("vmm"));
+    }
+
+    #[tokio::test]
+    async fn vsock_connect_refusals_are_typed() {
+        for reply in [&b"NO\n"[..], b"", b"OK notanumber\n", &[b'x'; 200]] {
+            let (mut host, mut vmm) = tokio::io::duplex(512);
+            vmm.write_all(reply).await.expect("reply");
+            drop(vmm);
+            let err = vsock_connect(&mut host, 1024).await.expect_err("refused");
+            assert!(
+                matches!(err, ClientError::VsockConnect { port: 1024, .. }),
+                "{err:?}"
+            );
+            assert_eq!(err.kind(), crate::ErrorKind::AgentUnreachable);
+        }
+    }
+
+    #[tokio::test]
+    async fn wait_for_agent_gives_up_at_the_deadline() {
+        let dir = std::env::temp_dir().join(format!("sbx-wait-{}", std::process::id()));
+        let err = wait_for_agent(&dir.join("missing.sock"), 1024, Duration::from_millis(200))
+            .await
+            .expect_err("nothing there");
+        assert!(
+            matches!(err, ClientError::HandshakeTimeout { .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), crate::ErrorKind::AgentUnreachable);
     }
 }

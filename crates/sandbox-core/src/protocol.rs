@@ -970,6 +970,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "host")]
     #[tokio::test]
     async fn frame_reader_handles_split_and_oversized_input() {
         let a = AgentFrame {
@@ -1024,6 +1025,7 @@ mod tests {
         ));
     }
 
+    #[cfg(feature = "host")]
     #[tokio::test]
     async fn async_and_blocking_framing_agree() {
         let f = AgentFrame {
