@@ -1098,3 +1098,104 @@ mod tests {
         }
     }
 }
+
+/// KVM tier: a real Linux guest (from `cargo xtask guest`) talks to the host through this
+/// device. Needs `SANDBOX_KERNEL` and `SANDBOX_ROOTFS`, set by `cargo xtask test`.
+#[cfg(all(test, sandbox_kvm))]
+mod kvm_tier {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use crate::devices::console::ConsoleRing;
+    use crate::vmm::{build, DiskConfig, ExitReason, VmConfig, VmResources, VsockDeviceConfig};
+
+    /// Upper bound for a boot plus the exchange, even under nested TCG (a hang guard only).
+    const TIMEOUT: Duration = Duration::from_secs(600);
+    const N: usize = 1 << 20;
+
+    fn env_path(name: &str) -> PathBuf {
+        std::env::var_os(name).map(PathBuf::from).unwrap_or_else(|| {
+            panic!("{name} is not set: run the KVM tier with `cargo xtask test`, which builds the guest artifacts")
+        })
+    }
+
+    #[test]
+    fn linux_guest_echoes_a_mebibyte_over_vsock() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let uds = dir.path().join("v.sock");
+        // The guest reads 1 MiB, sends it back reversed, then waits for the host to close. The
+        // kernel command line cannot nest quotes, so the script travels in its own parameter
+        // (Linux hands unknown `key=value` parameters to init as environment variables) and is
+        // written without spaces or glob characters, to survive the shell's expansion unquoted.
+        // The marker is built at run time so that the echoed command line cannot match it.
+        let script = "s=__import__('socket');l=s.socket(s.AF_VSOCK,s.SOCK_STREAM);\
+            l.bind((s.VMADDR_CID_ANY,5000));l.listen(1);print('VSOCK'+'-LISTENING',flush=True);\
+            c,a=l.accept();d=c.makefile('rb').read(1048576);c.sendall(bytes(reversed(d)));\
+            c.shutdown(s.SHUT_WR);c.recv(1)";
+        assert!(!script.contains([' ', '"', '*', '?', '[']));
+        // The rootfs cache entry is opened read-only, so no copy is needed.
+        let config = VmConfig::new(env_path("SANDBOX_KERNEL"))
+            .memory_mib(256)
+            .disk(DiskConfig::new(env_path("SANDBOX_ROOTFS"), true))
+            .vsock(VsockDeviceConfig::new(3, &uds))
+            .cmdline_extra(format!(
+                "root=/dev/vda ro init=/sbin/sandbox-test-init vsock_script={script} \
+                 sandbox_run=\"python3 -c $vsock_script\""
+            ))
+            .console_file(dir.path().join("console.log"), 1 << 20);
+        let ring = ConsoleRing::new(1 << 20);
+        let resources = VmResources::try_from(config)
+            .expect("valid config")
+            .with_console_ring(ring.clone());
+        let mut vm = build(resources).expect("build the VM");
+        vm.start().expect("start the VM");
+        let listening = ring.wait_for_line("VSOCK-LISTENING", TIMEOUT);
+        assert!(
+            listening.is_some(),
+            "guest never listened; console:\n{}",
+            ring.lines().concat()
+        );
+
+        let mut host = UnixStream::connect(&uds).expect("connect to the vsock socket");
+        host.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        host.write_all(b"CONNECT 5000\n").expect("CONNECT");
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.last() != Some(&b'\n') {
+            assert_eq!(
+                host.read(&mut b).expect("read OK line"),
+                1,
+                "EOF before OK line"
+            );
+            line.push(b[0]);
+        }
+        assert!(
+            line.starts_with(b"OK "),
+            "{:?}",
+            String::from_utf8_lossy(&line)
+        );
+
+        let data: Vec<u8> = (0..N).map(|i| ((i * 7 + i / 4096) % 256) as u8).collect();
+        host.write_all(&data).expect("send 1 MiB");
+        let mut back = vec![0u8; N];
+        host.read_exact(&mut back).expect("receive 1 MiB");
+        back.reverse();
+        assert!(back == data, "the echoed bytes differ");
+        assert_eq!(
+            host.read(&mut b).expect("read EOF"),
+            0,
+            "guest shut its write side"
+        );
+        drop(host);
+
+        let reason = vm.wait_timeout(TIMEOUT).unwrap_or_else(|| vm.stop());
+        let console = ring.lines().concat();
+        assert_eq!(reason, ExitReason::Poweroff, "console:\n{console}");
+        assert!(
+            console.contains("sandbox-init: exit=0"),
+            "console:\n{console}"
+        );
+    }
+}
