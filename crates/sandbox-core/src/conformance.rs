@@ -85,6 +85,8 @@ pub async fn run_all(h: &dyn Harness) {
     stdin_round_trip(sb.as_ref()).await;
     timeout_kills_process_group(sb.as_ref()).await;
     no_zombies_after_1000_execs(sb.as_ref()).await;
+    dropped_stream_kills_command(sb.as_ref()).await;
+    concurrent_execs(sb.as_ref()).await;
     file_round_trip(sb.as_ref()).await;
     confined_root_blocks_escapes(sb.as_ref()).await;
     oversized_frames_refused(h, sb.as_ref()).await;
@@ -199,7 +201,8 @@ pub async fn stdin_round_trip(sb: &dyn Sandbox) {
 
 /// A timeout kills the whole process group, including a backgrounded `sleep`.
 pub async fn timeout_kills_process_group(sb: &dyn Sandbox) {
-    let req = ExecRequest::shell("sleep 1000 & echo $!; wait").timeout(Duration::from_secs(1));
+    // Generous: under nested emulation the shell must get to its `echo` before the deadline.
+    let req = ExecRequest::shell("sleep 1000 & echo $!; wait").timeout(Duration::from_secs(3));
     let out = sb.exec(req).await.expect("exec");
     assert!(
         out.status.timed_out,
@@ -230,6 +233,62 @@ pub async fn timeout_kills_process_group(sb: &dyn Sandbox) {
         Some(0),
         "the backgrounded sleep {bg} survived the timeout (3: zombie, 4: alive)"
     );
+}
+
+/// Polls (bounded) inside the guest until `pid` is gone (reaped, not a zombie).
+async fn wait_gone(sb: &dyn Sandbox, pid: u32) -> bool {
+    let check = format!(
+        "for i in $(seq 1 100 2>/dev/null || echo 1 2 3 4 5 6 7 8 9 10); do \
+           [ -e /proc/{pid} ] || exit 0; sleep 0.1; \
+         done; exit 4"
+    );
+    sh(sb, &check).await.status.code == Some(0)
+}
+
+/// Dropping an [`ExecStream`](crate::ExecStream) kills the command, even a silent one.
+pub async fn dropped_stream_kills_command(sb: &dyn Sandbox) {
+    let mut stream = sb
+        .exec_stream(ExecRequest::shell("echo $$; exec sleep 1000"))
+        .await
+        .expect("exec_stream");
+    let pid = match stream.next().await {
+        Some(Ok(ExecEvent::Stdout(b))) => String::from_utf8_lossy(&b)
+            .trim()
+            .parse::<u32>()
+            .expect("pid"),
+        other => panic!("expected the command's pid on stdout, got {other:?}"),
+    };
+    drop(stream);
+    assert!(
+        wait_gone(sb, pid).await,
+        "command {pid} outlived its dropped stream"
+    );
+}
+
+/// Four commands run at the same time on one sandbox: each waits for a file only the last creates.
+pub async fn concurrent_execs(sb: &dyn Sandbox) {
+    let gate = "/tmp/conformance-gate";
+    let waiter = format!(
+        "for n in $(seq 1 600); do [ -e {gate} ] && {{ echo go; exit 0; }}; sleep 0.05; done; exit 1"
+    );
+    let _ = sh(sb, &format!("rm -f {gate}")).await;
+    let w = || sb.exec(ExecRequest::shell(waiter.clone()));
+    let opener = async {
+        // Let the waiters start first; they poll, so the order does not matter for correctness.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sb.exec(ExecRequest::shell(format!("touch {gate}; echo go")))
+            .await
+    };
+    let (a, b, c, d) = tokio::join!(w(), w(), w(), opener);
+    for out in [a, b, c, d] {
+        let out = out.expect("exec");
+        assert_eq!(
+            (out.status.code, out.stdout_str()),
+            (Some(0), "go\n".to_owned()),
+            "concurrent exec"
+        );
+    }
+    let _ = sh(sb, &format!("rm -f {gate}")).await;
 }
 
 /// Counts zombie children of the agent (the parent of the shell running the script).
