@@ -585,7 +585,7 @@ mod tests {
             _interrupt: Arc<VirtioInterrupt>,
         ) -> Result<()> {
             if self.fail_activate {
-                return Err(VirtioError::InvalidQueue { index: 0 });
+                return Err(VirtioError::QueueCount { expected: 9, got: queues.len() });
             }
             self.activated = Some(queues.iter().map(|q| (q.size(), acked)).collect());
             Ok(())

@@ -94,27 +94,12 @@ pub enum VirtioError {
         /// Queues it was given.
         got: usize,
     },
-    /// A virtqueue is not usable (not ready, or its rings lie outside guest memory).
-    #[error("virtqueue {index} is not valid.")]
-    InvalidQueue {
-        /// Queue index.
-        index: usize,
-    },
     /// An eventfd could not be created.
     #[error("cannot create an eventfd.")]
     EventFd(#[source] io::Error),
-    /// Guest memory could not be accessed.
-    #[error("guest memory access failed.")]
-    GuestMemory(#[source] vm_memory::GuestMemoryError),
-    /// A virtqueue operation failed.
-    #[error("virtqueue operation failed.")]
-    Queue(#[source] virtio_queue::Error),
     /// Raising the interrupt failed.
     #[error("cannot raise the device interrupt.")]
     Interrupt(#[source] io::Error),
-    /// A host-side I/O operation of the device backend failed.
-    #[error("device backend I/O failed.")]
-    Io(#[source] io::Error),
 }
 
 /// Result of this module.

@@ -190,7 +190,7 @@ impl<M: GuestMemory> Vsock<M> {
     /// fills the guest's rx queue if the device is active.
     ///
     /// # Errors
-    /// [`VirtioError::Queue`] or [`VirtioError::Interrupt`] on a device-side failure.
+    /// [`VirtioError::Interrupt`] if the interrupt cannot be raised.
     pub fn handle_backend_event(&mut self) -> std::result::Result<(), VirtioError> {
         self.muxer.process_events();
         self.process_rx()
