@@ -163,6 +163,9 @@ fn main() {
 }
 
 fn run(agent: &Arc<Agent>, cli: &Cli) -> Result<(), String> {
+    // Bind before mounting: a Unix socket path under /tmp or /run must be created before the
+    // tmpfs mounts hide it (tests run a PID-1 agent in namespaces that way; vsock does not care).
+    let listener = bind(&cli.listen);
     if agent.pid1 {
         init_system(&agent.hostname);
     } else {
@@ -171,7 +174,7 @@ fn run(agent: &Arc<Agent>, cli: &Cli) -> Result<(), String> {
             .map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))?;
     }
     let reaper = reaper::Reaper::start().map_err(|e| format!("cannot start the reaper: {e}"))?;
-    let listener = bind(&cli.listen)?;
+    let listener = listener?;
     println!("{READY_LINE}");
     let _ = std::io::stdout().flush();
     debug!("listening on {:?}", cli.listen);

@@ -83,7 +83,12 @@ pub fn spawn(plan: &SpawnPlan, stdin: RawFd, stdout: RawFd, stderr: RawFd) -> io
         // were open in the parent), the pointers come from `plan`, alive for the whole call.
         unsafe { child_exec(plan, stdin, stdout, stderr) }
     }
-    Ok(Pid::from_raw(pid))
+    let pid = Pid::from_raw(pid);
+    // The child makes itself a group leader too, but maybe not yet: set it from this side as
+    // well (as shells do), so a `killpg` right after we report `Started` cannot miss the group.
+    // EACCES (the child already exec'd, after its own setpgid) and ESRCH are fine.
+    let _ = nix::unistd::setpgid(pid, pid);
+    Ok(pid)
 }
 
 /// Never returns.

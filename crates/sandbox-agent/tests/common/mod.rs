@@ -87,10 +87,9 @@ impl LocalRuntime {
     }
 
     pub fn with_pid1(pid1: bool) -> Self {
-        // Not under /tmp: a PID-1 agent mounts its own tmpfs there, hiding the socket from us.
-        let parent = option_env!("CARGO_TARGET_TMPDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
+        // Under /tmp on purpose: a PID-1 agent mounts its own tmpfs there, so this also checks
+        // that it binds its socket before mounting.
+        let parent = std::env::temp_dir();
         LocalRuntime {
             pid1,
             base: tempfile::Builder::new()
