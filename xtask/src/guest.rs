@@ -102,15 +102,52 @@ pub fn ensure_artifacts() -> Result<GuestArtifacts> {
     Ok(GuestArtifacts { kernel, rootfs })
 }
 
-/// The guest agent binary to install as `/sbin/init`, if one has been built.
+/// The guest agent binary to install as `/sbin/init`: built here, static, and returned.
 ///
-/// TODO(issue 4): the agent helper builds it with
-/// `RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p sandbox-agent --target
-/// x86_64-unknown-linux-gnu` and this returns
-/// `target/x86_64-unknown-linux-gnu/release/sandbox-agent` (building it first if needed). Until
-/// then there is no agent, and the test init is installed as `/sbin/init` instead.
+/// `cargo build --release -p sandbox-agent --target x86_64-unknown-linux-gnu` with
+/// `RUSTFLAGS=-C target-feature=+crt-static`, into its own target dir (`target/agent`) so that the
+/// different RUSTFLAGS do not invalidate the other builds. Cargo makes a no-op rebuild cheap, and
+/// an unchanged agent is byte-identical, so the rootfs cache key (which hashes this file) stays
+/// stable. A failed build stops xtask: a rootfs without its agent boots but never answers, which
+/// is a much more confusing failure later on.
 pub fn agent_binary() -> Option<PathBuf> {
-    None
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    let root = util::workspace_root();
+    let target_dir = root.join("target").join("agent");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args([
+        "build",
+        "--release",
+        "-j2",
+        "-p",
+        "sandbox-agent",
+        "--target",
+        TARGET,
+    ])
+    .arg("--target-dir")
+    .arg(&target_dir)
+    .current_dir(&root)
+    // CARGO_ENCODED_RUSTFLAGS would win over RUSTFLAGS; the agent gets exactly ours.
+    .env_remove("CARGO_ENCODED_RUSTFLAGS")
+    .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    eprintln!(
+        "xtask: building the guest agent (static) into {}",
+        target_dir.display()
+    );
+    if let Err(e) = util::run(&mut cmd) {
+        eprintln!("xtask: building the guest agent failed: {e:#}");
+        std::process::exit(1);
+    }
+    let bin = target_dir
+        .join(TARGET)
+        .join("release")
+        .join("sandbox-agent");
+    if !bin.is_file() {
+        eprintln!("xtask: the agent build produced no {}", bin.display());
+        std::process::exit(1);
+    }
+    Some(bin)
 }
 
 /// `cargo xtask guest [all|kernel|rootfs]`.

@@ -34,3 +34,6 @@ pub mod layout;
 pub mod sys;
 pub mod vcpu;
 pub mod vmm;
+pub mod runtime;
+
+pub use runtime::{KvmRuntime, KvmRuntimeConfig, KvmSandbox};

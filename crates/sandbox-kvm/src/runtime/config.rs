@@ -1,0 +1,427 @@
+//! [`KvmRuntimeConfig`]: where the runtime finds `sandbox-vmm`, the guest artifacts and its state
+//! directory, and its deadlines and limits. Unset fields get defaults from the environment when
+//! [`KvmRuntime::new`](super::KvmRuntime::new) resolves them, once.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{Result, RuntimeError};
+
+/// Environment variable naming the `sandbox-vmm` binary.
+pub const ENV_VMM: &str = "SANDBOX_VMM";
+/// Environment variable naming the default guest kernel (`vmlinux`).
+pub const ENV_KERNEL: &str = "SANDBOX_KERNEL";
+/// Environment variable naming the default guest rootfs (raw ext4).
+pub const ENV_ROOTFS: &str = "SANDBOX_ROOTFS";
+/// Default deadline for a new sandbox's agent handshake (generous: nested test hosts are slow).
+pub const DEFAULT_CREATE_DEADLINE: Duration = Duration::from_secs(120);
+/// Default wait for the agent's power-off during `destroy()` before the VMM is killed.
+pub const DEFAULT_DESTROY_GRACE: Duration = Duration::from_secs(3);
+/// Default cap of each sandbox's console log, bytes (256 KiB).
+pub const DEFAULT_CONSOLE_CAP_BYTES: u64 = 256 * 1024;
+/// Default most live sandboxes per runtime.
+pub const DEFAULT_MAX_SANDBOXES: usize = 64;
+
+/// How a [`KvmRuntime`](super::KvmRuntime) runs sandboxes. Build with
+/// [`KvmRuntimeConfig::builder`]; every field has a default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KvmRuntimeConfig {
+    /// The `sandbox-vmm` binary. Default: `$SANDBOX_VMM`, else `sandbox-vmm` next to the current
+    /// executable (or one directory up, for examples and test binaries).
+    pub vmm: Option<PathBuf>,
+    /// Default guest kernel for [`KvmRuntime::spec_builder`](super::KvmRuntime::spec_builder).
+    /// Default: `$SANDBOX_KERNEL`.
+    pub kernel: Option<PathBuf>,
+    /// Default guest rootfs. Default: `$SANDBOX_ROOTFS`.
+    pub rootfs: Option<PathBuf>,
+    /// Where per-sandbox directories live. Default: `$XDG_RUNTIME_DIR/sandbox-sdk`, else
+    /// `/run/sandbox-sdk` for root, else `$TMPDIR/sandbox-sdk-<uid>`.
+    pub state_dir: Option<PathBuf>,
+    /// The KVM device checked at startup.
+    pub kvm_device: PathBuf,
+    /// How long `create()` waits for the agent handshake.
+    pub create_deadline: Duration,
+    /// How long `destroy()` waits for a clean power-off before killing the VMM.
+    pub destroy_grace: Duration,
+    /// Cap of each sandbox's console log, bytes.
+    pub console_cap_bytes: u64,
+    /// Most sandboxes alive at once in this runtime.
+    pub max_sandboxes: usize,
+    /// The guest vsock port the agent listens on ([`sandbox_core::AGENT_VSOCK_PORT`]); tests set
+    /// another port to get an agent that never answers.
+    pub agent_port: u32,
+}
+
+impl Default for KvmRuntimeConfig {
+    fn default() -> Self {
+        Self {
+            vmm: None,
+            kernel: None,
+            rootfs: None,
+            state_dir: None,
+            kvm_device: PathBuf::from(crate::kvm::KVM_DEVICE),
+            create_deadline: DEFAULT_CREATE_DEADLINE,
+            destroy_grace: DEFAULT_DESTROY_GRACE,
+            console_cap_bytes: DEFAULT_CONSOLE_CAP_BYTES,
+            max_sandboxes: DEFAULT_MAX_SANDBOXES,
+            agent_port: sandbox_core::AGENT_VSOCK_PORT,
+        }
+    }
+}
+
+impl KvmRuntimeConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> KvmRuntimeConfigBuilder {
+        KvmRuntimeConfigBuilder {
+            config: Self::default(),
+        }
+    }
+}
+
+/// Builds a [`KvmRuntimeConfig`]; `build()` checks the ranges.
+#[derive(Debug, Clone)]
+pub struct KvmRuntimeConfigBuilder {
+    config: KvmRuntimeConfig,
+}
+
+impl KvmRuntimeConfigBuilder {
+    /// The `sandbox-vmm` binary.
+    pub fn vmm(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.vmm = Some(path.into());
+        self
+    }
+    /// The default guest kernel.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.kernel = Some(path.into());
+        self
+    }
+    /// The default guest rootfs.
+    pub fn rootfs(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.rootfs = Some(path.into());
+        self
+    }
+    /// The state directory.
+    pub fn state_dir(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.state_dir = Some(path.into());
+        self
+    }
+    /// The KVM device to check (default `/dev/kvm`).
+    pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.kvm_device = path.into();
+        self
+    }
+    /// The agent handshake deadline of `create()`.
+    pub fn create_deadline(mut self, d: Duration) -> Self {
+        self.config.create_deadline = d;
+        self
+    }
+    /// The clean power-off wait of `destroy()`.
+    pub fn destroy_grace(mut self, d: Duration) -> Self {
+        self.config.destroy_grace = d;
+        self
+    }
+    /// The console log cap, bytes.
+    pub fn console_cap_bytes(mut self, bytes: u64) -> Self {
+        self.config.console_cap_bytes = bytes;
+        self
+    }
+    /// The most live sandboxes.
+    pub fn max_sandboxes(mut self, n: usize) -> Self {
+        self.config.max_sandboxes = n;
+        self
+    }
+    /// The guest vsock port of the agent.
+    pub fn agent_port(mut self, port: u32) -> Self {
+        self.config.agent_port = port;
+        self
+    }
+
+    /// Checks the ranges.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Config`] naming the field: a zero deadline, a console cap outside
+    /// 1 byte..=1 GiB, `max_sandboxes` 0, or agent port 0 / `u32::MAX`.
+    pub fn build(self) -> Result<KvmRuntimeConfig> {
+        let c = self.config;
+        let bad = |field: &'static str, problem: &'static str| {
+            Err(RuntimeError::Config { field, problem })
+        };
+        if c.create_deadline.is_zero() {
+            return bad("create_deadline", "must be above zero");
+        }
+        if c.console_cap_bytes == 0 || c.console_cap_bytes > crate::vmm::config::MAX_CONSOLE_CAP {
+            return bad("console_cap_bytes", "must be between 1 byte and 1 GiB");
+        }
+        if c.max_sandboxes == 0 {
+            return bad("max_sandboxes", "must be at least 1");
+        }
+        if c.agent_port == 0 || c.agent_port == u32::MAX {
+            return bad("agent_port", "must be 1..=4294967294");
+        }
+        Ok(c)
+    }
+}
+
+/// A config with every default filled in and every path checked.
+#[derive(Debug, Clone)]
+pub(crate) struct Resolved {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub state_dir: PathBuf,
+    pub create_deadline: Duration,
+    pub destroy_grace: Duration,
+    pub console_cap_bytes: u64,
+    pub max_sandboxes: usize,
+    pub agent_port: u32,
+}
+
+/// What resolution may look at, so tests can fake the process environment.
+pub(crate) struct Env<'a> {
+    pub var: &'a dyn Fn(&str) -> Option<OsString>,
+    pub current_exe: Option<PathBuf>,
+    pub is_root: bool,
+    pub uid: u32,
+}
+
+impl Env<'_> {
+    pub fn process() -> Env<'static> {
+        Env {
+            var: &|k| std::env::var_os(k).filter(|v| !v.is_empty()),
+            current_exe: std::env::current_exe().ok(),
+            is_root: super::sys::is_root(),
+            uid: super::sys::euid(),
+        }
+    }
+}
+
+/// Fills the defaults and checks that the binary and artifacts are readable files.
+pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
+    let vmm = match c
+        .vmm
+        .clone()
+        .or_else(|| (env.var)(ENV_VMM).map(PathBuf::from))
+    {
+        Some(p) => p,
+        None => find_vmm_near(env.current_exe.as_deref()).ok_or(RuntimeError::VmmNotFound)?,
+    };
+    check_file("sandbox-vmm", &vmm)?;
+    let artifact = |field: &Option<PathBuf>, what: &'static str, var: &'static str| {
+        let p = field
+            .clone()
+            .or_else(|| (env.var)(var).map(PathBuf::from))
+            .ok_or(RuntimeError::ArtifactUnset { what, var })?;
+        check_file(what, &p)?;
+        Ok::<_, RuntimeError>(p)
+    };
+    let kernel = artifact(&c.kernel, "guest kernel", ENV_KERNEL)?;
+    let rootfs = artifact(&c.rootfs, "guest rootfs", ENV_ROOTFS)?;
+    let state_dir = match &c.state_dir {
+        Some(p) => p.clone(),
+        None => default_state_dir(env),
+    };
+    Ok(Resolved {
+        vmm,
+        kernel,
+        rootfs,
+        state_dir,
+        create_deadline: c.create_deadline,
+        destroy_grace: c.destroy_grace,
+        console_cap_bytes: c.console_cap_bytes,
+        max_sandboxes: c.max_sandboxes,
+        agent_port: c.agent_port,
+    })
+}
+
+/// `sandbox-vmm` in the executable's directory or its parent (`target/debug/examples/x` and
+/// `target/debug/deps/x` have the binary one level up).
+fn find_vmm_near(exe: Option<&Path>) -> Option<PathBuf> {
+    let dir = exe?.parent()?;
+    [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("sandbox-vmm"))
+        .find(|p| p.is_file())
+}
+
+fn default_state_dir(env: &Env<'_>) -> PathBuf {
+    if let Some(xdg) = (env.var)("XDG_RUNTIME_DIR") {
+        return PathBuf::from(xdg).join("sandbox-sdk");
+    }
+    if env.is_root {
+        return PathBuf::from("/run/sandbox-sdk");
+    }
+    let tmp = (env.var)("TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    tmp.join(format!("sandbox-sdk-{}", env.uid))
+}
+
+fn check_file(what: &'static str, path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(RuntimeError::ArtifactUnreadable {
+            what,
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        }),
+        Err(source) => Err(RuntimeError::ArtifactUnreadable {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env_with<'a>(vars: &'a dyn Fn(&str) -> Option<OsString>, exe: Option<PathBuf>) -> Env<'a> {
+        Env {
+            var: vars,
+            current_exe: exe,
+            is_root: false,
+            uid: 1000,
+        }
+    }
+
+    #[test]
+    fn builder_checks_ranges() {
+        let e = KvmRuntimeConfig::builder()
+            .create_deadline(Duration::ZERO)
+            .build()
+            .expect_err("zero deadline");
+        assert!(matches!(
+            e,
+            RuntimeError::Config {
+                field: "create_deadline",
+                ..
+            }
+        ));
+        let e = KvmRuntimeConfig::builder()
+            .max_sandboxes(0)
+            .build()
+            .expect_err("zero sandboxes");
+        assert!(matches!(
+            e,
+            RuntimeError::Config {
+                field: "max_sandboxes",
+                ..
+            }
+        ));
+        let e = KvmRuntimeConfig::builder()
+            .console_cap_bytes(0)
+            .build()
+            .expect_err("zero cap");
+        assert!(matches!(
+            e,
+            RuntimeError::Config {
+                field: "console_cap_bytes",
+                ..
+            }
+        ));
+        let c = KvmRuntimeConfig::builder()
+            .agent_port(4000)
+            .build()
+            .expect("valid");
+        assert_eq!(
+            (c.agent_port, c.create_deadline),
+            (4000, DEFAULT_CREATE_DEADLINE)
+        );
+    }
+
+    #[test]
+    fn defaults_come_from_the_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vmm = dir.path().join("sandbox-vmm");
+        let kernel = dir.path().join("vmlinux");
+        let rootfs = dir.path().join("rootfs.ext4");
+        for p in [&vmm, &kernel, &rootfs] {
+            std::fs::write(p, b"x").expect("write");
+        }
+        let vars: HashMap<&str, OsString> = [
+            (ENV_VMM, vmm.clone().into_os_string()),
+            (ENV_KERNEL, kernel.clone().into_os_string()),
+            (ENV_ROOTFS, rootfs.clone().into_os_string()),
+            ("XDG_RUNTIME_DIR", OsString::from("/run/user/1000")),
+        ]
+        .into_iter()
+        .collect();
+        let get = |k: &str| vars.get(k).cloned();
+        let r = resolve(&KvmRuntimeConfig::default(), &env_with(&get, None)).expect("resolves");
+        assert_eq!((r.vmm, r.kernel, r.rootfs), (vmm, kernel, rootfs));
+        assert_eq!(r.state_dir, PathBuf::from("/run/user/1000/sandbox-sdk"));
+    }
+
+    #[test]
+    fn vmm_is_found_next_to_the_executable_or_one_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let examples = dir.path().join("examples");
+        std::fs::create_dir(&examples).expect("mkdir");
+        std::fs::write(dir.path().join("sandbox-vmm"), b"x").expect("write");
+        assert_eq!(
+            find_vmm_near(Some(&examples.join("agent_task"))),
+            Some(dir.path().join("sandbox-vmm"))
+        );
+        assert_eq!(find_vmm_near(Some(Path::new("/nonexistent/dir/x"))), None);
+    }
+
+    #[test]
+    fn missing_pieces_name_the_fix() {
+        let none = |_: &str| None;
+        let e = resolve(&KvmRuntimeConfig::default(), &env_with(&none, None)).expect_err("no vmm");
+        assert!(matches!(e, RuntimeError::VmmNotFound));
+        assert!(e.to_string().contains("cargo build"), "{e}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vmm = dir.path().join("sandbox-vmm");
+        std::fs::write(&vmm, b"x").expect("write");
+        let c = KvmRuntimeConfig::builder()
+            .vmm(&vmm)
+            .build()
+            .expect("valid");
+        let e = resolve(&c, &env_with(&none, None)).expect_err("no kernel");
+        assert!(matches!(
+            e,
+            RuntimeError::ArtifactUnset {
+                var: ENV_KERNEL,
+                ..
+            }
+        ));
+        assert!(e.to_string().contains("cargo xtask guest"), "{e}");
+
+        let c = KvmRuntimeConfig::builder()
+            .vmm(&vmm)
+            .kernel(dir.path().join("missing-vmlinux"))
+            .build()
+            .expect("valid");
+        let e = resolve(&c, &env_with(&none, None)).expect_err("missing kernel file");
+        assert!(matches!(
+            e,
+            RuntimeError::ArtifactUnreadable {
+                what: "guest kernel",
+                ..
+            }
+        ));
+        assert!(e.to_string().contains("cargo xtask guest"), "{e}");
+        let public: sandbox_core::Error = e.into();
+        assert_eq!(public.kind(), sandbox_core::ErrorKind::HostSetup);
+    }
+
+    #[test]
+    fn state_dir_defaults_by_user() {
+        let none = |_: &str| None;
+        let mut env = env_with(&none, None);
+        assert_eq!(
+            default_state_dir(&env),
+            PathBuf::from("/tmp/sandbox-sdk-1000")
+        );
+        env.is_root = true;
+        assert_eq!(default_state_dir(&env), PathBuf::from("/run/sandbox-sdk"));
+    }
+}

@@ -1,0 +1,198 @@
+//! The KVM backend of `sandbox-core`'s [`Runtime`](sandbox_core::Runtime) and
+//! [`Sandbox`](sandbox_core::Sandbox) traits (see `docs/runtime.md`).
+//!
+//! 1. [`KvmRuntime::new`] resolves a [`KvmRuntimeConfig`] once: finds `sandbox-vmm` and the guest
+//!    artifacts (`SANDBOX_VMM`, `SANDBOX_KERNEL`, `SANDBOX_ROOTFS`), checks `/dev/kvm`, creates
+//!    the state directory and removes what dead owners left in it.
+//! 2. [`Runtime::create`](sandbox_core::Runtime::create) makes `<state>/sbx-<hex>/` with a private
+//!    copy of the rootfs (reflink or sparse copy), the VM config, the vsock socket and a capped
+//!    console log, and starts one `sandbox-vmm` process (exec'd directly, `PR_SET_PDEATHSIG`,
+//!    only stdin/stdout/stderr inherited). It returns once the guest agent answered the protocol
+//!    handshake over vsock, or fails with a typed error carrying the console tail and removes
+//!    everything it made.
+//! 3. A [`KvmSandbox`] talks to its agent over the VMM's vsock Unix socket (`CONNECT 1024`), with
+//!    a small pool of handshaken connections; a host-side task kills the VMM when the TTL ends.
+//! 4. `destroy()` asks the agent to power off, then kills and reaps the VMM and removes the
+//!    directory; `Drop` does the same, synchronously and best effort.
+//!
+//! ```no_run
+//! use sandbox_core::{ExecRequest, Runtime};
+//! use sandbox_kvm::runtime::{KvmRuntime, KvmRuntimeConfig};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let runtime = KvmRuntime::new(KvmRuntimeConfig::default())?;
+//! let sb = runtime.create(runtime.spec_builder().memory_mib(256).build()?).await?;
+//! let out = sb.exec(ExecRequest::shell("uname -r")).await?;
+//! println!("{}", out.stdout_str());
+//! sb.destroy().await?;
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod copy;
+mod process;
+mod reconcile;
+mod sandbox;
+mod sys;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use config::{
+    KvmRuntimeConfig, KvmRuntimeConfigBuilder, DEFAULT_CONSOLE_CAP_BYTES, DEFAULT_CREATE_DEADLINE,
+    DEFAULT_DESTROY_GRACE, DEFAULT_MAX_SANDBOXES, ENV_KERNEL, ENV_ROOTFS, ENV_VMM,
+};
+pub use copy::CopyMethod;
+pub use sandbox::{KvmRuntime, KvmSandbox};
+
+use sandbox_core::{Error, ErrorKind};
+
+/// A local `Result` for the runtime.
+pub type Result<T> = std::result::Result<T, RuntimeError>;
+
+/// What went wrong in the KVM runtime. Converted into the public [`sandbox_core::Error`] at the
+/// trait boundary (the kind is stated per variant).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// A config field is out of range (`InvalidSpec`).
+    #[error("KvmRuntimeConfig.{field} {problem}.")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        problem: &'static str,
+    },
+    /// No `sandbox-vmm` binary was found (`HostSetup`).
+    #[error(
+        "The sandbox-vmm binary was not found; fix: build it with \
+         `cargo build --release --bin sandbox-vmm` and set SANDBOX_VMM to its path \
+         (or install it next to this executable)."
+    )]
+    VmmNotFound,
+    /// A guest artifact path is not configured (`HostSetup`).
+    #[error("No {what} is configured; fix: run `cargo xtask guest` and set {var} to the path it prints.")]
+    ArtifactUnset {
+        /// `guest kernel` or `guest rootfs`.
+        what: &'static str,
+        /// The environment variable that would name it.
+        var: &'static str,
+    },
+    /// A configured file cannot be read (`HostSetup`).
+    #[error(
+        "The {what} {path} cannot be read; fix: build the guest artifacts with `cargo xtask guest` \
+         (sandbox-vmm: `cargo build --release --bin sandbox-vmm`) and check the path."
+    )]
+    ArtifactUnreadable {
+        /// What it is.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `/dev/kvm` is missing or unusable; the message names the fix (`HostSetup`).
+    #[error("KVM is not usable: {0}.")]
+    Kvm(#[from] crate::kvm::KvmError),
+    /// The state directory cannot be created or read (`HostSetup`).
+    #[error("The state directory {path} is not usable; fix: make it writable or set KvmRuntimeConfig.state_dir.")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Too many live sandboxes in this runtime (`HostSetup`).
+    #[error("This runtime already runs {max} sandboxes; fix: destroy some or raise KvmRuntimeConfig.max_sandboxes.")]
+    TooManySandboxes {
+        /// The limit.
+        max: usize,
+    },
+    /// A file operation while preparing or removing a sandbox failed (`Io`).
+    #[error("Could not {action} {path}.")]
+    Io {
+        /// What we tried, as a verb phrase.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM config the spec produced was refused (`InvalidSpec`).
+    #[error("The sandbox spec does not make a valid VM config.")]
+    VmConfig(#[from] crate::vmm::ConfigError),
+    /// `sandbox-vmm` could not be started (`HostSetup`).
+    #[error("Could not start {vmm}; fix: check that it is an executable sandbox-vmm binary.")]
+    Spawn {
+        /// The binary.
+        vmm: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM ended while the sandbox was booting or in use (`GuestExited`).
+    #[error("Sandbox {id}: {how}.{console}")]
+    GuestExited {
+        /// The sandbox id.
+        id: String,
+        /// How the VMM ended.
+        how: String,
+        /// The last console and VMM log lines, formatted for people (may be empty).
+        console: String,
+    },
+    /// The agent did not complete the handshake before the deadline (`AgentUnreachable`).
+    #[error("Sandbox {id}: the guest agent did not answer within {after:?}.{console}")]
+    AgentUnreachable {
+        /// The sandbox id.
+        id: String,
+        /// The deadline.
+        after: Duration,
+        /// The last console lines.
+        console: String,
+        /// The last connection error.
+        #[source]
+        source: sandbox_core::client::ClientError,
+    },
+}
+
+impl RuntimeError {
+    /// The public kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RuntimeError::Config { .. } | RuntimeError::VmConfig(_) => ErrorKind::InvalidSpec,
+            RuntimeError::VmmNotFound
+            | RuntimeError::ArtifactUnset { .. }
+            | RuntimeError::ArtifactUnreadable { .. }
+            | RuntimeError::Kvm(_)
+            | RuntimeError::StateDir { .. }
+            | RuntimeError::TooManySandboxes { .. }
+            | RuntimeError::Spawn { .. } => ErrorKind::HostSetup,
+            RuntimeError::Io { .. } => ErrorKind::Io,
+            RuntimeError::GuestExited { .. } => ErrorKind::GuestExited,
+            RuntimeError::AgentUnreachable { .. } => ErrorKind::AgentUnreachable,
+        }
+    }
+}
+
+impl From<RuntimeError> for Error {
+    /// The message is this error's text; the source is its cause (not the error itself, so a
+    /// `{:#}` chain does not print the text twice).
+    fn from(e: RuntimeError) -> Self {
+        let kind = e.kind();
+        let message = e.to_string();
+        match e {
+            RuntimeError::ArtifactUnreadable { source, .. }
+            | RuntimeError::StateDir { source, .. }
+            | RuntimeError::Io { source, .. }
+            | RuntimeError::Spawn { source, .. } => Error::with_source(kind, message, source),
+            RuntimeError::VmConfig(source) => Error::with_source(kind, message, source),
+            RuntimeError::AgentUnreachable { source, .. } => {
+                Error::with_source(kind, message, source)
+            }
+            _ => Error::new(kind, message),
+        }
+    }
+}

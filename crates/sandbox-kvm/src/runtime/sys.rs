@@ -1,0 +1,150 @@
+//! Raw syscalls of the runtime: reflink, flock, waitid without reaping, kill, prctl in the child,
+//! and random bytes. Each wrapper returns `io::Result` and documents its invariant.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// `FICLONE` (`_IOW(0x94, 9, int)`, linux/fs.h): share all of `src`'s extents with `dst`.
+const FICLONE: libc::c_ulong = 0x4004_9409;
+/// `CLOSE_RANGE_CLOEXEC` (linux/close_range.h, Linux 5.11): mark instead of close.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
+/// Makes `dst` a reflink (copy-on-write clone) of `src` (Btrfs, XFS with reflink, bcachefs...).
+///
+/// # Errors
+/// `EOPNOTSUPP`/`EINVAL`/`EXDEV`/`ENOTTY` where the file system cannot clone; other I/O errors.
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: both fds are valid for the borrow's lifetime; FICLONE takes the source fd as its
+    // integer argument and writes no memory of ours.
+    let r = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Tries to take an exclusive `flock` on `fd` without blocking. `Ok(false)`: someone holds it.
+///
+/// # Errors
+/// Any `flock` error but `EWOULDBLOCK`.
+pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: `fd` is valid for the borrow; flock touches no memory of ours.
+    let r = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Blocks until child `pid` has exited, *without* reaping it (`waitid(WEXITED | WNOWAIT)`), so
+/// the pid cannot be reused until the caller reaps it.
+///
+/// # Errors
+/// `ECHILD` if `pid` is not our child (or was already reaped).
+pub fn wait_exited_no_reap(pid: u32) -> io::Result<()> {
+    let id = libc::id_t::from(pid);
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid value (plain C data); waitid writes into it
+        // and nothing else.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid, writable siginfo_t for the duration of the call.
+        let r = unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Sends `SIGKILL` to `pid`. The caller guarantees `pid` names the intended process (our
+/// unreaped child, or a process whose start time was just checked).
+///
+/// # Errors
+/// `ESRCH` when it is gone, `EPERM`.
+pub fn kill_pid(pid: u32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    // SAFETY: kill(2) takes plain integers and touches no memory.
+    let r = unsafe { libc::kill(pid, libc::SIGKILL) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// In a freshly forked child, before exec: die with the parent (`PR_SET_PDEATHSIG(SIGKILL)`),
+/// refuse to run if the parent already died (the signal would never come), and mark every fd
+/// above 2 close-on-exec so only stdin/stdout/stderr (chosen by the caller) are inherited.
+///
+/// Only async-signal-safe syscalls: this runs between fork and exec.
+///
+/// # Errors
+/// `prctl` failure, or `ESRCH` when the parent is no longer `parent`.
+pub fn child_setup(parent: libc::pid_t) -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes integers only.
+    let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: getppid cannot fail and touches no memory.
+    if unsafe { libc::getppid() } != parent {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    // Std's own exec-error pipe is already close-on-exec, so marking (not closing) keeps its
+    // error reporting intact. Kernels before 5.11 lack the flag; std opens everything CLOEXEC
+    // anyway, so ignoring the failure only loses the belt, not the braces.
+    // SAFETY: close_range takes integers only.
+    let _ = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    Ok(())
+}
+
+/// Fills `buf` from the kernel's random pool (`getrandom(2)`).
+///
+/// # Errors
+/// `getrandom` failures other than `EINTR`.
+pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
+        let r = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += r as usize;
+    }
+    Ok(())
+}
+
+/// Whether the current process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
