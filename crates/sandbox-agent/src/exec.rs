@@ -20,10 +20,14 @@ use sandbox_core::protocol::{AgentErrorKind, AgentMessage, ExecStart, HostMessag
 use crate::conn::{protocol_error, Ctx, Event, Next, Writer};
 use crate::sys::{self, SpawnPlan};
 
-/// After the command's main process exits, how long to wait for its stdout/stderr to reach end of
-/// file. Background processes that keep the pipes open would otherwise hold the answer forever;
-/// they keep running, but their later output is dropped.
-const DRAIN_GRACE: Duration = Duration::from_millis(250);
+/// After the command's main process exits while other members of its process group still run
+/// (background jobs holding stdout/stderr open), how long to keep forwarding output before
+/// reporting the exit. Those processes keep running; their later output is dropped.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// After the main process exits with no group member left, how long at most to wait for the
+/// pipes to drain (only a process that left the group can hold them open; normally the output
+/// pumps just need to read what is buffered).
+const DRAIN_CAP: Duration = Duration::from_secs(5);
 /// `PATH` for commands that do not set one.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -214,21 +218,23 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
 
     let deadline = start.timeout().map(|t| started + t);
     let mut status: Option<(WaitStatus, Duration)> = None;
+    // When the main process exited, and until when its pipes may drain.
     let mut exited_at: Option<Instant> = None;
+    let mut drain_until: Option<Instant> = None;
     let mut pipes_open = 2u8;
     let mut timed_out = false;
     let mut client_gone = false;
     let mut next = Next::Continue;
     loop {
         let now = Instant::now();
-        if let Some(at) = exited_at {
-            if pipes_open == 0 || client_gone || now >= at + DRAIN_GRACE {
+        if let Some(until) = drain_until {
+            if pipes_open == 0 || client_gone || now >= until {
                 break;
             }
         }
-        // Wake up for the timeout while the command runs, for the drain grace after it exits.
-        let wake = match (exited_at, deadline) {
-            (Some(at), _) => Some(at + DRAIN_GRACE),
+        // Wake up for the timeout while the command runs, for the drain limit after it exits.
+        let wake = match (drain_until, deadline) {
+            (Some(until), _) => Some(until),
             (None, Some(d)) if !timed_out => Some(d),
             _ => None,
         };
@@ -248,7 +254,11 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
             Err(RecvTimeoutError::Disconnected) => client_gone = true,
             Ok(Event::Exited(ws)) if ws.pid() == Some(pid) => {
                 status = Some((ws, started.elapsed()));
-                exited_at = Some(Instant::now());
+                let at = Instant::now();
+                exited_at = Some(at);
+                // Signal 0 probes whether anyone is left in the group.
+                let group_alive = killpg(pid, None).is_ok();
+                drain_until = Some(at + if group_alive { DRAIN_GRACE } else { DRAIN_CAP });
             }
             Ok(Event::Exited(_)) => {}
             Ok(Event::PipeDone(pid_id)) if pid_id == id => {

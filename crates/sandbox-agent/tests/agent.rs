@@ -347,3 +347,26 @@ async fn inventory_returns_to_empty_after_destroy() {
     conformance::destroy(&h, sb).await;
     assert_eq!(h.inventory().await.expect("inventory"), before);
 }
+
+#[tokio::test]
+async fn exit_is_reported_while_a_background_job_still_holds_stdout() {
+    let h = LocalHarness::new();
+    let sb = conformance::create(&h).await;
+    let out = sb
+        .exec(ExecRequest::shell("sleep 30 & echo $!"))
+        .await
+        .expect("exec");
+    assert_eq!(out.status.code, Some(0));
+    let bg: u32 = out.stdout_str().trim().parse().expect("background pid");
+    // We got the answer while the background job (which holds stdout) still runs.
+    assert!(
+        Path::new(&format!("/proc/{bg}")).exists(),
+        "the exit waited for the background job"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(bg as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert!(gone(bg).await);
+    conformance::destroy(&h, sb).await;
+}
