@@ -727,6 +727,32 @@ mod tests {
     }
 
     #[test]
+    fn exec_start_puts_request_env_over_extra_env() {
+        let req = crate::ExecRequest::shell("true")
+            .env("A", "req")
+            .stdin(&b"in"[..])
+            .timeout(Duration::from_millis(1500));
+        let extra: std::collections::BTreeMap<String, String> = [
+            ("A".to_owned(), "spec".to_owned()),
+            ("B".to_owned(), "spec".to_owned()),
+        ]
+        .into();
+        let s = ExecStart::from_request(&req, &extra);
+        assert_eq!(
+            s.env,
+            [
+                ("B".to_owned(), "spec".to_owned()),
+                ("A".to_owned(), "req".to_owned())
+            ]
+        );
+        assert_eq!(
+            (s.timeout_ms, s.timeout()),
+            (Some(1500), Some(Duration::from_millis(1500)))
+        );
+        assert_eq!((s.argv.len(), &s.stdin[..]), (3, &b"in"[..]));
+    }
+
+    #[test]
     fn truncated_hello_is_typed() {
         let h = Hello::ours(Role::Host).encode();
         for cut in 0..HELLO_BYTES {
