@@ -117,6 +117,18 @@ impl KvmRuntime {
         self.cfg.state_dir.join(id.as_str())
     }
 
+    /// A new raw connection to sandbox `id`'s agent, after `CONNECT <port>` but before the
+    /// protocol handshake (for protocol tests and tools).
+    ///
+    /// # Errors
+    /// `AgentUnreachable` when the socket or the port does not answer.
+    pub async fn raw_agent_stream(&self, id: &SandboxId) -> sandbox_core::Result<UnixStream> {
+        let files = SandboxFiles {
+            dir: self.sandbox_dir(id),
+        };
+        raw_connect(&files.vsock(), self.cfg.agent_port).await
+    }
+
     /// Sandboxes alive in this runtime now.
     pub fn live_sandboxes(&self) -> usize {
         self.live.load(Ordering::SeqCst)
@@ -376,6 +388,19 @@ fn tail_lines(path: &Path, n: usize) -> String {
     lines[start..].join("\n")
 }
 
+/// Connects to a VMM's vsock socket and asks for guest `port`.
+async fn raw_connect(sock: &Path, port: u32) -> sandbox_core::Result<UnixStream> {
+    let mut s = UnixStream::connect(sock).await.map_err(|e| {
+        Error::with_source(
+            ErrorKind::AgentUnreachable,
+            "Cannot connect to the sandbox's vsock socket.",
+            e,
+        )
+    })?;
+    client::vsock_connect(&mut s, port).await?;
+    Ok(s)
+}
+
 /// State shared by a sandbox handle and its background tasks (TTL, exec streams).
 #[derive(Debug)]
 struct SandboxShared {
@@ -560,15 +585,7 @@ impl KvmSandbox {
     /// `AgentUnreachable` when the socket or the port does not answer.
     pub async fn raw_agent_stream(&self) -> sandbox_core::Result<UnixStream> {
         self.shared.check_running()?;
-        let mut s = UnixStream::connect(self.vsock_path()).await.map_err(|e| {
-            Error::with_source(
-                ErrorKind::AgentUnreachable,
-                "Cannot connect to the vsock socket.",
-                e,
-            )
-        })?;
-        client::vsock_connect(&mut s, self.shared.agent_port).await?;
-        Ok(s)
+        raw_connect(&self.vsock_path(), self.shared.agent_port).await
     }
 
     fn abort_ttl(&self) {
