@@ -4,6 +4,8 @@
 //! cache outside the checkout (see [`util::cache_dir`]), keyed by a hash of their inputs.
 
 mod guest;
+mod test;
+mod testhost;
 mod util;
 
 use anyhow::Result;
@@ -24,11 +26,14 @@ enum Cmd {
         #[command(subcommand)]
         what: Option<guest::GuestCmd>,
     },
+    /// Run every test tier this machine can (plain, privileged, KVM; see docs/testing.md).
+    Test(test::TestArgs),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Guest { what } => guest::run(what),
+        Cmd::Test(args) => test::run(args),
     }
 }
