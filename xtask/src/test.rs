@@ -216,7 +216,7 @@ pub fn run(args: TestArgs) -> Result<()> {
             if n == 0 {
                 return Ok((Counts::default(), true, 0));
             }
-            let scratch = fresh_dir(&target.join("privileged").join("run"))?;
+            let scratch = run_dir(&target.join("privileged"))?;
             let script = script(&selected, &args.test_args, &scratch, &[], &scratch);
             let (counts, ok) = report.time("privileged tier run", || {
                 run_script_here(&script, &scratch, Duration::from_secs(args.tier_timeout))
@@ -600,10 +600,23 @@ fn run_script_here(script: &str, scratch: &Path, timeout: Duration) -> Result<(C
     Ok((counts, out.status.success()))
 }
 
-/// An empty directory at `dir` (removing what a previous run left).
-fn fresh_dir(dir: &Path) -> Result<PathBuf> {
-    let _ = fs::remove_dir_all(dir);
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// A fresh per-run directory `<parent>/run-<pid>`, so that concurrent runs (several developers
+/// on one machine) never share scratch space; the directories of runs whose process is gone are
+/// removed first.
+fn run_dir(parent: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    for entry in fs::read_dir(parent)?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("run-")) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = parent.join(format!("run-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir.canonicalize()?)
 }
 
@@ -704,7 +717,7 @@ fn kvm_tier(
     let timeout = Duration::from_secs(args.kvm_timeout);
     if direct {
         println!("xtask test: KVM tier runs directly on this machine's /dev/kvm: {why}");
-        let scratch = fresh_dir(&kvm_target.join("run"))?;
+        let scratch = run_dir(&kvm_target)?;
         let tmp = scratch.join("tmp");
         fs::create_dir_all(&tmp)?;
         let script = script(&selected, &args.test_args, &tmp, &env, &scratch);
@@ -720,7 +733,7 @@ fn kvm_tier(
 
     println!("xtask test: KVM tier runs in the nested test host: {why}");
     let host = report.time("test host kernel + initramfs", testhost::ensure)?;
-    let scratch = fresh_dir(&target.join("testhost").join("run"))?;
+    let scratch = run_dir(&target.join("testhost"))?;
     let script = script(
         &selected,
         &args.test_args,

@@ -270,6 +270,10 @@ fn build(work: &Path, package: &str, version: &str, busybox: &Path, dest: &Path)
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent)?;
     }
+    // A concurrent run may have finished the same build first; its result is as good as ours.
+    if dest.join("vmlinuz").is_file() && dest.join("initramfs.cpio").is_file() {
+        return Ok(());
+    }
     let _ = fs::remove_dir_all(dest);
     fs::rename(&out_dir, dest)
         .with_context(|| format!("moving the test host to {}", dest.display()))?;
