@@ -3,6 +3,7 @@
 //! One binary, one file per task (the rust-analyzer `xtask` pattern). Slow artifacts live in a
 //! cache outside the checkout (see [`util::cache_dir`]), keyed by a hash of their inputs.
 
+mod demo;
 mod guest;
 mod test;
 mod testhost;
@@ -28,6 +29,9 @@ enum Cmd {
     },
     /// Run every test tier this machine can (plain, privileged, KVM; see docs/testing.md).
     Test(test::TestArgs),
+    /// Run the main job: an agent task in a throwaway micro-VM (examples/agent_task.rs), in the
+    /// nested test host where this machine's /dev/kvm cannot boot Linux (see docs/demo.md).
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> Result<()> {
@@ -35,5 +39,6 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Guest { what } => guest::run(what),
         Cmd::Test(args) => test::run(args),
+        Cmd::Demo(args) => demo::run(args),
     }
 }
