@@ -486,11 +486,10 @@ impl SandboxShared {
 
     /// Returns a healthy connection to the pool.
     fn put(&self, c: AgentClient<UnixStream>) {
-        if c.is_broken() || self.torn_down.load(Ordering::SeqCst) {
-            return;
-        }
+        // `torn_down` is read under the pool lock, which teardown holds while clearing the pool,
+        // so a connection can never be parked in the pool of a torn-down sandbox.
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < POOL_MAX {
+        if !c.is_broken() && !self.torn_down.load(Ordering::SeqCst) && pool.len() < POOL_MAX {
             pool.push(c);
         }
     }
@@ -525,10 +524,13 @@ impl SandboxShared {
     /// lock and the live slot. Blocking; idempotent; serialized.
     fn teardown_blocking(&self) -> std::io::Result<()> {
         let _serial = self.teardown_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.torn_down.store(true, Ordering::SeqCst);
+        {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            self.torn_down.store(true, Ordering::SeqCst);
+            pool.clear();
+        }
         self.proc.kill();
         self.proc.wait_blocking();
-        self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let r = match std::fs::remove_dir_all(&self.files.dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
