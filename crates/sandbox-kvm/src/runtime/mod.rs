@@ -43,7 +43,7 @@ pub use config::{
     DEFAULT_DESTROY_GRACE, DEFAULT_MAX_SANDBOXES, ENV_KERNEL, ENV_ROOTFS, ENV_VMM,
 };
 pub use copy::CopyMethod;
-pub use sandbox::{KvmRuntime, KvmSandbox};
+pub use sandbox::{KvmRuntime, KvmSandbox, HOST_EXEC_GRACE};
 
 use sandbox_core::{Error, ErrorKind};
 

@@ -35,7 +35,7 @@ const GUEST_CID: u64 = 3;
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// How far past an exec's own timeout the host gives up on the agent (the agent kills the
 /// command at the timeout; this catches an agent that hangs).
-pub const HOST_EXEC_GRACE: Duration = Duration::from_secs(5);
+pub const HOST_EXEC_GRACE: Duration = Duration::from_secs(10);
 /// Idle handshaken connections kept per sandbox.
 const POOL_MAX: usize = 4;
 /// After a connection failure, how long to wait for the VMM's exit to tell a dead guest from a
