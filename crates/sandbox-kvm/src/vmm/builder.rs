@@ -662,6 +662,18 @@ impl VmBuilder {
                     op: "building CPUID",
                     source: kvm_ioctls::Error::new(libc::E2BIG),
                 })?;
+            if index == 0 {
+                for e in cpuid.as_slice().iter().filter(|e| matches!(e.function, 0x1 | 0x7 | 0xd)) {
+                    tracing::debug!(
+                        leaf = format_args!("{:#x}.{}", e.function, e.index),
+                        eax = format_args!("{:#x}", e.eax),
+                        ebx = format_args!("{:#x}", e.ebx),
+                        ecx = format_args!("{:#x}", e.ecx),
+                        edx = format_args!("{:#x}", e.edx),
+                        "guest CPUID"
+                    );
+                }
+            }
             fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
             let msrs = regs::boot_msrs();
             let set = fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
