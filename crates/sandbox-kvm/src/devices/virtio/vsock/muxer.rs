@@ -544,7 +544,8 @@ impl Muxer {
         }
         // Tell the guest about freed space once a quarter of its window was consumed, so a
         // sender blocked on credit always gets an update.
-        if (conn.fwd_cnt - conn.last_fwd_sent).0 >= self.buf_alloc / 4 {
+        let unreported = (conn.fwd_cnt - conn.last_fwd_sent).0;
+        if unreported > 0 && unreported >= self.buf_alloc / 4 {
             conn.want_credit_update = true;
         }
     }
