@@ -3,6 +3,7 @@
 //! One binary, one file per task (the rust-analyzer `xtask` pattern). Slow artifacts live in a
 //! cache outside the checkout (see [`util::cache_dir`]), keyed by a hash of their inputs.
 
+mod bench;
 mod demo;
 mod guest;
 mod test;
@@ -32,6 +33,11 @@ enum Cmd {
     /// Run the main job: an agent task in a throwaway micro-VM (examples/agent_task.rs), in the
     /// nested test host where this machine's /dev/kvm cannot boot Linux (see docs/demo.md).
     Demo(demo::DemoArgs),
+    /// Benchmarks (docs/bench.md): `bench boot` runs our VMM and QEMU microvm side by side.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCmd,
+    },
 }
 
 fn main() -> Result<()> {
@@ -39,6 +45,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Guest { what } => guest::run(what),
         Cmd::Test(args) => test::run(args),
+        Cmd::Bench { what } => bench::run(what),
         Cmd::Demo(args) => demo::run(args),
     }
 }
