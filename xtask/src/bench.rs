@@ -580,12 +580,14 @@ fn one(setup: &BootSetup, which: Vmm, index: usize, warmup: bool) -> Result<Run>
         which.key(),
         if warmup { "warmup" } else { "" }
     );
+    let started = Instant::now();
     let sample = measure::boot_once(setup, which, &label)?;
+    let took = started.elapsed().as_secs_f64();
     let mem = sample.memory.as_ref().map_or("-".into(), |m| {
         format!("{:.1} MiB", m.rss_excl_guest_kib as f64 / 1024.0)
     });
     println!(
-        "xtask bench: {label:<24} marker {:>8} ms  exit +{:>6} ms  rss-excl-guest {mem:>10}  exits {:>7}{}",
+        "xtask bench: {label:<24} marker {:>8} ms  exit +{:>6} ms  rss-excl-guest {mem:>10}  exits {:>7}  ({took:.1} s){}",
         sample.marker_ms.map_or("-".into(), |v| format!("{v:.0}")),
         sample.exit_after_marker_ms.map_or("-".into(), |v| format!("{v:.0}")),
         sample.kvm_stats.get("exits").map_or("-".into(), |v| v.to_string()),
