@@ -140,8 +140,10 @@ pub fn run_logged(cmd: &mut Command, label: &str, log: &Path) -> Result<()> {
     let bar = if interactive {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix}: {wide_msg}")
-                .expect("the progress template is valid"),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {prefix}: {wide_msg}",
+            )
+            .expect("the progress template is valid"),
         );
         bar.set_prefix(label.to_string());
         bar.enable_steady_tick(Duration::from_millis(200));
@@ -161,7 +163,10 @@ pub fn run_logged(cmd: &mut Command, label: &str, log: &Path) -> Result<()> {
         }
         if !interactive && last_report.elapsed() >= Duration::from_secs(30) {
             last_report = Instant::now();
-            eprintln!("xtask: {label}: {}s: {last_line}", started.elapsed().as_secs());
+            eprintln!(
+                "xtask: {label}: {}s: {last_line}",
+                started.elapsed().as_secs()
+            );
         }
     }
     for r in readers {
@@ -192,7 +197,9 @@ fn spawn_line_reader(
         let mut buf = Vec::new();
         // Lines are read as bytes: build tools print whatever bytes they like.
         while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_string();
+            let line = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\n', '\r'])
+                .to_string();
             if tx.send(line).is_err() {
                 return;
             }
@@ -221,6 +228,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
             Ok(hex.to_ascii_lowercase())
         }
-        _ => bail!("unexpected sha256sum output for {}: {out:?}", path.display()),
+        _ => bail!(
+            "unexpected sha256sum output for {}: {out:?}",
+            path.display()
+        ),
     }
 }

@@ -58,7 +58,10 @@ pub fn lock(group: &str) -> Result<Flock<File>> {
     let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => lock,
         Err((file, _)) => {
-            eprintln!("xtask: waiting for another xtask that holds {}", path.display());
+            eprintln!(
+                "xtask: waiting for another xtask that holds {}",
+                path.display()
+            );
             Flock::lock(file, FlockArg::LockExclusive)
                 .map_err(|(_, e)| e)
                 .with_context(|| format!("locking {}", path.display()))?
@@ -91,16 +94,25 @@ pub fn lookup(kind: &str, key: &str, artifact: &str) -> Result<Option<Cached>> {
     let manifest: Value = match serde_json::from_str(&text) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("xtask: {}: unreadable manifest ({e}); rebuilding", dir.display());
+            eprintln!(
+                "xtask: {}: unreadable manifest ({e}); rebuilding",
+                dir.display()
+            );
             return Ok(None);
         }
     };
     if manifest["key"].as_str() != Some(key) {
-        eprintln!("xtask: {}: made from other inputs; rebuilding", dir.display());
+        eprintln!(
+            "xtask: {}: made from other inputs; rebuilding",
+            dir.display()
+        );
         return Ok(None);
     }
     let Some(want) = manifest["sha256"].as_str() else {
-        eprintln!("xtask: {}: manifest has no sha256; rebuilding", dir.display());
+        eprintln!(
+            "xtask: {}: manifest has no sha256; rebuilding",
+            dir.display()
+        );
         return Ok(None);
     };
     let path = dir.join(artifact);
@@ -118,16 +130,14 @@ pub fn lookup(kind: &str, key: &str, artifact: &str) -> Result<Option<Cached>> {
         );
         return Ok(None);
     }
-    Ok(Some(Cached {
-        path,
-        sha256: have,
-    }))
+    Ok(Some(Cached { path, sha256: have }))
 }
 
 /// A fresh, empty staging directory for building the entry `kind`/`key`; the caller holds the
 /// kind's group lock.
 pub fn staging(kind: &str, key: &str) -> Result<PathBuf> {
-    let dir = staging_root(group(kind)).join(format!("{kind}-{}-{}", short(key), std::process::id()));
+    let dir =
+        staging_root(group(kind)).join(format!("{kind}-{}-{}", short(key), std::process::id()));
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
@@ -158,8 +168,11 @@ pub fn commit(
         "inputs": inputs,
     });
     let manifest_path = staging.join(MANIFEST);
-    fs::write(&manifest_path, serde_json::to_string_pretty(&manifest)? + "\n")
-        .with_context(|| format!("writing {}", manifest_path.display()))?;
+    fs::write(
+        &manifest_path,
+        serde_json::to_string_pretty(&manifest)? + "\n",
+    )
+    .with_context(|| format!("writing {}", manifest_path.display()))?;
 
     let dir = entry_dir(kind, key);
     if dir.exists() {
@@ -204,7 +217,7 @@ fn prune(kind: &str, keep: &Path) {
             Some((modified, e.path()))
         })
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
     for (_, path) in found.into_iter().skip(KEEP_PER_KIND) {
         if path == keep {
             continue;

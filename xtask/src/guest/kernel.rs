@@ -44,14 +44,11 @@ pub fn ensure(force: bool) -> Result<PathBuf> {
     let mut packages = vec![SOURCE_PACKAGE];
     packages.extend_from_slice(BUILD_DEPS);
     util::apt_install(&packages)?;
-    let version = util::output(Command::new("dpkg-query").args([
-        "-W",
-        "-f=${Version}",
-        SOURCE_PACKAGE,
-    ]))?;
+    let version =
+        util::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", SOURCE_PACKAGE]))?;
     let fragment_path = resource(FRAGMENT);
-    let fragment = fs::read(&fragment_path)
-        .with_context(|| format!("reading {}", fragment_path.display()))?;
+    let fragment =
+        fs::read(&fragment_path).with_context(|| format!("reading {}", fragment_path.display()))?;
     let key = util::hash_parts([
         b"sandbox-guest-kernel".as_slice(),
         RECIPE_VERSION.as_bytes(),
@@ -194,10 +191,12 @@ fn check_config(fragment: &str, resolved: &str) -> Result<Vec<String>> {
 /// config lost it rather than at the first boot.
 fn check_pvh_note(vmlinux: &Path) -> Result<()> {
     let notes = util::output(Command::new("readelf").arg("--notes").arg(vmlinux))?;
-    // readelf prints the Xen notes with owner "Xen"; type 0x12 is XEN_ELFNOTE_PHYS32_ENTRY.
-    let has_entry = notes
-        .lines()
-        .any(|l| l.trim_start().starts_with("Xen") && l.contains("0x00000012"));
+    // readelf prints the Xen notes with owner "Xen"; type 0x12 is XEN_ELFNOTE_PHYS32_ENTRY,
+    // shown as "Unknown note type: (0x00000012)" by binutils 2.40, by name by others.
+    let has_entry = notes.lines().any(|l| {
+        l.trim_start().starts_with("Xen")
+            && (l.contains("0x00000012") || l.contains("PHYS32_ENTRY"))
+    });
     if !has_entry {
         bail!(
             "{} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); is CONFIG_PVH=y?",

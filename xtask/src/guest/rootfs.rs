@@ -178,7 +178,11 @@ pub fn ensure(cfg: &RootfsConfig, force: bool) -> Result<PathBuf> {
     let mut file_inputs = Vec::new();
     for f in &files {
         let sha = util::sha256_file(&f.host_path)?;
-        parts.extend([f.guest_path.to_string(), format!("{:o}", f.mode), sha.clone()]);
+        parts.extend([
+            f.guest_path.to_string(),
+            format!("{:o}", f.mode),
+            sha.clone(),
+        ]);
         file_inputs.push(json!({
             "guest_path": f.guest_path,
             "host_path": f.host_path,
@@ -216,7 +220,8 @@ fn build_base(
     );
     let staging = cache::staging("rootfs-base", key)?;
     let tree = staging.join("tree");
-    let log = |step: &str| cache::log_path(&format!("rootfs-base-{}-{step}.log", cache::short(key)));
+    let log =
+        |step: &str| cache::log_path(&format!("rootfs-base-{}-{step}.log", cache::short(key)));
     util::run_logged(
         Command::new("debootstrap")
             .args(["--variant=minbase", "--merged-usr", "--components=main"])
@@ -316,7 +321,10 @@ fn settle_tree(tree: &Path) -> Result<()> {
             }
         }
     }
-    for file in ["var/cache/ldconfig/aux-cache", "var/cache/debconf/templates.dat-old"] {
+    for file in [
+        "var/cache/ldconfig/aux-cache",
+        "var/cache/debconf/templates.dat-old",
+    ] {
         let _ = fs::remove_file(tree.join(file));
     }
     Ok(())
@@ -424,10 +432,7 @@ fn host_mirror(suite: &str) -> Result<String> {
     if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
         let mut more: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .is_some_and(|e| e == "list" || e == "sources")
-            })
+            .filter(|p| p.extension().is_some_and(|e| e == "list" || e == "sources"))
             .collect();
         more.sort();
         files.extend(more);
@@ -497,7 +502,9 @@ fn mirror_from_deb822(text: &str, suite: &str) -> Option<String> {
         if line.trim_start().starts_with('#') {
             continue;
         }
-        let stanza = stanzas.last_mut().expect("there is always a current stanza");
+        let stanza = stanzas
+            .last_mut()
+            .expect("there is always a current stanza");
         if line.starts_with([' ', '\t']) {
             // A continuation line belongs to the previous field.
             if let Some((_, v)) = stanza.last_mut() {
@@ -524,8 +531,7 @@ fn mirror_from_deb822(text: &str, suite: &str) -> Option<String> {
         if !(has("types", "deb") && has("suites", suite) && has("components", "main")) {
             continue;
         }
-        if let Some(uri) = field("uris")
-            .and_then(|v| v.split_whitespace().find(|u| usable_uri(u)))
+        if let Some(uri) = field("uris").and_then(|v| v.split_whitespace().find(|u| usable_uri(u)))
         {
             return Some(uri.trim_end_matches('/').to_string());
         }
@@ -575,7 +581,10 @@ mod tests {
             mirror_from_list(text, "bookworm").as_deref(),
             Some("https://m.example/debian")
         );
-        assert_eq!(mirror_from_list("deb http://m.example/d bookworm contrib\n", "bookworm"), None);
+        assert_eq!(
+            mirror_from_list("deb http://m.example/d bookworm contrib\n", "bookworm"),
+            None
+        );
     }
 
     #[test]
@@ -586,13 +595,23 @@ mod tests {
         };
         assert_eq!(
             cfg.packages().expect("valid names"),
-            ["bash", "ca-certificates", "coreutils", "curl", "git", "python3", "sqlite3"]
+            [
+                "bash",
+                "ca-certificates",
+                "coreutils",
+                "curl",
+                "git",
+                "python3",
+                "sqlite3"
+            ]
         );
         let bad = RootfsConfig {
             extra_packages: vec!["curl,--foo".into()],
             ..RootfsConfig::default()
         };
-        assert!(matches!(bad.packages(), Err(e) if e.to_string().contains("not a Debian package name")));
+        assert!(
+            matches!(bad.packages(), Err(e) if e.to_string().contains("not a Debian package name"))
+        );
     }
 
     #[test]
