@@ -434,15 +434,23 @@ impl VmBuilder {
     /// DSDT (which is what makes its GSI usable under hardware-reduced ACPI; see [`acpi`]).
     ///
     /// # Errors
-    /// [`BuildError::Bus`], [`BuildError::Order`] after the boot params are written.
+    /// [`BuildError::Bus`], [`BuildError::Order`] after the ACPI tables are written.
     pub fn attach_mmio(&mut self, slot: MmioSlot, device: SharedDevice) -> Result<()> {
-        if self.boot_params {
+        if self.boot_params || self.rsdp.is_some() {
             return Err(BuildError::Order {
                 step: "attach_mmio",
-                needs: "to run before setup_boot_params",
+                needs: "to run before setup_acpi_tables",
             });
         }
+        // Slots come from allocate_mmio_slot: 4 KiB windows inside the 32-bit MMIO gap.
+        let (Ok(base), Ok(size)) = (
+            u32::try_from(slot.range.base().0),
+            u32::try_from(slot.range.size().get()),
+        ) else {
+            return Err(BuildError::NoMmioSlot);
+        };
         self.mmio.insert(slot.range, device)?;
+        self.mmio_devices.push(acpi::MmioDeviceDesc { base, size, gsi: slot.gsi });
         self.cmdline_devices.push(format!(
             "virtio_mmio.device={}K@{:#x}:{}",
             slot.range.size().get() / 1024,
