@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sandbox_core::conformance::{self, Harness, RawStream};
-use sandbox_core::{ErrorKind, ExecRequest, Runtime, Sandbox, SandboxSpec, SandboxState};
+use sandbox_core::{ErrorKind, ExecRequest, RootMode, Runtime, Sandbox, SandboxSpec, SandboxState};
 use sandbox_kvm::runtime::{KvmRuntime, KvmRuntimeConfig};
 
 /// The handshake deadline of the runtime whose agent never answers.
@@ -148,7 +148,15 @@ impl Harness for KvmHarness {
     }
 
     async fn create_unreachable(&self) -> sandbox_core::Result<Box<dyn Sandbox>> {
-        self.mute.create(self.spec()).await
+        // A read-only root: nothing to copy, so the deadline is spent on the boot.
+        let spec = self
+            .mute
+            .spec_builder()
+            .memory_mib(128)
+            .root(RootMode::ReadOnly)
+            .build()
+            .expect("valid spec");
+        self.mute.create(spec).await
     }
 
     fn unreachable_deadline(&self) -> Duration {

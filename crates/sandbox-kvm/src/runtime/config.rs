@@ -41,7 +41,8 @@ pub struct KvmRuntimeConfig {
     pub state_dir: Option<PathBuf>,
     /// The KVM device checked at startup.
     pub kvm_device: PathBuf,
-    /// How long `create()` waits for the agent handshake.
+    /// How long `create()` may take, from its call to the agent's handshake (the rootfs copy and
+    /// the boot included).
     pub create_deadline: Duration,
     /// How long `destroy()` waits for a clean power-off before killing the VMM.
     pub destroy_grace: Duration,

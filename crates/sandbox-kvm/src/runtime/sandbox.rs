@@ -167,10 +167,13 @@ impl KvmRuntime {
         tracing::info!(id = %id, pid = proc.pid(), ?copy, "sandbox VMM started");
 
         let port = self.cfg.agent_port;
+        // The deadline covers the whole of create (the rootfs copy and the spawn included), so a
+        // caller's bound on create() holds however slow the disk is.
         let deadline = self.cfg.create_deadline;
+        let left = deadline.saturating_sub(started.elapsed());
         let sock = files.vsock();
         let outcome = tokio::select! {
-            r = client::wait_for_agent(&sock, port, deadline) => Ok(r),
+            r = client::wait_for_agent(&sock, port, left) => Ok(r),
             exit = proc.wait() => Err(exit),
         };
         let failure = match outcome {
