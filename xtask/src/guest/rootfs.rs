@@ -5,8 +5,8 @@
 //!    settings (hostname, resolv.conf placeholder...), timestamps pinned, then
 //!    `mkfs.ext4 -d tree`. Keyed by suite, mirror, package list, size and recipe version.
 //! 2. `rootfs-<key16>/rootfs.ext4`: a sparse copy of the base with our init files written in by
-//!    `debugfs -w`, then checked with `e2fsck -fn`. Keyed by the base image's SHA-256 and the
-//!    injected files' paths, modes and SHA-256s.
+//!    `debugfs -w`, then checked with `e2fsck -fn`. Keyed by the base's key and the injected
+//!    files' paths, modes and SHA-256s.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -24,7 +24,7 @@ pub const DEFAULT_SIZE_MIB: u32 = 1024;
 /// Bump when the base recipe changes in a way that changes the output.
 const BASE_RECIPE_VERSION: &str = "rootfs-base-recipe-2";
 /// Bump when the injection recipe changes in a way that changes the output.
-const IMAGE_RECIPE_VERSION: &str = "rootfs-image-recipe-1";
+const IMAGE_RECIPE_VERSION: &str = "rootfs-image-recipe-2";
 /// The Debian release the guest runs.
 const DEFAULT_SUITE: &str = "bookworm";
 /// What every image has, beyond minbase (which already has coreutils and bash, listed anyway so
@@ -161,19 +161,14 @@ pub fn ensure(cfg: &RootfsConfig, force: bool) -> Result<PathBuf> {
         &packages.join(","),
         &cfg.size_mib.to_string(),
     ]);
-    let base = match (force, cache::lookup("rootfs-base", &base_key, "base.ext4")?) {
-        (false, Some(hit)) => {
-            eprintln!("xtask: rootfs: cached base {}", hit.path.display());
-            hit
-        }
-        _ => build_base(cfg, &packages, &mirror, &base_key)?,
-    };
-
+    // The image is keyed by the base's key rather than its content hash, so that reusing a valid
+    // image costs one SHA-256 pass over one image, not two; the base is looked at only when the
+    // image has to be (re)built.
     let files = injected_files();
     let mut parts = vec![
         "sandbox-guest-rootfs".to_string(),
         IMAGE_RECIPE_VERSION.to_string(),
-        base.sha256.clone(),
+        base_key.clone(),
     ];
     let mut file_inputs = Vec::new();
     for f in &files {
@@ -197,9 +192,18 @@ pub fn ensure(cfg: &RootfsConfig, force: bool) -> Result<PathBuf> {
             return Ok(hit.path);
         }
     }
+
+    let base = match (force, cache::lookup("rootfs-base", &base_key, "base.ext4")?) {
+        (false, Some(hit)) => {
+            eprintln!("xtask: rootfs: cached base {}", hit.path.display());
+            hit
+        }
+        _ => build_base(cfg, &packages, &mirror, &base_key)?,
+    };
     let inputs = json!({
         "recipe": IMAGE_RECIPE_VERSION,
         "base": base.path,
+        "base_key": base_key,
         "base_sha256": base.sha256,
         "files": file_inputs,
     });
