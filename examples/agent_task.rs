@@ -201,6 +201,31 @@ fn host(dir: &Path, program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `program` on the host with `input` on its stdin.
+fn host_stdin(dir: &Path, program: &str, args: &[&str], input: &str) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program} on the host (is it installed?)"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin is piped")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "{program} {args:?} failed on the host: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn host_sqlite(dir: &Path, sql: &str) -> Result<String> {
     Ok(host(dir, "sqlite3", &["data/app.db", sql])?
         .trim()
@@ -218,10 +243,11 @@ fn create_project(dir: &Path) -> Result<()> {
         "# shop\n\nA tiny shop database. Run `./migrate.sh`, then `python3 -m unittest -v`.\n",
     )?;
     std::fs::write(dir.join(".gitignore"), "__pycache__/\n")?;
-    host(
+    host_stdin(
         dir,
         "sqlite3",
-        &["data/app.db", &format!("{SCHEMA_001}{ROWS}")],
+        &["-bail", "data/app.db"],
+        &format!("{SCHEMA_001}{ROWS}"),
     )?;
     let git = |args: &[&str]| {
         let mut full = vec![

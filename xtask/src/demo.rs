@@ -174,7 +174,7 @@ fn script(example: &Path, env: &[(&str, PathBuf)], scratch: &Path) -> String {
     let mut s = String::from("#!/bin/sh\n# Written by `cargo xtask demo` (xtask/src/demo.rs).\n");
     let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
     let _ = writeln!(s, "export PATH={}", q(&path));
-    s.push_str("export TMPDIR=/tmp HOME=/root RUST_BACKTRACE=1\n");
+    s.push_str("export TMPDIR=/tmp HOME=/root\n");
     for (k, v) in env {
         let _ = writeln!(s, "export {k}={}", q(&v.to_string_lossy()));
     }
