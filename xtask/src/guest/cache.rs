@@ -192,9 +192,10 @@ pub fn commit(
     Ok(Cached { path, sha256 })
 }
 
-/// How many entries of one kind to keep (the newest, including the one just built): enough to
-/// switch between two branches without rebuilding, without letting the cache grow forever.
-const KEEP_PER_KIND: usize = 2;
+/// How many entries of one kind to keep (the newest, including the one just built): enough for a
+/// few checkouts at different commits to share the cache (and for a path handed out a moment ago
+/// to stay valid while a newer entry is built) without letting the cache grow forever.
+const KEEP_PER_KIND: usize = 3;
 
 /// Deletes all but the newest [`KEEP_PER_KIND`] entries of `kind`, never `keep`. Failures are
 /// reported, not fatal: pruning is housekeeping.
