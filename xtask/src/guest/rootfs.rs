@@ -24,7 +24,7 @@ pub const DEFAULT_SIZE_MIB: u32 = 1024;
 /// Bump when the base recipe changes in a way that changes the output.
 const BASE_RECIPE_VERSION: &str = "rootfs-base-recipe-2";
 /// Bump when the injection recipe changes in a way that changes the output.
-const IMAGE_RECIPE_VERSION: &str = "rootfs-image-recipe-2";
+const IMAGE_RECIPE_VERSION: &str = "rootfs-image-recipe-3";
 /// The Debian release the guest runs.
 const DEFAULT_SUITE: &str = "bookworm";
 /// What every image has, beyond minbase (which already has coreutils and bash, listed anyway so
@@ -41,6 +41,9 @@ const BASE_PACKAGES: &[&str] = &[
 const HOST_PACKAGES: &[&str] = &["debootstrap", "debian-archive-keyring", "e2fsprogs"];
 /// Every timestamp in the image, for reproducibility: 2024-01-01T00:00:00Z.
 const EPOCH: u64 = 1_704_067_200;
+/// [`EPOCH`] as debugfs `set_inode_field` parses times (YYYYMMDDHHMMSS, UTC); a bare number is
+/// read as a date, not as seconds.
+const EPOCH_DEBUGFS: &str = "20240101000000";
 /// The guest's host name.
 const HOSTNAME: &str = "sandbox";
 /// The ext4 volume label.
@@ -367,7 +370,8 @@ fn build_image(
         script.push_str(&format!(
             "cd {dir}\nrm {name}\nwrite \"{host}\" {name}\n\
              sif {name} mode 0{:o}\nsif {name} uid 0\nsif {name} gid 0\n\
-             sif {name} atime {EPOCH}\nsif {name} mtime {EPOCH}\nsif {name} ctime {EPOCH}\n",
+             sif {name} atime {EPOCH_DEBUGFS}\nsif {name} mtime {EPOCH_DEBUGFS}\n\
+             sif {name} ctime {EPOCH_DEBUGFS}\n",
             0o100000 | f.mode
         ));
     }
