@@ -585,7 +585,10 @@ mod tests {
             _interrupt: Arc<VirtioInterrupt>,
         ) -> Result<()> {
             if self.fail_activate {
-                return Err(VirtioError::QueueCount { expected: 9, got: queues.len() });
+                return Err(VirtioError::QueueCount {
+                    expected: 9,
+                    got: queues.len(),
+                });
             }
             self.activated = Some(queues.iter().map(|q| (q.size(), acked)).collect());
             Ok(())
