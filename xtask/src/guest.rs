@@ -128,9 +128,17 @@ pub fn agent_binary() -> Option<PathBuf> {
     .arg("--target-dir")
     .arg(&target_dir)
     .current_dir(&root)
-    // CARGO_ENCODED_RUSTFLAGS would win over RUSTFLAGS; the agent gets exactly ours.
+    // CARGO_ENCODED_RUSTFLAGS would win over RUSTFLAGS; the agent gets exactly ours. No line
+    // tables and no checkout path in the binary, so two checkouts of the same source build the
+    // same bytes and share one rootfs cache entry.
     .env_remove("CARGO_ENCODED_RUSTFLAGS")
-    .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    .env(
+        "RUSTFLAGS",
+        format!(
+            "-C target-feature=+crt-static -C strip=debuginfo --remap-path-prefix={}=/sandbox-sdk",
+            root.display()
+        ),
+    );
     eprintln!(
         "xtask: building the guest agent (static) into {}",
         target_dir.display()
