@@ -273,6 +273,15 @@ fn boot(args: &BootArgs) -> Result<()> {
         _ => guest::ensure_artifacts().context("building the guest artifacts")?,
     };
     let vmm = build_vmm()?;
+    // Hashed now: the guest cache may prune an entry while the runs go on.
+    let kernel_sha = util::sha256_file(&artifacts.kernel)?;
+    let rootfs_sha = util::sha256_file(&artifacts.rootfs)?;
+    let vmm_sha = util::sha256_file(&vmm)?;
+    let vmm_commit = first_line(
+        Command::new("git")
+            .args(["describe", "--always", "--dirty"])
+            .current_dir(util::workspace_root()),
+    );
     let (direct, why) = choose_runner(args, &artifacts)?;
     let date = util::output(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))?
         .trim()
@@ -381,30 +390,17 @@ fn boot(args: &BootArgs) -> Result<()> {
     env.extend(inner_env);
     env.push((
         "guest kernel".into(),
-        format!(
-            "{} (sha256 {})",
-            artifacts.kernel.display(),
-            util::sha256_file(&artifacts.kernel)?
-        ),
+        format!("{} (sha256 {})", artifacts.kernel.display(), kernel_sha),
     ));
     env.push((
         "guest rootfs".into(),
-        format!(
-            "{} (sha256 {})",
-            artifacts.rootfs.display(),
-            util::sha256_file(&artifacts.rootfs)?
-        ),
+        format!("{} (sha256 {})", artifacts.rootfs.display(), rootfs_sha),
     ));
     env.push((
         "sandbox-vmm".into(),
         format!(
             "release build at commit {} (sha256 {})",
-            first_line(
-                Command::new("git")
-                    .args(["describe", "--always", "--dirty"])
-                    .current_dir(util::workspace_root())
-            ),
-            util::sha256_file(&vmm)?
+            vmm_commit, vmm_sha
         ),
     ));
     env.push((

@@ -86,6 +86,8 @@ pub struct VmmSummary {
     pub hwm_kib: Option<Stats>,
     /// Guest RAM resident at the marker, KiB.
     pub guest_rss_kib: Option<Stats>,
+    /// The part of it on transparent huge pages, KiB.
+    pub guest_anon_huge_kib: Option<Stats>,
     /// Marker to process exit, ms.
     pub exit_ms: Option<Stats>,
     /// KVM exit counters at the marker, by name (medians of the selected stats).
@@ -152,6 +154,7 @@ pub fn summarize(runs: &[Run], vmm: Vmm) -> VmmSummary {
         pss_excl_guest_kib: mem(|m| m.pss_excl_guest_kib),
         hwm_kib: mem(|m| m.hwm_kib),
         guest_rss_kib: mem(|m| m.guest_rss_kib),
+        guest_anon_huge_kib: mem(|m| m.guest_anon_huge_kib),
         exit_ms: of(&|s| {
             s.exit_after_marker_ms
                 .filter(|_| s.error.is_none() && s.exit_code == Some(0))
@@ -218,6 +221,7 @@ impl BootReport {
                         "pss_excl_guest": m.pss_excl_guest_kib,
                         "rss_total": m.rss_total_kib,
                         "guest_rss": m.guest_rss_kib,
+                        "guest_anon_huge": m.guest_anon_huge_kib,
                         "guest_mappings": m.guest_mappings_kib,
                         "hwm": m.hwm_kib,
                     })),
@@ -235,6 +239,7 @@ impl BootReport {
                 "pss_excl_guest_kib": opt(s.pss_excl_guest_kib),
                 "hwm_kib": opt(s.hwm_kib),
                 "guest_rss_kib": opt(s.guest_rss_kib),
+                "guest_anon_huge_kib": opt(s.guest_anon_huge_kib),
                 "exit_after_marker_ms": opt(s.exit_ms),
                 "kvm_stats": s.kvm.iter().map(|(k, v)| (k.to_string(), v.json())).collect::<BTreeMap<_, _>>(),
                 "failed": s.failed,
@@ -342,6 +347,12 @@ impl BootReport {
             mib(ours.guest_rss_kib),
             mib(qemu.guest_rss_kib),
             r(ratio(ours.guest_rss_kib, qemu.guest_rss_kib))
+        );
+        let _ = writeln!(
+            s,
+            "| of which on transparent huge pages | {} | {} | – |",
+            mib(ours.guest_anon_huge_kib),
+            mib(qemu.guest_anon_huge_kib)
         );
         let _ = writeln!(
             s,
@@ -467,6 +478,7 @@ pub fn runs_from_json(v: &Value) -> Result<Vec<Run>> {
             pss_excl_guest_kib: m["pss_excl_guest"].as_u64().unwrap_or(0),
             rss_total_kib: m["rss_total"].as_u64().unwrap_or(0),
             guest_rss_kib: m["guest_rss"].as_u64().unwrap_or(0),
+            guest_anon_huge_kib: m["guest_anon_huge"].as_u64().unwrap_or(0),
             guest_mappings_kib: m["guest_mappings"]
                 .as_array()
                 .map(|a| a.iter().filter_map(Value::as_u64).collect())
@@ -516,6 +528,7 @@ mod tests {
                     pss_excl_guest_kib: rss / 2,
                     rss_total_kib: rss + 1000,
                     guest_rss_kib: 1000,
+                    guest_anon_huge_kib: 0,
                     guest_mappings_kib: vec![131_072],
                     hwm_kib: rss + 2000,
                 }),
