@@ -110,9 +110,13 @@ pub struct Memory {
     pub guest_rss_kib: u64,
     /// Sizes of the mappings taken as guest RAM, KiB.
     pub guest_mappings_kib: Vec<u64>,
-    /// The part of `guest_rss_kib` on transparent huge pages (2 MiB each): a guest RAM on huge
-    /// pages takes one nested page fault per 2 MiB instead of one per 4 KiB page.
+    /// The part of `guest_rss_kib` on transparent huge pages (2 MiB each).
     pub guest_anon_huge_kib: u64,
+    /// Start address of each guest-RAM mapping modulo 2 MiB. KVM maps guest memory into the
+    /// nested page tables with 2 MiB pages only where the host address and the guest-physical
+    /// address agree modulo 2 MiB (and the host page is huge); otherwise every 4 KiB page the
+    /// guest touches costs a nested page fault (`pf_taken`).
+    pub guest_offsets_2m: Vec<u64>,
     /// `VmHWM` (peak resident set, guest RAM included).
     pub hwm_kib: u64,
 }
@@ -351,6 +355,10 @@ fn read_memory(pid: u32, guest_ram_kib: u64) -> Result<Memory> {
 /// One mapping of `/proc/<pid>/smaps`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Mapping {
+    /// Start address (host virtual).
+    pub start: u64,
+    /// The permission column, e.g. `rw-p`.
+    pub perms: String,
     /// The header line's path column (empty for plain anonymous memory).
     pub path: String,
     /// The header's inode column.
@@ -373,12 +381,18 @@ pub fn parse_smaps(text: &str) -> Vec<Mapping> {
         let mut words = line.split_whitespace();
         let Some(first) = words.next() else { continue };
         if is_range(first) {
-            let _perms = words.next();
+            let start = first
+                .split_once('-')
+                .and_then(|(a, _)| u64::from_str_radix(a, 16).ok())
+                .unwrap_or(0);
+            let perms = words.next().unwrap_or_default().to_string();
             let _offset = words.next();
             let _dev = words.next();
             let inode = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
             let path = words.collect::<Vec<_>>().join(" ");
             maps.push(Mapping {
+                start,
+                perms,
                 path,
                 inode,
                 ..Mapping::default()
@@ -424,7 +438,11 @@ fn is_range(word: &str) -> bool {
 /// ROM) are small RAM blocks of their own and count as VMM memory.
 fn is_guest_ram(m: &Mapping, guest_ram_kib: u64) -> bool {
     let anonymous = m.inode == 0 && (m.path.is_empty() || m.path.starts_with("[anon:"));
-    anonymous && m.size_kib >= guest_ram_kib && m.size_kib <= guest_ram_kib + GUEST_RAM_SLACK_KIB
+    // Read-write: excludes malloc arenas' PROT_NONE reservations, which can be as large.
+    anonymous
+        && m.perms.starts_with("rw")
+        && m.size_kib >= guest_ram_kib
+        && m.size_kib <= guest_ram_kib + GUEST_RAM_SLACK_KIB
 }
 
 /// Splits the mappings into guest RAM and VMM memory; fails if no mapping looks like guest RAM, or
@@ -436,6 +454,7 @@ pub fn split_memory(maps: &[Mapping], guest_ram_kib: u64) -> Result<Memory> {
         if is_guest_ram(map, guest_ram_kib) {
             m.guest_rss_kib += map.rss_kib;
             m.guest_anon_huge_kib += map.anon_huge_kib;
+            m.guest_offsets_2m.push(map.start % (2 << 20));
             m.guest_mappings_kib.push(map.size_kib);
         } else {
             m.rss_excl_guest_kib += map.rss_kib;
@@ -520,8 +539,8 @@ KernelPageSize:        4 kB
 Rss:               40000 kB
 Pss:               40000 kB
 AnonHugePages:     36864 kB
-7f0008000000-7f0008001000 ---p 00000000 00:00 0 
-Size:                  4 kB
+7f0008000000-7f0010000000 ---p 00000000 00:00 0 
+Size:             131072 kB
 Rss:                   0 kB
 Pss:                   0 kB
 7f0010000000-7f0010100000 rw-p 00000000 00:00 0 
@@ -537,6 +556,10 @@ Pss:                 100 kB
         assert_eq!(maps[0].path, "/usr/bin/qemu-system-x86_64");
         assert_eq!(maps[0].inode, 1234);
         assert_eq!(
+            (maps[0].start, maps[0].perms.as_str()),
+            (0x55d0_c0a0_0000, "r-xp")
+        );
+        assert_eq!(
             (maps[0].size_kib, maps[0].rss_kib, maps[0].pss_kib),
             (1024, 800, 400)
         );
@@ -550,6 +573,7 @@ Pss:                 100 kB
         assert_eq!(m.guest_mappings_kib, vec![131_072]);
         assert_eq!(m.guest_rss_kib, 40_000);
         assert_eq!(m.guest_anon_huge_kib, 36_864);
+        assert_eq!(m.guest_offsets_2m, vec![0]);
         assert_eq!(m.rss_excl_guest_kib, 800 + 1500 + 100);
         assert_eq!(m.pss_excl_guest_kib, 400 + 1500 + 100);
         assert_eq!(m.rss_total_kib, 800 + 1500 + 40_000 + 100);

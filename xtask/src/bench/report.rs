@@ -222,6 +222,7 @@ impl BootReport {
                         "rss_total": m.rss_total_kib,
                         "guest_rss": m.guest_rss_kib,
                         "guest_anon_huge": m.guest_anon_huge_kib,
+                        "guest_offsets_2m": m.guest_offsets_2m,
                         "guest_mappings": m.guest_mappings_kib,
                         "hwm": m.hwm_kib,
                     })),
@@ -479,6 +480,10 @@ pub fn runs_from_json(v: &Value) -> Result<Vec<Run>> {
             rss_total_kib: m["rss_total"].as_u64().unwrap_or(0),
             guest_rss_kib: m["guest_rss"].as_u64().unwrap_or(0),
             guest_anon_huge_kib: m["guest_anon_huge"].as_u64().unwrap_or(0),
+            guest_offsets_2m: m["guest_offsets_2m"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default(),
             guest_mappings_kib: m["guest_mappings"]
                 .as_array()
                 .map(|a| a.iter().filter_map(Value::as_u64).collect())
@@ -529,6 +534,7 @@ mod tests {
                     rss_total_kib: rss + 1000,
                     guest_rss_kib: 1000,
                     guest_anon_huge_kib: 0,
+                    guest_offsets_2m: vec![0x1000],
                     guest_mappings_kib: vec![131_072],
                     hwm_kib: rss + 2000,
                 }),
