@@ -37,8 +37,10 @@ pub const DEFAULT_CONSOLE_CAP: u64 = 1 << 20;
 /// Largest console cap, bytes (1 GiB).
 pub const MAX_CONSOLE_CAP: u64 = 1 << 30;
 /// The command line every VM starts with: console on COM1, reset via the keyboard controller,
-/// reboot immediately on panic (which ends the VM as "reset").
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// reboot immediately on panic (which ends the VM as "reset"), and no PCI probing (there is no PCI
+/// bus; the guest kernel has `CONFIG_PCI=y` only because its ACPI code needs it, and every probe
+/// of the 0xcf8/0xcfc config ports would be a vCPU exit).
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
 /// One virtio-blk disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
