@@ -450,7 +450,11 @@ impl VmBuilder {
             return Err(BuildError::NoMmioSlot);
         };
         self.mmio.insert(slot.range, device)?;
-        self.mmio_devices.push(acpi::MmioDeviceDesc { base, size, gsi: slot.gsi });
+        self.mmio_devices.push(acpi::MmioDeviceDesc {
+            base,
+            size,
+            gsi: slot.gsi,
+        });
         self.cmdline_devices.push(format!(
             "virtio_mmio.device={}K@{:#x}:{}",
             slot.range.size().get() / 1024,
@@ -671,7 +675,11 @@ impl VmBuilder {
                     source: kvm_ioctls::Error::new(libc::E2BIG),
                 })?;
             if index == 0 {
-                for e in cpuid.as_slice().iter().filter(|e| matches!(e.function, 0x1 | 0x7 | 0xd)) {
+                for e in cpuid
+                    .as_slice()
+                    .iter()
+                    .filter(|e| matches!(e.function, 0x1 | 0x7 | 0xd))
+                {
                     tracing::debug!(
                         leaf = format_args!("{:#x}.{}", e.function, e.index),
                         eax = format_args!("{:#x}", e.eax),
