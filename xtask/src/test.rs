@@ -780,13 +780,15 @@ fn kvm_tier(
     }
     report.counts.add(counts);
     let detail = format!("{} (in the nested test host: {why})", counts_text(counts));
+    // Exit 125 is the test host's own failure (a module, a mount); any other non-zero exit means
+    // the tests ran and some failed, which the counts show.
+    let tests_ran = !outcome.timed_out && outcome.exit.is_some_and(|code| code != 125);
     match testhost::check_outcome(&outcome, &config, &log) {
         Ok(()) => Ok(Outcome::Ran { detail, ok: true }),
-        Err(e) if outcome.exit.is_some_and(|c| c != 125) && !outcome.timed_out => {
-            // The tests ran and some failed; the counts say which.
-            let _ = e;
-            Ok(Outcome::Ran { detail, ok: false })
-        }
+        Err(_) if tests_ran => Ok(Outcome::Ran {
+            detail: format!("{detail}; console log {}", log.display()),
+            ok: false,
+        }),
         Err(e) => Ok(Outcome::Failed(format!("{detail}: {e:#}"))),
     }
 }
