@@ -45,7 +45,14 @@ impl KvmHarness {
                 .rootfs(env_path("SANDBOX_ROOTFS"))
                 .state_dir(state_dir)
         };
-        let runtime = KvmRuntime::new(base().build().expect("config")).expect("KvmRuntime::new");
+        // Generous: nested test hosts on a busy machine sometimes stall for minutes.
+        let runtime = KvmRuntime::new(
+            base()
+                .create_deadline(Duration::from_secs(600))
+                .build()
+                .expect("config"),
+        )
+        .expect("KvmRuntime::new");
         let mute = KvmRuntime::new(
             base()
                 .agent_port(sandbox_core::AGENT_VSOCK_PORT + 1)
