@@ -306,7 +306,14 @@ fn boot(args: &BootArgs) -> Result<()> {
         println!("xtask bench: running directly on this machine's /dev/kvm: {why}");
         env.push(("where the VMs ran".into(), format!("directly ({why})")));
         let work = fresh_dir(&bench.join("boot-run"))?;
-        let (r, e) = measure_all(args, &artifacts.kernel, &artifacts.rootfs, &vmm, &work)?;
+        let (r, e) = measure_all(
+            args,
+            &artifacts.kernel,
+            &artifacts.rootfs,
+            &vmm,
+            &work,
+            &mut |_, _| {},
+        )?;
         runs = r;
         inner_env = e;
     } else {
@@ -351,7 +358,9 @@ fn boot(args: &BootArgs) -> Result<()> {
         let config = testhost::RunConfig {
             cpus: args.testhost_cpus,
             mem_mib: args.testhost_mem,
-            timeout: Duration::from_secs(600 + boots * 2 * args.run_timeout.min(120)),
+            // Test host boot and guest copy, then about 60 s per boot: a normal one takes 3-15 s,
+            // so a few that hit their own limits still fit; a wedged test host does not linger.
+            timeout: Duration::from_secs(600 + boots * 60),
             keep: vec![
                 util::workspace_root(),
                 target_dir(),
@@ -375,7 +384,12 @@ fn boot(args: &BootArgs) -> Result<()> {
                 println!("{l}");
             }
         })?;
-        testhost::check_outcome(&outcome, &config, &log)?;
+        testhost::check_outcome(&outcome, &config, &log).with_context(|| {
+            format!(
+                "the benchmark in the test host did not finish; the runs it did are in {}",
+                partial_path(&results).display()
+            )
+        })?;
         let text = fs::read_to_string(&results)
             .with_context(|| format!("reading the test host's results {}", results.display()))?;
         let value: serde_json::Value = serde_json::from_str(&text)?;
@@ -473,24 +487,37 @@ fn inner(args: &BootArgs, out: &Path) -> Result<()> {
         .context("the results path has a parent")?
         .join("boot-run");
     fresh_dir(&work)?;
-    let (runs, env) = measure_all(args, kernel, rootfs, vmm, &work)?;
-    let report = BootReport {
-        date: String::new(),
-        environment: env.clone(),
-        command: String::new(),
-        vcpus: args.vcpus,
-        memory_mib: args.memory_mib,
-        runs,
+    let write = |runs: &[Run], env: &Environment, path: &Path| -> Result<()> {
+        let report = BootReport {
+            date: String::new(),
+            environment: env.clone(),
+            command: String::new(),
+            vcpus: args.vcpus,
+            memory_mib: args.memory_mib,
+            runs: runs.to_vec(),
+        };
+        let mut value = report.to_json();
+        // Ordered pairs, so that the outer report keeps the order.
+        value["environment"] = serde_json::json!(env
+            .iter()
+            .map(|(k, v)| [k.clone(), v.clone()])
+            .collect::<Vec<_>>());
+        fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))
     };
-    let mut value = report.to_json();
-    // Ordered pairs, so that the outer report keeps the order.
-    value["environment"] = serde_json::json!(env
-        .iter()
-        .map(|(k, v)| [k.clone(), v.clone()])
-        .collect::<Vec<_>>());
-    fs::write(out, serde_json::to_string_pretty(&value)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
-    Ok(())
+    // After every run, so that a wedged test host still leaves the runs it did.
+    let partial = partial_path(out);
+    let (runs, env) = measure_all(args, kernel, rootfs, vmm, &work, &mut |runs, env| {
+        if let Err(e) = write(runs, env, &partial) {
+            eprintln!("xtask bench: {e:#}");
+        }
+    })?;
+    write(&runs, &env, out)
+}
+
+/// Where the inner run keeps its results so far.
+fn partial_path(out: &Path) -> PathBuf {
+    out.with_extension("partial.json")
 }
 
 /// Copies the guest to `TMPDIR`, then boots both VMMs in turn; returns every run and what the
@@ -501,6 +528,7 @@ fn measure_all(
     rootfs: &Path,
     vmm: &Path,
     work: &Path,
+    after_each: &mut dyn FnMut(&[Run], &Environment),
 ) -> Result<(Vec<Run>, Environment)> {
     // Both VMMs read the same local copies: in the test host the originals sit on 9p, which would
     // put a slow, shared file server into every disk read.
@@ -550,6 +578,7 @@ fn measure_all(
         for i in 0..args.warmup {
             for which in [Vmm::Ours, Vmm::Qemu] {
                 runs.push(one(&setup, which, i, true)?);
+                after_each(&runs, &env);
             }
         }
         for i in 0..args.runs {
@@ -561,6 +590,7 @@ fn measure_all(
             };
             for which in order {
                 runs.push(one(&setup, which, i, false)?);
+                after_each(&runs, &env);
             }
         }
         Ok(())
