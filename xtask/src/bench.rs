@@ -103,31 +103,6 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     }
 }
 
-/// The probe verdict file of `cargo xtask test` (xtask/src/test.rs `probe_kvm`): same key, same
-/// format (`boots` or `fails`, then a reason line).
-fn cached_probe(kernel: &Path) -> Result<Option<(bool, String)>> {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu: Vec<&str> = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("model name") || l.starts_with("flags"))
-        .take(2)
-        .collect();
-    let key = util::hash_parts([
-        release.trim().as_bytes(),
-        cpu.join("\n").as_bytes(),
-        util::hash_file(kernel)?.as_bytes(),
-    ]);
-    let path = util::cache_dir().join("kvm-probe").join(&key[..16]);
-    Ok(fs::read_to_string(&path).ok().map(|text| {
-        let (verdict, reason) = text.split_once('\n').unwrap_or((text.as_str(), ""));
-        (
-            verdict == "boots",
-            format!("{} (cached probe {})", reason.trim(), path.display()),
-        )
-    }))
-}
-
 /// Whether the VMs run directly here, and why.
 fn choose_runner(args: &BootArgs, artifacts: &guest::GuestArtifacts) -> Result<(bool, String)> {
     match args.runner {
@@ -135,40 +110,8 @@ fn choose_runner(args: &BootArgs, artifacts: &guest::GuestArtifacts) -> Result<(
         Runner::Testhost => return Ok((false, "--runner testhost".into())),
         Runner::Auto => {}
     }
-    if !Path::new("/dev/kvm").exists() {
-        return Ok((false, "this machine has no /dev/kvm".into()));
-    }
-    if let Some(verdict) = cached_probe(&artifacts.kernel)? {
-        return Ok(verdict);
-    }
-    // No verdict from `cargo xtask test` yet: one QEMU boot here decides.
-    let work = bench_dir().join("probe");
-    fresh_dir(&work)?;
-    let setup = BootSetup {
-        kernel: artifacts.kernel.clone(),
-        rootfs: artifacts.rootfs.clone(),
-        vmm: PathBuf::new(),
-        vcpus: 1,
-        memory_mib: 128,
-        work: work.clone(),
-        timeout: Duration::from_secs(60),
-    };
-    println!("xtask bench: probing /dev/kvm with one QEMU microvm boot (up to 60 s)");
-    let sample = measure::boot_once(&setup, Vmm::Qemu, "probe")?;
-    Ok(match sample.marker_ms {
-        Some(_) => (
-            true,
-            "/dev/kvm booted QEMU microvm to the init (probe)".into(),
-        ),
-        None => (
-            false,
-            format!(
-                "/dev/kvm did not boot Linux: {} (log {})",
-                sample.error.unwrap_or_default(),
-                work.join("probe.log").display()
-            ),
-        ),
-    })
+    // The same probe as `cargo xtask test` (one QEMU -enable-kvm boot, cached per host and kernel).
+    crate::test::probe_kvm(artifacts, false)
 }
 
 fn target_dir() -> PathBuf {

@@ -101,7 +101,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let (direct, why) = match args.runner {
         KvmRunner::Direct => (true, "--runner direct".to_string()),
         KvmRunner::Testhost => (false, "--runner testhost".to_string()),
-        KvmRunner::Auto => cached_probe(&artifacts.kernel)?,
+        KvmRunner::Auto => crate::test::probe_kvm(&artifacts, false)?,
     };
     let timeout = Duration::from_secs(args.timeout);
 
@@ -197,40 +197,4 @@ fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
-}
-
-/// The verdict `cargo xtask test` cached for this machine and kernel (same key as its probe:
-/// kernel release, CPU model and flags, guest kernel hash). No cached verdict: the test host,
-/// which works everywhere QEMU does.
-fn cached_probe(kernel: &Path) -> Result<(bool, String)> {
-    if !Path::new("/dev/kvm").exists() {
-        return Ok((false, "this machine has no /dev/kvm".into()));
-    }
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu: Vec<&str> = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("model name") || l.starts_with("flags"))
-        .take(2)
-        .collect();
-    let key = util::hash_parts([
-        release.trim().as_bytes(),
-        cpu.join("\n").as_bytes(),
-        util::hash_file(kernel)?.as_bytes(),
-    ]);
-    let cached = util::cache_dir().join("kvm-probe").join(&key[..16]);
-    match fs::read_to_string(&cached) {
-        Ok(text) => {
-            let (verdict, reason) = text.split_once('\n').unwrap_or((text.as_str(), ""));
-            Ok((
-                verdict == "boots",
-                format!("{} (cached probe {})", reason.trim(), cached.display()),
-            ))
-        }
-        Err(_) => Ok((
-            false,
-            "no cached /dev/kvm probe yet (`cargo xtask test` makes one; `--runner direct` skips it)"
-                .into(),
-        )),
-    }
 }

@@ -838,7 +838,10 @@ fn build_vmm(
 /// Decides whether this machine's `/dev/kvm` boots Linux: boots the guest artifacts with QEMU
 /// `-M microvm -enable-kvm` and waits for the test init's marker. The answer is cached, keyed by
 /// the host kernel release, the CPU model and flags and the guest kernel.
-fn probe_kvm(artifacts: &guest::GuestArtifacts, reprobe: bool) -> Result<(bool, String)> {
+pub(crate) fn probe_kvm(
+    artifacts: &guest::GuestArtifacts,
+    reprobe: bool,
+) -> Result<(bool, String)> {
     if !Path::new("/dev/kvm").exists() {
         return Ok((false, "this machine has no /dev/kvm".into()));
     }
