@@ -1,25 +1,38 @@
-//! The backend conformance suite: one async function per promised behaviour.
+//! The backend conformance suite: one async function per promised behaviour, and [`Suite`], which
+//! turns them into one named test per check.
 //!
 //! Backends call these from their own test files (feature `conformance`). Each check panics with
-//! a message naming the behaviour when the backend does not hold it, like an `assert!` would:
+//! a message naming the behaviour when the backend does not hold it, like an `assert!` would.
+//! A backend's conformance test is a `harness = false` test target whose `main` hands the
+//! suite's trials to [`run_trials`], so `cargo test` lists and reports every check by name
+//! (`test create ... ok`, `test exit_codes ... FAILED`) and a failure names its check:
 //!
 //! ```no_run
-//! # use sandbox_core::conformance::{self, Harness};
-//! # async fn t(h: &dyn Harness) {
-//! conformance::run_all(h).await; // or one check at a time:
-//! let sb = conformance::create(h).await;
-//! conformance::exit_codes(sb.as_ref()).await;
-//! conformance::destroy(h, sb).await;
+//! # use sandbox_core::conformance::{self, Harness, Suite};
+//! # fn t<H: Harness + 'static>(h: H) {
+//! let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+//! let suite = Suite::new(move || h, rt.handle().clone());
+//! let mut trials = suite.checks(); // create, the shared-sandbox checks, destroy, unreachable agent
+//! // ... backend-specific trials here ...
+//! trials.push(suite.leaves_nothing_behind());
+//! let conclusion = conformance::run_trials(trials);
+//! suite.finish(); // destroys the shared sandbox if a filtered run left it
+//! conclusion.exit();
 //! # }
 //! ```
 //!
-//! Checks that need one sandbox take `&dyn Sandbox` so a backend can share one VM between them;
-//! the checks about creation, raw frames and teardown take the backend's [`Harness`].
+//! Checks that need one sandbox take `&dyn Sandbox`, so the suite shares one sandbox (one VM for
+//! the KVM backend) between them; the checks about creation, raw frames and teardown take the
+//! backend's [`Harness`]. The trials run one at a time, in order: they share that sandbox, and the
+//! last one compares the host inventory with the one taken before the first.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+pub use libtest_mimic::{Conclusion, Failed, Trial};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::{ErrorKind, Result};
@@ -75,21 +88,258 @@ pub async fn create(h: &dyn Harness) -> Box<dyn Sandbox> {
     sb
 }
 
-/// Every check, sharing one sandbox where possible, then the teardown checks.
+/// A check that runs against the suite's shared sandbox.
+type SharedCheck = for<'a> fn(&'a dyn Harness, &'a dyn Sandbox) -> BoxFuture<'a>;
+type BoxFuture<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// The checks that share one sandbox, in the order they run, by name.
+const SHARED_CHECKS: &[(&str, SharedCheck)] = &[
+    ("exit_codes", |_, sb| Box::pin(exit_codes(sb))),
+    ("stdout_stderr_separate_and_ordered", |_, sb| {
+        Box::pin(stdout_stderr_separate_and_ordered(sb))
+    }),
+    ("stream_10_mib", |_, sb| Box::pin(stream_10_mib(sb))),
+    ("stdin_round_trip", |_, sb| Box::pin(stdin_round_trip(sb))),
+    ("timeout_kills_process_group", |_, sb| {
+        Box::pin(timeout_kills_process_group(sb))
+    }),
+    ("no_zombies_after_1000_execs", |_, sb| {
+        Box::pin(no_zombies_after_1000_execs(sb))
+    }),
+    ("dropped_stream_kills_command", |_, sb| {
+        Box::pin(dropped_stream_kills_command(sb))
+    }),
+    ("concurrent_execs", |_, sb| Box::pin(concurrent_execs(sb))),
+    ("file_round_trip", |_, sb| Box::pin(file_round_trip(sb))),
+    ("confined_root_blocks_escapes", |_, sb| {
+        Box::pin(confined_root_blocks_escapes(sb))
+    }),
+    ("oversized_frames_refused", |h, sb| {
+        Box::pin(oversized_frames_refused(h, sb))
+    }),
+];
+
+/// The conformance suite as named trials over one backend, sharing one sandbox.
+///
+/// Built from a function that makes the backend's [`Harness`] and the handle of a tokio runtime
+/// that outlives every trial (the shared sandbox's background tasks live on it). The harness is
+/// made, and the host inventory taken, when the first trial runs, so listing the trials
+/// (`--list`) touches nothing. [`Suite::leaves_nothing_behind`] compares against that inventory.
+pub struct Suite<H: Harness + 'static> {
+    inner: Arc<SuiteInner<H>>,
+}
+
+impl<H: Harness + 'static> Clone for Suite<H> {
+    fn clone(&self) -> Self {
+        Suite {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+type MakeHarness<H> = Box<dyn FnOnce() -> H + Send>;
+
+struct SuiteInner<H> {
+    make: Mutex<Option<MakeHarness<H>>>,
+    /// The harness and the host inventory before the first trial.
+    started: OnceLock<(Arc<H>, BTreeSet<String>)>,
+    rt: tokio::runtime::Handle,
+    /// The shared sandbox: `None` before `create` and after `destroy`.
+    shared: tokio::sync::Mutex<Option<Box<dyn Sandbox>>>,
+    /// Set once the shared sandbox was destroyed, so later checks fail instead of re-creating it.
+    destroyed: Mutex<bool>,
+    /// How long each passed trial took, printed by [`Suite::finish`].
+    times: Mutex<Vec<(String, Duration)>>,
+}
+
+impl<H: Harness + 'static> std::fmt::Debug for Suite<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Suite")
+            .field("started", &self.inner.started.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Harness + 'static> Suite<H> {
+    /// A suite over the harness `make` returns; `make` runs on the first trial, inside `rt`.
+    pub fn new(make: impl FnOnce() -> H + Send + 'static, rt: tokio::runtime::Handle) -> Self {
+        Suite {
+            inner: Arc::new(SuiteInner {
+                make: Mutex::new(Some(Box::new(make))),
+                started: OnceLock::new(),
+                rt,
+                shared: tokio::sync::Mutex::new(None),
+                destroyed: Mutex::new(false),
+                times: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// A trial named `name` that runs `f` on the suite's runtime with the harness; a panic is
+    /// the trial's failure.
+    pub fn trial<F, Fut>(&self, name: &str, f: F) -> Trial
+    where
+        F: FnOnce(Arc<H>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        let inner = self.inner.clone();
+        let name_owned = name.to_string();
+        Trial::test(name, move || {
+            let h = inner.harness();
+            let started = Instant::now();
+            inner.rt.block_on(f(h));
+            inner.record(name_owned, started);
+            Ok(())
+        })
+    }
+
+    /// `create`, every shared-sandbox check, `destroy`, then `unreachable_agent_is_typed`.
+    pub fn checks(&self) -> Vec<Trial> {
+        let mut trials = Vec::new();
+        let inner = self.inner.clone();
+        trials.push(Trial::test("create", move || {
+            let h = inner.harness();
+            let started = Instant::now();
+            drop(inner.rt.block_on(inner.shared_sandbox(&h))?);
+            inner.record("create".into(), started);
+            Ok(())
+        }));
+        for &(name, check) in SHARED_CHECKS {
+            let inner = self.inner.clone();
+            trials.push(Trial::test(name, move || {
+                let h = inner.harness();
+                inner.rt.block_on(async {
+                    let started = Instant::now();
+                    let guard = inner.shared_sandbox(&h).await?;
+                    let sb = guard.as_deref().ok_or("the shared sandbox is gone")?;
+                    check(h.as_ref(), sb).await;
+                    inner.record(name.to_string(), started);
+                    Ok::<(), Failed>(())
+                })
+            }));
+        }
+        let inner = self.inner.clone();
+        trials.push(Trial::test("destroy", move || {
+            let h = inner.harness();
+            inner.rt.block_on(async {
+                // Created here if a filtered run skipped `create`, so `destroy` is always tested.
+                let sb = inner.shared_sandbox(&h).await?.take();
+                *inner.destroyed.lock().expect("not poisoned") = true;
+                let sb = sb.ok_or("the shared sandbox is gone")?;
+                destroy(h.as_ref(), sb).await;
+                Ok::<(), Failed>(())
+            })
+        }));
+        trials.push(self.trial("unreachable_agent_is_typed", |h| async move {
+            unreachable_agent_is_typed(h.as_ref()).await
+        }));
+        trials
+    }
+
+    /// The last trial: the host inventory is what it was before the first (no process, file,
+    /// socket or fd left by anything the trials created).
+    pub fn leaves_nothing_behind(&self) -> Trial {
+        let inner = self.inner.clone();
+        Trial::test("leaves_nothing_behind", move || {
+            let h = inner.harness();
+            inner.rt.block_on(async {
+                if let Some(sb) = inner.shared.lock().await.take() {
+                    let _ = sb.destroy().await;
+                }
+                let before = &inner.started.get().expect("harness() ran").1;
+                let after = h.inventory().await.expect("inventory");
+                let gone: Vec<_> = before.difference(&after).collect();
+                let added: Vec<_> = after.difference(before).collect();
+                if gone.is_empty() && added.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the host inventory changed: left behind {added:?}, missing {gone:?}"
+                    )
+                    .into())
+                }
+            })
+        })
+    }
+
+    /// Destroys the shared sandbox if it still exists (a filtered run that skipped `destroy`)
+    /// and prints how long each passed trial took.
+    pub fn finish(&self) {
+        let inner = self.inner.clone();
+        inner.rt.block_on(async {
+            if let Some(sb) = inner.shared.lock().await.take() {
+                let _ = sb.destroy().await;
+            }
+        });
+        let times = inner.times.lock().expect("not poisoned");
+        if !times.is_empty() {
+            let list: Vec<String> = times
+                .iter()
+                .map(|(n, d)| format!("{n} {} ms", d.as_millis()))
+                .collect();
+            println!("conformance times: {}", list.join(", "));
+        }
+    }
+}
+
+impl<H: Harness + 'static> SuiteInner<H> {
+    /// The harness, made on first use, with the host inventory taken right after (panics if
+    /// it cannot be listed: the suite cannot judge teardown without it).
+    fn harness(&self) -> Arc<H> {
+        self.started
+            .get_or_init(|| {
+                let make = self
+                    .make
+                    .lock()
+                    .expect("not poisoned")
+                    .take()
+                    .expect("the harness is made once");
+                let h = {
+                    // A harness may need the runtime (to spawn, or for tokio types).
+                    let _enter = self.rt.enter();
+                    Arc::new(make())
+                };
+                let before = self
+                    .rt
+                    .block_on(h.inventory())
+                    .expect("the harness lists the host inventory");
+                (h, before)
+            })
+            .0
+            .clone()
+    }
+
+    fn record(&self, name: String, started: Instant) {
+        self.times
+            .lock()
+            .expect("not poisoned")
+            .push((name, started.elapsed()));
+    }
+
+    /// The shared sandbox, created on first use.
+    async fn shared_sandbox(
+        &self,
+        h: &H,
+    ) -> std::result::Result<tokio::sync::MutexGuard<'_, Option<Box<dyn Sandbox>>>, Failed> {
+        let mut guard = self.shared.lock().await;
+        if guard.is_none() {
+            if *self.destroyed.lock().expect("not poisoned") {
+                return Err("the shared sandbox was destroyed by an earlier trial".into());
+            }
+            *guard = Some(create(h).await);
+        }
+        Ok(guard)
+    }
+}
+
+/// Every check in one call, in [`Suite`]'s order, sharing one sandbox; for a backend that wants
+/// the whole suite as a single test (a failure then names its check in the panic message only).
 pub async fn run_all(h: &dyn Harness) {
     let before = h.inventory().await.expect("inventory");
     let sb = create(h).await;
-    exit_codes(sb.as_ref()).await;
-    stdout_stderr_separate_and_ordered(sb.as_ref()).await;
-    stream_10_mib(sb.as_ref()).await;
-    stdin_round_trip(sb.as_ref()).await;
-    timeout_kills_process_group(sb.as_ref()).await;
-    no_zombies_after_1000_execs(sb.as_ref()).await;
-    dropped_stream_kills_command(sb.as_ref()).await;
-    concurrent_execs(sb.as_ref()).await;
-    file_round_trip(sb.as_ref()).await;
-    confined_root_blocks_escapes(sb.as_ref()).await;
-    oversized_frames_refused(h, sb.as_ref()).await;
+    for &(_, check) in SHARED_CHECKS {
+        check(h, sb.as_ref()).await;
+    }
     destroy(h, sb).await;
     let after = h.inventory().await.expect("inventory");
     assert_eq!(
@@ -97,6 +347,73 @@ pub async fn run_all(h: &dyn Harness) {
         "destroy must leave the host inventory as it was"
     );
     unreachable_agent_is_typed(h).await;
+}
+
+/// Runs `trials` like the built-in test harness (`--list`, `--exact`, name filters,
+/// `--format terse`, `--nocapture` accepted), one at a time and in order.
+///
+/// Unlike `libtest_mimic::Arguments`, any number of name filters is accepted, as libtest does
+/// (`cargo xtask test` passes the exact names of the tests it selected).
+pub fn run_trials(trials: Vec<Trial>) -> Conclusion {
+    run_trials_with(std::env::args().skip(1).collect(), trials)
+}
+
+/// [`run_trials`] with explicit arguments (without the program name).
+pub fn run_trials_with(args: Vec<String>, trials: Vec<Trial>) -> Conclusion {
+    let (flags, filters) = split_args(args);
+    let mut parsed = libtest_mimic::Arguments::from_iter(
+        std::iter::once("conformance".to_string()).chain(flags),
+    );
+    // The trials share one sandbox and end with an inventory check: one at a time, in order.
+    parsed.test_threads = Some(1);
+    let trials = if filters.len() > 1 {
+        select(trials, &filters, parsed.exact)
+    } else {
+        parsed.filter = filters.into_iter().next();
+        trials
+    };
+    libtest_mimic::run(&parsed, trials)
+}
+
+/// Splits libtest arguments into flags (with their values) and positional name filters.
+fn split_args(args: Vec<String>) -> (Vec<String>, Vec<String>) {
+    // Options of libtest that take a value as the next argument.
+    const WITH_VALUE: &[&str] = &[
+        "--format",
+        "--test-threads",
+        "--skip",
+        "--color",
+        "--logfile",
+        "-Z",
+    ];
+    let mut flags = Vec::new();
+    let mut filters = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        if WITH_VALUE.contains(&a.as_str()) {
+            flags.push(a);
+            flags.extend(it.next());
+        } else if a.starts_with('-') {
+            flags.push(a);
+        } else {
+            filters.push(a);
+        }
+    }
+    (flags, filters)
+}
+
+/// The trials any filter matches (by name, or by substring unless `exact`), in their order.
+fn select(mut trials: Vec<Trial>, filters: &[String], exact: bool) -> Vec<Trial> {
+    trials.retain(|t| {
+        filters.iter().any(|f| {
+            if exact {
+                t.name() == f
+            } else {
+                t.name().contains(f.as_str())
+            }
+        })
+    });
+    trials
 }
 
 async fn sh(sb: &dyn Sandbox, script: &str) -> crate::ExecOutput {
@@ -551,7 +868,7 @@ pub async fn unreachable_agent_is_typed(h: &dyn Harness) {
 }
 
 /// Destroys `sb`, checks the state machine and that further calls fail with `InvalidState`.
-/// Compare [`Harness::inventory`] before create and after this (as [`run_all`] does).
+/// Compare [`Harness::inventory`] before create and after this (as [`Suite`] does).
 pub async fn destroy(_h: &dyn Harness, sb: Box<dyn Sandbox>) {
     sb.destroy().await.expect("destroy");
     assert_eq!(sb.state(), SandboxState::Destroyed);
@@ -561,4 +878,64 @@ pub async fn destroy(_h: &dyn Harness, sb: Box<dyn Sandbox>) {
         .expect_err("exec after destroy");
     assert_eq!(err.kind(), ErrorKind::InvalidState);
     sb.destroy().await.expect("a second destroy is a no-op");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn names(trials: &[Trial]) -> Vec<&str> {
+        trials.iter().map(Trial::name).collect()
+    }
+
+    fn trials() -> Vec<Trial> {
+        ["create", "exit_codes", "destroy"]
+            .into_iter()
+            .map(|n| Trial::test(n, || Ok(())))
+            .collect()
+    }
+
+    #[test]
+    fn flags_keep_their_values_and_the_rest_are_filters() {
+        let (flags, filters) = split_args(strings(&[
+            "--exact",
+            "destroy",
+            "--format",
+            "terse",
+            "create",
+            "--test-threads",
+            "2",
+            "--nocapture",
+        ]));
+        assert_eq!(
+            flags,
+            strings(&[
+                "--exact",
+                "--format",
+                "terse",
+                "--test-threads",
+                "2",
+                "--nocapture"
+            ])
+        );
+        assert_eq!(filters, strings(&["destroy", "create"]));
+    }
+
+    #[test]
+    fn several_filters_select_in_trial_order() {
+        let f = strings(&["destroy", "create"]);
+        assert_eq!(names(&select(trials(), &f, true)), ["create", "destroy"]);
+        assert_eq!(
+            names(&select(trials(), &strings(&["e"]), true)),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            names(&select(trials(), &strings(&["e", "x"]), false)),
+            ["create", "exit_codes", "destroy"]
+        );
+    }
 }

@@ -2,17 +2,19 @@
 //! as PID 1, host ↔ agent over virtio-vsock. Needs a `/dev/kvm` that boots Linux and the
 //! artifacts in `SANDBOX_KERNEL`/`SANDBOX_ROOTFS`/`SANDBOX_VMM`: run it with `cargo xtask test`.
 //!
-//! One test function on purpose: it compares the host inventory (our VMM processes, files under
-//! the state directory, this process's open fds) before and after, which tests running in
-//! parallel in this binary would disturb.
-#![cfg(sandbox_kvm)]
+//! One named test per check (`harness = false`; `sandbox_core::conformance::Suite`), run one at a
+//! time in order: the shared-sandbox checks share one VM, then the TTL and drop checks boot their
+//! own, and the last test compares the host inventory (our VMM processes, files under the state
+//! directory, this process's open fds) with the one taken before the first.
+
+#![cfg_attr(not(sandbox_kvm), allow(dead_code, unused_imports))]
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sandbox_core::conformance::{self, Harness, RawStream};
+use sandbox_core::conformance::{self, Harness, RawStream, Suite, Trial};
 use sandbox_core::{ErrorKind, ExecRequest, RootMode, Runtime, Sandbox, SandboxSpec, SandboxState};
 use sandbox_kvm::runtime::{KvmRuntime, KvmRuntimeConfig};
 
@@ -197,23 +199,9 @@ fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kvm_backend_passes_the_conformance_suite_and_leaves_nothing_behind() {
-    let state = tempfile::Builder::new()
-        .prefix("sbx-conformance-")
-        .tempdir()
-        .expect("state dir in TMPDIR");
-    let h = KvmHarness::new(state.path());
-    let before = h.inventory().await.expect("inventory");
-
-    // 1. Every conformance check (issue 4 item 6), sharing one VM, then destroy, inventory and
-    //    the unreachable agent.
-    let t = Instant::now();
-    conformance::run_all(&h).await;
-    println!("conformance suite: {} ms", t.elapsed().as_millis());
-
-    // 2. The TTL is enforced by the host: the VMM is killed and the directory removed, whatever
-    //    the guest does.
+/// The TTL is enforced by the host: the VMM is killed and the directory removed, whatever the
+/// guest does.
+async fn ttl_kills_the_vmm_and_removes_its_files(h: &KvmHarness) {
     let sb = h
         .runtime
         .create_sandbox(
@@ -244,8 +232,10 @@ async fn kvm_backend_passes_the_conformance_suite_and_leaves_nothing_behind() {
     );
     sb.destroy().await.expect("destroy after the TTL");
     assert_eq!(sb.state(), SandboxState::Destroyed);
+}
 
-    // 3. Dropping a sandbox without destroy() still kills the VMM and removes its files.
+/// Dropping a sandbox without destroy() still kills the VMM and removes its files.
+async fn drop_without_destroy_cleans_up(h: &KvmHarness) {
     let sb = h.runtime.create_sandbox(h.spec()).await.expect("create");
     let out = sb.exec(ExecRequest::shell("echo up")).await.expect("exec");
     assert_eq!(out.stdout_str(), "up\n");
@@ -253,9 +243,42 @@ async fn kvm_backend_passes_the_conformance_suite_and_leaves_nothing_behind() {
     drop(sb);
     assert!(!pid_alive(pid), "Drop left VMM {pid} running");
     assert!(!dir.exists(), "Drop left {}", dir.display());
-
-    // 4. Nothing of ours is left: no VMM process, no file under the state dir, no open fd.
     assert_eq!(h.runtime.live_sandboxes(), 0);
-    let after = h.inventory().await.expect("inventory");
-    assert_eq!(before, after, "the host inventory changed");
+}
+
+#[cfg(sandbox_kvm)]
+fn trials(suite: &Suite<KvmHarness>) -> Vec<Trial> {
+    let mut trials = suite.checks();
+    trials.push(suite.trial("ttl_kills_the_vmm_and_removes_its_files", |h| async move {
+        ttl_kills_the_vmm_and_removes_its_files(&h).await
+    }));
+    trials.push(suite.trial("drop_without_destroy_cleans_up", |h| async move {
+        drop_without_destroy_cleans_up(&h).await
+    }));
+    trials.push(suite.leaves_nothing_behind());
+    trials
+}
+
+/// Without `--cfg sandbox_kvm` the binary has no tests (it needs a KVM that boots Linux).
+#[cfg(not(sandbox_kvm))]
+fn trials(_: &Suite<KvmHarness>) -> Vec<Trial> {
+    Vec::new()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let state = tempfile::Builder::new()
+        .prefix("sbx-conformance-")
+        .tempdir()
+        .expect("state dir in TMPDIR");
+    let state_dir = state.path().to_path_buf();
+    let suite = Suite::new(move || KvmHarness::new(&state_dir), rt.handle().clone());
+    let conclusion = conformance::run_trials(trials(&suite));
+    suite.finish();
+    drop(state);
+    conclusion.exit();
 }
