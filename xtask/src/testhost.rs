@@ -67,6 +67,8 @@ pub struct TestHost {
     pub initramfs: PathBuf,
     /// `<package> <version>`, for messages.
     pub kernel_package: String,
+    /// The QEMU that runs it, e.g. `QEMU 10.0`, for messages.
+    pub qemu: String,
 }
 
 /// How to run the test host.
@@ -101,6 +103,8 @@ pub struct RunOutcome {
 /// packages it needs first.
 pub fn ensure() -> Result<TestHost> {
     util::apt_install(PACKAGES)?;
+    ensure_qemu()?;
+    let (qemu_major, qemu_minor) = qemu_version()?;
     let (package, version) = kernel_package()?;
     let busybox = Path::new("/bin/busybox");
     let key = util::hash_parts([
@@ -116,6 +120,7 @@ pub fn ensure() -> Result<TestHost> {
         kernel: dir.join("vmlinuz"),
         initramfs: dir.join("initramfs.cpio"),
         kernel_package: format!("{package} {version}"),
+        qemu: format!("QEMU {qemu_major}.{qemu_minor}"),
     };
     if host.kernel.is_file() && host.initramfs.is_file() {
         return Ok(host);
@@ -139,6 +144,139 @@ pub fn ensure() -> Result<TestHost> {
         started.elapsed().as_secs_f64()
     );
     Ok(host)
+}
+
+/// The oldest QEMU the test host runs on. QEMU 7.2 (Debian bookworm's) keeps a linked list of
+/// translation blocks per guest page and walks it on every store to a page that held code; in
+/// the test host that made single 4 KiB page clears take tens of seconds and 2 MiB clears
+/// minutes (soft lockups, docs/testing.md "Emulation stalls"). QEMU 8.0 replaced those lists
+/// with per-page interval trees (`accel/tcg/tb-maint.c`).
+const MIN_QEMU_MAJOR: u32 = 8;
+
+/// The installed `qemu-system-x86_64`'s version, e.g. `(10, 0)`.
+pub fn qemu_version() -> Result<(u32, u32)> {
+    let out = util::output(Command::new("qemu-system-x86_64").arg("--version"))?;
+    parse_qemu_version(&out).with_context(|| {
+        format!("cannot read a version from `qemu-system-x86_64 --version`: {out}")
+    })
+}
+
+fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
+    let rest = text.split("version ").nth(1)?;
+    let mut parts = rest.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Makes sure `qemu-system-x86_64` is at least [`MIN_QEMU_MAJOR`]. On Debian bookworm (QEMU 7.2)
+/// it installs `qemu-system-x86` from Debian's `bookworm-backports` suite, adding that suite to
+/// apt's sources with the same archive URI the machine already uses for bookworm (backports are
+/// pinned below the release by default, so nothing else is upgraded).
+pub fn ensure_qemu() -> Result<()> {
+    let (major, minor) = qemu_version()?;
+    if major >= MIN_QEMU_MAJOR {
+        return Ok(());
+    }
+    let os = fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let codename = os
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .unwrap_or("")
+        .trim_matches('"');
+    if codename != "bookworm" {
+        bail!(
+            "QEMU {major}.{minor} is too old for the nested test host (it needs {MIN_QEMU_MAJOR}.0 \
+             or newer: older TCG stalls for minutes on stores to pages that held code, \
+             docs/testing.md); install a newer qemu-system-x86"
+        );
+    }
+    eprintln!(
+        "xtask: QEMU {major}.{minor} is too old for the test host; installing qemu-system-x86 \
+         from bookworm-backports"
+    );
+    let list = Path::new("/etc/apt/sources.list.d/sandbox-sdk-bookworm-backports.sources");
+    if !list.exists() {
+        let uri = debian_archive_uri().context(
+            "finding the Debian archive URI in /etc/apt/sources.list{,.d} to add bookworm-backports",
+        )?;
+        fs::write(
+            list,
+            format!(
+                "# Added by `cargo xtask` (xtask/src/testhost.rs): QEMU >= {MIN_QEMU_MAJOR} for the nested test host.\n\
+                 Types: deb\nURIs: {uri}\nSuites: bookworm-backports\nComponents: main\n\
+                 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+            ),
+        )
+        .with_context(|| format!("writing {}", list.display()))?;
+    }
+    util::run(Command::new("apt-get").args(["update", "-q"]))?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(["-t", "bookworm-backports", "qemu-system-x86"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()),
+    )?;
+    let (major, minor) = qemu_version()?;
+    check!(
+        major >= MIN_QEMU_MAJOR,
+        "qemu-system-x86 from bookworm-backports is {major}.{minor}, still older than {MIN_QEMU_MAJOR}.0"
+    );
+    eprintln!("xtask: QEMU {major}.{minor} installed");
+    Ok(())
+}
+
+/// The URI of the Debian archive this machine's apt uses for its release (deb822 `.sources` or
+/// one-line `sources.list` format), skipping the security archive.
+fn debian_archive_uri() -> Result<String> {
+    let mut texts = Vec::new();
+    for dir in ["/etc/apt/sources.list.d"] {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "sources" || x == "list") {
+                    texts.push(fs::read_to_string(&p).unwrap_or_default());
+                }
+            }
+        }
+    }
+    texts.push(fs::read_to_string("/etc/apt/sources.list").unwrap_or_default());
+    texts
+        .iter()
+        .find_map(|t| archive_uri_in(t))
+        .context("no apt source names the Debian archive for bookworm")
+}
+
+/// The archive URI of the first entry for suite `bookworm` in `text` (deb822 stanzas or
+/// one-line entries).
+fn archive_uri_in(text: &str) -> Option<String> {
+    // deb822: stanzas separated by blank lines.
+    for stanza in text.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+        };
+        if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) {
+            if suites.split_whitespace().any(|s| s == "bookworm") {
+                return uris.split_whitespace().next().map(str::to_string);
+            }
+        }
+    }
+    // One-line format: `deb [options] URI SUITE COMPONENTS...`.
+    text.lines().find_map(|l| {
+        // Drop an `[arch=... signed-by=...]` option block, which may contain spaces.
+        let l = match (l.find('['), l.find(']')) {
+            (Some(a), Some(b)) if a < b => format!("{}{}", &l[..a], &l[b + 1..]),
+            _ => l.to_string(),
+        };
+        let mut words = l.split_whitespace();
+        (words.next()? == "deb").then_some(())?;
+        let uri = words.next()?.to_string();
+        (words.next()? == "bookworm").then_some(uri)
+    })
 }
 
 /// The kernel package `linux-image-amd64` depends on, and its candidate version.
@@ -636,6 +774,50 @@ pub fn check_outcome(outcome: &RunOutcome, config: &RunConfig, log: &Path) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_versions_parse() {
+        assert_eq!(
+            parse_qemu_version(
+                "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\nCopyright"
+            ),
+            Some((7, 2))
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)"),
+            Some((10, 0))
+        );
+        assert_eq!(parse_qemu_version("qemu: command not found"), None);
+    }
+
+    #[test]
+    fn the_archive_uri_is_found_in_both_source_formats() {
+        let deb822 =
+            "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates\n\
+                      Components: main\n\nTypes: deb\nURIs: http://mirror.invalid/debian-security\n\
+                      Suites: bookworm-security\nComponents: main\n";
+        assert_eq!(
+            archive_uri_in(deb822).as_deref(),
+            Some("http://mirror.invalid/debian")
+        );
+        let security_first =
+            "Types: deb\nURIs: http://s.invalid/debian-security\nSuites: bookworm-security\n\n\
+                              Types: deb\nURIs: http://m.invalid/debian\nSuites: bookworm\n";
+        assert_eq!(
+            archive_uri_in(security_first).as_deref(),
+            Some("http://m.invalid/debian")
+        );
+        let one_line =
+            "# comment\ndeb [arch=amd64 signed-by=/k.gpg] http://m.invalid/debian bookworm main\n";
+        assert_eq!(
+            archive_uri_in(one_line).as_deref(),
+            Some("http://m.invalid/debian")
+        );
+        assert_eq!(
+            archive_uri_in("deb http://m.invalid/debian trixie main\n"),
+            None
+        );
+    }
 
     #[test]
     fn module_names_normalise_dashes_and_compression() {
