@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod guest;
+mod run;
 mod test;
 mod testhost;
 mod util;
@@ -33,6 +34,10 @@ enum Cmd {
     /// Run the main job: an agent task in a throwaway micro-VM (examples/agent_task.rs), in the
     /// nested test host where this machine's /dev/kvm cannot boot Linux (see docs/demo.md).
     Demo(demo::DemoArgs),
+    /// Run an example (`--example quickstart`) or any program (`-- ./my-program args`) that
+    /// creates sandboxes: directly where /dev/kvm boots Linux, else in the nested test host,
+    /// with sandbox-vmm and the guest artifacts in SANDBOX_VMM, SANDBOX_KERNEL, SANDBOX_ROOTFS.
+    Run(run::RunArgs),
     /// Benchmarks (docs/bench.md): `bench boot` runs our VMM and QEMU microvm side by side.
     Bench {
         #[command(subcommand)]
@@ -47,5 +52,6 @@ fn main() -> Result<()> {
         Cmd::Test(args) => test::run(args),
         Cmd::Bench { what } => bench::run(what),
         Cmd::Demo(args) => demo::run(args),
+        Cmd::Run(args) => run::run(args),
     }
 }

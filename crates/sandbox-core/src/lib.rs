@@ -8,7 +8,7 @@
 //!    move files with `write_file`/`read_file`/`remove`/`list`.
 //! 4. [`Sandbox::destroy`] releases everything; [`SandboxState`] tracks the lifecycle.
 //! 5. Backends talk to the agent with [`client::AgentClient`] over any byte stream, and prove
-//!    themselves with the [`conformance`] suite (feature `conformance`).
+//!    themselves with the `conformance` suite (module and feature `conformance`).
 //!
 //! ```no_run
 //! # #[cfg(feature = "host")]

@@ -1,13 +1,13 @@
 //! Per-vCPU CPUID, derived from `KVM_GET_SUPPORTED_CPUID`.
 //!
 //! What we change, leaf by leaf (Intel SDM vol. 2A "CPUID"; AMD APM vol. 3 appendix E):
-//! - leaf 0x1: initial APIC id (EBX[31:24]), logical processor count (EBX[23:16]) with HTT
-//!   (EDX[28]) when there is more than one vCPU, the hypervisor bit (ECX[31]) and the TSC-deadline
-//!   timer (ECX[24]; KVM emulates it in its LAPIC but leaves the bit to the VMM, and with
+//! - leaf 0x1: initial APIC id (`EBX[31:24]`), logical processor count (`EBX[23:16]`) with HTT
+//!   (`EDX[28]`) when there is more than one vCPU, the hypervisor bit (`ECX[31]`) and the TSC-deadline
+//!   timer (`ECX[24]`; KVM emulates it in its LAPIC but leaves the bit to the VMM, and with
 //!   hardware-reduced ACPI there is no PIT to calibrate the LAPIC timer against);
-//! - leaf 0x4: cores per package (EAX[31:26]) and threads sharing each cache (EAX[25:14]);
+//! - leaf 0x4: cores per package (`EAX[31:26]`) and threads sharing each cache (`EAX[25:14]`);
 //! - leaves 0xB and 0x1F: the x2APIC topology, one thread per core and `n` cores in one package;
-//! - leaf 0x8000_0008: AMD core count (ECX[7:0]) and APIC id size (ECX[15:12]);
+//! - leaf 0x8000_0008: AMD core count (`ECX[7:0]`) and APIC id size (`ECX[15:12]`);
 //! - leaf 0x8000_001E: AMD extended APIC id;
 //! - leaves 0x4000_0000/0x4000_0001: the KVM signature and feature leaves are kept, or added if
 //!   the host did not report them. Without them Linux finds no kvm-clock and boots about 3×
