@@ -396,7 +396,8 @@ fn boot(args: &BootArgs) -> Result<()> {
         .unwrap_or(&results_file)
         .display()
         .to_string();
-    let section = report.spec_section(&rel);
+    // Committed docs hold no path of one machine: the cache and the checkout become placeholders.
+    let section = util::portable_paths(&report.spec_section(&rel));
     println!("\n{section}");
     if !args.no_spec {
         let spec_path = util::workspace_root().join("docs/SPEC.md");

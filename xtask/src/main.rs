@@ -55,3 +55,60 @@ fn main() -> Result<()> {
         Cmd::Run(args) => run::run(args),
     }
 }
+
+/// Committed docs stand alone: they cite only files in the repository and hold no path of one
+/// machine (the issue of docs/testing.md's readers on another machine).
+#[cfg(test)]
+mod docs_tests {
+    use std::path::Path;
+
+    fn docs() -> Vec<(String, String)> {
+        let root = crate::util::workspace_root();
+        let mut files = vec![root.join("README.md")];
+        for e in std::fs::read_dir(root.join("docs")).expect("docs/ exists") {
+            let p = e.expect("readable docs/").path();
+            if p.extension().is_some_and(|x| x == "md") {
+                files.push(p);
+            }
+        }
+        files
+            .into_iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).expect("readable doc");
+                (p.display().to_string(), text)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn docs_hold_no_machine_paths() {
+        for (path, text) in docs() {
+            for bad in ["/root/.cache", "/work/", "/home/", "../shared"] {
+                assert!(
+                    !text.contains(bad),
+                    "{path} contains {bad:?}: write <cache>, <checkout> or a repo-relative path"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn docs_cite_only_files_in_the_repository() {
+        let root = crate::util::workspace_root();
+        for (path, text) in docs() {
+            for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || "_./-".contains(c))) {
+                let Some(name) = word.strip_suffix(".md") else {
+                    continue;
+                };
+                if name.is_empty() || word.starts_with("//") {
+                    continue;
+                }
+                let found = [root.as_path(), &root.join("docs")]
+                    .iter()
+                    .any(|dir| dir.join(word).is_file())
+                    || Path::new(word).is_file();
+                assert!(found, "{path} cites {word}, which is not in the repository");
+            }
+        }
+    }
+}

@@ -78,7 +78,7 @@ pub struct TestArgs {
     test_args: Vec<String>,
 }
 
-/// Marker the guest's test init prints once userspace is up (CONTRACTS.md).
+/// Marker the guest's test init prints once userspace is up (docs/guest.md).
 const READY_MARKER: &str = "sandbox-init: ready";
 /// How long the /dev/kvm probe may take to see the marker.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);

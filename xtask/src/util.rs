@@ -28,6 +28,17 @@ pub fn cache_dir() -> PathBuf {
     base.join("sandbox-sdk")
 }
 
+/// `text` with this machine's paths made portable for committed files: the cache directory
+/// becomes `<cache>`, the workspace root `<checkout>`, the home directory `~`.
+pub fn portable_paths(text: &str) -> String {
+    let mut out = text.replace(&*cache_dir().to_string_lossy(), "<cache>");
+    out = out.replace(&*workspace_root().to_string_lossy(), "<checkout>");
+    if let Some(home) = std::env::var_os("HOME").filter(|h| h.len() > 1) {
+        out = out.replace(&*home.to_string_lossy(), "~");
+    }
+    out
+}
+
 /// Hex SHA-256 of a sequence of byte strings, each length-prefixed so that the parts cannot run
 /// into each other.
 pub fn hash_parts<I, B>(parts: I) -> String

@@ -15,7 +15,7 @@ use std::time::Duration;
 use sandbox_kvm::devices::console::ConsoleRing;
 use sandbox_kvm::vmm::{build, DiskConfig, ExitReason, VmConfig, VmResources};
 
-/// The console line every boot test waits for (notes/CONTRACTS.md).
+/// The console line every boot test waits for (docs/guest.md).
 const READY: &str = "sandbox-init: ready";
 /// Upper bound on a boot plus a command; boots take seconds even under nested TCG.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);

@@ -14,7 +14,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// The line the test init prints once userspace is up (CONTRACTS.md).
+/// The line the test init prints once userspace is up (docs/guest.md).
 const READY_MARKER: &str = "sandbox-init: ready";
 /// Hang guard for reaching the marker: generous, because the KVM tier may run under nested
 /// emulation (the test host), where a boot takes seconds to tens of seconds.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// The line the guest's test init prints once user space is up (CONTRACTS.md).
+/// The line the guest's test init prints once user space is up (docs/guest.md).
 pub const READY_MARKER: &str = "sandbox-init: ready";
 
 /// Most console bytes kept per run (stdout and stderr each), for the per-run log.

@@ -123,7 +123,7 @@ struct Injected {
     mode: u32,
 }
 
-/// The init files, as notes/CONTRACTS.md promises: the test init always, and `/sbin/init` = the
+/// The init files, as docs/guest.md lists them: the test init always, and `/sbin/init` = the
 /// agent if it has been built, else the test init.
 fn injected_files() -> Vec<Injected> {
     let test_init = resource("sandbox-test-init");
