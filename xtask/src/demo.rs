@@ -33,7 +33,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         util::apt_install(&missing)?;
     }
     let example = run::build_example(&util::workspace_root(), "agent_task")?;
-    run::execute("demo", &example, &[], &args.runner)
+    let scratch = run::execute("demo", &example, &[], &args.runner)?;
+    let _ = std::fs::remove_dir_all(scratch);
+    Ok(())
 }
 
 fn on_path(cmd: &str) -> bool {

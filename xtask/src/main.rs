@@ -7,6 +7,7 @@ mod bench;
 mod demo;
 mod guest;
 mod run;
+mod soak;
 mod test;
 mod testhost;
 mod util;
@@ -38,6 +39,10 @@ enum Cmd {
     /// creates sandboxes: directly where /dev/kvm boots Linux, else in the nested test host,
     /// with sandbox-vmm and the guest artifacts in SANDBOX_VMM, SANDBOX_KERNEL, SANDBOX_ROOTFS.
     Run(run::RunArgs),
+    /// Soak (not part of `test`): create → exec → destroy cycles with kill -9 of the VMM or of
+    /// the caller at random points, the host inventory checked after each (examples/soak.rs);
+    /// the summary goes into docs/SPEC.md.
+    Soak(soak::SoakArgs),
     /// Benchmarks (docs/bench.md): `bench boot` runs our VMM and QEMU microvm side by side.
     Bench {
         #[command(subcommand)]
@@ -53,6 +58,7 @@ fn main() -> Result<()> {
         Cmd::Bench { what } => bench::run(what),
         Cmd::Demo(args) => demo::run(args),
         Cmd::Run(args) => run::run(args),
+        Cmd::Soak(args) => soak::run(args),
     }
 }
 

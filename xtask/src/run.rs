@@ -74,7 +74,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             (resolve_program(first)?, rest.to_vec())
         }
     };
-    execute("run", &program, &argv, &args.runner)
+    let scratch = execute("run", &program, &argv, &args.runner)?;
+    let _ = fs::remove_dir_all(scratch);
+    Ok(())
 }
 
 /// Builds `examples/<name>.rs` (package `sandbox-examples`) and returns the binary.
@@ -114,8 +116,11 @@ fn resolve_program(name: &str) -> Result<PathBuf> {
 
 /// Builds `sandbox-vmm` and the guest artifacts, then runs `program argv...` with the
 /// environment a `KvmRuntimeConfig::default()` reads, directly or in the nested test host.
-/// `label` names the caller in messages (`run`, `demo`).
-pub fn execute(label: &str, program: &Path, argv: &[String], opts: &RunnerArgs) -> Result<()> {
+/// `label` names the caller in messages (`run`, `demo`, `soak`).
+///
+/// The program also gets `SANDBOX_SCRATCH`, a directory it may write that this machine can read
+/// afterwards (the test host's only writable share); it is returned, and the caller removes it.
+pub fn execute(label: &str, program: &Path, argv: &[String], opts: &RunnerArgs) -> Result<PathBuf> {
     let started = Instant::now();
     let root = util::workspace_root();
 
@@ -139,10 +144,17 @@ pub fn execute(label: &str, program: &Path, argv: &[String], opts: &RunnerArgs) 
         bail!("the build did not produce {}", vmm.display());
     }
 
+    let scratch = target
+        .join("testhost")
+        .join(format!("{label}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&scratch);
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let scratch = scratch.canonicalize()?;
     let env = [
         ("SANDBOX_KERNEL", artifacts.kernel.clone()),
         ("SANDBOX_ROOTFS", artifacts.rootfs.clone()),
         ("SANDBOX_VMM", vmm.clone()),
+        ("SANDBOX_SCRATCH", scratch.clone()),
     ];
     let (direct, why) = match opts.runner {
         KvmRunner::Direct => (true, "--runner direct".to_string()),
@@ -175,7 +187,7 @@ pub fn execute(label: &str, program: &Path, argv: &[String], opts: &RunnerArgs) 
         if !out.status.success() {
             bail!("{} failed: {}", program.display(), out.status);
         }
-        return Ok(());
+        return Ok(scratch);
     }
 
     println!("xtask {label}: running inside the nested test host ({why})");
@@ -223,12 +235,9 @@ pub fn execute(label: &str, program: &Path, argv: &[String], opts: &RunnerArgs) 
             .unwrap_or_else(|| "never".into()),
         started.elapsed().as_millis()
     );
-    let result = testhost::check_outcome(&outcome, &config, &log)
-        .with_context(|| format!("{} failed in the test host", program.display()));
-    if result.is_ok() {
-        let _ = fs::remove_dir_all(&scratch);
-    }
-    result
+    testhost::check_outcome(&outcome, &config, &log)
+        .with_context(|| format!("{} failed in the test host", program.display()))?;
+    Ok(scratch)
 }
 
 /// The script the test host runs: the program with the artifacts' paths, its status saved.

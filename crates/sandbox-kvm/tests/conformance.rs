@@ -249,12 +249,16 @@ async fn drop_without_destroy_cleans_up(h: &KvmHarness) {
 #[cfg(sandbox_kvm)]
 fn trials(suite: &Suite<KvmHarness>) -> Vec<Trial> {
     let mut trials = suite.checks();
-    trials.push(suite.trial("ttl_kills_the_vmm_and_removes_its_files", |h| async move {
-        ttl_kills_the_vmm_and_removes_its_files(&h).await
-    }));
-    trials.push(suite.trial("drop_without_destroy_cleans_up", |h| async move {
-        drop_without_destroy_cleans_up(&h).await
-    }));
+    trials.push(
+        suite.trial("ttl_kills_the_vmm_and_removes_its_files", |h| async move {
+            ttl_kills_the_vmm_and_removes_its_files(&h).await
+        }),
+    );
+    trials.push(
+        suite.trial("drop_without_destroy_cleans_up", |h| async move {
+            drop_without_destroy_cleans_up(&h).await
+        }),
+    );
     trials.push(suite.leaves_nothing_behind());
     trials
 }
