@@ -853,6 +853,210 @@ mod tests {
         }
     }
 
+    /// A FIFO, a socket, a device node (if this process may create one) and `/dev/null`,
+    /// in a fresh directory; the guard keeps the socket bound.
+    fn specials() -> (
+        tempfile::TempDir,
+        std::os::unix::net::UnixListener,
+        Vec<&'static str>,
+    ) {
+        let t = tempfile::tempdir().expect("tempdir");
+        nix::unistd::mkfifo(&t.path().join("fifo"), Mode::from_bits_truncate(0o644))
+            .expect("mkfifo");
+        let sock = std::os::unix::net::UnixListener::bind(t.path().join("sock")).expect("bind");
+        let mut names = vec!["fifo", "sock", "dir"];
+        std::fs::create_dir(t.path().join("dir")).expect("mkdir");
+        // 1:3 is /dev/null's device number; only root may create device nodes.
+        let dev = nix::sys::stat::makedev(1, 3);
+        if nix::sys::stat::mknod(
+            &t.path().join("null"),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            dev,
+        )
+        .is_ok()
+        {
+            names.push("null");
+        }
+        (t, sock, names)
+    }
+
+    fn kind_of<T: std::fmt::Debug>(r: Result<T>) -> (AgentErrorKind, String) {
+        let e = r.expect_err("refused");
+        (e.kind, e.message)
+    }
+
+    /// Reads and writes of non-regular files are refused with `InvalidRequest` naming the type,
+    /// unconfined, confined (openat2) and through the walk, and nothing is replaced. A blocking
+    /// open would hang this test (the FIFO has no writer and no reader).
+    #[test]
+    fn special_files_are_refused_without_blocking() {
+        let (t, _sock, names) = specials();
+        let base = t.path().to_string_lossy().into_owned();
+        let confined = FileOptions::new().confined_to(base.as_str());
+        let expected = [
+            ("fifo", "a FIFO (named pipe)"),
+            ("sock", "a socket"),
+            ("dir", "a directory"),
+            ("null", "a character device"),
+        ];
+        let mut paths: Vec<(String, FileOptions, &str)> = vec![(
+            "/dev/null".to_owned(),
+            FileOptions::new(),
+            "a character device",
+        )];
+        for name in &names {
+            let kind = expected
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, k)| *k)
+                .expect("known");
+            paths.push((format!("{base}/{name}"), FileOptions::new(), kind));
+            paths.push(((*name).to_owned(), confined.clone(), kind));
+        }
+        for (path, opts, kind) in &paths {
+            let r = Resolved::new(path, opts).expect("resolves");
+            let (k, msg) = kind_of(r.open_regular_read("read the file"));
+            assert_eq!(k, AgentErrorKind::InvalidRequest, "read {path}: {msg}");
+            assert!(msg.contains(kind), "read {path}: {msg}");
+            let (k, msg) = kind_of(PendingWrite::start(path, opts).map(drop));
+            assert_eq!(k, AgentErrorKind::InvalidRequest, "write {path}: {msg}");
+            assert!(msg.contains(kind), "write {path}: {msg}");
+        }
+        // The walk of old kernels opens the last component the same way.
+        let root = nix::fcntl::open(t.path(), OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())
+            .expect("root");
+        for name in &names {
+            let fd =
+                open_beneath_walk(&root, name, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+                    .expect("O_PATH opens anything");
+            assert!(non_regular_kind(&fstat(fd.as_fd()).expect("fstat")).is_some());
+        }
+        let ft = std::fs::symlink_metadata(t.path().join("fifo")).expect("stat");
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_fifo(&ft.file_type()),
+            "the FIFO is still there"
+        );
+        assert_temp_free(t.path());
+        // The agent's own reads (/etc/passwd) refuse them too, and cap the size.
+        let (k, _) = kind_of(read_regular(&format!("{base}/fifo"), 100));
+        assert_eq!(k, AgentErrorKind::InvalidRequest);
+        std::fs::write(t.path().join("big"), [7u8; 101]).expect("write");
+        let (k, _) = kind_of(read_regular(&format!("{base}/big"), 100));
+        assert_eq!(k, AgentErrorKind::TooLarge);
+        assert_eq!(
+            read_regular(&format!("{base}/big"), 101).expect("at the cap"),
+            [7u8; 101]
+        );
+    }
+
+    fn assert_temp_free(dir: &std::path::Path) {
+        for e in std::fs::read_dir(dir).expect("read_dir") {
+            let name = e.expect("entry").file_name();
+            assert!(
+                !name.to_string_lossy().starts_with(TEMP_PREFIX),
+                "a temporary file was left: {name:?}"
+            );
+        }
+    }
+
+    fn mode_of(p: &std::path::Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777
+    }
+
+    fn write_all(path: &str, opts: &FileOptions, data: &[u8]) -> Result<()> {
+        let mut w = PendingWrite::start(path, opts)?;
+        w.file.write_all(data).expect("write");
+        w.commit()
+    }
+
+    /// The target changes only on commit; a dropped write leaves it and no temporary file.
+    #[test]
+    fn writes_replace_the_target_only_on_commit() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let target = t.path().join("f");
+        let path = target.to_string_lossy().into_owned();
+        std::fs::write(&target, b"old content").expect("write");
+        let mut w = PendingWrite::start(&path, &FileOptions::new()).expect("start");
+        w.file.write_all(b"half of the new").expect("write");
+        assert_eq!(std::fs::read(&target).expect("read"), b"old content");
+        assert!(t.path().join(&w.temp).exists(), "data goes to a temp file");
+        drop(w);
+        assert_eq!(std::fs::read(&target).expect("read"), b"old content");
+        assert_temp_free(t.path());
+        write_all(&path, &FileOptions::new(), b"new").expect("commit");
+        assert_eq!(std::fs::read(&target).expect("read"), b"new");
+        assert_temp_free(t.path());
+    }
+
+    /// New files get the requested mode exactly (no umask); replaced files keep theirs.
+    #[test]
+    fn modes_of_new_and_replaced_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = |n: &str| t.path().join(n);
+        let s = |n: &str| p(n).to_string_lossy().into_owned();
+        write_all(&s("default"), &FileOptions::new(), b"x").expect("write");
+        assert_eq!(mode_of(&p("default")), 0o644);
+        write_all(&s("wide"), &FileOptions::new().mode(0o666), b"x").expect("write");
+        assert_eq!(mode_of(&p("wide")), 0o666, "the umask does not apply");
+        std::fs::write(p("kept"), b"old").expect("write");
+        std::fs::set_permissions(p("kept"), std::fs::Permissions::from_mode(0o751)).expect("chmod");
+        write_all(&s("kept"), &FileOptions::new().mode(0o600), b"new").expect("write");
+        assert_eq!(
+            mode_of(&p("kept")),
+            0o751,
+            "an existing file keeps its mode"
+        );
+        assert_eq!(std::fs::read(p("kept")).expect("read"), b"new");
+    }
+
+    /// Symlinks at the target are followed to the file they name, which is replaced; the link
+    /// stays. Confined, only as far as the root allows.
+    #[test]
+    fn writes_follow_symlinks_at_the_target_within_bounds() {
+        let (t, _root) = jail();
+        let root = t.path().join("root");
+        // Unconfined: through an absolute link to outside the "root".
+        let abs = root.join("abs").to_string_lossy().into_owned();
+        write_all(&abs, &FileOptions::new(), b"via link").expect("write");
+        assert_eq!(
+            std::fs::read(t.path().join("secret")).expect("read"),
+            b"via link"
+        );
+        assert!(std::fs::symlink_metadata(root.join("abs"))
+            .expect("stat")
+            .file_type()
+            .is_symlink());
+        // Confined: a link that stays inside is followed, a chain too.
+        symlink("inner/ok", root.join("chain")).expect("symlink");
+        let opts = FileOptions::new().confined_to(root.to_string_lossy());
+        write_all("chain", &opts, b"inside").expect("write");
+        assert_eq!(std::fs::read(root.join("d/ok")).expect("read"), b"inside");
+        assert!(std::fs::symlink_metadata(root.join("chain"))
+            .expect("stat")
+            .file_type()
+            .is_symlink());
+        // A dangling link inside creates its target.
+        symlink("d/new", root.join("dangling")).expect("symlink");
+        write_all("dangling", &opts, b"created").expect("write");
+        assert_eq!(std::fs::read(root.join("d/new")).expect("read"), b"created");
+        // Links that leave are escapes; nothing outside changes.
+        symlink("../outside-new", root.join("out")).expect("symlink");
+        for p in ["abs", "rel", "out", "../secret"] {
+            let (k, msg) = kind_of(PendingWrite::start(p, &opts).map(drop));
+            assert_eq!(k, AgentErrorKind::Escape, "{p}: {msg}");
+        }
+        assert_eq!(
+            std::fs::read(t.path().join("secret")).expect("read"),
+            b"via link"
+        );
+        assert!(!t.path().join("outside-new").exists());
+        assert_temp_free(&root);
+        assert_temp_free(&root.join("d"));
+    }
+
     #[test]
     fn remove_and_list_confined() {
         let (t, _root) = jail();
