@@ -1057,6 +1057,40 @@ mod tests {
         assert_temp_free(&root.join("d"));
     }
 
+    /// A bind-mounted file cannot be renamed over (`EBUSY`): its content is replaced in place.
+    #[cfg(sandbox_privileged)]
+    #[test]
+    fn a_bind_mounted_target_is_overwritten_in_place() {
+        use nix::mount::{mount, umount, MsFlags};
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = umount(&self.0);
+            }
+        }
+        let t = tempfile::tempdir().expect("tempdir");
+        let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+        std::fs::write(&src, b"old").expect("write");
+        std::fs::write(&dst, b"hidden").expect("write");
+        mount(
+            Some(&src),
+            &dst,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind mount (needs root)");
+        let _unmount = Unmount(dst.clone());
+        write_all(&dst.to_string_lossy(), &FileOptions::new(), b"new content").expect("write");
+        assert_eq!(std::fs::read(&dst).expect("read"), b"new content");
+        assert_eq!(
+            std::fs::read(&src).expect("read"),
+            b"new content",
+            "in place"
+        );
+        assert_temp_free(t.path());
+    }
+
     #[test]
     fn remove_and_list_confined() {
         let (t, _root) = jail();
