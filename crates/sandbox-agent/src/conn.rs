@@ -40,6 +40,9 @@ pub type Stream = UnixStream;
 #[derive(Debug)]
 pub struct Writer {
     inner: Mutex<WriterState>,
+    /// Another handle on the same socket, outside the lock: shutting down must not wait for a
+    /// pump blocked in a write (it unblocks that write instead).
+    control: Stream,
 }
 
 #[derive(Debug)]
@@ -90,7 +93,7 @@ impl Writer {
     }
 
     fn shutdown(&self) {
-        let _ = self.lock().stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.control.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -143,12 +146,14 @@ fn serve_inner(agent: Arc<Agent>, reaper: Arc<Reaper>, mut stream: Stream) -> io
 
     let (tx, rx) = mpsc::channel();
     let mut read_half = stream.try_clone()?;
+    let control = stream.try_clone()?;
     let writer = Arc::new(Writer {
         inner: Mutex::new(WriterState {
             stream,
             open_exec: None,
             failed: false,
         }),
+        control,
     });
     let reader_tx = tx.clone();
     std::thread::Builder::new()
@@ -157,16 +162,27 @@ fn serve_inner(agent: Arc<Agent>, reaper: Arc<Reaper>, mut stream: Stream) -> io
             reader(&mut read_half, &reader_tx);
         })?;
 
+    // Shut the socket down however the worker ends (a panicking handler included): the reader
+    // thread then sees end of file and exits, and the host is not left waiting for an answer.
+    let _shutdown = ShutdownOnDrop(writer.clone());
     let ctx = Ctx {
         agent,
         reaper,
-        writer: writer.clone(),
+        writer,
         rx,
         tx,
     };
     worker(&ctx);
-    writer.shutdown();
     Ok(())
+}
+
+/// Shuts the connection down when dropped.
+struct ShutdownOnDrop(Arc<Writer>);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
 }
 
 /// Host frames in order; hosts are trusted, so the channel is not bounded (see docs/agent.md).

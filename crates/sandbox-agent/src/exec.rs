@@ -28,6 +28,12 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 /// pipes to drain (only a process that left the group can hold them open; normally the output
 /// pumps just need to read what is buffered).
 const DRAIN_CAP: Duration = Duration::from_secs(5);
+/// After the host left and the command was killed, how long to wait for its exit status before
+/// giving the connection up anyway (a process stuck in uninterruptible sleep cannot die at once,
+/// and must not hold the connection's slot forever).
+const EXIT_WAIT_CAP: Duration = Duration::from_secs(10);
+/// Largest `/etc/passwd` read to resolve a user (the guest controls that file).
+const MAX_PASSWD_BYTES: u64 = 4 * 1024 * 1024;
 /// `PATH` for commands that do not set one.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -40,7 +46,10 @@ struct User {
 }
 
 fn lookup_user(spec: &str) -> Option<User> {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    // Guest-controlled: a FIFO there must not block the request, nor a huge file exhaust memory.
+    let passwd = crate::files::read_regular("/etc/passwd", MAX_PASSWD_BYTES)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let numeric: Option<u32> = spec.parse().ok();
     for line in passwd.lines() {
         let f: Vec<&str> = line.split(':').collect();
@@ -246,7 +255,7 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
             Err(RecvTimeoutError::Timeout) => {
                 if exited_at.is_none() && !timed_out {
                     crate::debug!("exec {id}: timeout, killing group {pid}");
-                    kill_group(pid, Signal::SIGKILL);
+                    kill_command(pid, status.is_none());
                     timed_out = true;
                 }
             }
@@ -272,14 +281,14 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
                 },
                 _ => {
                     protocol_error(ctx, id, "Only Signal may be sent during an exec.");
-                    kill_group(pid, Signal::SIGKILL);
+                    kill_command(pid, status.is_none());
                     next = Next::Close;
                     client_gone = true;
                 }
             },
             Ok(Event::Frame(f)) => {
                 protocol_error(ctx, f.id, "A new request arrived during an exec.");
-                kill_group(pid, Signal::SIGKILL);
+                kill_command(pid, status.is_none());
                 next = Next::Close;
                 client_gone = true;
             }
@@ -287,7 +296,7 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
                 // The host went away mid-command: nobody will read the output, so the command
                 // must not outlive the request.
                 crate::debug!("exec {id}: client gone, killing group {pid}");
-                kill_group(pid, Signal::SIGKILL);
+                kill_command(pid, status.is_none());
                 client_gone = true;
                 next = Next::Close;
             }
@@ -318,21 +327,36 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
     next
 }
 
-/// After the client left: waits for the reaper to report `pid`.
+/// After the client left: waits (at most [`EXIT_WAIT_CAP`]) for the reaper to report `pid`.
 fn wait_exit(ctx: &Ctx, pid: Pid, started: Instant) -> Option<(WaitStatus, Duration)> {
-    while let Ok(ev) = ctx.rx.recv() {
-        if let Event::Exited(ws) = ev {
-            if ws.pid() == Some(pid) {
-                return Some((ws, started.elapsed()));
+    let until = Instant::now() + EXIT_WAIT_CAP;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match ctx.rx.recv_timeout(left) {
+            Ok(Event::Exited(ws)) if ws.pid() == Some(pid) => return Some((ws, started.elapsed())),
+            Ok(_) => {}
+            Err(_) => {
+                // The reaper still reaps it later; its status then goes nowhere.
+                crate::debug!("command {pid} did not die within {EXIT_WAIT_CAP:?} of SIGKILL");
+                return None;
             }
         }
     }
-    None
 }
 
 fn kill_group(pid: Pid, sig: Signal) {
     // ESRCH: the group is already gone.
     let _ = killpg(pid, sig);
+}
+
+/// `SIGKILL`s the command's group and, while it has not been reaped (`running`), the main
+/// process itself: it may have moved to another process group with `setpgid`, out of reach of
+/// `killpg`.
+fn kill_command(pid: Pid, running: bool) {
+    kill_group(pid, Signal::SIGKILL);
+    if running {
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+    }
 }
 
 fn feed_stdin(fd: OwnedFd, data: Bytes) {

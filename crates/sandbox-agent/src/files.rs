@@ -5,18 +5,28 @@
 //! the kernel refuses `..`, absolute symlinks and `/proc` magic links that would leave it. Kernels
 //! without `openat2` (before 5.6) get a component-by-component `O_NOFOLLOW` walk that refuses every
 //! symlink and every `..`.
+//!
+//! `read_file` and `write_file` only ever touch regular files, and never block on the guest: the
+//! path is first opened `O_PATH` (which opens nothing, so no FIFO wait and no device open),
+//! checked with `fstat`, and FIFOs, sockets, devices and directories are refused at once with
+//! `InvalidRequest`. `write_file` writes a temporary file next to the target and renames it over
+//! the target once complete (see [`write`]).
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
 
 use bytes::Bytes;
 use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fstatat, mkdirat, Mode, SFlag};
-use nix::unistd::{unlinkat, UnlinkatFlags};
+use nix::fcntl::{
+    fcntl, openat, openat2, readlinkat, renameat, AtFlags, FcntlArg, OFlag, OpenHow, ResolveFlag,
+};
+use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, FileStat, Mode, SFlag};
+use nix::unistd::{fchown, fsync, unlinkat, Gid, Uid, UnlinkatFlags};
 use sandbox_core::file::{
     DirEntry, FileKind, FileOptions, Listing, FILE_CHUNK_BYTES, MAX_FILE_BYTES, MAX_LIST_ENTRIES,
 };
@@ -25,6 +35,16 @@ use sandbox_core::protocol::{AgentError, AgentErrorKind, AgentMessage, HostMessa
 use crate::conn::{protocol_error, Ctx, Event, Next};
 
 type Result<T> = std::result::Result<T, AgentError>;
+
+/// How long a `write_file` waits for the next data frame before giving the connection up: a host
+/// that announced a file and then went silent must not hold a connection slot forever.
+const WRITE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Most symlinks an unconfined `write_file` follows at the last component (Linux's own limit).
+const MAX_SYMLINK_HOPS: usize = 40;
+/// Names of `write_file`'s temporary files start with this (in the target's directory).
+pub const TEMP_PREFIX: &str = ".sandbox-write.";
+/// Makes temporary names unique within this agent process.
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 fn errno_error(e: Errno, confined: bool, what: &str) -> AgentError {
     let kind = match e {
@@ -43,6 +63,58 @@ fn errno_error(e: Errno, confined: bool, what: &str) -> AgentError {
         format!("Cannot {what}: {}.", e.desc())
     };
     AgentError::new(kind, msg)
+}
+
+/// What a file type is called in messages, for every type but a regular file.
+fn non_regular_kind(st: &FileStat) -> Option<&'static str> {
+    match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+        SFlag::S_IFREG => None,
+        SFlag::S_IFDIR => Some("a directory"),
+        SFlag::S_IFIFO => Some("a FIFO (named pipe)"),
+        SFlag::S_IFSOCK => Some("a socket"),
+        SFlag::S_IFCHR => Some("a character device"),
+        SFlag::S_IFBLK => Some("a block device"),
+        SFlag::S_IFLNK => Some("a symbolic link"),
+        _ => Some("of an unknown type"),
+    }
+}
+
+/// Refuses anything but a regular file, naming what it is.
+fn require_regular(st: &FileStat, what: &str) -> Result<()> {
+    match non_regular_kind(st) {
+        None => Ok(()),
+        Some(kind) => Err(AgentError::new(
+            AgentErrorKind::InvalidRequest,
+            format!("Cannot {what}: the path is {kind}, not a regular file."),
+        )),
+    }
+}
+
+fn is_symlink(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK
+}
+
+/// Clears `O_NONBLOCK` (set only so that opening could not block).
+fn clear_nonblock(fd: &OwnedFd) -> nix::Result<()> {
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)).map(drop)
+}
+
+/// Splits a path into its directory part (`"."` for a bare name, `"/"` at the top) and last
+/// component, refusing paths without a usable file name.
+fn split_last<'a>(full: &'a str, what: &str) -> Result<(&'a str, &'a str)> {
+    let trimmed = full.trim_end_matches('/');
+    let (dir, name) = match trimmed.rfind('/') {
+        Some(i) => (&trimmed[..i], &trimmed[i + 1..]),
+        None => (".", trimmed),
+    };
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(AgentError::new(
+            AgentErrorKind::InvalidRequest,
+            format!("Cannot {what}: the path has no file name."),
+        ));
+    }
+    Ok((if dir.is_empty() { "/" } else { dir }, name))
 }
 
 fn io_error(e: io::Error, confined: bool, what: &str) -> AgentError {
@@ -108,24 +180,41 @@ impl Resolved {
         }
     }
 
+    /// Opens a regular file for reading without blocking and without opening anything else.
+    ///
+    /// The path is opened `O_PATH` first: that opens no file (no FIFO wait for a writer, no
+    /// device `open` with its side effects, sockets too), so `fstat` can refuse every
+    /// non-regular file. Then it is opened for reading with `O_NONBLOCK | O_NOCTTY` (should it
+    /// have been swapped for a FIFO meanwhile, even that open returns at once) and must still be
+    /// the same inode; `O_NONBLOCK` is cleared again afterwards.
+    fn open_regular_read(&self, what: &str) -> Result<File> {
+        let probe = self.open(OFlag::O_PATH, Mode::empty(), what)?;
+        let st = fstat(probe.as_fd()).map_err(|e| errno_error(e, self.confined(), what))?;
+        require_regular(&st, what)?;
+        let fd = self.open(
+            OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+            Mode::empty(),
+            what,
+        )?;
+        let again = fstat(fd.as_fd()).map_err(|e| errno_error(e, self.confined(), what))?;
+        require_regular(&again, what)?;
+        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
+            return Err(AgentError::new(
+                AgentErrorKind::Io,
+                format!("Cannot {what}: the file was replaced while being opened."),
+            ));
+        }
+        clear_nonblock(&fd).map_err(|e| errno_error(e, self.confined(), what))?;
+        Ok(File::from(fd))
+    }
+
     /// Opens the parent directory (`O_PATH`) and returns it with the last component.
     fn parent(&self, what: &str) -> Result<(OwnedFd, String)> {
         let full = match self {
             Resolved::Absolute(p) => p.as_str(),
             Resolved::Beneath { rel, .. } => rel.as_str(),
         };
-        let trimmed = full.trim_end_matches('/');
-        let (dir, name) = match trimmed.rfind('/') {
-            Some(i) => (&trimmed[..i], &trimmed[i + 1..]),
-            None => (".", trimmed),
-        };
-        if name.is_empty() || name == "." || name == ".." {
-            return Err(AgentError::new(
-                AgentErrorKind::InvalidRequest,
-                format!("Cannot {what}: the path has no file name."),
-            ));
-        }
-        let dir = if dir.is_empty() { "/" } else { dir };
+        let (dir, name) = split_last(full, what)?;
         let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
         let fd = match self {
             Resolved::Absolute(_) => nix::fcntl::open(dir, flags, Mode::empty())
@@ -193,7 +282,12 @@ pub fn open_beneath_walk(
             _ => return Err(Errno::ENOTDIR),
         }
     }
-    openat(cur.as_fd(), *last, flags | OFlag::O_NOFOLLOW, mode)
+    let fd = openat(cur.as_fd(), *last, flags | OFlag::O_NOFOLLOW, mode)?;
+    if flags.contains(OFlag::O_PATH) && is_symlink(&nix::sys::stat::fstat(fd.as_fd())?) {
+        // `O_PATH | O_NOFOLLOW` opens a final symlink itself instead of failing with ELOOP.
+        return Err(Errno::ELOOP);
+    }
+    Ok(fd)
 }
 
 /// `ReadFile`: `FileStart`, `FileData`*, `Done`, or `Error`.
@@ -203,19 +297,33 @@ pub fn read(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions) {
     }
 }
 
+/// Reads a whole regular file at an absolute path for the agent itself (`/etc/passwd`), at most
+/// `cap` bytes, with the same refusal of FIFOs, sockets and devices as `read_file`.
+///
+/// # Errors
+/// As `read_file`; `TooLarge` over `cap`.
+pub fn read_regular(path: &str, cap: u64) -> Result<Vec<u8>> {
+    let r = Resolved::new(path, &FileOptions::default())?;
+    let f = r.open_regular_read("read the file")?;
+    let mut data = Vec::new();
+    f.take(cap.saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(|e| io_error(e, false, "read the file"))?;
+    if data.len() as u64 > cap {
+        return Err(AgentError::new(
+            AgentErrorKind::TooLarge,
+            format!("The file is over {cap} bytes."),
+        ));
+    }
+    Ok(data)
+}
+
 fn read_inner(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions) -> Result<()> {
     let r = Resolved::new(path, opts)?;
-    let fd = r.open(OFlag::O_RDONLY, Mode::empty(), "read the file")?;
-    let mut f = File::from(fd);
+    let mut f = r.open_regular_read("read the file")?;
     let meta = f
         .metadata()
         .map_err(|e| io_error(e, r.confined(), "read the file"))?;
-    if meta.is_dir() {
-        return Err(AgentError::new(
-            AgentErrorKind::InvalidRequest,
-            "Cannot read a directory.",
-        ));
-    }
     let too_large = || {
         AgentError::new(
             AgentErrorKind::TooLarge,
@@ -225,7 +333,7 @@ fn read_inner(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions) -> Result<()> 
     if meta.len() > MAX_FILE_BYTES {
         return Err(too_large());
     }
-    if meta.is_file() && meta.len() > 0 {
+    if meta.len() > 0 {
         // Stream a regular file: announce its size, then send exactly that many bytes.
         let size = meta.len();
         ctx.writer.send(id, AgentMessage::FileStart { size });
@@ -249,7 +357,7 @@ fn read_inner(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions) -> Result<()> 
             left -= n as u64;
         }
     } else {
-        // /proc files and devices report size 0: read them whole, up to the cap.
+        // /proc files report size 0: read them whole, up to the cap.
         let mut data = Vec::new();
         (&mut f)
             .take(MAX_FILE_BYTES + 1)
@@ -322,36 +430,252 @@ fn create_parents(r: &Resolved) -> Result<()> {
     Ok(())
 }
 
-/// `WriteFile`: `Ready` or `Error`; then the data; then `Done` or `Error`.
-pub fn write(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions, size: u64) -> Next {
-    let opened = (|| -> Result<(File, bool)> {
-        if size > MAX_FILE_BYTES {
-            return Err(AgentError::new(
-                AgentErrorKind::TooLarge,
-                format!("The file is over {MAX_FILE_BYTES} bytes."),
-            ));
+const WRITE: &str = "write the file";
+
+/// Finds where `write_file` puts its data: the directory (`O_PATH`), the name in it, and what is
+/// there now (`None`: nothing).
+///
+/// A symlink at the last component is followed the way `open` would (at most
+/// [`MAX_SYMLINK_HOPS`]): the file it names is replaced and the link stays. Confined, it is
+/// followed only where opening it beneath the root is allowed (a link that leads out of the root
+/// is an escape; the `O_NOFOLLOW` walk of old kernels refuses every link), and each hop is
+/// resolved beneath the root again. Nothing is ever opened through the link: the final rename
+/// acts on a name in a directory fd, so a link swapped in after the check is itself replaced.
+fn write_target(r: &Resolved) -> Result<(OwnedFd, String, Option<FileStat>)> {
+    let confined = r.confined();
+    let mut path = match r {
+        Resolved::Absolute(p) => p.clone(),
+        Resolved::Beneath { rel, .. } => rel.clone(),
+    };
+    let dir_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    for _ in 0..MAX_SYMLINK_HOPS {
+        let (dir_path, name) = split_last(&path, WRITE)?;
+        let (dir_path, name) = (dir_path.to_owned(), name.to_owned());
+        let dir = match r {
+            Resolved::Absolute(_) => nix::fcntl::open(dir_path.as_str(), dir_flags, Mode::empty()),
+            Resolved::Beneath { root, .. } => {
+                open_beneath(root, &dir_path, dir_flags, Mode::empty())
+            }
         }
+        .map_err(|e| errno_error(e, confined, WRITE))?;
+        match lstat_at(&dir, &name, confined)? {
+            Some(st) if is_symlink(&st) => {}
+            st => return Ok((dir, name, st)),
+        }
+        if let Resolved::Beneath { root, .. } = r {
+            // Would opening follow it? A dangling link that stays inside is fine (ENOENT).
+            match open_beneath(root, &path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()) {
+                Ok(_) | Err(Errno::ENOENT) => {}
+                Err(e) => return Err(errno_error(e, true, WRITE)),
+            }
+        }
+        let link = readlinkat(dir.as_fd(), name.as_str())
+            .map_err(|e| errno_error(e, confined, WRITE))?
+            .into_string()
+            .map_err(|_| {
+                AgentError::new(
+                    AgentErrorKind::InvalidRequest,
+                    "Cannot write the file: a symlink on the path is not UTF-8.",
+                )
+            })?;
+        path = if link.starts_with('/') {
+            if confined {
+                // openat2 already refused it above; never resolve an absolute link confined.
+                return Err(errno_error(Errno::EXDEV, true, WRITE));
+            }
+            link
+        } else {
+            format!("{dir_path}/{link}")
+        };
+    }
+    Err(errno_error(Errno::ELOOP, confined, WRITE))
+}
+
+/// `lstat` of `name` in `dir`; `None` when it does not exist.
+fn lstat_at(dir: &OwnedFd, name: &str, confined: bool) -> Result<Option<FileStat>> {
+    match fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(errno_error(e, confined, WRITE)),
+    }
+}
+
+/// A `write_file` in progress: the data goes to a temporary file in the target's directory, which
+/// replaces the target only once complete. Dropped without [`PendingWrite::commit`] (an error, a
+/// closed connection, a protocol error, a panic), it removes the temporary file, so the target
+/// keeps its old content.
+struct PendingWrite {
+    dir: OwnedFd,
+    name: String,
+    temp: String,
+    file: File,
+    /// Permission bits the file ends with.
+    mode: Mode,
+    /// The replaced file's owner, kept when the agent may `chown` (as root).
+    owner: Option<(Uid, Gid)>,
+    confined: bool,
+    /// The temporary name no longer exists (renamed over the target).
+    done: bool,
+}
+
+impl PendingWrite {
+    /// Checks the target and creates the temporary file (mode 0600 until committed).
+    fn start(path: &str, opts: &FileOptions) -> Result<PendingWrite> {
         let r = Resolved::new(path, opts)?;
+        let confined = r.confined();
         if opts.create_parents {
             create_parents(&r)?;
         }
-        let mode = Mode::from_bits_truncate(opts.mode.unwrap_or(0o644) & 0o7777);
-        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC;
-        let file = match &r {
-            // Unconfined writes follow symlinks like any program would.
-            Resolved::Absolute(p) => std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(mode.bits())
-                .open(p)
-                .map_err(|e| io_error(e, false, "write the file"))?,
-            Resolved::Beneath { .. } => File::from(r.open(flags, mode, "write the file")?),
+        let (dir, name, existing) = write_target(&r)?;
+        let requested = Mode::from_bits_truncate(opts.mode.unwrap_or(0o644) & 0o7777);
+        let (mode, owner) = match existing {
+            None => (requested, None),
+            Some(st) => {
+                require_regular(&st, WRITE)?;
+                (
+                    Mode::from_bits_truncate(st.st_mode & 0o7777),
+                    Some((Uid::from_raw(st.st_uid), Gid::from_raw(st.st_gid))),
+                )
+            }
         };
-        Ok((file, r.confined()))
-    })();
-    let (mut file, confined) = match opened {
-        Ok(f) => f,
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        for _ in 0..16 {
+            let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+            let temp = format!("{TEMP_PREFIX}{}.{seq}.{nanos:x}.tmp", std::process::id());
+            let flags = OFlag::O_RDWR
+                | OFlag::O_CREAT
+                | OFlag::O_EXCL
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC;
+            match openat(
+                dir.as_fd(),
+                temp.as_str(),
+                flags,
+                Mode::from_bits_truncate(0o600),
+            ) {
+                Ok(fd) => {
+                    return Ok(PendingWrite {
+                        dir,
+                        name,
+                        temp,
+                        file: File::from(fd),
+                        mode,
+                        owner,
+                        confined,
+                        done: false,
+                    })
+                }
+                // A leftover of an earlier agent, say: try the next name.
+                Err(Errno::EEXIST) => {}
+                Err(e) => return Err(errno_error(e, confined, WRITE)),
+            }
+        }
+        Err(AgentError::new(
+            AgentErrorKind::Io,
+            "Cannot write the file: no unused temporary name in its directory.",
+        ))
+    }
+
+    fn errno(&self, e: Errno) -> AgentError {
+        errno_error(e, self.confined, WRITE)
+    }
+
+    /// Gives the temporary file its owner and mode, syncs it, and renames it over the target.
+    fn commit(mut self) -> Result<()> {
+        if let Some((uid, gid)) = self.owner {
+            // Before fchmod: a chown clears set-id bits. Only root may give files away.
+            match fchown(self.file.as_fd(), Some(uid), Some(gid)) {
+                Ok(()) | Err(Errno::EPERM) => {}
+                Err(e) => return Err(self.errno(e)),
+            }
+        }
+        fchmod(self.file.as_fd(), self.mode).map_err(|e| self.errno(e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| io_error(e, self.confined, WRITE))?;
+        match renameat(
+            self.dir.as_fd(),
+            self.temp.as_str(),
+            self.dir.as_fd(),
+            self.name.as_str(),
+        ) {
+            Ok(()) => self.done = true,
+            // The target is a mount point (a bind-mounted file): it cannot be replaced.
+            Err(Errno::EBUSY) => self.copy_into_target()?,
+            Err(e) => return Err(self.errno(e)),
+        }
+        // Make the rename itself durable; the data already is.
+        if let Ok(d) = openat(
+            self.dir.as_fd(),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            let _ = fsync(d.as_fd());
+        }
+        Ok(())
+    }
+
+    /// The fallback for a target that cannot be renamed over: copy the data into it in place
+    /// (not atomic). The temporary file is removed on drop.
+    fn copy_into_target(&mut self) -> Result<()> {
+        let fd = openat(
+            self.dir.as_fd(),
+            self.name.as_str(),
+            OFlag::O_WRONLY
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.errno(e))?;
+        require_regular(&fstat(fd.as_fd()).map_err(|e| self.errno(e))?, WRITE)?;
+        clear_nonblock(&fd).map_err(|e| self.errno(e))?;
+        let mut target = File::from(fd);
+        let copied = (|| -> io::Result<()> {
+            target.set_len(0)?;
+            self.file.rewind()?;
+            io::copy(&mut self.file, &mut target)?;
+            target.sync_all()
+        })();
+        copied.map_err(|e| io_error(e, self.confined, WRITE))
+    }
+}
+
+impl Drop for PendingWrite {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = unlinkat(
+                self.dir.as_fd(),
+                self.temp.as_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
+}
+
+/// `WriteFile`: `Ready` or `Error`; then the data; then `Done` or `Error`.
+///
+/// The data goes to a temporary file `.sandbox-write.*.tmp` in the target's directory (created
+/// `O_EXCL`, beneath the root when confined), which is synced and renamed over the target only
+/// once all of it arrived and was written. An error, a dropped connection or a protocol error on
+/// the way leaves the target as it was and removes the temporary file. A new file gets
+/// `FileOptions::mode` (default 0644, exactly: the umask does not apply); a replaced file keeps
+/// its permission bits and (as root) its owner.
+pub fn write(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions, size: u64) -> Next {
+    let started = if size > MAX_FILE_BYTES {
+        Err(AgentError::new(
+            AgentErrorKind::TooLarge,
+            format!("The file is over {MAX_FILE_BYTES} bytes."),
+        ))
+    } else {
+        PendingWrite::start(path, opts)
+    };
+    let mut pending = match started {
+        Ok(p) => p,
         Err(e) => {
             ctx.writer.send(id, AgentMessage::Error(e));
             return Next::Continue;
@@ -361,7 +685,7 @@ pub fn write(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions, size: u64) -> N
     let mut received = 0u64;
     let mut failure: Option<AgentError> = None;
     while received < size {
-        match ctx.rx.recv() {
+        match ctx.rx.recv_timeout(WRITE_IDLE_TIMEOUT) {
             Ok(Event::Frame(f)) if f.id == id => match f.body {
                 HostMessage::FileData(chunk) => {
                     received = received.saturating_add(chunk.len() as u64);
@@ -371,8 +695,8 @@ pub fn write(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions, size: u64) -> N
                     }
                     // After a write error keep consuming the data, so frames stay in step.
                     if failure.is_none() {
-                        if let Err(e) = file.write_all(&chunk) {
-                            failure = Some(io_error(e, confined, "write the file"));
+                        if let Err(e) = pending.file.write_all(&chunk) {
+                            failure = Some(io_error(e, pending.confined, WRITE));
                         }
                     }
                 }
@@ -386,12 +710,20 @@ pub fn write(ctx: &Ctx, id: u64, path: &str, opts: &FileOptions, size: u64) -> N
                 return Next::Close;
             }
             Ok(Event::Exited(_) | Event::PipeDone(_)) => {}
-            Ok(Event::Closed(_)) | Err(_) => return Next::Close,
+            Err(RecvTimeoutError::Timeout) => {
+                protocol_error(ctx, id, "No file data arrived for too long.");
+                return Next::Close;
+            }
+            Ok(Event::Closed(_)) | Err(RecvTimeoutError::Disconnected) => return Next::Close,
         }
     }
-    match failure {
-        Some(e) => ctx.writer.send(id, AgentMessage::Error(e)),
-        None => ctx.writer.send(id, AgentMessage::Done),
+    let result = match failure {
+        Some(e) => Err(e),
+        None => pending.commit(),
+    };
+    match result {
+        Ok(()) => ctx.writer.send(id, AgentMessage::Done),
+        Err(e) => ctx.writer.send(id, AgentMessage::Error(e)),
     }
     Next::Continue
 }
@@ -519,6 +851,244 @@ mod tests {
                 AgentErrorKind::Escape
             );
         }
+    }
+
+    /// A FIFO, a socket, a device node (if this process may create one) and `/dev/null`,
+    /// in a fresh directory; the guard keeps the socket bound.
+    fn specials() -> (
+        tempfile::TempDir,
+        std::os::unix::net::UnixListener,
+        Vec<&'static str>,
+    ) {
+        let t = tempfile::tempdir().expect("tempdir");
+        nix::unistd::mkfifo(&t.path().join("fifo"), Mode::from_bits_truncate(0o644))
+            .expect("mkfifo");
+        let sock = std::os::unix::net::UnixListener::bind(t.path().join("sock")).expect("bind");
+        let mut names = vec!["fifo", "sock", "dir"];
+        std::fs::create_dir(t.path().join("dir")).expect("mkdir");
+        // 1:3 is /dev/null's device number; only root may create device nodes.
+        let dev = nix::sys::stat::makedev(1, 3);
+        if nix::sys::stat::mknod(
+            &t.path().join("null"),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            dev,
+        )
+        .is_ok()
+        {
+            names.push("null");
+        }
+        (t, sock, names)
+    }
+
+    fn kind_of<T: std::fmt::Debug>(r: Result<T>) -> (AgentErrorKind, String) {
+        let e = r.expect_err("refused");
+        (e.kind, e.message)
+    }
+
+    /// Reads and writes of non-regular files are refused with `InvalidRequest` naming the type,
+    /// unconfined, confined (openat2) and through the walk, and nothing is replaced. A blocking
+    /// open would hang this test (the FIFO has no writer and no reader).
+    #[test]
+    fn special_files_are_refused_without_blocking() {
+        let (t, _sock, names) = specials();
+        let base = t.path().to_string_lossy().into_owned();
+        let confined = FileOptions::new().confined_to(base.as_str());
+        let expected = [
+            ("fifo", "a FIFO (named pipe)"),
+            ("sock", "a socket"),
+            ("dir", "a directory"),
+            ("null", "a character device"),
+        ];
+        let mut paths: Vec<(String, FileOptions, &str)> = vec![(
+            "/dev/null".to_owned(),
+            FileOptions::new(),
+            "a character device",
+        )];
+        for name in &names {
+            let kind = expected
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, k)| *k)
+                .expect("known");
+            paths.push((format!("{base}/{name}"), FileOptions::new(), kind));
+            paths.push(((*name).to_owned(), confined.clone(), kind));
+        }
+        for (path, opts, kind) in &paths {
+            let r = Resolved::new(path, opts).expect("resolves");
+            let (k, msg) = kind_of(r.open_regular_read("read the file"));
+            assert_eq!(k, AgentErrorKind::InvalidRequest, "read {path}: {msg}");
+            assert!(msg.contains(kind), "read {path}: {msg}");
+            let (k, msg) = kind_of(PendingWrite::start(path, opts).map(drop));
+            assert_eq!(k, AgentErrorKind::InvalidRequest, "write {path}: {msg}");
+            assert!(msg.contains(kind), "write {path}: {msg}");
+        }
+        // The walk of old kernels opens the last component the same way.
+        let root = nix::fcntl::open(t.path(), OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())
+            .expect("root");
+        for name in &names {
+            let fd =
+                open_beneath_walk(&root, name, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+                    .expect("O_PATH opens anything");
+            assert!(non_regular_kind(&fstat(fd.as_fd()).expect("fstat")).is_some());
+        }
+        let ft = std::fs::symlink_metadata(t.path().join("fifo")).expect("stat");
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_fifo(&ft.file_type()),
+            "the FIFO is still there"
+        );
+        assert_temp_free(t.path());
+        // The agent's own reads (/etc/passwd) refuse them too, and cap the size.
+        let (k, _) = kind_of(read_regular(&format!("{base}/fifo"), 100));
+        assert_eq!(k, AgentErrorKind::InvalidRequest);
+        std::fs::write(t.path().join("big"), [7u8; 101]).expect("write");
+        let (k, _) = kind_of(read_regular(&format!("{base}/big"), 100));
+        assert_eq!(k, AgentErrorKind::TooLarge);
+        assert_eq!(
+            read_regular(&format!("{base}/big"), 101).expect("at the cap"),
+            [7u8; 101]
+        );
+    }
+
+    fn assert_temp_free(dir: &std::path::Path) {
+        for e in std::fs::read_dir(dir).expect("read_dir") {
+            let name = e.expect("entry").file_name();
+            assert!(
+                !name.to_string_lossy().starts_with(TEMP_PREFIX),
+                "a temporary file was left: {name:?}"
+            );
+        }
+    }
+
+    fn mode_of(p: &std::path::Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777
+    }
+
+    fn write_all(path: &str, opts: &FileOptions, data: &[u8]) -> Result<()> {
+        let mut w = PendingWrite::start(path, opts)?;
+        w.file.write_all(data).expect("write");
+        w.commit()
+    }
+
+    /// The target changes only on commit; a dropped write leaves it and no temporary file.
+    #[test]
+    fn writes_replace_the_target_only_on_commit() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let target = t.path().join("f");
+        let path = target.to_string_lossy().into_owned();
+        std::fs::write(&target, b"old content").expect("write");
+        let mut w = PendingWrite::start(&path, &FileOptions::new()).expect("start");
+        w.file.write_all(b"half of the new").expect("write");
+        assert_eq!(std::fs::read(&target).expect("read"), b"old content");
+        assert!(t.path().join(&w.temp).exists(), "data goes to a temp file");
+        drop(w);
+        assert_eq!(std::fs::read(&target).expect("read"), b"old content");
+        assert_temp_free(t.path());
+        write_all(&path, &FileOptions::new(), b"new").expect("commit");
+        assert_eq!(std::fs::read(&target).expect("read"), b"new");
+        assert_temp_free(t.path());
+    }
+
+    /// New files get the requested mode exactly (no umask); replaced files keep theirs.
+    #[test]
+    fn modes_of_new_and_replaced_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = |n: &str| t.path().join(n);
+        let s = |n: &str| p(n).to_string_lossy().into_owned();
+        write_all(&s("default"), &FileOptions::new(), b"x").expect("write");
+        assert_eq!(mode_of(&p("default")), 0o644);
+        write_all(&s("wide"), &FileOptions::new().mode(0o666), b"x").expect("write");
+        assert_eq!(mode_of(&p("wide")), 0o666, "the umask does not apply");
+        std::fs::write(p("kept"), b"old").expect("write");
+        std::fs::set_permissions(p("kept"), std::fs::Permissions::from_mode(0o751)).expect("chmod");
+        write_all(&s("kept"), &FileOptions::new().mode(0o600), b"new").expect("write");
+        assert_eq!(
+            mode_of(&p("kept")),
+            0o751,
+            "an existing file keeps its mode"
+        );
+        assert_eq!(std::fs::read(p("kept")).expect("read"), b"new");
+    }
+
+    /// Symlinks at the target are followed to the file they name, which is replaced; the link
+    /// stays. Confined, only as far as the root allows.
+    #[test]
+    fn writes_follow_symlinks_at_the_target_within_bounds() {
+        let (t, _root) = jail();
+        let root = t.path().join("root");
+        // Unconfined: through an absolute link to outside the "root".
+        let abs = root.join("abs").to_string_lossy().into_owned();
+        write_all(&abs, &FileOptions::new(), b"via link").expect("write");
+        assert_eq!(
+            std::fs::read(t.path().join("secret")).expect("read"),
+            b"via link"
+        );
+        assert!(std::fs::symlink_metadata(root.join("abs"))
+            .expect("stat")
+            .file_type()
+            .is_symlink());
+        // Confined: a link that stays inside is followed, a chain too.
+        symlink("inner/ok", root.join("chain")).expect("symlink");
+        let opts = FileOptions::new().confined_to(root.to_string_lossy());
+        write_all("chain", &opts, b"inside").expect("write");
+        assert_eq!(std::fs::read(root.join("d/ok")).expect("read"), b"inside");
+        assert!(std::fs::symlink_metadata(root.join("chain"))
+            .expect("stat")
+            .file_type()
+            .is_symlink());
+        // A dangling link inside creates its target.
+        symlink("d/new", root.join("dangling")).expect("symlink");
+        write_all("dangling", &opts, b"created").expect("write");
+        assert_eq!(std::fs::read(root.join("d/new")).expect("read"), b"created");
+        // Links that leave are escapes; nothing outside changes.
+        symlink("../outside-new", root.join("out")).expect("symlink");
+        for p in ["abs", "rel", "out", "../secret"] {
+            let (k, msg) = kind_of(PendingWrite::start(p, &opts).map(drop));
+            assert_eq!(k, AgentErrorKind::Escape, "{p}: {msg}");
+        }
+        assert_eq!(
+            std::fs::read(t.path().join("secret")).expect("read"),
+            b"via link"
+        );
+        assert!(!t.path().join("outside-new").exists());
+        assert_temp_free(&root);
+        assert_temp_free(&root.join("d"));
+    }
+
+    /// A bind-mounted file cannot be renamed over (`EBUSY`): its content is replaced in place.
+    #[cfg(sandbox_privileged)]
+    #[test]
+    fn a_bind_mounted_target_is_overwritten_in_place() {
+        use nix::mount::{mount, umount, MsFlags};
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = umount(&self.0);
+            }
+        }
+        let t = tempfile::tempdir().expect("tempdir");
+        let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+        std::fs::write(&src, b"old").expect("write");
+        std::fs::write(&dst, b"hidden").expect("write");
+        mount(
+            Some(&src),
+            &dst,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind mount (needs root)");
+        let _unmount = Unmount(dst.clone());
+        write_all(&dst.to_string_lossy(), &FileOptions::new(), b"new content").expect("write");
+        assert_eq!(std::fs::read(&dst).expect("read"), b"new content");
+        assert_eq!(
+            std::fs::read(&src).expect("read"),
+            b"new content",
+            "in place"
+        );
+        assert_temp_free(t.path());
     }
 
     #[test]

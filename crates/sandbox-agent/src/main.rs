@@ -189,22 +189,46 @@ fn run(agent: &Arc<Agent>, cli: &Cli) -> Result<(), String> {
                 continue;
             }
         };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
+        let Some(slot) = Slot::take(&active) else {
             debug!("too many connections, closing a new one");
             continue;
-        }
-        let (agent, reaper, active2) = (agent.clone(), reaper.clone(), active.clone());
+        };
+        let (agent, reaper) = (agent.clone(), reaper.clone());
+        // The slot moves into the thread and is released when the closure is dropped: after the
+        // connection ends, when a handler panics (unwinding drops it), or right here when the
+        // thread cannot be started (the unrun closure is dropped).
         let spawned = std::thread::Builder::new()
             .name("conn".into())
             .spawn(move || {
+                let _slot = slot;
                 conn::serve(agent, reaper, stream);
-                active2.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
-            active.fetch_sub(1, Ordering::SeqCst);
             log!("cannot start a connection thread: {e}");
         }
+    }
+}
+
+/// One of the [`MAX_CONNECTIONS`] connection slots, held for the life of a connection thread and
+/// given back on drop, whatever way the thread ends.
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// Takes a slot, or `None` when all are in use.
+    fn take(active: &Arc<AtomicUsize>) -> Option<Slot> {
+        active
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_CONNECTIONS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(active.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -336,6 +360,29 @@ fn init_system(hostname: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Slots are capped and come back on every way a connection thread can end.
+    #[test]
+    fn slots_are_capped_and_released_on_drop_and_panic() {
+        let active = Arc::new(AtomicUsize::new(0));
+        let held: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|_| Slot::take(&active).expect("a free slot"))
+            .collect();
+        assert!(Slot::take(&active).is_none(), "one slot too many");
+        drop(held);
+        assert_eq!(active.load(Ordering::SeqCst), 0);
+        let slot = Slot::take(&active).expect("a free slot");
+        let t = std::thread::spawn(move || {
+            let _slot = slot;
+            panic!("a handler panics");
+        });
+        assert!(t.join().is_err(), "the thread panicked");
+        assert_eq!(
+            active.load(Ordering::SeqCst),
+            0,
+            "the panic released its slot"
+        );
+    }
 
     #[test]
     fn listen_addresses() {

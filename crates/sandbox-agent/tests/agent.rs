@@ -10,7 +10,10 @@ use std::time::Duration;
 use common::{connect, start_agent, LocalHarness};
 use sandbox_core::client::{AgentClient, ClientError};
 use sandbox_core::conformance::{self, Harness};
-use sandbox_core::protocol::{Hello, ProtocolError, Role, PROTOCOL_VERSION};
+use sandbox_core::protocol::{
+    asynch, AgentErrorKind, AgentFrame, AgentMessage, Hello, HostFrame, HostMessage, ProtocolError,
+    Role, PROTOCOL_VERSION,
+};
 use sandbox_core::{ErrorKind, ExecEvent, ExecRequest, FileOptions, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -369,4 +372,322 @@ async fn exit_is_reported_while_a_background_job_still_holds_stdout() {
     );
     assert!(gone(bg).await);
     conformance::destroy(&h, sb).await;
+}
+
+/// A handshaken raw connection, for requests the client would not send (or would finish).
+async fn raw(sock: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(sock).await.expect("connect");
+    asynch::write_hello(&mut s, Role::Host)
+        .await
+        .expect("hello");
+    let hello = asynch::read_hello_bytes(&mut s).await.expect("agent hello");
+    Hello::check(hello, Role::Agent).expect("agent hello is valid");
+    s
+}
+
+async fn send(s: &mut UnixStream, id: u64, body: HostMessage) {
+    asynch::write_frame(s, &HostFrame { id, body })
+        .await
+        .expect("send");
+}
+
+/// The next frame, within a bounded wait.
+async fn recv(s: &mut UnixStream) -> Option<AgentFrame> {
+    tokio::time::timeout(Duration::from_secs(10), asynch::read_frame(s))
+        .await
+        .expect("an answer within 10 s")
+        .expect("a readable frame")
+}
+
+/// A FIFO (no writer, no reader), a bound Unix socket, a directory and, if this process may
+/// create one, a character device node, in `dir`; the listener keeps the socket alive.
+fn make_specials(dir: &Path) -> (std::os::unix::net::UnixListener, Vec<&'static str>) {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    nix::unistd::mkfifo(&dir.join("fifo"), Mode::from_bits_truncate(0o644)).expect("mkfifo");
+    let l = std::os::unix::net::UnixListener::bind(dir.join("sock")).expect("bind");
+    std::fs::create_dir(dir.join("dir")).expect("mkdir");
+    let mut names = vec!["fifo", "sock", "dir"];
+    // 1:3 is /dev/null; only root may create device nodes.
+    if mknod(
+        &dir.join("null"),
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o666),
+        makedev(1, 3),
+    )
+    .is_ok()
+    {
+        names.push("null");
+    }
+    (l, names)
+}
+
+/// Names in `dir` that look like `write_file`'s temporary files.
+fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".sandbox-write."))
+        .collect()
+}
+
+#[tokio::test]
+async fn special_files_are_refused_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = agent_sock(&dir);
+    let _agent = start_agent(&sock).await;
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).expect("mkdir");
+    let (_listener, names) = make_specials(&files);
+    let confined = FileOptions::new().confined_to(files.to_string_lossy());
+    let mut cases = vec![("/dev/null".to_owned(), FileOptions::new())];
+    for n in &names {
+        cases.push((
+            files.join(n).to_string_lossy().into_owned(),
+            FileOptions::new(),
+        ));
+        cases.push(((*n).to_owned(), confined.clone()));
+    }
+    for (path, opts) in &cases {
+        let mut c = connect(&sock).await.expect("connect");
+        let bounded = Duration::from_secs(5);
+        let err = tokio::time::timeout(bounded, c.read_file(path, opts))
+            .await
+            .unwrap_or_else(|_| panic!("read_file {path} blocked"))
+            .expect_err("read refused");
+        assert_eq!(
+            sandbox_core::Error::from(err).kind(),
+            ErrorKind::InvalidRequest,
+            "read {path}"
+        );
+        let err = tokio::time::timeout(bounded, c.write_file(path, b"data", opts))
+            .await
+            .unwrap_or_else(|_| panic!("write_file {path} blocked"))
+            .expect_err("write refused");
+        let err = sandbox_core::Error::from(err);
+        assert_eq!(err.kind(), ErrorKind::InvalidRequest, "write {path}: {err}");
+        assert!(
+            err.to_string().contains("not a regular file"),
+            "the message names the type: {err}"
+        );
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let ft = std::fs::symlink_metadata(files.join("fifo"))
+        .expect("stat")
+        .file_type();
+    assert!(ft.is_fifo(), "the FIFO was not replaced");
+    assert!(temp_files(&files).is_empty());
+}
+
+#[tokio::test]
+async fn more_abandoned_fifo_reads_than_connection_slots_leave_the_agent_reachable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = agent_sock(&dir);
+    let _agent = start_agent(&sock).await;
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+    let fifo = fifo.to_string_lossy().into_owned();
+    // 64 slots (MAX_CONNECTIONS): each request on its own connection, dropped unanswered. A read
+    // that blocked in open() would hold its slot for good.
+    for i in 0..80u64 {
+        let mut s = raw(&sock).await;
+        let body = if i % 2 == 0 {
+            HostMessage::ReadFile {
+                path: fifo.clone(),
+                opts: FileOptions::new(),
+            }
+        } else {
+            HostMessage::WriteFile {
+                path: fifo.clone(),
+                opts: FileOptions::new(),
+                size: 4,
+            }
+        };
+        send(&mut s, 1, body).await;
+        if i % 4 == 0 {
+            // Some wait for the answer: an immediate typed refusal.
+            match recv(&mut s).await {
+                Some(AgentFrame {
+                    id: 1,
+                    body: AgentMessage::Error(e),
+                }) => assert_eq!(e.kind, AgentErrorKind::InvalidRequest, "{e:?}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+    }
+    // Slots come back as the agent notices the closed connections: allow a bounded moment.
+    let mut last = None;
+    for _ in 0..50 {
+        match connect(&sock).await {
+            Ok(mut c) => match c.exec(&ExecRequest::shell("echo alive")).await {
+                Ok(out) => {
+                    assert_eq!(out.stdout, b"alive\n");
+                    let data = c
+                        .read_file("/proc/self/status", &FileOptions::new())
+                        .await
+                        .expect("read");
+                    assert!(String::from_utf8_lossy(&data).contains("Name:"));
+                    return;
+                }
+                Err(e) => last = Some(format!("{e}")),
+            },
+            Err(e) => last = Some(format!("{e}")),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the agent stayed unreachable: {last:?}");
+}
+
+#[tokio::test]
+async fn interrupted_writes_leave_the_old_content_and_no_temp_file() {
+    use sandbox_core::file::FILE_CHUNK_BYTES;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = agent_sock(&dir);
+    let _agent = start_agent(&sock).await;
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).expect("mkdir");
+    let target = files.join("f");
+    let old: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&target, &old).expect("write");
+    let path = target.to_string_lossy().into_owned();
+    let wait_no_temp = || async {
+        for _ in 0..100 {
+            if temp_files(&files).is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("temporary files left: {:?}", temp_files(&files));
+    };
+
+    // 1. The connection drops after the first of two chunks.
+    let mut s = raw(&sock).await;
+    let size = 2 * FILE_CHUNK_BYTES as u64;
+    send(
+        &mut s,
+        1,
+        HostMessage::WriteFile {
+            path: path.clone(),
+            opts: FileOptions::new(),
+            size,
+        },
+    )
+    .await;
+    assert!(matches!(
+        recv(&mut s).await,
+        Some(AgentFrame {
+            body: AgentMessage::Ready,
+            ..
+        })
+    ));
+    send(
+        &mut s,
+        1,
+        HostMessage::FileData(vec![0xAA; FILE_CHUNK_BYTES].into()),
+    )
+    .await;
+    // The first chunk lands in a temporary file; the target is untouched meanwhile.
+    let mut seen_temp = false;
+    for _ in 0..100 {
+        if !temp_files(&files).is_empty() {
+            seen_temp = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen_temp,
+        "the data goes to a temporary file next to the target"
+    );
+    assert_eq!(std::fs::read(&target).expect("read"), old);
+    drop(s);
+    wait_no_temp().await;
+    assert_eq!(std::fs::read(&target).expect("read"), old, "dropped write");
+
+    // 2. More data than announced: a protocol error, the connection closes.
+    let mut s = raw(&sock).await;
+    send(
+        &mut s,
+        1,
+        HostMessage::WriteFile {
+            path: path.clone(),
+            opts: FileOptions::new(),
+            size: 10,
+        },
+    )
+    .await;
+    assert!(matches!(
+        recv(&mut s).await,
+        Some(AgentFrame {
+            body: AgentMessage::Ready,
+            ..
+        })
+    ));
+    send(&mut s, 1, HostMessage::FileData(vec![0xBB; 20].into())).await;
+    match recv(&mut s).await {
+        Some(AgentFrame {
+            body: AgentMessage::Error(e),
+            ..
+        }) => assert_eq!(e.kind, AgentErrorKind::Protocol),
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    assert!(
+        recv(&mut s).await.is_none(),
+        "the agent closes the connection"
+    );
+    wait_no_temp().await;
+    assert_eq!(std::fs::read(&target).expect("read"), old, "overlong write");
+
+    // 3. Over the size cap: refused before any data, nothing created.
+    let mut c = connect(&sock).await.expect("connect");
+    let mut s = raw(&sock).await;
+    send(
+        &mut s,
+        1,
+        HostMessage::WriteFile {
+            path: path.clone(),
+            opts: FileOptions::new(),
+            size: sandbox_core::file::MAX_FILE_BYTES + 1,
+        },
+    )
+    .await;
+    match recv(&mut s).await {
+        Some(AgentFrame {
+            body: AgentMessage::Error(e),
+            ..
+        }) => assert_eq!(e.kind, AgentErrorKind::TooLarge),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(temp_files(&files).is_empty());
+    assert_eq!(
+        std::fs::read(&target).expect("read"),
+        old,
+        "oversized write"
+    );
+
+    // 4. A normal overwrite replaces it whole; the mode of the old file stays.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let new = vec![0x5Au8; 3 * FILE_CHUNK_BYTES + 7];
+    c.write_file(&path, &new, &FileOptions::new().mode(0o600))
+        .await
+        .expect("overwrite");
+    assert_eq!(std::fs::read(&target).expect("read"), new);
+    let mode = std::fs::metadata(&target)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o640, "an existing file keeps its mode");
+    // A new file gets exactly the requested mode.
+    let fresh = files.join("fresh").to_string_lossy().into_owned();
+    c.write_file(&fresh, b"x", &FileOptions::new().mode(0o666))
+        .await
+        .expect("create");
+    let mode = std::fs::metadata(&fresh)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o666, "the umask does not apply");
+    assert!(temp_files(&files).is_empty());
 }
