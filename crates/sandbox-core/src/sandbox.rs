@@ -77,13 +77,18 @@ pub trait Sandbox: Send + Sync + fmt::Debug {
         self.exec_stream(req).await?.collect().await
     }
 
-    /// Writes `data` to `path` (created or truncated), at most
-    /// [`MAX_FILE_BYTES`](crate::file::MAX_FILE_BYTES).
+    /// Writes `data` to `path`, at most [`MAX_FILE_BYTES`](crate::file::MAX_FILE_BYTES).
+    ///
+    /// The file is replaced atomically: the data goes to a temporary file in the same directory
+    /// which is renamed over `path` once complete, so an interrupted write leaves the old
+    /// content (docs/agent.md). An existing file keeps its mode; a new one gets the requested
+    /// mode.
     ///
     /// # Errors
     /// [`ErrorKind::TooLarge`], [`ErrorKind::NotFound`] (missing parent without
     /// `create_parents`), [`ErrorKind::PermissionDenied`] (including escapes from a confined
-    /// root), [`ErrorKind::InvalidRequest`], connection errors.
+    /// root), [`ErrorKind::InvalidRequest`] (including a FIFO, socket, device or directory at
+    /// `path`, refused before anything is opened), connection errors.
     async fn write_file(&self, path: &str, data: &[u8], opts: &FileOptions) -> Result<()>;
 
     /// Reads the whole file at `path`, at most [`MAX_FILE_BYTES`](crate::file::MAX_FILE_BYTES).
