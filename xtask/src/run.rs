@@ -192,12 +192,6 @@ pub fn execute(label: &str, program: &Path, argv: &[String], opts: &RunnerArgs) 
 
     println!("xtask {label}: running inside the nested test host ({why})");
     let host = testhost::ensure()?;
-    let scratch = target
-        .join("testhost")
-        .join(format!("{label}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&scratch);
-    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
-    let scratch = scratch.canonicalize()?;
     let script = script(label, program, argv, &cwd, &env, &scratch);
     let mut keep = vec![
         root.clone(),

@@ -332,6 +332,31 @@ impl<H: Harness + 'static> SuiteInner<H> {
     }
 }
 
+/// The `main` of a backend's conformance test target (`harness = false`): a multi-threaded
+/// tokio runtime, the [`Suite`] over the harness `make` returns, its [`Suite::checks`], then the
+/// backend's own trials from `extra`, then [`Suite::leaves_nothing_behind`]; exits with the
+/// harness's status.
+pub fn main<H: Harness + 'static>(
+    make: impl FnOnce() -> H + Send + 'static,
+    extra: impl FnOnce(&Suite<H>) -> Vec<Trial>,
+) -> ! {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let suite = Suite::new(make, rt.handle().clone());
+    let mut trials = suite.checks();
+    trials.extend(extra(&suite));
+    trials.push(suite.leaves_nothing_behind());
+    let conclusion = run_trials(trials);
+    suite.finish();
+    // Drops the harness (and whatever it owns, such as a state directory) before exiting.
+    drop(suite);
+    drop(rt);
+    conclusion.exit()
+}
+
 /// Every check in one call, in [`Suite`]'s order, sharing one sandbox; for a backend that wants
 /// the whole suite as a single test (a failure then names its check in the panic message only).
 pub async fn run_all(h: &dyn Harness) {

@@ -34,6 +34,8 @@ fn env_path(var: &str) -> PathBuf {
 }
 
 struct KvmHarness {
+    /// The runtime's state directory, removed when the suite drops the harness at the end.
+    _state: tempfile::TempDir,
     runtime: KvmRuntime,
     /// Same artifacts, but it dials a vsock port nothing listens on: the agent never answers.
     mute: KvmRuntime,
@@ -41,13 +43,18 @@ struct KvmHarness {
 }
 
 impl KvmHarness {
-    fn new(state_dir: &Path) -> Self {
+    fn new() -> Self {
+        let state = tempfile::Builder::new()
+            .prefix("sbx-conformance-")
+            .tempdir()
+            .expect("state dir in TMPDIR");
+        let state_dir = state.path().to_path_buf();
         let base = || {
             KvmRuntimeConfig::builder()
                 .vmm(env_path("SANDBOX_VMM"))
                 .kernel(env_path("SANDBOX_KERNEL"))
                 .rootfs(env_path("SANDBOX_ROOTFS"))
-                .state_dir(state_dir)
+                .state_dir(&state_dir)
         };
         // Generous: nested test hosts on a busy machine sometimes stall for minutes.
         let runtime = KvmRuntime::new(
@@ -66,9 +73,10 @@ impl KvmHarness {
         )
         .expect("KvmRuntime::new");
         KvmHarness {
+            _state: state,
             runtime,
             mute,
-            state_dir: state_dir.to_path_buf(),
+            state_dir,
         }
     }
 }
@@ -246,43 +254,26 @@ async fn drop_without_destroy_cleans_up(h: &KvmHarness) {
     assert_eq!(h.runtime.live_sandboxes(), 0);
 }
 
+/// The KVM backend's own trials, after the suite's checks.
 #[cfg(sandbox_kvm)]
-fn trials(suite: &Suite<KvmHarness>) -> Vec<Trial> {
-    let mut trials = suite.checks();
-    trials.push(
+fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
+    vec![
         suite.trial("ttl_kills_the_vmm_and_removes_its_files", |h| async move {
             ttl_kills_the_vmm_and_removes_its_files(&h).await
         }),
-    );
-    trials.push(
         suite.trial("drop_without_destroy_cleans_up", |h| async move {
             drop_without_destroy_cleans_up(&h).await
         }),
-    );
-    trials.push(suite.leaves_nothing_behind());
-    trials
-}
-
-/// Without `--cfg sandbox_kvm` the binary has no tests (it needs a KVM that boots Linux).
-#[cfg(not(sandbox_kvm))]
-fn trials(_: &Suite<KvmHarness>) -> Vec<Trial> {
-    Vec::new()
+    ]
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let state = tempfile::Builder::new()
-        .prefix("sbx-conformance-")
-        .tempdir()
-        .expect("state dir in TMPDIR");
-    let state_dir = state.path().to_path_buf();
-    let suite = Suite::new(move || KvmHarness::new(&state_dir), rt.handle().clone());
-    let conclusion = conformance::run_trials(trials(&suite));
-    suite.finish();
-    drop(state);
+    // Without `--cfg sandbox_kvm` the binary has no tests: they need a KVM that boots Linux.
+    #[cfg(not(sandbox_kvm))]
+    let conclusion = conformance::run_trials(Vec::new());
+    #[cfg(not(sandbox_kvm))]
     conclusion.exit();
+
+    #[cfg(sandbox_kvm)]
+    conformance::main(KvmHarness::new, extra)
 }
