@@ -624,17 +624,27 @@ fn run_script_here(script: &str, scratch: &Path, timeout: Duration) -> Result<(C
 /// on one machine) never share scratch space; the directories of runs whose process is gone are
 /// removed first.
 fn run_dir(parent: &Path) -> Result<PathBuf> {
+    run_dir_named(parent, "")
+}
+
+/// Like [`run_dir`], `<parent>/run-<pid><suffix>`: one per test binary of a run, so that each
+/// keeps its console log.
+fn run_dir_named(parent: &Path, suffix: &str) -> Result<PathBuf> {
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     for entry in fs::read_dir(parent)?.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("run-")) else {
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("run-")) else {
             continue;
         };
-        if !Path::new("/proc").join(pid).exists() {
+        let pid = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap_or("");
+        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
-    let dir = parent.join(format!("run-{}", std::process::id()));
+    let dir = parent.join(format!("run-{}{suffix}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir.canonicalize()?)
@@ -769,7 +779,8 @@ fn kvm_tier(
     let started = Instant::now();
     for (exe, tests) in &selected {
         let one = [(exe.clone(), tests.clone())];
-        let scratch = run_dir(&target.join("testhost"))?;
+        let suffix = format!("-{}", exe.name.replace('/', "-"));
+        let scratch = run_dir_named(&target.join("testhost"), &suffix)?;
         let script = script(&one, &test_args, Path::new("/tmp"), &env, &scratch);
         let config = testhost::RunConfig {
             cpus: args.testhost_cpus,
