@@ -147,7 +147,7 @@ fn build_vmm() -> Result<PathBuf> {
                 "--release",
                 "-j2",
                 "-p",
-                "sandbox-kvm",
+                "sandbox-vmm",
                 "--bin",
                 "sandbox-vmm",
             ])

@@ -135,7 +135,7 @@ pub fn execute(label: &str, program: &Path, argv: &[String], opts: &RunnerArgs) 
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     util::run(
         Command::new(&cargo)
-            .args(["build", "-p", "sandbox-kvm", "--bin", "sandbox-vmm"])
+            .args(["build", "-p", "sandbox-vmm", "--bin", "sandbox-vmm"])
             .current_dir(&root),
     )?;
     let target = target_dir(&root);

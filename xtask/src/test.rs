@@ -928,7 +928,7 @@ pub(crate) fn probe_kvm(
     let log_path = dir.join(format!("{}.log", &key[..16]));
     let mut log = fs::File::create(&log_path)?;
     let mut cmd = Command::new("qemu-system-x86_64");
-    // The same machine as the reference boot test (crates/sandbox-kvm/tests/qemu_reference.rs):
+    // The same machine as the reference boot test (crates/sandbox-vmm/tests/qemu_reference.rs):
     // no ACPI, so QEMU puts the virtio-mmio disk on the kernel command line, and the test init
     // halts by rebooting (triple fault), which -no-reboot turns into an exit.
     cmd.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host"])

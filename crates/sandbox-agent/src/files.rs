@@ -10,7 +10,7 @@
 //! path is first opened `O_PATH` (which opens nothing, so no FIFO wait and no device open),
 //! checked with `fstat`, and FIFOs, sockets, devices and directories are refused at once with
 //! `InvalidRequest`. `write_file` writes a temporary file next to the target and renames it over
-//! the target once complete (see [`write`]).
+//! the target once complete (see [`write()`]).
 
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};

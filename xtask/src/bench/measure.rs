@@ -72,7 +72,7 @@ pub struct BootSetup {
 }
 
 /// The kernel command line both VMMs give the guest. Our VMM starts every command line with
-/// `sandbox_kvm::vmm::BASE_CMDLINE` (`console=ttyS0 reboot=k panic=-1`) and appends its own
+/// `sandbox_vmm::vmm::BASE_CMDLINE` (`console=ttyS0 reboot=k panic=-1`) and appends its own
 /// `virtio_mmio.device=` entries; QEMU gets the same words verbatim (microvm describes its
 /// virtio-mmio devices in the ACPI DSDT, as our VMM also does).
 pub const CMDLINE_BASE: &str = "console=ttyS0 reboot=k panic=-1";

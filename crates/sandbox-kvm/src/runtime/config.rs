@@ -62,7 +62,7 @@ impl Default for KvmRuntimeConfig {
             kernel: None,
             rootfs: None,
             state_dir: None,
-            kvm_device: PathBuf::from(crate::kvm::KVM_DEVICE),
+            kvm_device: PathBuf::from(sandbox_vmm::kvm::KVM_DEVICE),
             create_deadline: DEFAULT_CREATE_DEADLINE,
             destroy_grace: DEFAULT_DESTROY_GRACE,
             console_cap_bytes: DEFAULT_CONSOLE_CAP_BYTES,
@@ -152,7 +152,9 @@ impl KvmRuntimeConfigBuilder {
         if c.create_deadline.is_zero() {
             return bad("create_deadline", "must be above zero");
         }
-        if c.console_cap_bytes == 0 || c.console_cap_bytes > crate::vmm::config::MAX_CONSOLE_CAP {
+        if c.console_cap_bytes == 0
+            || c.console_cap_bytes > sandbox_vmm::vmm::config::MAX_CONSOLE_CAP
+        {
             return bad("console_cap_bytes", "must be between 1 byte and 1 GiB");
         }
         if c.max_sandboxes == 0 {

@@ -94,7 +94,7 @@ pub enum RuntimeError {
     },
     /// `/dev/kvm` is missing or unusable; the message names the fix (`HostSetup`).
     #[error("KVM is not usable: {0}.")]
-    Kvm(#[from] crate::kvm::KvmError),
+    Kvm(#[from] sandbox_vmm::kvm::KvmError),
     /// The state directory cannot be created or read (`HostSetup`).
     #[error("The state directory {path} is not usable; fix: make it writable or set KvmRuntimeConfig.state_dir.")]
     StateDir {
@@ -123,7 +123,7 @@ pub enum RuntimeError {
     },
     /// The VM config the spec produced was refused (`InvalidSpec`).
     #[error("The sandbox spec does not make a valid VM config.")]
-    VmConfig(#[from] crate::vmm::ConfigError),
+    VmConfig(#[from] sandbox_vmm::vmm::ConfigError),
     /// `sandbox-vmm` could not be started (`HostSetup`).
     #[error("Could not start {vmm}; fix: check that it is an executable sandbox-vmm binary.")]
     Spawn {

@@ -26,7 +26,7 @@ use super::copy::{copy_image, CopyMethod};
 use super::process::{vmm_command, write_pid_file, SandboxFiles, VmmExit, VmmProcess};
 use super::reconcile::reconcile;
 use super::{sys, Result, RuntimeError};
-use crate::vmm::{DiskConfig, VmConfig, VmResources, VsockDeviceConfig};
+use sandbox_vmm::vmm::{DiskConfig, VmConfig, VmResources, VsockDeviceConfig};
 
 /// The guest CID of every sandbox. Each VMM has its own vsock device and no host kernel vsock is
 /// involved, so the CIDs of different sandboxes never meet.
@@ -73,7 +73,7 @@ impl KvmRuntime {
     /// writable.
     pub fn new(config: KvmRuntimeConfig) -> Result<Self> {
         let cfg = resolve(&config, &Env::process())?;
-        drop(crate::kvm::open_kvm_at(&config.kvm_device)?);
+        drop(sandbox_vmm::kvm::open_kvm_at(&config.kvm_device)?);
         let state_err = |source| RuntimeError::StateDir {
             path: cfg.state_dir.clone(),
             source,

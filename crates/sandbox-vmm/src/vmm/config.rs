@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "vmm")]
 use crate::devices::console::ConsoleRing;
 use crate::layout;
 
@@ -267,11 +268,13 @@ pub struct VmResources {
     /// Console destination.
     pub console: ConsoleConfig,
     /// An extra in-memory console copy (library users: wait for lines on it).
+    #[cfg(feature = "vmm")]
     pub console_ring: Option<ConsoleRing>,
     /// virtio-vsock.
     pub vsock: Option<VsockDeviceConfig>,
 }
 
+#[cfg(feature = "vmm")]
 impl VmResources {
     /// Also copies console lines into `ring`.
     pub fn with_console_ring(mut self, ring: ConsoleRing) -> Self {
@@ -394,6 +397,7 @@ impl TryFrom<VmConfig> for VmResources {
             memory_bytes: u64::from(c.memory_mib) << 20,
             disks: c.disks,
             console: c.console,
+            #[cfg(feature = "vmm")]
             console_ring: None,
             vsock: c.vsock,
         })

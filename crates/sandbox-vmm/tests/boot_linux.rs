@@ -12,8 +12,8 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use sandbox_kvm::devices::console::ConsoleRing;
-use sandbox_kvm::vmm::{build, DiskConfig, ExitReason, VmConfig, VmResources};
+use sandbox_vmm::devices::console::ConsoleRing;
+use sandbox_vmm::vmm::{build, DiskConfig, ExitReason, VmConfig, VmResources};
 
 /// The console line every boot test waits for (docs/guest.md).
 const READY: &str = "sandbox-init: ready";

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use sandbox_kvm::devices::console::ConsoleRing;
-use sandbox_kvm::vmm::{
+use sandbox_vmm::devices::console::ConsoleRing;
+use sandbox_vmm::vmm::{
     build, DiskConfig, ExitReason, VmConfig, VmHandle, VmResources, VmState, VsockDeviceConfig,
 };
 

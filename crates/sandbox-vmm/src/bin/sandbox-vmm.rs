@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use sandbox_kvm::vmm::{build, ExitReason, VmConfig, VmResources};
+use sandbox_vmm::vmm::{build, ExitReason, VmConfig, VmResources};
 
 /// Runs one micro-VM from a JSON config.
 #[derive(Parser, Debug)]
