@@ -988,15 +988,17 @@ mod tests {
         rw.buf_alloc = 0;
         g.send(rw, b"unread");
         drop(host);
-        g.pump();
+        // More guest bytes, before the hang-up was seen: the write fails (EPIPE), nobody reads
+        // them, but they count as consumed and nothing is reset.
+        g.send(rw, b"zz");
         let pkts = g.recv();
         assert!(
             pkts.is_empty(),
             "no credit, no data, no SHUTDOWN yet: {pkts:?}"
         );
-        // More guest bytes: nobody reads them, but they count as consumed (no RST).
-        g.send(rw, b"zz");
+        g.pump();
         assert!(g.recv().is_empty());
+        assert_eq!(g.dev.connection_count(), 1);
         let mut upd = hdr(op::CREDIT_UPDATE, 80, hp);
         upd.buf_alloc = 16;
         g.send(upd, &[]);
@@ -1440,6 +1442,84 @@ mod tests {
                 }
                 proptest::prop_assert!(g.dev.connection_count() <= 1);
             }
+        }
+
+        /// Whatever the guest's window and pace, and whether the host writes before or after
+        /// the guest accepted and then shuts its write side or closes (even before the guest
+        /// answered): the guest gets every host byte in order, never more than its credit, and
+        /// the SHUTDOWN only after the last one.
+        #[test]
+        fn host_bytes_precede_the_shutdown_under_any_credit(
+            len in 0usize..20_000,
+            early in 0usize..20_000,
+            close in 0u8..3,
+            window in 1u32..6000,
+            paces in proptest::collection::vec(0u32..6000, 1..20),
+        ) {
+            // close: 0 = shutdown(SHUT_WR) after the answer, 1 = close after it, 2 = close
+            // before it (with at least one byte: with none the host gave up).
+            let len = if close == 2 { len.max(1) } else { len };
+            let early = if close == 2 { len } else { early.min(len) };
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let mut g = guest(|c| c);
+            g.post_rx(8);
+            let mut host = UnixStream::connect(&g.path).expect("connect");
+            let mut first = b"CONNECT 5\n".to_vec();
+            first.extend_from_slice(&data[..early]);
+            host.write_all(&first).expect("write");
+            let mut host = if close == 2 {
+                drop(host);
+                None
+            } else {
+                Some(host)
+            };
+            g.pump();
+            let req = g.recv()[0].0;
+            proptest::prop_assert_eq!(req.op, op::REQUEST);
+            let mut resp = hdr(op::RESPONSE, 5, req.src_port);
+            resp.buf_alloc = window;
+            g.send(resp, &[]);
+            if let Some(mut h) = host.take() {
+                h.write_all(&data[early..]).expect("write");
+                if close == 0 {
+                    // Still open for reading (the OK line waits there, unread).
+                    h.shutdown(std::net::Shutdown::Write).expect("shutdown");
+                    host = Some(h);
+                }
+            }
+            let (mut got, mut consumed, mut shut) = (Vec::new(), 0usize, None);
+            for turn in 0..10_000usize {
+                g.pump();
+                for (h, p) in g.recv() {
+                    proptest::prop_assert!(shut.is_none(), "packet after the SHUTDOWN: {:?}", h);
+                    match h.op {
+                        op::RW => got.extend_from_slice(&p),
+                        op::SHUTDOWN => shut = Some(h.flags),
+                        op::CREDIT_UPDATE => {}
+                        other => proptest::prop_assert!(false, "unexpected op {}", other),
+                    }
+                    proptest::prop_assert!(got.len() - consumed <= window as usize, "credit exceeded");
+                }
+                if shut.is_some() {
+                    break;
+                }
+                // The guest consumes at its pace, then all it has once the paces run out.
+                let pace = paces.get(turn).map_or(usize::MAX, |&p| p as usize);
+                consumed += pace.min(got.len() - consumed);
+                let mut upd = hdr(op::CREDIT_UPDATE, 5, req.src_port);
+                upd.buf_alloc = window;
+                upd.fwd_cnt = consumed as u32;
+                g.send(upd, &[]);
+            }
+            proptest::prop_assert!(got == data, "got {} of {} bytes", got.len(), data.len());
+            if close == 0 {
+                proptest::prop_assert_eq!(shut, Some(SHUTDOWN_SEND));
+                proptest::prop_assert_eq!(g.dev.connection_count(), 1);
+            } else {
+                proptest::prop_assert_eq!(shut, Some(SHUTDOWN_RCV | SHUTDOWN_SEND));
+                proptest::prop_assert!(g.dev.muxer.is_idle());
+            }
+            drop(host);
         }
     }
 }
