@@ -7,7 +7,10 @@
 //!
 //! The host side ([`muxer::Muxer`]) follows the established Unix-socket scheme: a host process
 //! connects to `uds_path`, writes `CONNECT <guest_port>\n`, reads `OK <host_port>\n` once the
-//! guest accepted, then talks. Guest-initiated connections are refused with an RST.
+//! guest accepted, then talks. Guest-initiated connections are refused with an RST. A host that
+//! writes and closes at once still gets every byte to the guest before the SHUTDOWN; clients that
+//! never complete the CONNECT line, or whose REQUEST the guest never answers, are closed after
+//! [`VsockConfig::connect_line_timeout`] / [`VsockConfig::response_timeout`] (see [`muxer`]).
 //!
 //! # Wiring in the VMM's event loop
 //!
@@ -16,8 +19,8 @@
 //! `transport.lock().device_mut().handle_backend_event()`: it accepts connections, reads
 //! CONNECT lines, moves host bytes into the guest's rx buffers (raising the interrupt) and
 //! writes guest bytes to the host, all without blocking and with bounded work per call. The fd
-//! is stable for the device's lifetime; connection sockets live behind it in a private epoll
-//! instance. The listener exists from [`Vsock::new`] on, so the host may connect before the
+//! is stable for the device's lifetime; connection sockets and the deadline timer live behind it
+//! in a private epoll instance, so deadlines need no other wiring. The listener exists from [`Vsock::new`] on, so the host may connect before the
 //! guest driver is up; the REQUEST is delivered once the driver posts rx buffers.
 //!
 //! Hardening: a packet with a short header is dropped (no reply possible); one whose declared
@@ -33,6 +36,7 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::debug;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -52,6 +56,15 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// Default bytes buffered per connection towards the host (our `buf_alloc`), 256 KiB.
 pub const DEFAULT_MAX_BUFFERED_BYTES: u32 = 256 * 1024;
+/// Default bound on host connections not yet established (reading the CONNECT line or waiting
+/// for the guest's answer). While that many are pending, new clients wait in the listen backlog.
+pub const DEFAULT_MAX_PENDING: usize = 16;
+/// Default time a host client has to send its whole `CONNECT <port>\n` line, counted from the
+/// accept; a client that sends nothing, a partial line or a bad one is closed by then.
+pub const DEFAULT_CONNECT_LINE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time the guest has to answer a connection REQUEST (RESPONSE or RST), counted from when
+/// the REQUEST is put in its rx queue. Linux answers at once; the margin is for a loaded host.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors of the vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -71,9 +84,15 @@ pub enum VsockError {
         #[source]
         source: io::Error,
     },
-    /// The private epoll instance cannot be set up.
+    /// The private epoll instance or the deadline timer cannot be set up.
     #[error("cannot set up the vsock epoll instance.")]
     Epoll(#[source] io::Error),
+    /// A bound in [`VsockConfig`] is zero, which would make the device unusable.
+    #[error("vsock setting {name} must not be zero.")]
+    ZeroLimit {
+        /// The [`VsockConfig`] field.
+        name: &'static str,
+    },
 }
 
 /// Result of this module.
@@ -92,6 +111,12 @@ pub struct VsockConfig {
     /// Most bytes buffered per connection from the guest towards the host (advertised to the
     /// guest as `buf_alloc`).
     pub max_buffered_bytes: u32,
+    /// Most host connections not yet established (part of `max_connections`; at least 1).
+    pub max_pending: usize,
+    /// Time a host client has to complete its `CONNECT` line (non-zero).
+    pub connect_line_timeout: Duration,
+    /// Time the guest has to answer a delivered REQUEST (non-zero).
+    pub response_timeout: Duration,
 }
 
 impl VsockConfig {
@@ -102,6 +127,9 @@ impl VsockConfig {
             uds_path: uds_path.into(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            max_pending: DEFAULT_MAX_PENDING,
+            connect_line_timeout: DEFAULT_CONNECT_LINE_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
         }
     }
 
@@ -116,6 +144,27 @@ impl VsockConfig {
     #[must_use]
     pub fn with_max_buffered_bytes(mut self, n: u32) -> Self {
         self.max_buffered_bytes = n;
+        self
+    }
+
+    /// Sets the bound on connections not yet established.
+    #[must_use]
+    pub fn with_max_pending(mut self, n: usize) -> Self {
+        self.max_pending = n;
+        self
+    }
+
+    /// Sets the time a host client has to complete its `CONNECT` line.
+    #[must_use]
+    pub fn with_connect_line_timeout(mut self, t: Duration) -> Self {
+        self.connect_line_timeout = t;
+        self
+    }
+
+    /// Sets the time the guest has to answer a delivered REQUEST.
+    #[must_use]
+    pub fn with_response_timeout(mut self, t: Duration) -> Self {
+        self.response_timeout = t;
         self
     }
 }
@@ -153,19 +202,25 @@ impl<M: GuestMemory> Vsock<M> {
     /// A device for `config`; binds the Unix listener now.
     ///
     /// # Errors
-    /// [`VsockError::InvalidCid`], [`VsockError::Bind`] (e.g. the path exists), or
-    /// [`VsockError::Epoll`].
+    /// [`VsockError::InvalidCid`], [`VsockError::ZeroLimit`] (`max_pending` or a timeout is
+    /// zero), [`VsockError::Bind`] (e.g. the path exists), or [`VsockError::Epoll`].
     pub fn new(config: &VsockConfig) -> Result<Self> {
         let cid = config.guest_cid;
         if cid < 3 || cid >= u64::from(u32::MAX) {
             return Err(VsockError::InvalidCid { cid });
         }
-        let muxer = Muxer::new(
-            cid,
-            &config.uds_path,
-            config.max_connections,
-            config.max_buffered_bytes,
-        )?;
+        let zero = [
+            ("max_pending", config.max_pending == 0),
+            (
+                "connect_line_timeout",
+                config.connect_line_timeout.is_zero(),
+            ),
+            ("response_timeout", config.response_timeout.is_zero()),
+        ];
+        if let Some(&(name, _)) = zero.iter().find(|(_, z)| *z) {
+            return Err(VsockError::ZeroLimit { name });
+        }
+        let muxer = Muxer::new(config)?;
         Ok(Self {
             guest_cid: cid,
             muxer,
@@ -810,7 +865,7 @@ mod tests {
     }
 
     #[test]
-    fn host_close_sends_shutdown_then_guest_close_completes() {
+    fn host_close_sends_shutdown_and_forgets_the_connection() {
         let mut g = guest(|c| c);
         g.post_rx(8);
         let (host, hp) = g.establish(80, 4096);
@@ -818,15 +873,290 @@ mod tests {
         g.pump();
         let pkts = g.recv();
         assert_eq!(pkts.len(), 1);
+        // The host is gone both ways: it sends and receives no more.
         assert_eq!(
             (pkts[0].0.op, pkts[0].0.flags),
-            (op::SHUTDOWN, SHUTDOWN_SEND)
+            (op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
         );
+        assert!(g.dev.muxer.is_idle());
+        // The guest's close finds no connection: answered with RST, its RST with nothing.
         let mut shut = hdr(op::SHUTDOWN, 80, hp);
         shut.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
         g.send(shut, &[]);
         assert_eq!(g.recv()[0].0.op, op::RST);
-        assert_eq!(g.dev.connection_count(), 0);
+        g.send(hdr(op::RST, 80, hp), &[]);
+        assert!(g.recv().is_empty());
+        assert!(g.dev.muxer.is_idle());
+    }
+
+    /// Host data written with the CONNECT line, then a close: the guest accepts, gets every
+    /// byte in order as it grants credit, and only then the SHUTDOWN.
+    #[test]
+    fn host_bytes_sent_before_a_close_arrive_before_the_shutdown() {
+        for close_before_request in [true, false] {
+            let mut g = guest(|c| c);
+            g.post_rx(8);
+            let mut host = UnixStream::connect(&g.path).expect("connect");
+            host.write_all(b"CONNECT 1024\nhello").expect("write");
+            if close_before_request {
+                drop(host);
+                g.pump();
+            } else {
+                g.pump();
+                host.shutdown(std::net::Shutdown::Both).expect("shutdown");
+                drop(host);
+            }
+            let mut pkts = g.recv();
+            g.pump();
+            pkts.extend(g.recv());
+            assert_eq!(pkts.len(), 1, "{pkts:?}");
+            let req = pkts[0].0;
+            assert_eq!((req.op, req.dst_port), (op::REQUEST, 1024));
+            g.pump();
+            assert_eq!(g.dev.connection_count(), 1, "the request stands");
+            // The guest accepts with a 2-byte window, smaller than the data.
+            let mut resp = hdr(op::RESPONSE, 1024, req.src_port);
+            resp.buf_alloc = 2;
+            g.send(resp, &[]);
+            let mut seen = g.recv();
+            let mut consumed = 0u32;
+            for _ in 0..10 {
+                g.pump();
+                seen.extend(g.recv());
+                if seen.iter().any(|(h, _)| h.op == op::SHUTDOWN) {
+                    break;
+                }
+                // Nothing beyond the window is in flight.
+                let got = payload_of(&seen).len() as u32;
+                assert!(got - consumed <= 2, "credit exceeded");
+                consumed = got;
+                let mut upd = hdr(op::CREDIT_UPDATE, 1024, req.src_port);
+                upd.buf_alloc = 2;
+                upd.fwd_cnt = consumed;
+                g.send(upd, &[]);
+                seen.extend(g.recv());
+            }
+            assert_eq!(payload_of(&seen), b"hello");
+            let ops: Vec<u16> = seen.iter().map(|(h, _)| h.op).collect();
+            assert_eq!(ops, [op::RW, op::RW, op::RW, op::SHUTDOWN], "{seen:?}");
+            let last = seen[seen.len() - 1].0;
+            assert_eq!(last.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+            assert!(g.dev.muxer.is_idle());
+        }
+    }
+
+    #[test]
+    fn host_half_close_still_gets_the_guest_reply() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        let mut host = UnixStream::connect(&g.path).expect("connect");
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        host.write_all(b"CONNECT 80\nquestion").expect("write");
+        host.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        g.pump();
+        let req = g.recv()[0].0;
+        g.send(hdr(op::RESPONSE, 80, req.src_port), &[]);
+        g.pump();
+        let pkts = g.recv();
+        assert_eq!(payload_of(&pkts), b"question");
+        let last = pkts.last().expect("packets").0;
+        assert_eq!((last.op, last.flags), (op::SHUTDOWN, SHUTDOWN_SEND));
+        // The host still reads: the OK line, then the guest's answer, then EOF.
+        g.send(hdr(op::RW, 80, req.src_port), b"answer");
+        let mut shut = hdr(op::SHUTDOWN, 80, req.src_port);
+        shut.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        g.send(shut, &[]);
+        assert_eq!(read_line(&mut host), format!("OK {}\n", req.src_port));
+        assert_eq!(read_exact(&mut host, 6), b"answer");
+        assert_eof(&mut host);
+        assert_eq!(g.recv().last().map(|(h, _)| h.op), Some(op::RST));
+        assert!(g.dev.muxer.is_idle());
+    }
+
+    #[test]
+    fn guest_bytes_after_the_host_closed_are_dropped_but_host_bytes_still_arrive() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        // No credit: the host's bytes wait in its socket.
+        let (mut host, hp) = g.establish(80, 0);
+        host.write_all(b"abc").expect("write");
+        g.pump();
+        assert!(g.recv().is_empty());
+        // The host closes with guest bytes unread (the peer sees ECONNRESET after the data).
+        let mut rw = hdr(op::RW, 80, hp);
+        rw.buf_alloc = 0;
+        g.send(rw, b"unread");
+        drop(host);
+        // More guest bytes, before the hang-up was seen: the write fails (EPIPE), nobody reads
+        // them, but they count as consumed and nothing is reset.
+        g.send(rw, b"zz");
+        let pkts = g.recv();
+        assert!(
+            pkts.is_empty(),
+            "no credit, no data, no SHUTDOWN yet: {pkts:?}"
+        );
+        g.pump();
+        assert!(g.recv().is_empty());
+        assert_eq!(g.dev.connection_count(), 1);
+        let mut upd = hdr(op::CREDIT_UPDATE, 80, hp);
+        upd.buf_alloc = 16;
+        g.send(upd, &[]);
+        let pkts = g.recv();
+        assert_eq!(payload_of(&pkts), b"abc");
+        let ops: Vec<u16> = pkts.iter().map(|(h, _)| h.op).collect();
+        assert_eq!(ops, [op::RW, op::SHUTDOWN]);
+        assert_eq!(pkts[1].0.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+        assert_eq!(
+            pkts[1].0.fwd_cnt, 8,
+            "unread and dropped bytes count as consumed"
+        );
+        assert!(g.dev.muxer.is_idle());
+    }
+
+    /// Runs the backend until `done` holds, for at most 10 s (a hang guard).
+    fn pump_until(g: &mut Guest, mut done: impl FnMut(&mut Guest) -> bool) {
+        let start = std::time::Instant::now();
+        while !done(g) {
+            assert!(start.elapsed() < Duration::from_secs(10), "timed out");
+            std::thread::sleep(Duration::from_millis(10));
+            g.dev.handle_backend_event().expect("backend");
+        }
+    }
+
+    #[test]
+    fn clients_without_a_connect_line_are_closed_after_the_deadline() {
+        const LINE: Duration = Duration::from_millis(300);
+        let mut g = guest(|c| c.with_connect_line_timeout(LINE).with_max_connections(3));
+        g.post_rx(8);
+        let start = std::time::Instant::now();
+        let mut silent = UnixStream::connect(&g.path).expect("connect");
+        let mut partial = UnixStream::connect(&g.path).expect("connect");
+        partial.write_all(b"CONNECT 1").expect("write");
+        let mut slow = UnixStream::connect(&g.path).expect("connect");
+        g.pump();
+        if start.elapsed() < LINE {
+            assert_eq!(g.dev.connection_count(), 3, "closed before the deadline");
+        }
+        // A line completed in time counts, even after a pause (unless this machine stalled
+        // for the whole window before the write).
+        slow.write_all(b"CONNECT 9\n").expect("write");
+        let slow_in_time = start.elapsed() < LINE;
+        // One expiry pass takes every due client; the silent two are due first.
+        pump_until(&mut g, |g| g.dev.connection_count() <= 1);
+        assert!(start.elapsed() >= LINE, "closed before the deadline");
+        if slow_in_time {
+            assert_eq!(g.dev.connection_count(), 1, "a timely line was dropped");
+        }
+        for s in [&mut silent, &mut partial] {
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            assert_eof(s);
+        }
+        let reqs: Vec<u32> = g.recv().iter().map(|(h, _)| h.dst_port).collect();
+        if slow_in_time {
+            assert_eq!(reqs, [9]);
+        }
+        // The freed slots take new clients.
+        let _a = g.connect_host(10);
+        let _b = g.connect_host(11);
+        g.pump();
+        let reqs: Vec<u32> = g.recv().iter().map(|(h, _)| h.dst_port).collect();
+        assert_eq!(reqs, [10, 11]);
+        drop(slow);
+    }
+
+    #[test]
+    fn unanswered_requests_are_reset_after_the_deadline() {
+        const ANSWER: Duration = Duration::from_millis(100);
+        let mut g = guest(|c| c.with_response_timeout(ANSWER));
+        // No rx buffers yet: an undelivered REQUEST has no deadline.
+        let mut host = g.connect_host(7);
+        g.pump();
+        std::thread::sleep(ANSWER * 2);
+        g.pump();
+        assert_eq!(g.dev.connection_count(), 1);
+        g.post_rx(8);
+        // Taken before the REQUEST goes out, so the deadline is at least ANSWER after it.
+        let sent = std::time::Instant::now();
+        g.dev.process_queue(0).expect("rx");
+        let req = g.recv()[0].0;
+        assert_eq!(req.op, op::REQUEST);
+        // Nothing else happens: only the deadline timer can wake the event loop.
+        let outer = vmm_sys_util::epoll::Epoll::new().expect("epoll");
+        let ev = vmm_sys_util::epoll::EpollEvent::new(vmm_sys_util::epoll::EventSet::IN, 0);
+        outer
+            .ctl(
+                vmm_sys_util::epoll::ControlOperation::Add,
+                g.dev.backend_fd(),
+                ev,
+            )
+            .expect("add");
+        let mut evs = [vmm_sys_util::epoll::EpollEvent::default(); 1];
+        assert_eq!(
+            outer.wait(10_000, &mut evs).expect("wait"),
+            1,
+            "timer never fired"
+        );
+        assert!(sent.elapsed() >= ANSWER, "timer fired early");
+        pump_until(&mut g, |g| g.dev.connection_count() == 0);
+        assert!(sent.elapsed() >= ANSWER, "closed before the deadline");
+        assert_eof(&mut host);
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!(
+            (pkts[0].0.op, pkts[0].0.src_port, pkts[0].0.dst_port),
+            (op::RST, req.src_port, 7)
+        );
+        assert!(g.dev.muxer.is_idle());
+        // A late answer finds nothing.
+        g.send(hdr(op::RESPONSE, 7, req.src_port), &[]);
+        assert_eq!(g.recv()[0].0.op, op::RST);
+        assert!(g.dev.muxer.is_idle());
+    }
+
+    #[test]
+    fn a_host_that_gives_up_withdraws_its_request() {
+        let mut g = guest(|c| c);
+        g.post_rx(8);
+        let host = g.connect_host(7);
+        g.pump();
+        let req = g.recv()[0].0;
+        drop(host);
+        g.pump();
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!(
+            (pkts[0].0.op, pkts[0].0.src_port, pkts[0].0.dst_port),
+            (op::RST, req.src_port, 7),
+            "the guest forgets the request"
+        );
+        assert!(g.dev.muxer.is_idle());
+    }
+
+    #[test]
+    fn pending_connections_are_bounded() {
+        let mut g = guest(|c| c.with_max_pending(2));
+        g.post_rx(8);
+        let _a = g.connect_host(1);
+        let _b = g.connect_host(2);
+        g.pump();
+        let mut c = g.connect_host(3);
+        g.pump();
+        assert_eq!(g.dev.muxer.pending_count(), 2);
+        let reqs: Vec<Header> = g.recv().into_iter().map(|(h, _)| h).collect();
+        assert_eq!(reqs.iter().map(|h| h.dst_port).collect::<Vec<_>>(), [1, 2]);
+        // The third client waits in the backlog: not closed.
+        c.set_nonblocking(true).expect("nonblocking");
+        let mut b = [0u8; 1];
+        let err = c.read(&mut b).expect_err("no EOF while waiting");
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+        // One is accepted by the guest: the third gets its REQUEST.
+        g.send(hdr(op::RESPONSE, 1, reqs[0].src_port), &[]);
+        g.pump();
+        let reqs: Vec<u32> = g.recv().iter().map(|(h, _)| h.dst_port).collect();
+        assert_eq!(reqs, [3]);
+        assert_eq!(g.dev.connection_count(), 3);
     }
 
     #[test]
@@ -900,6 +1230,23 @@ mod tests {
             let err = Vsock::<GuestMemoryMmap>::new(&VsockConfig::new(cid, "/nonexistent/x"))
                 .expect_err("bad cid");
             assert!(matches!(err, VsockError::InvalidCid { .. }));
+        }
+        for (config, name) in [
+            (
+                VsockConfig::new(4, "/nonexistent/x").with_max_pending(0),
+                "max_pending",
+            ),
+            (
+                VsockConfig::new(4, "/nonexistent/x").with_connect_line_timeout(Duration::ZERO),
+                "connect_line_timeout",
+            ),
+            (
+                VsockConfig::new(4, "/nonexistent/x").with_response_timeout(Duration::ZERO),
+                "response_timeout",
+            ),
+        ] {
+            let err = Vsock::<GuestMemoryMmap>::new(&config).expect_err("zero");
+            assert!(matches!(err, VsockError::ZeroLimit { name: n } if n == name));
         }
         // The socket file is removed with the device.
         let path = g.path.clone();
@@ -1096,6 +1443,84 @@ mod tests {
                 proptest::prop_assert!(g.dev.connection_count() <= 1);
             }
         }
+
+        /// Whatever the guest's window and pace, and whether the host writes before or after
+        /// the guest accepted and then shuts its write side or closes (even before the guest
+        /// answered): the guest gets every host byte in order, never more than its credit, and
+        /// the SHUTDOWN only after the last one.
+        #[test]
+        fn host_bytes_precede_the_shutdown_under_any_credit(
+            len in 0usize..20_000,
+            early in 0usize..20_000,
+            close in 0u8..3,
+            window in 1u32..6000,
+            paces in proptest::collection::vec(0u32..6000, 1..20),
+        ) {
+            // close: 0 = shutdown(SHUT_WR) after the answer, 1 = close after it, 2 = close
+            // before it (with at least one byte: with none the host gave up).
+            let len = if close == 2 { len.max(1) } else { len };
+            let early = if close == 2 { len } else { early.min(len) };
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let mut g = guest(|c| c);
+            g.post_rx(8);
+            let mut host = UnixStream::connect(&g.path).expect("connect");
+            let mut first = b"CONNECT 5\n".to_vec();
+            first.extend_from_slice(&data[..early]);
+            host.write_all(&first).expect("write");
+            let mut host = if close == 2 {
+                drop(host);
+                None
+            } else {
+                Some(host)
+            };
+            g.pump();
+            let req = g.recv()[0].0;
+            proptest::prop_assert_eq!(req.op, op::REQUEST);
+            let mut resp = hdr(op::RESPONSE, 5, req.src_port);
+            resp.buf_alloc = window;
+            g.send(resp, &[]);
+            if let Some(mut h) = host.take() {
+                h.write_all(&data[early..]).expect("write");
+                if close == 0 {
+                    // Still open for reading (the OK line waits there, unread).
+                    h.shutdown(std::net::Shutdown::Write).expect("shutdown");
+                    host = Some(h);
+                }
+            }
+            let (mut got, mut consumed, mut shut) = (Vec::new(), 0usize, None);
+            for turn in 0..10_000usize {
+                g.pump();
+                for (h, p) in g.recv() {
+                    proptest::prop_assert!(shut.is_none(), "packet after the SHUTDOWN: {:?}", h);
+                    match h.op {
+                        op::RW => got.extend_from_slice(&p),
+                        op::SHUTDOWN => shut = Some(h.flags),
+                        op::CREDIT_UPDATE => {}
+                        other => proptest::prop_assert!(false, "unexpected op {}", other),
+                    }
+                    proptest::prop_assert!(got.len() - consumed <= window as usize, "credit exceeded");
+                }
+                if shut.is_some() {
+                    break;
+                }
+                // The guest consumes at its pace, then all it has once the paces run out.
+                let pace = paces.get(turn).map_or(usize::MAX, |&p| p as usize);
+                consumed += pace.min(got.len() - consumed);
+                let mut upd = hdr(op::CREDIT_UPDATE, 5, req.src_port);
+                upd.buf_alloc = window;
+                upd.fwd_cnt = consumed as u32;
+                g.send(upd, &[]);
+            }
+            proptest::prop_assert!(got == data, "got {} of {} bytes", got.len(), data.len());
+            if close == 0 {
+                proptest::prop_assert_eq!(shut, Some(SHUTDOWN_SEND));
+                proptest::prop_assert_eq!(g.dev.connection_count(), 1);
+            } else {
+                proptest::prop_assert_eq!(shut, Some(SHUTDOWN_RCV | SHUTDOWN_SEND));
+                proptest::prop_assert!(g.dev.muxer.is_idle());
+            }
+            drop(host);
+        }
     }
 }
 
@@ -1105,11 +1530,13 @@ mod tests {
 mod kvm_tier {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
     use std::time::Duration;
 
     use crate::devices::console::ConsoleRing;
-    use crate::vmm::{build, DiskConfig, ExitReason, VmConfig, VmResources, VsockDeviceConfig};
+    use crate::vmm::{
+        build, DiskConfig, ExitReason, VmConfig, VmHandle, VmResources, VsockDeviceConfig,
+    };
 
     /// Upper bound for a boot plus the exchange, even under nested TCG (a hang guard only).
     const TIMEOUT: Duration = Duration::from_secs(600);
@@ -1121,20 +1548,16 @@ mod kvm_tier {
         })
     }
 
-    #[test]
-    fn linux_guest_echoes_a_mebibyte_over_vsock() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let uds = dir.path().join("v.sock");
-        // The guest reads 1 MiB, sends it back reversed, then waits for the host to close. The
-        // kernel command line cannot nest quotes, so the script travels in its own parameter
-        // (Linux hands unknown `key=value` parameters to init as environment variables) and is
-        // written without spaces or glob characters, to survive the shell's expansion unquoted.
-        // The marker is built at run time so that the echoed command line cannot match it.
-        let script = "s=__import__('socket');l=s.socket(s.AF_VSOCK,s.SOCK_STREAM);\
-            l.bind((s.VMADDR_CID_ANY,5000));l.listen(1);print('VSOCK'+'-LISTENING',flush=True);\
-            c,a=l.accept();d=c.makefile('rb').read(1048576);c.sendall(bytes(reversed(d)));\
-            c.shutdown(s.SHUT_WR);c.recv(1)";
+    /// Boots the guest with a vsock device at `dir/v.sock` running the Python one-liner
+    /// `script` as its test program, and waits until the script printed `VSOCK-LISTENING`.
+    ///
+    /// The kernel command line cannot nest quotes, so the script travels in its own parameter
+    /// (Linux hands unknown `key=value` parameters to init as environment variables) and is
+    /// written without spaces or glob characters, to survive the shell's expansion unquoted. The
+    /// marker is built at run time in the script so that the echoed command line cannot match it.
+    fn boot_listening(dir: &Path, script: &str) -> (VmHandle, ConsoleRing, PathBuf) {
         assert!(!script.contains([' ', '"', '*', '?', '[']));
+        let uds = dir.join("v.sock");
         // The rootfs cache entry is opened read-only, so no copy is needed.
         let config = VmConfig::new(env_path("SANDBOX_KERNEL"))
             .memory_mib(256)
@@ -1144,7 +1567,7 @@ mod kvm_tier {
                 "root=/dev/vda ro init=/sbin/sandbox-test-init vsock_script={script} \
                  sandbox_run=\"python3 -c $vsock_script\""
             ))
-            .console_file(dir.path().join("console.log"), 1 << 20);
+            .console_file(dir.join("console.log"), 1 << 20);
         let ring = ConsoleRing::new(1 << 20);
         let resources = VmResources::try_from(config)
             .expect("valid config")
@@ -1157,10 +1580,11 @@ mod kvm_tier {
             "guest never listened; console:\n{}",
             ring.lines().concat()
         );
+        (vm, ring, uds)
+    }
 
-        let mut host = UnixStream::connect(&uds).expect("connect to the vsock socket");
-        host.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-        host.write_all(b"CONNECT 5000\n").expect("CONNECT");
+    /// Reads the `OK <port>\n` line.
+    fn read_ok_line(host: &mut UnixStream) {
         let mut line = Vec::new();
         let mut b = [0u8; 1];
         while line.last() != Some(&b'\n') {
@@ -1176,20 +1600,10 @@ mod kvm_tier {
             "{:?}",
             String::from_utf8_lossy(&line)
         );
+    }
 
-        let data: Vec<u8> = (0..N).map(|i| ((i * 7 + i / 4096) % 256) as u8).collect();
-        host.write_all(&data).expect("send 1 MiB");
-        let mut back = vec![0u8; N];
-        host.read_exact(&mut back).expect("receive 1 MiB");
-        back.reverse();
-        assert!(back == data, "the echoed bytes differ");
-        assert_eq!(
-            host.read(&mut b).expect("read EOF"),
-            0,
-            "guest shut its write side"
-        );
-        drop(host);
-
+    /// Waits for the guest's own poweroff and checks that its script succeeded.
+    fn expect_clean_exit(mut vm: VmHandle, ring: &ConsoleRing) {
         let reason = vm.wait_timeout(TIMEOUT).unwrap_or_else(|| vm.stop());
         let console = ring.lines().concat();
         assert_eq!(reason, ExitReason::Poweroff, "console:\n{console}");
@@ -1197,5 +1611,89 @@ mod kvm_tier {
             console.contains("sandbox-init: exit=0"),
             "console:\n{console}"
         );
+    }
+
+    #[test]
+    fn linux_guest_echoes_a_mebibyte_over_vsock() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // The guest reads 1 MiB, sends it back reversed, then waits for the host to close.
+        let script = "s=__import__('socket');l=s.socket(s.AF_VSOCK,s.SOCK_STREAM);\
+            l.bind((s.VMADDR_CID_ANY,5000));l.listen(1);print('VSOCK'+'-LISTENING',flush=True);\
+            c,a=l.accept();d=c.makefile('rb').read(1048576);c.sendall(bytes(reversed(d)));\
+            c.shutdown(s.SHUT_WR);c.recv(1)";
+        let (vm, ring, uds) = boot_listening(dir.path(), script);
+
+        let mut host = UnixStream::connect(&uds).expect("connect to the vsock socket");
+        host.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        host.write_all(b"CONNECT 5000\n").expect("CONNECT");
+        read_ok_line(&mut host);
+
+        let data: Vec<u8> = (0..N).map(|i| ((i * 7 + i / 4096) % 256) as u8).collect();
+        host.write_all(&data).expect("send 1 MiB");
+        let mut back = vec![0u8; N];
+        host.read_exact(&mut back).expect("receive 1 MiB");
+        back.reverse();
+        assert!(back == data, "the echoed bytes differ");
+        let mut b = [0u8; 1];
+        assert_eq!(
+            host.read(&mut b).expect("read EOF"),
+            0,
+            "guest shut its write side"
+        );
+        drop(host);
+        expect_clean_exit(vm, &ring);
+    }
+
+    /// Host clients that write with their CONNECT line and stop at once: one shuts its write
+    /// side (1 MiB, more than the guest's 256 KiB window, then reads the reply), one closes
+    /// completely. Linux must see every byte, then EOF.
+    #[test]
+    fn linux_guest_gets_every_byte_before_a_host_half_close() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // First connection: read to EOF, send it back reversed, close. Second: read to EOF and
+        // print its length and byte sum.
+        let script = "s=__import__('socket');l=s.socket(s.AF_VSOCK,s.SOCK_STREAM);\
+            l.bind((s.VMADDR_CID_ANY,5000));l.listen(2);print('VSOCK'+'-LISTENING',flush=True);\
+            c,a=l.accept();d=c.makefile('rb').read();c.sendall(bytes(reversed(d)));\
+            c.shutdown(s.SHUT_WR);c.close();\
+            c,a=l.accept();d=c.makefile('rb').read();\
+            print('HALF'+'CLOSE-'+str(len(d))+'-'+str(sum(d)),flush=True);c.close()";
+        let (vm, ring, uds) = boot_listening(dir.path(), script);
+
+        // Everything is written before the guest even answered, then the write side is shut.
+        let data: Vec<u8> = (0..N).map(|i| ((i * 13 + i / 999) % 256) as u8).collect();
+        let mut host = UnixStream::connect(&uds).expect("connect to the vsock socket");
+        host.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let mut first = b"CONNECT 5000\n".to_vec();
+        first.extend_from_slice(&data);
+        host.write_all(&first).expect("CONNECT and 1 MiB");
+        host.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        read_ok_line(&mut host);
+        let mut back = Vec::new();
+        host.read_to_end(&mut back).expect("receive the reply");
+        back.reverse();
+        assert!(
+            back == data,
+            "the guest saw other bytes ({} back)",
+            back.len()
+        );
+        drop(host);
+
+        // A client that writes and closes at once.
+        let tail = b"hello after a close";
+        let mut host = UnixStream::connect(&uds).expect("connect to the vsock socket");
+        let mut second = b"CONNECT 5000\n".to_vec();
+        second.extend_from_slice(tail);
+        host.write_all(&second).expect("CONNECT and bytes");
+        drop(host);
+        let sum: u32 = tail.iter().map(|&b| u32::from(b)).sum();
+        let marker = format!("HALFCLOSE-{}-{sum}", tail.len());
+        let seen = ring.wait_for_line(&marker, TIMEOUT);
+        assert!(
+            seen.is_some(),
+            "guest did not get the bytes; console:\n{}",
+            ring.lines().concat()
+        );
+        expect_clean_exit(vm, &ring);
     }
 }
