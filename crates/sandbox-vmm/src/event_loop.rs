@@ -158,23 +158,29 @@ impl EventLoop {
 }
 
 impl EventLoopHandle {
-    /// Stops the loop and joins its thread.
-    pub fn stop(&mut self) {
+    /// Stops the loop and joins its thread. Returns `false` if the thread could not be told to
+    /// stop and still runs (it may still touch guest memory).
+    pub fn stop(&mut self) -> bool {
         if let Some(t) = self.thread.take() {
             if let Err(err) = self.stop.write(1) {
                 tracing::warn!(%err, "cannot signal the event loop to stop");
-                return; // joining would hang
+                self.thread = Some(t);
+                return false; // joining would hang
             }
             if t.join().is_err() {
                 tracing::warn!("device event loop panicked");
             }
         }
+        true
     }
 }
 
 impl Drop for EventLoopHandle {
     fn drop(&mut self) {
-        self.stop();
+        if !self.stop() {
+            // Detach: joining would hang.
+            drop(self.thread.take());
+        }
     }
 }
 

@@ -1,6 +1,7 @@
-//! Signal plumbing that kicks a vCPU thread out of `KVM_RUN`.
+//! Raw syscalls of the VMM: the signal plumbing that kicks a vCPU thread out of `KVM_RUN`, and the
+//! guest RAM mappings (`crate::memory`).
 //!
-//! A kicker sends [`kick_signal`] to the vCPU thread with `pthread_kill`. The handler sets
+//! Kicks: a kicker sends [`kick_signal`] to the vCPU thread with `pthread_kill`. The handler sets
 //! `kvm_run.immediate_exit` of the vCPU that thread runs (found through a thread-local pointer):
 //! if the thread is inside `KVM_RUN`, the signal makes it return `EINTR`; if the signal lands just
 //! before `KVM_RUN`, `immediate_exit` makes the next `KVM_RUN` return `EINTR` at once
@@ -105,5 +106,76 @@ mod tests {
         // The handler runs before pthread_kill's target resumes; give it the message after.
         done_tx.send(()).expect("send");
         assert_eq!(t.join().expect("join"), 1);
+    }
+}
+
+/// Maps `len` bytes of private anonymous read-write memory (`MAP_NORESERVE`) at a host address
+/// aligned to `align` (a power of two, a multiple of the page size): `len + align` bytes are
+/// mapped, then the unaligned head and the tail are unmapped. Returns the address; the caller
+/// owns the mapping and unmaps it with [`unmap`].
+pub fn map_aligned_anonymous(len: usize, align: usize) -> io::Result<usize> {
+    if len == 0 || !align.is_power_of_two() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let reserve = len
+        .checked_add(align)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: a new anonymous mapping at an address the kernel chooses (no MAP_FIXED): it cannot
+    // alias anything that exists.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserve,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let base = base as usize;
+    let aligned = (base + align - 1) & !(align - 1);
+    let head = aligned - base;
+    let tail = reserve - head - len;
+    // SAFETY: both ranges lie inside the mapping just made and outside `aligned..aligned + len`;
+    // nothing else refers to them.
+    unsafe {
+        if head > 0 {
+            unmap(base, head)?;
+        }
+        if tail > 0 {
+            unmap(aligned + len, tail)?;
+        }
+    }
+    Ok(aligned)
+}
+
+/// `madvise(MADV_HUGEPAGE)` on `addr..addr + len` (transparent huge pages for this range even
+/// when THP is in `madvise` mode). Fails with `EINVAL` where THP is compiled out or disabled.
+pub fn advise_huge_pages(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: madvise with MADV_HUGEPAGE changes no contents and is defined for any range; a range
+    // that is not mapped gives ENOMEM, not undefined behaviour.
+    let rc = unsafe { libc::madvise(addr as *mut c_void, len, libc::MADV_HUGEPAGE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Unmaps `addr..addr + len`.
+///
+/// # Safety
+/// The range must be a mapping (or part of one) that the caller owns, and nothing may access it
+/// afterwards.
+pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller guarantees the range is its own and unused from now on.
+    let rc = unsafe { libc::munmap(addr as *mut c_void, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }

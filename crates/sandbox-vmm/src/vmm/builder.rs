@@ -34,6 +34,7 @@ use crate::devices::virtio::{VirtioDevice, MMIO_REGION_SIZE, NOTIFY_REG_OFFSET};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::kvm::{self, KvmError};
 use crate::layout;
+use crate::memory::GuestRam;
 use crate::vcpu::Vcpu;
 
 /// Errors from building a VM.
@@ -58,7 +59,7 @@ pub enum BuildError {
         bytes: u64,
         /// The cause.
         #[source]
-        source: vm_memory::mmap::FromRangesError,
+        source: crate::memory::MemoryError,
     },
     /// Kernel, initrd, boot params or ACPI tables.
     #[error(transparent)]
@@ -161,6 +162,9 @@ pub struct VmBuilder {
     serial: Option<Arc<Mutex<SerialDevice>>>,
     irqchip: bool,
     boot_params: bool,
+    /// Owns the guest RAM mappings behind `memory`: the last field, dropped after everything
+    /// else (no thread runs before `into_paused`, which hands it to the `VmHandle`).
+    ram: GuestRam,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -211,8 +215,9 @@ impl VmBuilder {
             .into_iter()
             .map(|(a, len)| (a, len as usize)) // <= 64 GiB, validated
             .collect();
-        let memory = GuestMemoryMmap::from_ranges(&ranges)
-            .map_err(|source| BuildError::Memory { bytes, source })?;
+        // 2 MiB-aligned in the host with MADV_HUGEPAGE, so KVM can map guest RAM with huge pages.
+        let (memory, ram) =
+            GuestRam::map(&ranges).map_err(|source| BuildError::Memory { bytes, source })?;
         for (slot, region) in memory.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -247,6 +252,7 @@ impl VmBuilder {
             serial: None,
             irqchip: false,
             boot_params: false,
+            ram,
         })
     }
 
@@ -765,6 +771,7 @@ impl VmBuilder {
             mmio,
             self.vm,
             self.memory,
+            self.ram,
         ))
     }
 }

@@ -6,6 +6,8 @@ use std::time::Duration;
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
+use crate::memory::GuestRam;
+
 use super::exit::{ExitReason, ExitState};
 use crate::bus::{lock, Bus};
 use crate::devices::serial::SerialDevice;
@@ -60,6 +62,9 @@ pub struct VmHandle {
     mmio: Arc<Bus>,
     _vm: VmFd,
     _memory: GuestMemoryMmap,
+    /// Owns the guest RAM mappings: dropped last, after `shutdown` joined every thread that
+    /// touches guest memory (or leaked if the event loop could not be joined).
+    ram: GuestRam,
 }
 
 impl std::fmt::Debug for VmHandle {
@@ -82,6 +87,7 @@ impl VmHandle {
         mmio: Arc<Bus>,
         vm: VmFd,
         memory: GuestMemoryMmap,
+        ram: GuestRam,
     ) -> Self {
         Self {
             vcpus,
@@ -93,6 +99,7 @@ impl VmHandle {
             mmio,
             _vm: vm,
             _memory: memory,
+            ram,
         }
     }
 
@@ -186,7 +193,10 @@ impl VmHandle {
         for v in &mut self.vcpus {
             v.stop_and_join();
         }
-        self.event_loop.stop();
+        if !self.event_loop.stop() {
+            // Its thread may still read or write guest memory: keep the mappings.
+            self.ram.leak_on_drop();
+        }
         if let Some(serial) = &self.serial {
             lock(serial).flush();
         }
