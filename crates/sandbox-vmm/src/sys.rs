@@ -79,36 +79,6 @@ pub fn kick_thread(thread: libc::pthread_t) -> io::Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::os::unix::thread::JoinHandleExt;
-    use std::sync::mpsc;
-
-    use super::*;
-
-    #[test]
-    fn kick_sets_the_target_byte_of_the_kicked_thread() {
-        install_kick_handler().expect("install");
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            let mut byte = 0u8;
-            // SAFETY: `byte` lives until the target is cleared below.
-            unsafe { set_immediate_exit_target(&mut byte) };
-            ready_tx.send(()).expect("send");
-            done_rx.recv().expect("recv");
-            clear_immediate_exit_target();
-            // SAFETY: plain read of a local the handler may have written.
-            unsafe { std::ptr::read_volatile(&byte) }
-        });
-        ready_rx.recv().expect("ready");
-        kick_thread(t.as_pthread_t()).expect("kick");
-        // The handler runs before pthread_kill's target resumes; give it the message after.
-        done_tx.send(()).expect("send");
-        assert_eq!(t.join().expect("join"), 1);
-    }
-}
-
 /// Maps `len` bytes of private anonymous read-write memory (`MAP_NORESERVE`) at a host address
 /// aligned to `align` (a power of two, a multiple of the page size): `len + align` bytes are
 /// mapped, then the unaligned head and the tail are unmapped. Returns the address; the caller
@@ -177,5 +147,35 @@ pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::thread::JoinHandleExt;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    #[test]
+    fn kick_sets_the_target_byte_of_the_kicked_thread() {
+        install_kick_handler().expect("install");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let mut byte = 0u8;
+            // SAFETY: `byte` lives until the target is cleared below.
+            unsafe { set_immediate_exit_target(&mut byte) };
+            ready_tx.send(()).expect("send");
+            done_rx.recv().expect("recv");
+            clear_immediate_exit_target();
+            // SAFETY: plain read of a local the handler may have written.
+            unsafe { std::ptr::read_volatile(&byte) }
+        });
+        ready_rx.recv().expect("ready");
+        kick_thread(t.as_pthread_t()).expect("kick");
+        // The handler runs before pthread_kill's target resumes; give it the message after.
+        done_tx.send(()).expect("send");
+        assert_eq!(t.join().expect("join"), 1);
     }
 }
