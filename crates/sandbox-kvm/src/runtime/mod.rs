@@ -30,6 +30,7 @@
 
 mod config;
 mod copy;
+pub mod jail;
 mod process;
 mod reconcile;
 mod sandbox;

@@ -148,3 +148,102 @@ pub fn euid() -> u32 {
     // SAFETY: geteuid cannot fail and touches no memory.
     unsafe { libc::geteuid() }
 }
+
+// The jail (`jail.rs`): called between fork and exec, so each is a single async-signal-safe
+// syscall (or a bounded loop of them) on plain integers.
+
+/// `write(2)` of all of `buf` to `fd`, retrying on `EINTR`.
+pub fn write_all_fd(fd: std::os::fd::RawFd, buf: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: `buf[done..]` is a live, readable slice for the duration of the call.
+        let n = unsafe {
+            libc::write(
+                fd,
+                buf[done..].as_ptr().cast::<libc::c_void>(),
+                buf.len() - done,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// New mount, IPC, UTS and network namespaces for this process (`unshare(2)`; needs
+/// `CAP_SYS_ADMIN`).
+pub fn unshare_namespaces() -> io::Result<()> {
+    // SAFETY: unshare takes integer flags only.
+    let r = unsafe {
+        libc::unshare(
+            libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets both the soft and the hard limit of `resource` to `value`.
+pub fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: `limit` is a valid rlimit for the duration of the call.
+    if unsafe { libc::setrlimit(resource, &limit) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Empties the capability bounding set and the ambient set, so that the next `execve` gives no
+/// capability even to uid 0 (capabilities(7): a root exec gets its bounding set as permitted).
+/// Without `CAP_SETPCAP` (not root) there is nothing to drop: the process has no capabilities.
+pub fn drop_all_capabilities() -> io::Result<()> {
+    // PR_CAP_AMBIENT_CLEAR_ALL (Linux 4.3); an older kernel has no ambient set to clear.
+    // SAFETY: prctl with integer arguments only.
+    let _ = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments only.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Past the last capability this kernel knows.
+                Some(libc::EINVAL) => break,
+                // Not privileged: the bounding set cannot matter for an exec without privileges.
+                Some(libc::EPERM) => return Ok(()),
+                _ => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `PR_SET_NO_NEW_PRIVS`: no exec of this process or its children can gain privileges.
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

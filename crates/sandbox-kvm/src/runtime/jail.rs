@@ -1,0 +1,491 @@
+//! The jail every `sandbox-vmm` process starts in (docs/jail.md).
+//!
+//! Applied by the runtime's spawn path, each layer on by default where the host allows it:
+//!
+//! 1. a cgroup v2 leaf per sandbox, `<cgroup_root>/<sandbox id>`, with `memory.max` (guest RAM
+//!    plus a fixed overhead), `pids.max` and `cpu.max` (one CPU per vCPU plus one for the device
+//!    thread); the child joins it before exec, and teardown goes through `cgroup.kill`;
+//! 2. new mount, IPC, UTS and network namespaces (the VMM needs no network: the vsock socket is a
+//!    path in the sandbox directory);
+//! 3. rlimits: open files, and file size (the largest file the VMM writes, plus room for its log);
+//! 4. an empty capability bounding set, so the exec'd VMM has no capability even as root;
+//! 5. `PR_SET_NO_NEW_PRIVS`.
+//!
+//! Everything the child does between fork and exec is prepared here first ([`PreparedJail`]):
+//! after the fork it only makes async-signal-safe syscalls with plain integers and buffers that
+//! already exist.
+//!
+//! Not yet: seccomp filters per thread, a private root (`pivot_root` into the sandbox directory
+//! with exactly the fds the VMM needs), an unprivileged uid/gid.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Default parent of the per-sandbox cgroups.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/sandbox-sdk";
+/// Memory the VMM process may use beyond guest RAM (its own heap, stacks, page tables, device
+/// buffers), MiB. The VMM's own RSS is a few MiB (docs/SPEC.md); the rest is headroom.
+pub const DEFAULT_MEMORY_OVERHEAD_MIB: u64 = 64;
+/// Default `pids.max` (threads count): vCPU threads, the device loop, the main thread.
+pub const DEFAULT_PIDS_MAX: u64 = 64;
+/// `RLIMIT_NOFILE` of the VMM.
+pub const NOFILE_LIMIT: u64 = 4096;
+/// Room above the largest file the VMM writes, for its log: `RLIMIT_FSIZE` slack, bytes.
+pub const FSIZE_SLACK_BYTES: u64 = 64 << 20;
+
+/// How hard to insist on a layer the host may not support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum JailMode {
+    /// Fail `KvmRuntime::new` (kind `HostSetup`) when the host cannot provide it.
+    Required,
+    /// Use it where the host provides it; otherwise warn once and go on without it.
+    #[default]
+    BestEffort,
+    /// Never use it (debugging).
+    Off,
+}
+
+/// The jail's configuration (part of `KvmRuntimeConfig`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JailConfig {
+    /// The cgroup v2 leaf per sandbox.
+    pub cgroup: JailMode,
+    /// Where the per-sandbox cgroups go (created if missing).
+    pub cgroup_root: PathBuf,
+    /// `memory.max` = guest RAM + this, MiB.
+    pub memory_overhead_mib: u64,
+    /// `pids.max` of each sandbox's cgroup.
+    pub pids_max: u64,
+    /// New mount, IPC, UTS and network namespaces for the VMM (needs `CAP_SYS_ADMIN`).
+    pub namespaces: JailMode,
+    /// Rlimits, an empty capability bounding set and `PR_SET_NO_NEW_PRIVS` (always possible).
+    pub restrict_process: bool,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        JailConfig {
+            cgroup: JailMode::BestEffort,
+            cgroup_root: PathBuf::from(DEFAULT_CGROUP_ROOT),
+            memory_overhead_mib: DEFAULT_MEMORY_OVERHEAD_MIB,
+            pids_max: DEFAULT_PIDS_MAX,
+            namespaces: JailMode::BestEffort,
+            restrict_process: true,
+        }
+    }
+}
+
+impl JailConfig {
+    /// No jail at all (debugging a VMM with strace or gdb).
+    pub fn off() -> Self {
+        JailConfig {
+            cgroup: JailMode::Off,
+            namespaces: JailMode::Off,
+            restrict_process: false,
+            ..JailConfig::default()
+        }
+    }
+}
+
+/// What this host supports, probed once by `KvmRuntime::new`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JailSupport {
+    /// cgroup v2 with the memory, pids and cpu controllers usable under `cgroup_root`.
+    pub cgroup: Option<PathBuf>,
+    /// New namespaces can be created (we have `CAP_SYS_ADMIN`).
+    pub namespaces: bool,
+}
+
+/// Why a required layer is unavailable: the message names the fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JailError {
+    /// cgroup v2 is not mounted at `/sys/fs/cgroup`, or the controllers cannot be enabled.
+    #[error(
+        "The jail needs cgroup v2 with the memory, pids and cpu controllers at {root}: {why}. \
+         Boot the host with cgroup v2 (systemd.unified_cgroup_hierarchy=1), run as root, or set \
+         the jail's cgroup mode to best_effort or off."
+    )]
+    NoCgroup {
+        /// The configured cgroup root.
+        root: PathBuf,
+        /// What was missing.
+        why: String,
+    },
+    /// New namespaces cannot be created.
+    #[error(
+        "The jail needs new namespaces (CAP_SYS_ADMIN): {0}. Run as root, or set the jail's \
+         namespace mode to best_effort or off."
+    )]
+    NoNamespaces(String),
+    /// A cgroup file could not be created or written.
+    #[error("Cannot set up the sandbox cgroup {path}.")]
+    Cgroup {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The cgroup v2 controllers a sandbox leaf uses.
+const CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// Probes what the host supports for `config`; a `Required` layer that is missing is an error.
+pub(crate) fn probe(config: &JailConfig) -> Result<JailSupport, JailError> {
+    let cgroup = match config.cgroup {
+        JailMode::Off => None,
+        mode => match prepare_cgroup_root(&config.cgroup_root) {
+            Ok(()) => Some(config.cgroup_root.clone()),
+            Err(why) if mode == JailMode::Required => {
+                return Err(JailError::NoCgroup {
+                    root: config.cgroup_root.clone(),
+                    why,
+                })
+            }
+            Err(why) => {
+                tracing::warn!(
+                    root = %config.cgroup_root.display(),
+                    %why,
+                    "no cgroup v2 for the VMMs: running them without memory, pids and cpu limits"
+                );
+                None
+            }
+        },
+    };
+    let namespaces = match config.namespaces {
+        JailMode::Off => false,
+        mode => match namespaces_available() {
+            Ok(()) => true,
+            Err(why) if mode == JailMode::Required => return Err(JailError::NoNamespaces(why)),
+            Err(why) => {
+                tracing::warn!(%why, "the VMMs run without their own namespaces");
+                false
+            }
+        },
+    };
+    Ok(JailSupport { cgroup, namespaces })
+}
+
+/// Creates `root` and enables the controllers for its children, in the cgroup v2 hierarchy.
+fn prepare_cgroup_root(root: &Path) -> Result<(), String> {
+    let parent = root
+        .parent()
+        .ok_or_else(|| "the cgroup root has no parent".to_string())?;
+    let available = fs::read_to_string(parent.join("cgroup.controllers"))
+        .map_err(|e| format!("{} is not a cgroup v2 directory ({e})", parent.display()))?;
+    for c in CONTROLLERS {
+        if !available.split_whitespace().any(|a| a == c) {
+            return Err(format!(
+                "the {c} controller is not available in {}",
+                parent.display()
+            ));
+        }
+    }
+    enable_controllers(parent)?;
+    match fs::create_dir(root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {} ({e})", root.display())),
+    }
+    enable_controllers(root)
+}
+
+fn enable_controllers(dir: &Path) -> Result<(), String> {
+    let path = dir.join("cgroup.subtree_control");
+    let enabled = fs::read_to_string(&path).unwrap_or_default();
+    for c in CONTROLLERS {
+        if enabled.split_whitespace().any(|e| e == c) {
+            continue;
+        }
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(format!("+{c}").as_bytes()))
+            .map_err(|e| {
+                format!(
+                    "cannot enable the {c} controller in {} ({e})",
+                    path.display()
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Whether this process may create namespaces: unshare(2) in a short-lived child.
+fn namespaces_available() -> Result<(), String> {
+    let status = std::process::Command::new("/bin/true");
+    let mut cmd = status;
+    // SAFETY: the closure only calls unshare(2) with integer flags between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || super::sys::unshare_namespaces());
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("the probe exited with {s}")),
+        Err(e) => Err(format!("unshare failed: {e}")),
+    }
+}
+
+/// One sandbox's cgroup: created before the spawn, joined by the child, killed and removed at
+/// teardown.
+#[derive(Debug)]
+pub(crate) struct SandboxCgroup {
+    dir: PathBuf,
+    /// `cgroup.procs`, open for the child to write `0` into (joining it) before exec.
+    procs: OwnedFd,
+}
+
+/// The limits of one sandbox's cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CgroupLimits {
+    /// `memory.max`, bytes.
+    pub memory_bytes: u64,
+    /// `pids.max`.
+    pub pids: u64,
+    /// `cpu.max` quota per 100 ms period, microseconds.
+    pub cpu_quota_us: u64,
+}
+
+impl CgroupLimits {
+    /// For a guest of `memory_mib` MiB and `vcpus` vCPUs under `config`.
+    pub fn for_guest(config: &JailConfig, memory_mib: u32, vcpus: u8) -> Self {
+        CgroupLimits {
+            memory_bytes: (u64::from(memory_mib) + config.memory_overhead_mib) << 20,
+            pids: config.pids_max,
+            cpu_quota_us: (u64::from(vcpus) + 1) * CPU_PERIOD_US,
+        }
+    }
+}
+
+/// The `cpu.max` period, microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+
+impl SandboxCgroup {
+    /// Creates `<root>/<name>` with `limits`.
+    pub fn create(root: &Path, name: &str, limits: CgroupLimits) -> Result<Self, JailError> {
+        let dir = root.join(name);
+        let err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| JailError::Cgroup { path, source }
+        };
+        fs::create_dir(&dir).map_err(err(&dir))?;
+        let cg = (|| {
+            write_file(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+            // No swap: a guest must not push the host into swapping its RAM.
+            let _ = write_file(&dir.join("memory.swap.max"), "0");
+            write_file(&dir.join("pids.max"), &limits.pids.to_string())?;
+            write_file(
+                &dir.join("cpu.max"),
+                &format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us),
+            )?;
+            let procs = fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))?;
+            Ok::<_, io::Error>(OwnedFd::from(procs))
+        })();
+        match cg {
+            Ok(procs) => Ok(SandboxCgroup { dir, procs }),
+            Err(source) => {
+                let _ = fs::remove_dir(&dir);
+                Err(JailError::Cgroup { path: dir, source })
+            }
+        }
+    }
+
+    /// The fd the child writes `0` into to join the cgroup.
+    pub fn procs_fd(&self) -> RawFd {
+        self.procs.as_raw_fd()
+    }
+
+    /// The cgroup directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Kills every process in the cgroup and removes it (bounded: 2 s).
+    pub fn kill_and_remove(&self) -> io::Result<()> {
+        kill_and_remove(&self.dir)
+    }
+}
+
+/// `cgroup.kill` (Linux 5.14), wait until the cgroup is empty, `rmdir`. Idempotent.
+pub(crate) fn kill_and_remove(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let _ = write_file(&dir.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            // EBUSY while a killed process has not exited yet.
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Removes the cgroups under `root` named like a sandbox (`sbx-*`) for which `is_live` says no:
+/// leftovers of runtimes that died. Returns how many were removed.
+pub(crate) fn reconcile(root: &Path, is_live: impl Fn(&str) -> bool) -> usize {
+    let Ok(entries) = fs::read_dir(root) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("sbx-") || is_live(&name) {
+            continue;
+        }
+        match kill_and_remove(&e.path()) {
+            Ok(()) => {
+                tracing::info!(cgroup = %e.path().display(), "removed a stale sandbox cgroup");
+                removed += 1;
+            }
+            Err(err) => {
+                tracing::warn!(cgroup = %e.path().display(), %err, "cannot remove a stale cgroup")
+            }
+        }
+    }
+    removed
+}
+
+fn write_file(path: &Path, value: &str) -> io::Result<()> {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .write_all(value.as_bytes())
+}
+
+/// What the child does between fork and exec, prepared in the parent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PreparedJail {
+    /// `cgroup.procs` of the sandbox's cgroup, or -1.
+    pub cgroup_procs: RawFd,
+    pub namespaces: bool,
+    pub restrict: bool,
+    /// `RLIMIT_FSIZE`, bytes.
+    pub fsize: u64,
+}
+
+impl PreparedJail {
+    /// Runs in the child after fork: only async-signal-safe syscalls, no allocation. The order
+    /// matters: joining the cgroup and unsharing need privileges that the last steps drop.
+    pub fn apply_in_child(&self) -> io::Result<()> {
+        use super::sys;
+        if self.cgroup_procs >= 0 {
+            sys::write_all_fd(self.cgroup_procs, b"0")?;
+        }
+        if self.namespaces {
+            sys::unshare_namespaces()?;
+        }
+        if self.restrict {
+            sys::set_rlimit(libc::RLIMIT_NOFILE, NOFILE_LIMIT)?;
+            sys::set_rlimit(libc::RLIMIT_FSIZE, self.fsize)?;
+            sys::drop_all_capabilities()?;
+            sys::set_no_new_privs()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_follow_the_guest() {
+        let l = CgroupLimits::for_guest(&JailConfig::default(), 256, 2);
+        assert_eq!(l.memory_bytes, (256 + DEFAULT_MEMORY_OVERHEAD_MIB) << 20);
+        assert_eq!(l.pids, DEFAULT_PIDS_MAX);
+        assert_eq!(l.cpu_quota_us, 300_000);
+    }
+
+    #[test]
+    fn a_required_cgroup_on_a_host_without_cgroup_v2_names_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = JailConfig {
+            cgroup: JailMode::Required,
+            cgroup_root: dir.path().join("sandbox-sdk"),
+            namespaces: JailMode::Off,
+            ..JailConfig::default()
+        };
+        let err = probe(&config).expect_err("not a cgroup v2 directory");
+        assert!(matches!(err, JailError::NoCgroup { .. }), "{err}");
+        assert!(err.to_string().contains("best_effort"), "{err}");
+        let best = JailConfig {
+            cgroup: JailMode::BestEffort,
+            ..config
+        };
+        assert_eq!(probe(&best).expect("best effort").cgroup, None);
+    }
+
+    #[test]
+    fn off_probes_nothing() {
+        let s = probe(&JailConfig::off()).expect("off");
+        assert_eq!(
+            s,
+            JailSupport {
+                cgroup: None,
+                namespaces: false
+            }
+        );
+    }
+
+    #[test]
+    fn reconcile_removes_only_dead_sandboxes_cgroups() {
+        // A plain directory tree stands in for the cgroup root: rmdir of an empty directory
+        // behaves the same, and cgroup.kill simply does not exist.
+        let root = tempfile::tempdir().expect("tempdir");
+        for name in ["sbx-dead", "sbx-live", "other"] {
+            fs::create_dir(root.path().join(name)).expect("mkdir");
+        }
+        let removed = reconcile(root.path(), |n| n == "sbx-live");
+        assert_eq!(removed, 1);
+        assert!(!root.path().join("sbx-dead").exists());
+        assert!(root.path().join("sbx-live").exists());
+        assert!(root.path().join("other").exists());
+    }
+
+    #[test]
+    fn restricted_child_has_no_new_privs_no_capabilities_and_limits() {
+        let jail = PreparedJail {
+            cgroup_procs: -1,
+            namespaces: false,
+            restrict: true,
+            fsize: 1 << 30,
+        };
+        let mut cmd = std::process::Command::new("/bin/cat");
+        cmd.arg("/proc/self/status")
+            .stdout(std::process::Stdio::piped());
+        // SAFETY: apply_in_child makes only async-signal-safe syscalls.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || jail.apply_in_child());
+        }
+        let out = cmd.output().expect("cat runs");
+        let status = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_string()
+        };
+        assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+        assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+        assert_eq!(field("CapBnd:"), "0000000000000000", "{status}");
+        assert_eq!(field("CapPrm:"), "0000000000000000", "{status}");
+    }
+}
