@@ -31,9 +31,10 @@ pub mod devices;
 pub mod event_loop;
 pub mod kvm;
 pub mod layout;
+pub mod logging;
+pub mod runtime;
 pub mod sys;
 pub mod vcpu;
 pub mod vmm;
-pub mod runtime;
 
 pub use runtime::{KvmRuntime, KvmRuntimeConfig, KvmSandbox};

@@ -521,12 +521,7 @@ mod tests {
     fn rep_outsw_delivers_word_items() {
         let (bus, rec) = bus_with_recorder();
         let data = [1u8, 2, 3, 4];
-        dispatch_pio_out(
-            &bus,
-            0x3fa,
-            PioAccess::new(2, 2, 4).expect("valid"),
-            &data,
-        );
+        dispatch_pio_out(&bus, 0x3fa, PioAccess::new(2, 2, 4).expect("valid"), &data);
         assert_eq!(
             rec.lock().expect("lock").writes,
             vec![(2, vec![1, 2]), (2, vec![3, 4])]
@@ -556,7 +551,12 @@ mod tests {
     fn unhandled_string_in_reads_all_ones() {
         let (bus, _) = bus_with_recorder();
         let mut data = [0u8; 6];
-        dispatch_pio_in(&bus, 0x80, PioAccess::new(2, 3, 6).expect("valid"), &mut data);
+        dispatch_pio_in(
+            &bus,
+            0x80,
+            PioAccess::new(2, 3, 6).expect("valid"),
+            &mut data,
+        );
         assert_eq!(data, [0xff; 6]);
         assert_eq!(bus.unhandled_count(), 3);
     }
@@ -578,7 +578,11 @@ mod tests {
             (4, 1025, 4100), // more than a page
             (4, u32::MAX, usize::MAX),
         ] {
-            assert_eq!(PioAccess::new(size, count, len), None, "{size} {count} {len}");
+            assert_eq!(
+                PioAccess::new(size, count, len),
+                None,
+                "{size} {count} {len}"
+            );
         }
     }
 }

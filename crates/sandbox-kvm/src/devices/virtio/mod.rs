@@ -216,7 +216,12 @@ pub(crate) fn complete<M: GuestMemory>(queue: &mut Queue, mem: &M, head: u16, le
     match virtio_queue::QueueT::add_used(queue, mem, head, len) {
         Ok(()) => true,
         Err(err) => {
-            tracing::debug!(head, error = %err, "virtio: cannot complete a chain");
+            crate::logging::guest_log!(
+                debug,
+                head,
+                error = %err,
+                "virtio: cannot complete a chain"
+            );
             false
         }
     }
