@@ -127,7 +127,7 @@ impl RateLimit {
 /// A `tracing` event at `$level` (`debug`, `info`, `warn`, `error`) that a guest can cause,
 /// rate-limited per call site ([`RateLimit::guest`]). Same arguments as the `tracing` macro.
 ///
-/// ```ignore
+/// ```text
 /// guest_log!(warn, index, "virtio-mmio: invalid virtqueue configuration refused");
 /// ```
 macro_rules! guest_log {
