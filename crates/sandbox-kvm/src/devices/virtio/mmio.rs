@@ -20,7 +20,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::logging::guest_log;
@@ -120,8 +120,20 @@ impl QueueRegs {
         q.try_set_used_ring_address(GuestAddress(self.device))
             .ok()?;
         q.set_ready(true);
-        // is_valid checks the whole descriptor table and both rings against guest memory.
-        q.is_valid(mem).then_some(q)
+        // Check the whole descriptor table and both rings against guest memory here: `is_valid`
+        // does the same but logs every failure at error level without a rate limit, so it only
+        // runs once these checks passed (and then cannot fail).
+        let fits = |addr: u64, len: u64| {
+            usize::try_from(len).is_ok_and(|len| {
+                addr.checked_add(len as u64).is_some()
+                    && mem.check_range(GuestAddress(addr), len, Permissions::ReadWrite)
+            })
+        };
+        let n = u64::from(size);
+        let rings_fit =
+            fits(self.desc, 16 * n) && fits(self.driver, 6 + 2 * n) && fits(self.device, 6 + 8 * n);
+        // virtio-queue cannot iterate an available ring at address 0 (it takes 0 for "unset").
+        (rings_fit && self.driver != 0 && q.is_valid(mem)).then_some(q)
     }
 }
 
@@ -758,6 +770,17 @@ mod tests {
                 "{desc:#x} {avail:#x} {used:#x}"
             );
         }
+    }
+
+    #[test]
+    fn an_available_ring_at_address_zero_is_refused() {
+        // virtio-queue takes address 0 for "unset" and would fail every notification.
+        let m = mem();
+        let (mut t, _) = transport(&[16]);
+        negotiate(&mut t);
+        let q = TestQueue::new(&m, 0x1000, 16);
+        program_queue(&mut t, 0, &TestQueue { avail: 0, ..q });
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
     }
 
     #[test]

@@ -23,8 +23,8 @@ use request::{Parsed, Request, RequestKind, ID_LEN, SECTOR_SIZE, S_IOERR, S_OK, 
 
 use super::chain::{self, ChainDesc};
 use super::{
-    complete, feature, read_config_bytes, Result, VirtioDevice, VirtioError, VirtioInterrupt,
-    DEVICE_ID_BLOCK, VIRTIO_F_VERSION_1,
+    complete, feature, pop_chain, read_config_bytes, Result, VirtioDevice, VirtioError,
+    VirtioInterrupt, DEVICE_ID_BLOCK, VIRTIO_F_VERSION_1,
 };
 use crate::logging::guest_log;
 
@@ -187,7 +187,7 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
         let mut used = 0usize;
         // One pass over at most `size` chains; later chains come with a new notification.
         for _ in 0..active.queue.size() {
-            let Some(desc_chain) = active.queue.pop_descriptor_chain(&active.mem) else {
+            let Some(desc_chain) = pop_chain(&mut active.queue, &active.mem) else {
                 break;
             };
             let head = desc_chain.head_index();
