@@ -3,7 +3,8 @@
 //! A [`Bus`] maps non-overlapping, non-empty [`BusRange`]s to [`BusDevice`]s. The vCPU loop
 //! calls [`Bus::read`]/[`Bus::write`] with the exit's address; it never matches port numbers
 //! itself. Accesses that hit no device (or straddle a device's end) are "unhandled": reads return
-//! all-ones, writes are dropped, and the first [`UNHANDLED_LOG_LIMIT`] of them are logged.
+//! all-ones, writes are dropped, and they are logged at debug level through the per-call-site
+//! rate limiter of [`crate::logging`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::devices::BusDevice;
+use crate::logging::guest_log;
 
 /// A bus address: a port number on the PIO bus, a guest-physical address on the MMIO bus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -122,10 +124,6 @@ pub enum BusError {
 /// A local `Result` for this module.
 pub type Result<T> = std::result::Result<T, BusError>;
 
-/// How many unhandled accesses per bus are logged before logging stops (a guest probing ports
-/// must not flood the host log).
-pub const UNHANDLED_LOG_LIMIT: u64 = 32;
-
 /// A shared device on a bus.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
@@ -225,21 +223,16 @@ impl Bus {
     }
 
     fn log_unhandled(&self, kind: &'static str, addr: u64, len: usize) {
-        let n = self.unhandled.fetch_add(1, Ordering::Relaxed);
-        if n < UNHANDLED_LOG_LIMIT {
-            tracing::debug!(
-                bus = self.name,
-                kind,
-                addr = format_args!("{addr:#x}"),
-                len,
-                "unhandled guest access"
-            );
-        } else if n == UNHANDLED_LOG_LIMIT {
-            tracing::debug!(
-                bus = self.name,
-                "further unhandled guest accesses are not logged"
-            );
-        }
+        self.unhandled.fetch_add(1, Ordering::Relaxed);
+        // A guest probing ports must not flood the host log.
+        guest_log!(
+            debug,
+            bus = self.name,
+            kind,
+            addr = format_args!("{addr:#x}"),
+            len,
+            "unhandled guest access"
+        );
     }
 }
 
@@ -348,9 +341,29 @@ mod tests {
     #[test]
     fn unhandled_count_keeps_counting_past_the_log_limit() {
         let bus = Bus::new("test");
-        for _ in 0..(UNHANDLED_LOG_LIMIT * 3) {
+        let n = u64::from(crate::logging::GUEST_LOG_BURST) * 3;
+        for _ in 0..n {
             assert!(!bus.write(0x80, &[0]));
         }
-        assert_eq!(bus.unhandled_count(), UNHANDLED_LOG_LIMIT * 3);
+        assert_eq!(bus.unhandled_count(), n);
+    }
+
+    #[test]
+    fn unhandled_access_logging_is_rate_limited() {
+        let bus = Bus::new("test");
+        let lines = crate::logging::capture::log_lines(|| {
+            for port in 0..10_000u64 {
+                let _ = bus.write(port, &[0]);
+            }
+        });
+        let n = lines
+            .iter()
+            .filter(|l| l.contains("unhandled guest access"))
+            .count();
+        assert!(
+            n <= 2 * crate::logging::GUEST_LOG_BURST as usize,
+            "{n} lines"
+        );
+        assert_eq!(bus.unhandled_count(), 10_000);
     }
 }

@@ -42,6 +42,8 @@ pub mod event_loop;
 pub mod kvm;
 pub mod layout;
 #[cfg(feature = "vmm")]
+pub mod logging;
+#[cfg(feature = "vmm")]
 pub mod memory;
 #[cfg(feature = "vmm")]
 pub mod sys;

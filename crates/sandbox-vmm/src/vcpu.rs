@@ -80,6 +80,76 @@ enum Action {
     Exit(ExitReason),
 }
 
+/// Most bytes one `KVM_EXIT_IO` carries: KVM puts the data in one page of the `kvm_run` mapping
+/// (`KVM_PIO_PAGE_OFFSET`), so `count * size` never exceeds it.
+pub const PIO_DATA_MAX: usize = 4096;
+
+/// The shape of one `KVM_EXIT_IO`: `count` items of `size` bytes each, in guest order (a string
+/// instruction such as `rep outsb` or `rep insw` moves several items in one exit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PioAccess {
+    size: usize,
+    count: usize,
+}
+
+impl PioAccess {
+    /// Checks the exit's `size` (1, 2 or 4 bytes) and `count` (at least 1) against the length
+    /// of the data area KVM handed over (`count * size` bytes, at most [`PIO_DATA_MAX`]).
+    /// `None` if they disagree: that is a KVM or kvm-ioctls bug, not something a guest can cause.
+    pub fn new(size: u8, count: u32, data_len: usize) -> Option<Self> {
+        let size = usize::from(size);
+        let count = usize::try_from(count).ok()?;
+        let total = size.checked_mul(count)?;
+        (matches!(size, 1 | 2 | 4) && count >= 1 && total == data_len && total <= PIO_DATA_MAX)
+            .then_some(Self { size, count })
+    }
+
+    /// Bytes per item.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Number of items.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
+
+/// Delivers an OUT exit to `bus`: each of the `count` items of `data`, in order, as one write
+/// of `size` bytes to `port` (so `rep outsb` of "hello\n" reaches the device as six bytes).
+/// `data.len()` must be `count * size` ([`PioAccess::new`] checked it); a shorter tail is ignored.
+pub fn dispatch_pio_out(bus: &Bus, port: u16, access: PioAccess, data: &[u8]) {
+    for item in data.chunks_exact(access.size).take(access.count) {
+        bus.write(u64::from(port), item);
+    }
+}
+
+/// Serves an IN exit from `bus`: fills each of the `count` items of `data`, in order, with one
+/// read of `size` bytes from `port`.
+pub fn dispatch_pio_in(bus: &Bus, port: u16, access: PioAccess, data: &mut [u8]) {
+    for item in data.chunks_exact_mut(access.size).take(access.count) {
+        bus.read(u64::from(port), item);
+    }
+}
+
+/// Direction of a port I/O exit, with the start of its data area.
+#[derive(Clone, Copy, Debug)]
+enum PioData {
+    /// The device fills the area (the guest reads).
+    In(*mut u8),
+    /// The guest wrote the area.
+    Out(*const u8),
+}
+
+/// A port I/O exit whose data area is still to be served: the data slice kvm-ioctls returned,
+/// kept as a raw pointer so that `kvm_run.io` (the item size and count, which `VcpuExit` does
+/// not carry) can be read through the vCPU fd before the data is touched.
+struct PendingPio {
+    port: u16,
+    data: PioData,
+    len: usize,
+}
+
 impl Vcpu {
     /// A configured vCPU (registers, CPUID, MSRs already set).
     pub fn new(
@@ -172,13 +242,22 @@ impl Vcpu {
     /// One `KVM_RUN` and its exit.
     fn run_once(&mut self) -> Action {
         let mut internal = None;
+        let mut pio = None;
         let action = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                self.pio.read(u64::from(port), data);
+                pio = Some(PendingPio {
+                    port,
+                    data: PioData::In(data.as_mut_ptr()),
+                    len: data.len(),
+                });
                 Action::Continue
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                self.pio.write(u64::from(port), data);
+                pio = Some(PendingPio {
+                    port,
+                    data: PioData::Out(data.as_ptr()),
+                    len: data.len(),
+                });
                 Action::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -232,6 +311,9 @@ impl Vcpu {
                 Action::Continue
             }
         };
+        if let Some(pending) = pio {
+            internal = self.complete_pio(pending);
+        }
         match internal {
             None => {
                 // A device (i8042, ACPI) may have ended the VM during this exit.
@@ -245,6 +327,40 @@ impl Vcpu {
                 self.internal_error(description),
             ))),
         }
+    }
+
+    /// Serves a port I/O exit item by item. Returns an internal-error description if KVM's
+    /// `kvm_run.io` does not match the data area it handed over.
+    fn complete_pio(&mut self, pending: PendingPio) -> Option<String> {
+        // SAFETY: `complete_pio` is only called right after `run()` returned KVM_EXIT_IO, so `io`
+        // is the member of the exit union that KVM filled in. The `&mut kvm_run` ends with this
+        // statement (`io` is a plain copy).
+        let io = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.io };
+        let Some(access) = PioAccess::new(io.size, io.count, pending.len) else {
+            return Some(format!(
+                "KVM_EXIT_IO with size {} and count {} does not match its {}-byte data area",
+                io.size, io.count, pending.len
+            ));
+        };
+        // The pointer and length are the data area kvm-ioctls sliced out of this vCPU's
+        // `kvm_run` mapping for the exit just taken (at `io.data_offset`, inside the mapping).
+        // The mapping is owned by `self.fd` and stays mapped while `self` lives; the slice from
+        // `run()` is no longer used and no other reference to these bytes exists (the `kvm_run`
+        // reference above has ended, and only this thread runs this vCPU). The length is at
+        // most PIO_DATA_MAX bytes, checked by `PioAccess::new`.
+        match pending.data {
+            PioData::Out(ptr) => {
+                // SAFETY: see above; the bytes are only read.
+                let data = unsafe { std::slice::from_raw_parts(ptr, pending.len) };
+                dispatch_pio_out(&self.pio, pending.port, access, data);
+            }
+            PioData::In(ptr) => {
+                // SAFETY: see above; KVM reads the bytes back at the next KVM_RUN.
+                let data = unsafe { std::slice::from_raw_parts_mut(ptr, pending.len) };
+                dispatch_pio_in(&self.pio, pending.port, access, data);
+            }
+        }
+        None
     }
 
     /// Collects RIP and the code bytes at RIP for an internal-error report.
@@ -350,5 +466,123 @@ impl VcpuHandle {
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
         self.stop_and_join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::bus::BusRange;
+    use crate::devices::BusDevice;
+
+    /// Records every access as (offset, bytes); reads return a running counter per byte.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<(u64, Vec<u8>)>,
+        reads: Vec<(u64, usize)>,
+        next: u8,
+    }
+
+    impl BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            self.reads.push((offset, data.len()));
+            for b in data {
+                self.next = self.next.wrapping_add(1);
+                *b = self.next;
+            }
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.writes.push((offset, data.to_vec()));
+        }
+    }
+
+    fn bus_with_recorder() -> (Bus, Arc<Mutex<Recorder>>) {
+        let rec = Arc::new(Mutex::new(Recorder::default()));
+        let mut bus = Bus::new("pio");
+        bus.insert(BusRange::new(0x3f8, 8).expect("range"), rec.clone())
+            .expect("insert");
+        (bus, rec)
+    }
+
+    #[test]
+    fn rep_outsb_delivers_every_byte_in_order() {
+        let (bus, rec) = bus_with_recorder();
+        let data = b"hello\n";
+        let access = PioAccess::new(1, 6, data.len()).expect("valid");
+        dispatch_pio_out(&bus, 0x3f8, access, data);
+        let writes = rec.lock().expect("lock").writes.clone();
+        let expected: Vec<(u64, Vec<u8>)> = data.iter().map(|&b| (0, vec![b])).collect();
+        assert_eq!(writes, expected);
+    }
+
+    #[test]
+    fn rep_outsw_delivers_word_items() {
+        let (bus, rec) = bus_with_recorder();
+        let data = [1u8, 2, 3, 4];
+        dispatch_pio_out(&bus, 0x3fa, PioAccess::new(2, 2, 4).expect("valid"), &data);
+        assert_eq!(
+            rec.lock().expect("lock").writes,
+            vec![(2, vec![1, 2]), (2, vec![3, 4])]
+        );
+    }
+
+    #[test]
+    fn rep_insb_fills_every_item_in_order() {
+        let (bus, rec) = bus_with_recorder();
+        let mut data = [0u8; 4];
+        let access = PioAccess::new(1, 4, data.len()).expect("valid");
+        dispatch_pio_in(&bus, 0x3fd, access, &mut data);
+        assert_eq!(data, [1, 2, 3, 4]);
+        assert_eq!(rec.lock().expect("lock").reads, vec![(5, 1); 4]);
+        // Four-byte items: each read sees the whole item.
+        let mut data = [0u8; 8];
+        dispatch_pio_in(
+            &bus,
+            0x3f8,
+            PioAccess::new(4, 2, 8).expect("valid"),
+            &mut data,
+        );
+        assert_eq!(data, [5, 6, 7, 8, 9, 10, 11, 12]);
+    }
+
+    #[test]
+    fn unhandled_string_in_reads_all_ones() {
+        let (bus, _) = bus_with_recorder();
+        let mut data = [0u8; 6];
+        dispatch_pio_in(
+            &bus,
+            0x80,
+            PioAccess::new(2, 3, 6).expect("valid"),
+            &mut data,
+        );
+        assert_eq!(data, [0xff; 6]);
+        assert_eq!(bus.unhandled_count(), 3);
+    }
+
+    #[test]
+    fn pio_geometry_is_checked() {
+        assert_eq!(
+            PioAccess::new(1, 1, 1).map(|a| (a.size(), a.count())),
+            Some((1, 1))
+        );
+        assert!(PioAccess::new(4, 1024, 4096).is_some());
+        for (size, count, len) in [
+            (0u8, 1u32, 0usize), // no such width
+            (3, 1, 3),
+            (8, 1, 8),
+            (1, 0, 0),       // no items
+            (1, 6, 1),       // data area shorter than count * size
+            (2, 3, 7),       // longer
+            (4, 1025, 4100), // more than a page
+            (4, u32::MAX, usize::MAX),
+        ] {
+            assert_eq!(
+                PioAccess::new(size, count, len),
+                None,
+                "{size} {count} {len}"
+            );
+        }
     }
 }

@@ -6,14 +6,19 @@
 //!
 //! Exit status: 0 guest poweroff, 3 guest reset, 4 triple fault, 5 KVM internal error,
 //! 6 stopped by the host, 1 VMM error (bad config, /dev/kvm, kernel load...), 2 usage error.
-//! Logs go to stderr (`RUST_LOG=debug` for details); the console goes where the config says.
+//! Logs go to stderr (`RUST_LOG=debug` for details), at most `--log-cap-bytes` of them (default
+//! 16 MiB; past the cap one marker line is written and later log events are dropped, so a guest
+//! cannot grow the log without bound); the final "VM ended" report is always written. The console
+//! goes where the config says.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Mutex;
 
 use anyhow::Context;
 use clap::Parser;
+use sandbox_vmm::logging::{CappedLog, DEFAULT_LOG_CAP_BYTES};
 use sandbox_vmm::vmm::{build, ExitReason, VmConfig, VmResources};
 
 /// Runs one micro-VM from a JSON config.
@@ -26,6 +31,9 @@ struct Args {
     /// VM config file, as a positional argument.
     #[arg(conflicts_with = "config")]
     config_path: Option<PathBuf>,
+    /// Most bytes of log output on stderr; later log events are dropped after one marker line.
+    #[arg(long, default_value_t = DEFAULT_LOG_CAP_BYTES)]
+    log_cap_bytes: u64,
 }
 
 fn read_config(path: Option<PathBuf>) -> anyhow::Result<VmConfig> {
@@ -52,14 +60,19 @@ fn run(args: Args) -> anyhow::Result<ExitReason> {
 }
 
 fn main() -> ExitCode {
+    let args = Args::parse();
+    // Every log event goes through one capped writer (the Mutex serializes the vCPU and device
+    // threads, and each event is one write, so the cut falls between lines).
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(Mutex::new(CappedLog::new(
+            std::io::stderr(),
+            args.log_cap_bytes,
+        )))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let args = Args::parse();
     match run(args) {
         Ok(reason) => {
             if let ExitReason::InternalError(info) = &reason {

@@ -7,6 +7,7 @@
 
 pub mod acpi;
 pub mod cpuid;
+pub mod image;
 pub mod regs;
 
 use std::fs::File;
@@ -30,15 +31,26 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
-    /// The kernel is neither a loadable vmlinux ELF nor a bzImage.
-    #[error("cannot load the kernel image {path} (as ELF: {elf}; as bzImage: {bzimage})")]
+    /// The kernel image is refused before loading: not a kernel, or its headers ask for more
+    /// than a kernel needs or for memory the guest does not have (see [`image`]).
+    #[error("the kernel image {path} is refused")]
+    KernelImage {
+        /// The kernel path.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: image::KernelImageError,
+    },
+    /// linux-loader failed on an image that passed [`image::check_kernel_image`].
+    #[error("cannot load the kernel image {path} as {format}")]
     LoadKernel {
         /// The kernel path.
         path: PathBuf,
-        /// The ELF loader's error.
-        elf: loader::Error,
-        /// The bzImage loader's error.
-        bzimage: loader::Error,
+        /// "a vmlinux ELF" or "a bzImage".
+        format: &'static str,
+        /// The loader's error.
+        #[source]
+        source: loader::Error,
     },
     /// The initrd cannot be read.
     #[error("cannot read the initrd {path}")]
@@ -48,6 +60,16 @@ pub enum BootError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The initrd is larger than [`MAX_INITRD_BYTES`].
+    #[error("the initrd {path} is {size} bytes, more than the {limit}-byte limit")]
+    InitrdTooLarge {
+        /// The initrd path.
+        path: PathBuf,
+        /// Initrd size, bytes.
+        size: u64,
+        /// The limit, bytes.
+        limit: u64,
     },
     /// The initrd does not fit between the kernel and the end of low RAM.
     #[error(
@@ -151,42 +173,55 @@ pub struct LoadedKernel {
     pub setup_header: Option<setup_header>,
 }
 
-/// Loads a `vmlinux` ELF, or else a bzImage, into guest memory at its own physical addresses
+/// Loads a `vmlinux` ELF, or a bzImage, into guest memory at its own physical addresses
 /// (above [`layout::HIMEM_START`]).
 ///
+/// The headers are checked first ([`image::check_kernel_image`] with [`image::ImageLimits::DEFAULT`]:
+/// at most 2 GiB of file, 512 MiB of guest memory, 64 KiB of ELF notes, 64 program headers; every
+/// segment in guest RAM above 1 MiB; an ELF must load something and its entry point must be in
+/// what it loads), so a hostile or broken image fails in milliseconds, before linux-loader reads
+/// any segment.
+///
 /// # Errors
-/// [`BootError::OpenKernel`], [`BootError::LoadKernel`].
+/// [`BootError::OpenKernel`], [`BootError::KernelImage`], [`BootError::LoadKernel`].
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
-    let open = || {
-        File::open(path).map_err(|source| BootError::OpenKernel {
+    let open_err = |source| BootError::OpenKernel {
+        path: path.into(),
+        source,
+    };
+    let mut file = File::open(path).map_err(open_err)?;
+    let file_len = file.metadata().map_err(open_err)?.len();
+    let format = image::check_kernel_image(&mut file, file_len, mem, &image::ImageLimits::DEFAULT)
+        .map_err(|source| BootError::KernelImage {
             path: path.into(),
             source,
-        })
-    };
+        })?;
     let himem = Some(GuestAddress(layout::HIMEM_START));
-    let elf = match loader::elf::Elf::load(mem, None, &mut open()?, himem) {
-        Ok(res) => {
-            return Ok(LoadedKernel {
+    match format {
+        image::KernelFormat::Elf { .. } => loader::elf::Elf::load(mem, None, &mut file, himem)
+            .map(|res| LoadedKernel {
                 entry: res.kernel_load,
                 end: res.kernel_end,
                 setup_header: None,
-            });
-        }
-        Err(e) => e,
-    };
-    match loader::bzimage::BzImage::load(mem, None, &mut open()?, himem) {
+            })
+            .map_err(|source| BootError::LoadKernel {
+                path: path.into(),
+                format: "a vmlinux ELF",
+                source,
+            }),
         // The 64-bit entry of a bzImage is 0x200 past the start of the protected-mode code
-        // (boot protocol, "64-bit BOOT PROTOCOL").
-        Ok(res) => Ok(LoadedKernel {
-            entry: res.kernel_load.unchecked_add(0x200),
-            end: res.kernel_end,
-            setup_header: res.setup_header,
-        }),
-        Err(bzimage) => Err(BootError::LoadKernel {
-            path: path.into(),
-            elf,
-            bzimage,
-        }),
+        // (boot protocol, "64-bit BOOT PROTOCOL"); the check put that code in guest RAM.
+        image::KernelFormat::BzImage => loader::bzimage::BzImage::load(mem, None, &mut file, himem)
+            .map(|res| LoadedKernel {
+                entry: res.kernel_load.unchecked_add(0x200),
+                end: res.kernel_end,
+                setup_header: res.setup_header,
+            })
+            .map_err(|source| BootError::LoadKernel {
+                path: path.into(),
+                format: "a bzImage",
+                source,
+            }),
     }
 }
 
@@ -198,6 +233,9 @@ pub struct LoadedInitrd {
     /// Size, bytes.
     pub size: u64,
 }
+
+/// Largest initrd accepted, bytes (1 GiB): it is read whole into guest RAM below 4 GiB.
+pub const MAX_INITRD_BYTES: u64 = 1 << 30;
 
 /// Highest initrd address for kernels that do not say (`initrd_addr_max` before protocol 2.03).
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
@@ -220,7 +258,8 @@ pub fn place_initrd(size: u64, kernel_end: u64, low_ram_end: u64, addr_max: u64)
 /// Reads the initrd at `path` into guest memory above the kernel.
 ///
 /// # Errors
-/// [`BootError::ReadInitrd`], [`BootError::InitrdTooBig`], [`BootError::GuestMemory`].
+/// [`BootError::ReadInitrd`], [`BootError::InitrdTooLarge`] (over [`MAX_INITRD_BYTES`], checked
+/// before any read), [`BootError::InitrdTooBig`], [`BootError::GuestMemory`].
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
@@ -233,6 +272,13 @@ pub fn load_initrd(
     };
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
+    if size > MAX_INITRD_BYTES {
+        return Err(BootError::InitrdTooLarge {
+            path: path.into(),
+            size,
+            limit: MAX_INITRD_BYTES,
+        });
+    }
     let addr_max = kernel
         .setup_header
         .map(|h| u64::from(h.initrd_addr_max))
@@ -572,5 +618,103 @@ mod tests {
             .expect("read");
         assert_eq!(&buf, b"console=ttyS0\0");
         assert_eq!(ram_size(&mem), 2 << 20);
+    }
+
+    fn write_file(dir: &Path, name: &str, bytes: &[u8], len: u64) -> PathBuf {
+        use std::io::Write;
+        let path = dir.join(name);
+        let mut f = File::create(&path).expect("create");
+        f.write_all(bytes).expect("write");
+        f.set_len(len).expect("set_len");
+        path
+    }
+
+    fn guest(mib: u64) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (mib * MIB) as usize)]).expect("memory")
+    }
+
+    #[test]
+    fn a_small_vmlinux_loads_through_linux_loader() {
+        use image::test_elf::{elf, load};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kstart = 16 * MIB;
+        let mut img = elf(kstart, &[load(0x1000, kstart, 0x10, 0x2000)], 0x1010);
+        img[0x1000..0x1010].copy_from_slice(b"sandbox kernel!!");
+        let path = write_file(dir.path(), "vmlinux", &img, img.len() as u64);
+        let mem = guest(64);
+        let k = load_kernel(&mem, &path).expect("loads");
+        assert_eq!(k.entry, GuestAddress(kstart));
+        assert_eq!(k.end, kstart + 0x2000);
+        assert!(k.setup_header.is_none());
+        let mut got = [0u8; 16];
+        mem.read_slice(&mut got, GuestAddress(kstart))
+            .expect("read");
+        assert_eq!(&got, b"sandbox kernel!!");
+    }
+
+    #[test]
+    fn hostile_kernel_images_are_refused_before_loading() {
+        use image::test_elf::{elf, load, note};
+        use image::KernelImageError as E;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kstart = 16 * MIB;
+        let mem = guest(64);
+        let refused = |name: &str, bytes: &[u8], len: u64| -> image::KernelImageError {
+            let path = write_file(dir.path(), name, bytes, len);
+            match load_kernel(&mem, &path) {
+                Err(BootError::KernelImage { path: p, source }) => {
+                    assert_eq!(p, path);
+                    source
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        };
+        let img = elf(kstart, &[note(0x100, 0x10)], 0x200);
+        assert!(matches!(refused("no-load", &img, 0x200), E::NothingToLoad));
+        let img = elf(kstart + 0x100, &[load(0x100, kstart, 0x10, 0x1000)], 0x200);
+        assert!(matches!(
+            refused("entry", &img, 0x200),
+            E::EntryOutsideLoaded { .. }
+        ));
+        // A sparse 4 GiB file whose PT_NOTE claims all of it.
+        let img = elf(
+            kstart,
+            &[load(0x1000, kstart, 0x10, 0x10), note(0x2000, 4 << 30)],
+            0x2000,
+        );
+        assert!(matches!(
+            refused("sparse", &img, 0x2000 + (4 << 30)),
+            E::FileTooLarge { .. }
+        ));
+        // The same note in a small file.
+        assert!(matches!(
+            refused("note", &img, 0x2000),
+            E::NoteTooLarge { .. }
+        ));
+        let img = elf(kstart, &[load(0x1000, kstart, 0x10, 65 * MIB)], 0x2000);
+        assert!(matches!(
+            refused("big-segment", &img, 0x2000),
+            E::OutsideRam { .. }
+        ));
+        assert!(matches!(
+            refused("garbage", b"not a kernel", 4096),
+            E::UnknownFormat
+        ));
+    }
+
+    #[test]
+    fn an_initrd_over_the_cap_is_refused_before_reading() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_file(dir.path(), "initrd", b"", MAX_INITRD_BYTES + 1);
+        let kernel = LoadedKernel {
+            entry: GuestAddress(16 * MIB),
+            end: 17 * MIB,
+            setup_header: None,
+        };
+        let mem = guest(64);
+        assert!(matches!(
+            load_initrd(&mem, &path, &kernel, 64 * MIB),
+            Err(BootError::InitrdTooLarge { size, .. }) if size == MAX_INITRD_BYTES + 1
+        ));
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::bus::lock;
+use crate::logging::guest_log;
 
 /// Longest line kept, bytes; a longer line is cut into pieces of this size.
 pub const MAX_LINE: usize = 4096;
@@ -139,7 +140,8 @@ impl<W: Write + Send> LineSink for CappedWriter<W> {
         if self.dropped == 0 && self.written.saturating_add(len) <= self.cap {
             match self.inner.write_all(line).and_then(|()| self.inner.flush()) {
                 Ok(()) => self.written += len,
-                Err(err) => tracing::warn!(%err, "console write failed"),
+                // Once per line the guest prints: rate-limited.
+                Err(err) => guest_log!(warn, %err, "console write failed"),
             }
         } else {
             if self.dropped == 0 {

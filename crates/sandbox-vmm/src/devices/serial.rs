@@ -10,6 +10,7 @@ use vm_superio::{Serial, Trigger};
 
 use super::console::{LineBuffer, LineSink};
 use super::{BusDevice, IrqTrigger};
+use crate::logging::guest_log;
 
 /// Adapts our [`IrqTrigger`] to `vm-superio`'s `Trigger`.
 pub struct IrqAdapter(pub Arc<dyn IrqTrigger>);
@@ -76,7 +77,7 @@ impl BusDevice for SerialDevice {
             return;
         }
         if let Err(err) = self.serial.write(off, value) {
-            tracing::debug!(?err, "serial write failed");
+            guest_log!(debug, ?err, "serial write failed");
         }
     }
 }

@@ -19,10 +19,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use tracing::{debug, info, warn};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::logging::guest_log;
 
 use super::{
     feature, BusDevice, IrqTrigger, Result, VirtioDevice, VirtioError, VirtioInterrupt,
@@ -119,8 +120,20 @@ impl QueueRegs {
         q.try_set_used_ring_address(GuestAddress(self.device))
             .ok()?;
         q.set_ready(true);
-        // is_valid checks the whole descriptor table and both rings against guest memory.
-        q.is_valid(mem).then_some(q)
+        // Check the whole descriptor table and both rings against guest memory here: `is_valid`
+        // does the same but logs every failure at error level without a rate limit, so it only
+        // runs once these checks passed (and then cannot fail).
+        let fits = |addr: u64, len: u64| {
+            usize::try_from(len).is_ok_and(|len| {
+                addr.checked_add(len as u64).is_some()
+                    && mem.check_range(GuestAddress(addr), len, Permissions::ReadWrite)
+            })
+        };
+        let n = u64::from(size);
+        let rings_fit =
+            fits(self.desc, 16 * n) && fits(self.driver, 6 + 2 * n) && fits(self.device, 6 + 8 * n);
+        // virtio-queue cannot iterate an available ring at address 0 (it takes 0 for "unset").
+        (rings_fit && self.driver != 0 && q.is_valid(mem)).then_some(q)
     }
 }
 
@@ -220,7 +233,8 @@ where
     /// logged; guest mistakes were already answered on the used ring.
     pub fn process_queue(&mut self, index: usize) {
         if !self.active || index >= self.queues.len() {
-            debug!(
+            guest_log!(
+                debug,
                 index,
                 active = self.active,
                 "virtio-mmio: notification ignored"
@@ -228,7 +242,7 @@ where
             return;
         }
         if let Err(err) = self.device.process_queue(index) {
-            warn!(index, error = %err, "virtio-mmio: queue processing failed");
+            guest_log!(warn, index, error = %err, "virtio-mmio: queue processing failed");
         }
     }
 
@@ -330,9 +344,11 @@ where
             }
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.write_status(value),
-            _ => debug!(
+            _ => guest_log!(
+                debug,
                 offset,
-                value, "virtio-mmio: write to read-only or unknown register"
+                value,
+                "virtio-mmio: write to read-only or unknown register"
             ),
         }
     }
@@ -375,7 +391,8 @@ where
             if regs.to_queue(&self.mem).is_some() {
                 self.queues[index].ready = true;
             } else {
-                warn!(
+                guest_log!(
+                    warn,
                     index,
                     size = regs.size,
                     desc = regs.desc,
@@ -396,15 +413,18 @@ where
         // The driver never sets DEVICE_NEEDS_RESET; the device owns that bit.
         let value = value & !status::DEVICE_NEEDS_RESET | (old & status::DEVICE_NEEDS_RESET);
         if value & old != old {
-            debug!(
+            guest_log!(
+                debug,
                 old,
-                value, "virtio-mmio: status write clearing bits ignored"
+                value,
+                "virtio-mmio: status write clearing bits ignored"
             );
             return;
         }
         let added = value & !old;
         if added & status::FAILED != 0 {
-            info!(
+            guest_log!(
+                info,
                 device_type = self.device.device_type(),
                 "virtio-mmio: driver set FAILED"
             );
@@ -417,7 +437,12 @@ where
             && (!has(status::FEATURES_OK) || has(status::DRIVER))
             && (!has(status::DRIVER_OK) || has(status::FEATURES_OK));
         if !ordered || old & status::FAILED != 0 {
-            debug!(old, value, "virtio-mmio: out-of-order status write ignored");
+            guest_log!(
+                debug,
+                old,
+                value,
+                "virtio-mmio: out-of-order status write ignored"
+            );
             return;
         }
         if added & status::FEATURES_OK != 0 {
@@ -425,7 +450,8 @@ where
             let ok = self.driver_features & !offered == 0
                 && self.driver_features & feature(VIRTIO_F_VERSION_1) != 0;
             if !ok {
-                warn!(
+                guest_log!(
+                    warn,
                     offered,
                     accepted = self.driver_features,
                     "virtio-mmio: FEATURES_OK refused"
@@ -447,7 +473,7 @@ where
             match regs.ready.then(|| regs.to_queue(&self.mem)).flatten() {
                 Some(q) => queues.push(q),
                 None => {
-                    warn!(index, "virtio-mmio: DRIVER_OK with an unusable queue");
+                    guest_log!(warn, index, "virtio-mmio: DRIVER_OK with an unusable queue");
                     self.needs_reset();
                     return;
                 }
@@ -461,7 +487,8 @@ where
         );
         match result {
             Ok(()) => {
-                info!(
+                guest_log!(
+                    info,
                     device_type = self.device.device_type(),
                     features = self.driver_features,
                     "virtio-mmio: device activated"
@@ -469,7 +496,7 @@ where
                 self.active = true;
             }
             Err(err) => {
-                warn!(error = %err, "virtio-mmio: device activation failed");
+                guest_log!(warn, error = %err, "virtio-mmio: device activation failed");
                 self.needs_reset();
             }
         }
@@ -479,12 +506,13 @@ where
     fn needs_reset(&mut self) {
         self.status |= status::DEVICE_NEEDS_RESET;
         if let Err(err) = self.config_changed() {
-            warn!(error = %err, "virtio-mmio: cannot signal DEVICE_NEEDS_RESET");
+            guest_log!(warn, error = %err, "virtio-mmio: cannot signal DEVICE_NEEDS_RESET");
         }
     }
 
     fn reset(&mut self) {
-        debug!(
+        guest_log!(
+            debug,
             device_type = self.device.device_type(),
             "virtio-mmio: reset"
         );
@@ -515,7 +543,8 @@ where
         if data.len() == 4 && offset % 4 == 0 {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
-            debug!(
+            guest_log!(
+                debug,
                 offset,
                 width = data.len(),
                 "virtio-mmio: bad register read width"
@@ -531,7 +560,8 @@ where
         }
         match <[u8; 4]>::try_from(data) {
             Ok(bytes) if offset % 4 == 0 => self.write_reg(offset, u32::from_le_bytes(bytes)),
-            _ => debug!(
+            _ => guest_log!(
+                debug,
                 offset,
                 width = data.len(),
                 "virtio-mmio: bad register write width"
@@ -743,6 +773,17 @@ mod tests {
     }
 
     #[test]
+    fn an_available_ring_at_address_zero_is_refused() {
+        // virtio-queue takes address 0 for "unset" and would fail every notification.
+        let m = mem();
+        let (mut t, _) = transport(&[16]);
+        negotiate(&mut t);
+        let q = TestQueue::new(&m, 0x1000, 16);
+        program_queue(&mut t, 0, &TestQueue { avail: 0, ..q });
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+    }
+
+    #[test]
     fn out_of_range_queue_sel_is_ignored() {
         let (mut t, _) = transport(&[16]);
         negotiate(&mut t);
@@ -892,6 +933,45 @@ mod tests {
         w(&mut t, reg::QUEUE_DESC_LOW, 0x8000);
         assert_eq!(t.queues[0].size, 16);
         assert_eq!(t.queues[0].desc, q.desc);
+    }
+
+    #[test]
+    fn a_guest_looping_on_bad_queue_config_cannot_flood_the_log() {
+        use crate::logging::{capture, GUEST_LOG_BURST};
+        let (mut t, _) = transport(&[16]);
+        let m = mem();
+        let q = TestQueue::new(&m, 0x1000, 16);
+        negotiate(&mut t);
+        const ROUNDS: usize = 5000;
+        let lines = capture::log_lines(|| {
+            for _ in 0..ROUNDS {
+                // A bad size, refused at QueueReady (warn); a bad width and an unknown register
+                // (debug); a status write that clears bits (debug).
+                program_queue(
+                    &mut t,
+                    0,
+                    &TestQueue {
+                        size: 3,
+                        ..q.clone()
+                    },
+                );
+                t.write(reg::QUEUE_NUM, &[1, 2]);
+                w(&mut t, 0x0f0, 1);
+                w(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+            }
+        });
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+        let refused = lines
+            .iter()
+            .filter(|l| l.contains("invalid virtqueue configuration refused"))
+            .count();
+        let total = lines.iter().filter(|l| l.contains("virtio-mmio")).count();
+        // Other tests share the per-call-site limiters, and a slow run may straddle two windows:
+        // at most two windows' worth (plus a "suppressed" line each) per call site, against
+        // ROUNDS lines per site without the limiter.
+        let per_site = 2 * (GUEST_LOG_BURST as usize + 1);
+        assert!(refused <= per_site, "{refused} refusal lines");
+        assert!(total <= 4 * per_site, "{total} lines: {lines:?}");
     }
 
     /// One guest access: (offset, width, value, is_write).

@@ -209,14 +209,47 @@ pub trait VirtioDevice<M: GuestMemory>: Send {
     fn reset(&mut self);
 }
 
+/// Pops the next available descriptor chain, like `QueueT::pop_descriptor_chain`, but a bad
+/// available ring (an avail index more than a queue size ahead, a ring at address 0) is logged
+/// through the rate limiter instead of by `virtio-queue` itself (which logs every failure at
+/// error level, once per notification a guest sends). `None` when nothing is available or the
+/// ring is unusable.
+pub(crate) fn pop_chain<M>(queue: &mut Queue, mem: M) -> Option<virtio_queue::DescriptorChain<M>>
+where
+    M: Clone + std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    match virtio_queue::QueueOwnedT::iter(queue, mem) {
+        Ok(mut iter) => iter.next(),
+        Err(err) => {
+            crate::logging::guest_log!(
+                warn,
+                error = %err,
+                "virtio: cannot read the available ring"
+            );
+            None
+        }
+    }
+}
+
 /// Puts chain `head` on the used ring with `len` bytes written. A failure (a head index the
 /// guest put out of range, which walks as an empty chain) is logged and skipped so the rest of
-/// the ring is still served. Returns whether the element was added.
+/// the ring is still served. Returns whether the element was added. An out-of-range head is
+/// caught here, before `virtio-queue` would log it without a rate limit.
 pub(crate) fn complete<M: GuestMemory>(queue: &mut Queue, mem: &M, head: u16, len: u32) -> bool {
+    if head >= virtio_queue::QueueT::size(queue) {
+        crate::logging::guest_log!(debug, head, "virtio: chain head out of range");
+        return false;
+    }
     match virtio_queue::QueueT::add_used(queue, mem, head, len) {
         Ok(()) => true,
         Err(err) => {
-            tracing::debug!(head, error = %err, "virtio: cannot complete a chain");
+            crate::logging::guest_log!(
+                debug,
+                head,
+                error = %err,
+                "virtio: cannot complete a chain"
+            );
             false
         }
     }
@@ -237,5 +270,53 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
             .and_then(|o| config.get(o))
             .copied()
             .unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::test_utils::{mem, TestQueue};
+    use super::*;
+    use crate::logging::{capture, GUEST_LOG_BURST};
+
+    #[test]
+    fn a_bad_avail_index_yields_nothing_and_logs_boundedly() {
+        let m = mem();
+        let mut tq = TestQueue::new(&m, 0x1000, 16);
+        tq.add_chain(&m, &[(0x8000, 16, false)]);
+        let mut q = tq.queue();
+        // The driver claims 16 + 5 new entries in a 16-entry ring.
+        m.write_obj(21u16.to_le(), GuestAddress(tq.avail + 2))
+            .expect("avail idx");
+        let lines = capture::log_lines(|| {
+            for _ in 0..5000 {
+                assert!(pop_chain(&mut q, &m).is_none());
+            }
+        });
+        let n = lines
+            .iter()
+            .filter(|l| l.contains("cannot read the available ring"))
+            .count();
+        assert!(n <= 2 * (GUEST_LOG_BURST as usize + 1), "{n} lines");
+        // A sane index again: the chain is there.
+        m.write_obj(1u16.to_le(), GuestAddress(tq.avail + 2))
+            .expect("avail idx");
+        let chain = pop_chain(&mut q, &m).expect("chain");
+        assert_eq!(chain.head_index(), 0);
+    }
+
+    #[test]
+    fn an_out_of_range_head_is_not_completed() {
+        let m = mem();
+        let tq = TestQueue::new(&m, 0x1000, 16);
+        let mut q = tq.queue();
+        assert!(!complete(&mut q, &m, 16, 0));
+        assert!(!complete(&mut q, &m, u16::MAX, 0));
+        assert_eq!(tq.used_idx(&m), 0);
+        assert!(complete(&mut q, &m, 15, 4));
+        assert_eq!(tq.used_idx(&m), 1);
+        assert_eq!(tq.used_elem(&m, 0), (15, 4));
     }
 }

@@ -15,7 +15,6 @@ pub mod request;
 
 use std::sync::Arc;
 
-use tracing::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
@@ -24,9 +23,10 @@ use request::{Parsed, Request, RequestKind, ID_LEN, SECTOR_SIZE, S_IOERR, S_OK, 
 
 use super::chain::{self, ChainDesc};
 use super::{
-    complete, feature, read_config_bytes, Result, VirtioDevice, VirtioError, VirtioInterrupt,
-    DEVICE_ID_BLOCK, VIRTIO_F_VERSION_1,
+    complete, feature, pop_chain, read_config_bytes, Result, VirtioDevice, VirtioError,
+    VirtioInterrupt, DEVICE_ID_BLOCK, VIRTIO_F_VERSION_1,
 };
+use crate::logging::guest_log;
 
 /// Maximum size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -152,7 +152,7 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // Only `writeback` is writable, and only with VIRTIO_BLK_F_CONFIG_WCE, not offered.
-        debug!(offset, "virtio-blk: config write ignored");
+        guest_log!(debug, offset, "virtio-blk: config write ignored");
     }
 
     fn activate(
@@ -187,7 +187,7 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
         let mut used = 0usize;
         // One pass over at most `size` chains; later chains come with a new notification.
         for _ in 0..active.queue.size() {
-            let Some(desc_chain) = active.queue.pop_descriptor_chain(&active.mem) else {
+            let Some(desc_chain) = pop_chain(&mut active.queue, &active.mem) else {
                 break;
             };
             let head = desc_chain.head_index();
@@ -204,7 +204,7 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
                 ),
                 Err(err) => {
                     // The true last descriptor is unknown, so no status can be written safely.
-                    warn!(error = %err, "virtio-blk: request dropped");
+                    guest_log!(warn, error = %err, "virtio-blk: request dropped");
                     0
                 }
             };
@@ -236,7 +236,7 @@ fn execute<M: GuestMemory>(
     let req = match request::parse(mem, descs, capacity) {
         Parsed::Request(req) => req,
         Parsed::Malformed { status, reason } => {
-            debug!(reason, "virtio-blk: malformed request");
+            guest_log!(debug, reason, "virtio-blk: malformed request");
             return match status {
                 Some(at) if request::write_status(mem, at, S_IOERR) => 1,
                 _ => 0,
@@ -256,7 +256,7 @@ fn execute<M: GuestMemory>(
         RequestKind::Flush => match backend.flush() {
             Ok(()) => (S_OK, 0),
             Err(err) => {
-                warn!(error = %err, "virtio-blk: flush failed");
+                guest_log!(warn, error = %err, "virtio-blk: flush failed");
                 (S_IOERR, 0)
             }
         },
@@ -268,7 +268,7 @@ fn execute<M: GuestMemory>(
             }
         }
         RequestKind::Unsupported(ty) => {
-            debug!(ty, "virtio-blk: unsupported request type");
+            guest_log!(debug, ty, "virtio-blk: unsupported request type");
             (S_UNSUPP, 0)
         }
     };
@@ -296,7 +296,7 @@ fn do_in<M: GuestMemory>(
         let disk_off = req.sector * SECTOR_SIZE + done;
         backend
             .read_at(disk_off, &mut bounce[..n])
-            .map_err(|err| warn!(error = %err, disk_off, "virtio-blk: read failed"))?;
+            .map_err(|err| guest_log!(warn, error = %err, disk_off, "virtio-blk: read failed"))?;
         match chain::write_at(mem, writable, req.data_offset + done, &bounce[..n]) {
             Ok(w) if w == n => {}
             _ => return Err(()),
@@ -327,7 +327,7 @@ fn do_out<M: GuestMemory>(
         let disk_off = req.sector * SECTOR_SIZE + done;
         backend
             .write_at(disk_off, &bounce[..n])
-            .map_err(|err| warn!(error = %err, disk_off, "virtio-blk: write failed"))?;
+            .map_err(|err| guest_log!(warn, error = %err, disk_off, "virtio-blk: write failed"))?;
         done += n as u64;
     }
     Ok(())
