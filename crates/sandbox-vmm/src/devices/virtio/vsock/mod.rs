@@ -38,7 +38,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::debug;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
@@ -258,7 +257,7 @@ impl<M: GuestMemory> Vsock<M> {
         };
         let mut used = 0usize;
         for _ in 0..active.rx.size() {
-            let Some(desc_chain) = active.rx.pop_descriptor_chain(&active.mem) else {
+            let Some(desc_chain) = super::pop_chain(&mut active.rx, &active.mem) else {
                 break;
             };
             let head = desc_chain.head_index();
@@ -268,7 +267,7 @@ impl<M: GuestMemory> Vsock<M> {
                 && chain::check_ranges(&active.mem, &self.descs).is_ok()
                 && chain::total_len(&self.descs) >= HEADER_LEN as u64;
             if !usable {
-                debug!("vsock: unusable rx buffer returned empty");
+                crate::logging::guest_log!(debug, "vsock: unusable rx buffer returned empty");
                 if complete(&mut active.rx, &active.mem, head, 0) {
                     used += 1;
                 }
@@ -296,7 +295,9 @@ impl<M: GuestMemory> Vsock<M> {
                 });
             match wrote {
                 Ok(p) => len += p,
-                Err(err) => debug!(error = %err, "vsock: rx write failed"),
+                Err(err) => {
+                    crate::logging::guest_log!(debug, error = %err, "vsock: rx write failed")
+                }
             }
             // len <= HEADER_LEN + 64 KiB.
             let len = u32::try_from(len).unwrap_or(0);
@@ -317,7 +318,7 @@ impl<M: GuestMemory> Vsock<M> {
         };
         let mut used = 0usize;
         for _ in 0..active.tx.size() {
-            let Some(desc_chain) = active.tx.pop_descriptor_chain(&active.mem) else {
+            let Some(desc_chain) = super::pop_chain(&mut active.tx, &active.mem) else {
                 break;
             };
             let head = desc_chain.head_index();
@@ -335,7 +336,7 @@ impl<M: GuestMemory> Vsock<M> {
                     &mut self.bounce,
                 );
             } else {
-                debug!("vsock: over-long tx chain dropped");
+                crate::logging::guest_log!(debug, "vsock: over-long tx chain dropped");
             }
             if complete(&mut active.tx, &active.mem, head, 0) {
                 used += 1;
@@ -356,14 +357,14 @@ fn tx_packet<M: GuestMemory>(
     bounce: &mut [u8],
 ) {
     if chain::check_ranges(mem, readable).is_err() {
-        debug!("vsock: tx buffer outside guest memory dropped");
+        crate::logging::guest_log!(debug, "vsock: tx buffer outside guest memory dropped");
         return;
     }
     let mut raw = [0u8; HEADER_LEN];
     match chain::read_at(mem, readable, 0, &mut raw) {
         Ok(n) if n == HEADER_LEN => {}
         _ => {
-            debug!("vsock: short tx header dropped");
+            crate::logging::guest_log!(debug, "vsock: short tx header dropped");
             return;
         }
     }
@@ -371,7 +372,12 @@ fn tx_packet<M: GuestMemory>(
     let avail = chain::total_len(readable) - HEADER_LEN as u64;
     let len = hdr.len as usize;
     if len > MAX_PAYLOAD || u64::from(hdr.len) > avail || len > bounce.len() {
-        debug!(len = hdr.len, avail, "vsock: tx packet with a bad length");
+        crate::logging::guest_log!(
+            debug,
+            len = hdr.len,
+            avail,
+            "vsock: tx packet with a bad length"
+        );
         muxer.handle_malformed(&hdr);
         return;
     }
@@ -399,7 +405,7 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Vsock<M> {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        debug!(offset, "vsock: config write ignored");
+        crate::logging::guest_log!(debug, offset, "vsock: config write ignored");
     }
 
     fn activate(
