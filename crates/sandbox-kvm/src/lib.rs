@@ -31,9 +31,9 @@ pub mod devices;
 pub mod event_loop;
 pub mod kvm;
 pub mod layout;
+pub mod runtime;
 pub mod sys;
 pub mod vcpu;
 pub mod vmm;
-pub mod runtime;
 
 pub use runtime::{KvmRuntime, KvmRuntimeConfig, KvmSandbox};
