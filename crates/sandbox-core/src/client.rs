@@ -233,27 +233,24 @@ pub async fn connect_vsock_unix(
     deadline: Duration,
 ) -> Result<AgentClient<tokio::net::UnixStream>> {
     let started = Instant::now();
-    let stage = std::cell::Cell::new(STAGE_SOCKET);
-    let attempt = async {
-        let mut s =
-            tokio::net::UnixStream::connect(path)
-                .await
-                .map_err(|e| ClientError::VsockConnect {
-                    port,
-                    reply: e.to_string(),
-                })?;
-        stage.set(STAGE_CONNECT_REPLY);
-        vsock_connect(&mut s, port).await?;
-        stage.set(STAGE_HELLO);
-        AgentClient::handshake_inner(s, started + deadline, started).await
+    let end = started + deadline;
+    let timed_out = |stage| ClientError::HandshakeTimeout {
+        stage,
+        after: started.elapsed(),
     };
-    match tokio::time::timeout_at(started + deadline, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(ClientError::HandshakeTimeout {
-            stage: stage.get(),
-            after: started.elapsed(),
-        }),
+    let connect = tokio::net::UnixStream::connect(path);
+    let mut s = match tokio::time::timeout_at(end, connect).await {
+        Err(_) => return Err(timed_out(STAGE_SOCKET)),
+        Ok(r) => r.map_err(|e| ClientError::VsockConnect {
+            port,
+            reply: e.to_string(),
+        })?,
+    };
+    match tokio::time::timeout_at(end, vsock_connect(&mut s, port)).await {
+        Err(_) => return Err(timed_out(STAGE_CONNECT_REPLY)),
+        Ok(r) => r?,
     }
+    AgentClient::handshake_inner(s, end, started).await
 }
 
 /// [`ClientError::HandshakeTimeout`] stages.
