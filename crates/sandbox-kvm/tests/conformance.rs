@@ -254,6 +254,24 @@ async fn kvm_backend_passes_the_conformance_suite_and_leaves_nothing_behind() {
     assert!(!pid_alive(pid), "Drop left VMM {pid} running");
     assert!(!dir.exists(), "Drop left {}", dir.display());
 
+    // 3b. A create() dropped mid-boot (its future cancelled) leaves nothing once the runtime's
+    //     cleanup thread has run: the live count drops to zero last, after kill and removal.
+    for ms in [50, 300, 1500] {
+        let r = tokio::time::timeout(
+            Duration::from_millis(ms),
+            h.runtime.create_sandbox(h.spec()),
+        )
+        .await;
+        if let Ok(Ok(sb)) = r {
+            // Booted faster than the bound: nothing was cancelled; destroy it.
+            sb.destroy().await.expect("destroy");
+        }
+        assert!(
+            eventually(Duration::from_secs(30), || h.runtime.live_sandboxes() == 0).await,
+            "a create() cancelled after {ms} ms was not cleaned up"
+        );
+    }
+
     // 4. Nothing of ours is left: no VMM process, no file under the state dir, no open fd.
     assert_eq!(h.runtime.live_sandboxes(), 0);
     let after = h.inventory().await.expect("inventory");
