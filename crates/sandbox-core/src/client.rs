@@ -5,6 +5,14 @@
 //! for concurrency. Any transport or protocol failure marks the client broken: later calls fail
 //! fast with [`ClientError::Broken`] and the caller should open a new connection.
 //!
+//! Deadlines: connecting ([`connect_vsock_unix`], [`wait_for_agent`]: socket connect, the
+//! `CONNECT` reply, the hello) is bounded as a whole by the caller's deadline. Every non-exec
+//! request is bounded as a whole, sends included, by the request timeout
+//! ([`DEFAULT_REQUEST_TIMEOUT`], [`AgentClient::set_request_timeout`]): an agent that stops reading
+//! cannot block a `write_file` forever. An exec's sends are bounded by the request timeout; its
+//! answers by its own timeout plus [`EXEC_GRACE`] (without a timeout the command may run, and
+//! the stream stay silent, as long as it likes). Timeout errors carry the time actually waited.
+//!
 //! ```no_run
 //! # async fn demo(stream: tokio::net::UnixStream) -> Result<(), sandbox_core::client::ClientError> {
 //! use std::time::Duration;
@@ -29,7 +37,8 @@ use crate::protocol::{
 };
 use crate::sandbox::ExecEventSender;
 
-/// Default per-frame wait for non-exec requests.
+/// Default bound on one whole non-exec request (every send and every answer frame of it), and on
+/// each send of an exec.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Extra time the client waits past an exec's own timeout before giving up on the agent.
 pub const EXEC_GRACE: Duration = Duration::from_secs(30);
@@ -43,10 +52,14 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// The agent did not complete the handshake before the deadline.
-    #[error("The agent did not answer the handshake within {after:?}.")]
+    /// The agent (or the VMM's vsock socket) did not complete the connection before the
+    /// deadline.
+    #[error("The agent connection did not complete: no progress at the {stage} after {after:?}.")]
     HandshakeTimeout {
-        /// The deadline.
+        /// Where it stalled: `socket connect`, `vsock CONNECT reply`, `protocol hello`.
+        stage: &'static str,
+        /// How long the connection attempt had run when it was given up (the time actually
+        /// waited, not the configured bound).
         after: Duration,
     },
     /// The handshake failed (closed stream, bad magic, version mismatch).
@@ -58,12 +71,13 @@ pub enum ClientError {
     /// The agent closed the connection in the middle of a request.
     #[error("The agent closed the connection.")]
     Closed,
-    /// No frame arrived in time.
-    #[error("No answer from the agent for {what} within {after:?}.")]
+    /// A request did not finish before its deadline: the agent neither answered nor read what
+    /// was sent (a send blocked on a full socket counts too).
+    #[error("The agent did not finish {what} in time: gave up after {after:?}.")]
     Timeout {
         /// The request kind.
         what: &'static str,
-        /// The wait that expired.
+        /// How long the request had run when it was given up (the time actually waited).
         after: Duration,
     },
     /// The agent sent a frame that does not fit the exchange.
@@ -218,22 +232,31 @@ pub async fn connect_vsock_unix(
     port: u32,
     deadline: Duration,
 ) -> Result<AgentClient<tokio::net::UnixStream>> {
-    let attempt = async {
-        let mut s =
-            tokio::net::UnixStream::connect(path)
-                .await
-                .map_err(|e| ClientError::VsockConnect {
-                    port,
-                    reply: e.to_string(),
-                })?;
-        vsock_connect(&mut s, port).await?;
-        AgentClient::handshake(s, deadline).await
+    let started = Instant::now();
+    let end = started + deadline;
+    let timed_out = |stage| ClientError::HandshakeTimeout {
+        stage,
+        after: started.elapsed(),
     };
-    match tokio::time::timeout(deadline, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(ClientError::HandshakeTimeout { after: deadline }),
+    let connect = tokio::net::UnixStream::connect(path);
+    let mut s = match tokio::time::timeout_at(end, connect).await {
+        Err(_) => return Err(timed_out(STAGE_SOCKET)),
+        Ok(r) => r.map_err(|e| ClientError::VsockConnect {
+            port,
+            reply: e.to_string(),
+        })?,
+    };
+    match tokio::time::timeout_at(end, vsock_connect(&mut s, port)).await {
+        Err(_) => return Err(timed_out(STAGE_CONNECT_REPLY)),
+        Ok(r) => r?,
     }
+    AgentClient::handshake_inner(s, end, started).await
 }
+
+/// [`ClientError::HandshakeTimeout`] stages.
+const STAGE_SOCKET: &str = "socket connect";
+const STAGE_CONNECT_REPLY: &str = "vsock CONNECT reply";
+const STAGE_HELLO: &str = "protocol hello";
 
 /// Polls [`connect_vsock_unix`] every 50 ms until the agent answers or `deadline` passes (the
 /// guest is booting: the socket may not exist yet, or nothing listens on the port yet).
@@ -246,14 +269,27 @@ pub async fn wait_for_agent(
     port: u32,
     deadline: Duration,
 ) -> Result<AgentClient<tokio::net::UnixStream>> {
-    let end = Instant::now() + deadline;
+    let started = Instant::now();
+    let end = started + deadline;
+    // The stage of the last attempt that failed without timing out (a refused socket or a
+    // refused CONNECT): the socket is not ready yet.
+    let stage = STAGE_SOCKET;
     loop {
         let left = end.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(ClientError::HandshakeTimeout { after: deadline });
+            return Err(ClientError::HandshakeTimeout {
+                stage,
+                after: started.elapsed(),
+            });
         }
         match connect_vsock_unix(path, port, left).await {
             Ok(c) => return Ok(c),
+            Err(ClientError::HandshakeTimeout { stage: s, .. }) => {
+                return Err(ClientError::HandshakeTimeout {
+                    stage: s,
+                    after: started.elapsed(),
+                })
+            }
             Err(
                 e @ ClientError::Handshake(
                     ProtocolError::BadMagic { .. }
@@ -273,6 +309,8 @@ pub struct AgentClient<S> {
     reader: asynch::FrameReader,
     next_id: u64,
     request_timeout: Duration,
+    /// When the current call began (the `after` of its timeout errors).
+    call_started: Instant,
     /// An exec whose session was dropped before `Exited`; settled before the next request.
     pending_exec: Option<u64>,
     broken: bool,
@@ -284,27 +322,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     /// # Errors
     /// [`ClientError::HandshakeTimeout`] (kind `AgentUnreachable`), or
     /// [`ClientError::Handshake`] with the typed cause (`VersionMismatch`, `BadMagic`...).
-    pub async fn handshake(mut stream: S, deadline: Duration) -> Result<Self> {
+    pub async fn handshake(stream: S, deadline: Duration) -> Result<Self> {
+        let started = Instant::now();
+        Self::handshake_inner(stream, started + deadline, started).await
+    }
+
+    async fn handshake_inner(mut stream: S, end: Instant, started: Instant) -> Result<Self> {
         let exchange = async {
             asynch::write_hello(&mut stream, Role::Host).await?;
             let bytes = asynch::read_hello_bytes(&mut stream).await?;
             Hello::check(bytes, Role::Agent)
         };
-        match tokio::time::timeout(deadline, exchange).await {
-            Err(_) => Err(ClientError::HandshakeTimeout { after: deadline }),
+        match tokio::time::timeout_at(end, exchange).await {
+            Err(_) => Err(ClientError::HandshakeTimeout {
+                stage: STAGE_HELLO,
+                after: started.elapsed(),
+            }),
             Ok(Err(e)) => Err(ClientError::Handshake(e)),
             Ok(Ok(_)) => Ok(AgentClient {
                 stream,
                 reader: asynch::FrameReader::new(),
                 next_id: 1,
                 request_timeout: DEFAULT_REQUEST_TIMEOUT,
+                call_started: Instant::now(),
                 pending_exec: None,
                 broken: false,
             }),
         }
     }
 
-    /// Sets the per-frame wait for non-exec requests (default [`DEFAULT_REQUEST_TIMEOUT`]).
+    /// Sets the bound on each whole non-exec request and on each send of an exec (default
+    /// [`DEFAULT_REQUEST_TIMEOUT`]).
     pub fn set_request_timeout(&mut self, timeout: Duration) {
         self.request_timeout = timeout;
     }
@@ -326,9 +374,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
         e
     }
 
-    async fn send(&mut self, id: u64, body: HostMessage) -> Result<()> {
-        let r = asynch::write_frame(&mut self.stream, &HostFrame { id, body }).await;
-        r.map_err(|e| self.fail(e.into()))
+    /// Sends one frame, giving up at `deadline` (an agent that stops reading fills the socket
+    /// and would block the write forever). A timeout breaks the connection: the frame may be
+    /// half written.
+    async fn send(
+        &mut self,
+        id: u64,
+        body: HostMessage,
+        what: &'static str,
+        deadline: Instant,
+    ) -> Result<()> {
+        let frame = HostFrame { id, body };
+        let write = asynch::write_frame(&mut self.stream, &frame);
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(r) => r.map_err(|e| self.fail(e.into())),
+            Err(_) => {
+                let after = self.call_started.elapsed();
+                Err(self.fail(ClientError::Timeout { what, after }))
+            }
+        }
     }
 
     /// Waits for the next frame of request `id`, until `deadline` (`None`: forever).
@@ -343,7 +407,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
             Some(d) => match tokio::time::timeout_at(d, read).await {
                 Ok(r) => r,
                 Err(_) => {
-                    let after = d.saturating_duration_since(Instant::now());
+                    // The time the call actually ran, not the time left (zero by now).
+                    let after = self.call_started.elapsed();
                     return Err(self.fail(ClientError::Timeout { what, after }));
                 }
             },
@@ -373,31 +438,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
         }
     }
 
-    fn request_deadline(&self) -> Option<Instant> {
-        Some(Instant::now() + self.request_timeout)
-    }
-
-    /// Starts request `body`: checks the connection, settles any abandoned exec, picks an id.
-    async fn begin(&mut self, body: HostMessage) -> Result<u64> {
+    /// Starts request `body` of kind `what`: checks the connection, settles any abandoned exec,
+    /// picks an id and sends the request. Returns the id and the call's deadline (now plus the
+    /// request timeout), which bounds every later send and answer of a non-exec call.
+    async fn begin(&mut self, body: HostMessage, what: &'static str) -> Result<(u64, Instant)> {
         if self.broken {
             return Err(ClientError::Broken);
         }
         if let Some(old) = self.pending_exec.take() {
             // Kill the abandoned command and read up to its Exited, so frames stay in step.
-            self.send(old, HostMessage::Signal { signal: SIGKILL })
+            const WHAT: &str = "an abandoned exec";
+            self.call_started = Instant::now();
+            let deadline = self.call_started + self.request_timeout + EXEC_GRACE;
+            self.send(old, HostMessage::Signal { signal: SIGKILL }, WHAT, deadline)
                 .await?;
-            let deadline = Some(Instant::now() + self.request_timeout + EXEC_GRACE);
             loop {
-                match self.recv(old, "an abandoned exec", deadline).await? {
+                match self.recv(old, WHAT, Some(deadline)).await? {
                     AgentMessage::Exited(_) | AgentMessage::Error(_) => break,
                     _ => {}
                 }
             }
         }
+        self.call_started = Instant::now();
+        let deadline = self.call_started + self.request_timeout;
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
-        self.send(id, body).await?;
-        Ok(id)
+        self.send(id, body, what, deadline).await?;
+        Ok((id, deadline))
     }
 
     /// Checks the agent is alive.
@@ -405,8 +472,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     /// # Errors
     /// Connection errors, [`ClientError::Timeout`].
     pub async fn ping(&mut self) -> Result<AgentInfo> {
-        let id = self.begin(HostMessage::Ping).await?;
-        match self.recv(id, "ping", self.request_deadline()).await? {
+        let (id, deadline) = self.begin(HostMessage::Ping, "ping").await?;
+        match self.recv(id, "ping", Some(deadline)).await? {
             AgentMessage::Pong(info) => Ok(info),
             other => Err(self.unexpected("ping", id, &other)),
         }
@@ -431,10 +498,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     pub async fn exec_start(&mut self, req: &ExecRequest) -> Result<ExecSession<'_, S>> {
         req.validate()?;
         let start = ExecStart::from_request(req, &Default::default());
-        let deadline = req.timeout.map(|t| Instant::now() + t + EXEC_GRACE);
-        let id = self.begin(HostMessage::Exec(start)).await?;
+        let (id, send_deadline) = self.begin(HostMessage::Exec(start), "exec").await?;
+        let deadline = req.timeout.map(|t| self.call_started + t + EXEC_GRACE);
         let first = self
-            .recv(id, "exec", deadline.or(self.request_deadline()))
+            .recv(id, "exec", deadline.or(Some(send_deadline)))
             .await?;
         match first {
             AgentMessage::Started { pid } => {
@@ -510,13 +577,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     /// large...), connection errors.
     pub async fn read_file(&mut self, path: &str, opts: &FileOptions) -> Result<Vec<u8>> {
         file::validate_path(path, opts)?;
-        let id = self
-            .begin(HostMessage::ReadFile {
-                path: path.to_owned(),
-                opts: opts.clone(),
-            })
+        let (id, deadline) = self
+            .begin(
+                HostMessage::ReadFile {
+                    path: path.to_owned(),
+                    opts: opts.clone(),
+                },
+                "read_file",
+            )
             .await?;
-        let size = match self.recv(id, "read_file", self.request_deadline()).await? {
+        let size = match self.recv(id, "read_file", Some(deadline)).await? {
             AgentMessage::FileStart { size } if size <= MAX_FILE_BYTES => size,
             AgentMessage::FileStart { .. } => {
                 return Err(self.fail(ClientError::Unexpected {
@@ -530,7 +600,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
         // `size` comes from the guest: allocate as data arrives, not up front.
         let mut data = Vec::with_capacity(FILE_CHUNK_BYTES.min(size as usize));
         loop {
-            match self.recv(id, "read_file", self.request_deadline()).await? {
+            match self.recv(id, "read_file", Some(deadline)).await? {
                 AgentMessage::FileData(chunk) if (data.len() + chunk.len()) as u64 <= size => {
                     data.extend_from_slice(&chunk)
                 }
@@ -567,16 +637,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
             opts: opts.clone(),
             size,
         };
-        let id = self.begin(body).await?;
-        match self.recv(id, "write_file", self.request_deadline()).await? {
+        const WHAT: &str = "write_file";
+        let (id, deadline) = self.begin(body, WHAT).await?;
+        match self.recv(id, WHAT, Some(deadline)).await? {
             AgentMessage::Ready => {}
-            other => return Err(self.unexpected("write_file", id, &other)),
+            other => return Err(self.unexpected(WHAT, id, &other)),
         }
         for chunk in data.chunks(FILE_CHUNK_BYTES) {
-            self.send(id, HostMessage::FileData(Bytes::copy_from_slice(chunk)))
-                .await?;
+            let frame = HostMessage::FileData(Bytes::copy_from_slice(chunk));
+            self.send(id, frame, WHAT, deadline).await?;
         }
-        match self.recv(id, "write_file", self.request_deadline()).await? {
+        match self.recv(id, WHAT, Some(deadline)).await? {
             AgentMessage::Done => Ok(()),
             other => Err(self.unexpected("write_file", id, &other)),
         }
@@ -588,13 +659,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     /// As [`AgentClient::read_file`].
     pub async fn remove(&mut self, path: &str, opts: &FileOptions) -> Result<()> {
         file::validate_path(path, opts)?;
-        let id = self
-            .begin(HostMessage::Remove {
-                path: path.to_owned(),
-                opts: opts.clone(),
-            })
+        let (id, deadline) = self
+            .begin(
+                HostMessage::Remove {
+                    path: path.to_owned(),
+                    opts: opts.clone(),
+                },
+                "remove",
+            )
             .await?;
-        match self.recv(id, "remove", self.request_deadline()).await? {
+        match self.recv(id, "remove", Some(deadline)).await? {
             AgentMessage::Done => Ok(()),
             other => Err(self.unexpected("remove", id, &other)),
         }
@@ -606,13 +680,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     /// As [`AgentClient::read_file`].
     pub async fn list(&mut self, path: &str, opts: &FileOptions) -> Result<Listing> {
         file::validate_path(path, opts)?;
-        let id = self
-            .begin(HostMessage::List {
-                path: path.to_owned(),
-                opts: opts.clone(),
-            })
+        let (id, deadline) = self
+            .begin(
+                HostMessage::List {
+                    path: path.to_owned(),
+                    opts: opts.clone(),
+                },
+                "list",
+            )
             .await?;
-        match self.recv(id, "list", self.request_deadline()).await? {
+        match self.recv(id, "list", Some(deadline)).await? {
             AgentMessage::Listing(l) => Ok(l),
             other => Err(self.unexpected("list", id, &other)),
         }
@@ -624,8 +701,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     /// # Errors
     /// Connection errors before the request was sent, [`ClientError::Agent`].
     pub async fn power_off(&mut self) -> Result<()> {
-        let id = self.begin(HostMessage::PowerOff).await?;
-        match self.recv(id, "power_off", self.request_deadline()).await {
+        let (id, deadline) = self.begin(HostMessage::PowerOff, "power_off").await?;
+        match self.recv(id, "power_off", Some(deadline)).await {
             Ok(AgentMessage::Done) | Err(ClientError::Closed) => Ok(()),
             Err(ClientError::Protocol(ProtocolError::Io(_))) => Ok(()),
             Ok(other) => Err(self.unexpected("power_off", id, &other)),
@@ -687,13 +764,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ExecSession<'_, S> {
     /// Sends `signal` to the command's whole process group.
     ///
     /// # Errors
-    /// Connection errors.
+    /// Connection errors; [`ClientError::Timeout`] when the agent does not read the request
+    /// within the client's request timeout.
     pub async fn signal(&mut self, signal: i32) -> Result<()> {
         if self.done {
             return Ok(());
         }
+        let deadline = Instant::now() + self.client.request_timeout;
         self.client
-            .send(self.id, HostMessage::Signal { signal })
+            .send(self.id, HostMessage::Signal { signal }, "exec", deadline)
             .await
     }
 }
@@ -737,16 +816,167 @@ mod tests {
         }
     }
 
+    /// A fake agent on `stream`: completes the handshake, answers the first request with
+    /// `reply`, then never reads again (but keeps the stream open).
+    async fn stalling_agent(
+        mut stream: tokio::io::DuplexStream,
+        reply: AgentMessage,
+    ) -> tokio::io::DuplexStream {
+        let mut hello = [0u8; crate::protocol::HELLO_BYTES];
+        stream.read_exact(&mut hello).await.expect("host hello");
+        asynch::write_hello(&mut stream, Role::Agent)
+            .await
+            .expect("agent hello");
+        let mut reader = asynch::FrameReader::new();
+        let req: HostFrame = reader
+            .read_frame(&mut stream)
+            .await
+            .expect("request")
+            .expect("a frame");
+        asynch::write_frame(
+            &mut stream,
+            &AgentFrame {
+                id: req.id,
+                body: reply,
+            },
+        )
+        .await
+        .expect("reply");
+        stream
+    }
+
+    #[tokio::test]
+    async fn write_file_to_an_agent_that_stops_reading_times_out() {
+        // A small pipe: the first data frames fill it and the next send blocks.
+        let (host, agent) = tokio::io::duplex(16 * 1024);
+        let agent = tokio::spawn(stalling_agent(agent, AgentMessage::Ready));
+        let mut c = AgentClient::handshake(host, Duration::from_secs(5))
+            .await
+            .expect("handshake");
+        let bound = Duration::from_millis(300);
+        c.set_request_timeout(bound);
+        let started = std::time::Instant::now();
+        let data = vec![7u8; 4 * FILE_CHUNK_BYTES];
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.write_file("/tmp/x", &data, &FileOptions::default()),
+        )
+        .await
+        .expect("write_file is bounded by its own deadline");
+        let waited = started.elapsed();
+        let err = r.expect_err("the agent never reads");
+        match &err {
+            ClientError::Timeout { what, after } => {
+                assert_eq!(*what, "write_file");
+                assert!(
+                    *after >= bound && *after <= waited,
+                    "{after:?} vs {waited:?}"
+                );
+            }
+            other => panic!("not a timeout: {other:?}"),
+        }
+        assert_eq!(err.kind(), crate::ErrorKind::Timeout);
+        assert!(!err.to_string().contains("0ns"), "{err}");
+        assert!(waited < Duration::from_secs(3), "took {waited:?}");
+        assert!(c.is_broken(), "a half-sent frame breaks the connection");
+        drop(agent.await.expect("agent"));
+    }
+
+    #[tokio::test]
+    async fn a_silent_answer_reports_the_time_actually_waited() {
+        let (host, agent) = tokio::io::duplex(64 * 1024);
+        // The agent reads the ping and never answers it (it answers with a frame for another id
+        // only after the test is over).
+        let agent = tokio::spawn(async move {
+            let mut stream = agent;
+            let mut hello = [0u8; crate::protocol::HELLO_BYTES];
+            stream.read_exact(&mut hello).await.expect("host hello");
+            asynch::write_hello(&mut stream, Role::Agent)
+                .await
+                .expect("agent hello");
+            let mut buf = vec![0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            stream
+        });
+        let mut c = AgentClient::handshake(host, Duration::from_secs(5))
+            .await
+            .expect("handshake");
+        c.set_request_timeout(Duration::from_millis(200));
+        let err = c.ping().await.expect_err("no pong");
+        let ClientError::Timeout {
+            what: "ping",
+            after,
+        } = err
+        else {
+            panic!("{err:?}");
+        };
+        assert!(after >= Duration::from_millis(200), "{after:?}");
+        assert!(err_text_has_duration(&ClientError::Timeout {
+            what: "ping",
+            after
+        }));
+        drop(agent.await.expect("agent"));
+    }
+
+    fn err_text_has_duration(e: &ClientError) -> bool {
+        let t = e.to_string();
+        !t.contains("0ns") && t.contains("ms")
+    }
+
+    #[tokio::test]
+    async fn a_vmm_socket_that_never_answers_connect_is_bounded() {
+        let dir = std::env::temp_dir().join(format!("sbx-mute-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        let path = dir.join("vsock.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        // Accept, read the CONNECT line, never answer.
+        let vmm = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (mut s, _) = listener.accept().await.expect("accept");
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+                held.push(s);
+            }
+        });
+        let bound = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(10), wait_for_agent(&path, 1024, bound))
+            .await
+            .expect("bounded")
+            .expect_err("no OK ever");
+        let waited = started.elapsed();
+        match &err {
+            ClientError::HandshakeTimeout { stage, after } => {
+                assert_eq!(*stage, STAGE_CONNECT_REPLY);
+                assert!(
+                    *after >= bound && *after <= waited,
+                    "{after:?} vs {waited:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(err_text_has_duration(&err), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::AgentUnreachable);
+        assert!(waited < Duration::from_secs(3), "took {waited:?}");
+        vmm.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn wait_for_agent_gives_up_at_the_deadline() {
         let dir = std::env::temp_dir().join(format!("sbx-wait-{}", std::process::id()));
         let err = wait_for_agent(&dir.join("missing.sock"), 1024, Duration::from_millis(200))
             .await
             .expect_err("nothing there");
-        assert!(
-            matches!(err, ClientError::HandshakeTimeout { .. }),
-            "{err:?}"
-        );
+        match &err {
+            ClientError::HandshakeTimeout { stage, after } => {
+                assert_eq!(*stage, STAGE_SOCKET);
+                assert!(*after >= Duration::from_millis(200), "{after:?}");
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(err.kind(), crate::ErrorKind::AgentUnreachable);
     }
 }

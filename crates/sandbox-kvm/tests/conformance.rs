@@ -254,6 +254,27 @@ async fn drop_without_destroy_cleans_up(h: &KvmHarness) {
     assert_eq!(h.runtime.live_sandboxes(), 0);
 }
 
+/// A `create()` dropped mid-boot (its future cancelled) leaves nothing once the runtime's cleanup
+/// thread has run: the live count drops to zero last, after kill and removal. The inventory check
+/// that ends the suite covers processes, files and fds.
+async fn cancelled_creates_leave_nothing(h: &KvmHarness) {
+    for ms in [50, 300, 1500] {
+        let r = tokio::time::timeout(
+            Duration::from_millis(ms),
+            h.runtime.create_sandbox(h.spec()),
+        )
+        .await;
+        if let Ok(Ok(sb)) = r {
+            // Booted faster than the bound: nothing was cancelled; destroy it.
+            sb.destroy().await.expect("destroy");
+        }
+        assert!(
+            eventually(Duration::from_secs(30), || h.runtime.live_sandboxes() == 0).await,
+            "a create() cancelled after {ms} ms was not cleaned up"
+        );
+    }
+}
+
 /// The KVM backend's own trials, after the suite's checks.
 #[cfg(sandbox_kvm)]
 fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
@@ -263,6 +284,9 @@ fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
         }),
         suite.trial("drop_without_destroy_cleans_up", |h| async move {
             drop_without_destroy_cleans_up(&h).await
+        }),
+        suite.trial("cancelled_creates_leave_nothing", |h| async move {
+            cancelled_creates_leave_nothing(&h).await
         }),
     ]
 }

@@ -79,6 +79,33 @@ impl KvmRuntimeConfig {
             config: Self::default(),
         }
     }
+
+    /// Checks the ranges: the one validation behind both
+    /// [`KvmRuntimeConfigBuilder::build`] and [`KvmRuntime::new`](super::KvmRuntime::new) (a
+    /// config edited field by field is checked too).
+    ///
+    /// # Errors
+    /// [`RuntimeError::Config`] naming the field: a zero create deadline, a console cap outside
+    /// 1 byte..=1 GiB, `max_sandboxes` 0, or agent port 0 / `u32::MAX`.
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        let bad = |field: &'static str, problem: &'static str| {
+            Err(RuntimeError::Config { field, problem })
+        };
+        if c.create_deadline.is_zero() {
+            return bad("create_deadline", "must be above zero");
+        }
+        if c.console_cap_bytes == 0 || c.console_cap_bytes > sandbox_vmm::vmm::config::MAX_CONSOLE_CAP {
+            return bad("console_cap_bytes", "must be between 1 byte and 1 GiB");
+        }
+        if c.max_sandboxes == 0 {
+            return bad("max_sandboxes", "must be at least 1");
+        }
+        if c.agent_port == 0 || c.agent_port == u32::MAX {
+            return bad("agent_port", "must be 1..=4294967294");
+        }
+        Ok(())
+    }
 }
 
 /// Builds a [`KvmRuntimeConfig`]; `build()` checks the ranges.
@@ -139,31 +166,13 @@ impl KvmRuntimeConfigBuilder {
         self
     }
 
-    /// Checks the ranges.
+    /// Checks the ranges ([`KvmRuntimeConfig::validate`]).
     ///
     /// # Errors
-    /// [`RuntimeError::Config`] naming the field: a zero deadline, a console cap outside
-    /// 1 byte..=1 GiB, `max_sandboxes` 0, or agent port 0 / `u32::MAX`.
+    /// As [`KvmRuntimeConfig::validate`].
     pub fn build(self) -> Result<KvmRuntimeConfig> {
-        let c = self.config;
-        let bad = |field: &'static str, problem: &'static str| {
-            Err(RuntimeError::Config { field, problem })
-        };
-        if c.create_deadline.is_zero() {
-            return bad("create_deadline", "must be above zero");
-        }
-        if c.console_cap_bytes == 0
-            || c.console_cap_bytes > sandbox_vmm::vmm::config::MAX_CONSOLE_CAP
-        {
-            return bad("console_cap_bytes", "must be between 1 byte and 1 GiB");
-        }
-        if c.max_sandboxes == 0 {
-            return bad("max_sandboxes", "must be at least 1");
-        }
-        if c.agent_port == 0 || c.agent_port == u32::MAX {
-            return bad("agent_port", "must be 1..=4294967294");
-        }
-        Ok(c)
+        self.config.validate()?;
+        Ok(self.config)
     }
 }
 
@@ -200,8 +209,10 @@ impl Env<'_> {
     }
 }
 
-/// Fills the defaults and checks that the binary and artifacts are readable files.
+/// Validates `c`, fills the defaults and checks that the binary and artifacts are readable
+/// files. The state directory comes out absolute and short enough for the sandboxes' sockets.
 pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
+    c.validate()?;
     let vmm = match c
         .vmm
         .clone()
@@ -225,6 +236,11 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         Some(p) => p.clone(),
         None => default_state_dir(env),
     };
+    let state_dir = std::path::absolute(&state_dir).map_err(|source| RuntimeError::StateDir {
+        path: state_dir.clone(),
+        source,
+    })?;
+    check_socket_path(&sandbox_socket_path(&state_dir))?;
     Ok(Resolved {
         vmm,
         kernel,
@@ -236,6 +252,30 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         max_sandboxes: c.max_sandboxes,
         agent_port: c.agent_port,
     })
+}
+
+/// The longest socket path a sandbox under `state_dir` gets: `<state>/sbx-<16 hex>/vsock.sock`
+/// (every sandbox name has the same length).
+pub(crate) fn sandbox_socket_path(state_dir: &Path) -> PathBuf {
+    state_dir
+        .join("sbx-0000000000000000")
+        .join(super::process::names::VSOCK)
+}
+
+/// Refuses a Unix socket path that does not fit `sun_path` (108 bytes with the NUL).
+///
+/// # Errors
+/// [`RuntimeError::SocketPathTooLong`].
+pub(crate) fn check_socket_path(path: &Path) -> Result<()> {
+    if super::dirfd::fits_sun_path(path) {
+        Ok(())
+    } else {
+        Err(RuntimeError::SocketPathTooLong {
+            path: path.to_path_buf(),
+            len: super::dirfd::path_len(path.as_os_str()),
+            max: super::dirfd::SUN_PATH_MAX - 1,
+        })
+    }
 }
 
 /// `sandbox-vmm` in the executable's directory or its parent (`target/debug/examples/x` and
@@ -336,6 +376,72 @@ mod tests {
             (c.agent_port, c.create_deadline),
             (4000, DEFAULT_CREATE_DEADLINE)
         );
+    }
+
+    #[test]
+    // Field edits on a default config are the point: that is what callers outside the builder do.
+    #[allow(clippy::field_reassign_with_default)]
+    fn a_config_edited_past_the_builder_is_validated_by_the_same_rules() {
+        let mut c = KvmRuntimeConfig::default();
+        assert!(c.validate().is_ok());
+        c.max_sandboxes = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(RuntimeError::Config {
+                field: "max_sandboxes",
+                ..
+            })
+        ));
+        // resolve() (behind KvmRuntime::new) refuses it before looking at anything else.
+        let none = |_: &str| None;
+        assert!(matches!(
+            resolve(&c, &env_with(&none, None)),
+            Err(RuntimeError::Config {
+                field: "max_sandboxes",
+                ..
+            })
+        ));
+        let mut c = KvmRuntimeConfig::default();
+        c.agent_port = u32::MAX;
+        assert!(matches!(
+            resolve(&c, &env_with(&none, None)),
+            Err(RuntimeError::Config {
+                field: "agent_port",
+                ..
+            })
+        ));
+        c.agent_port = 5000;
+        c.create_deadline = Duration::ZERO;
+        assert!(c.clone().validate().is_err());
+        c.create_deadline = Duration::from_secs(1);
+        c.console_cap_bytes = 2 << 30;
+        assert!(matches!(
+            c.validate(),
+            Err(RuntimeError::Config {
+                field: "console_cap_bytes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn socket_paths_over_the_kernel_limit_are_refused_with_the_numbers() {
+        let short = Path::new("/run/user/1000/sandbox-sdk");
+        assert!(check_socket_path(&sandbox_socket_path(short)).is_ok());
+        // `<state>/sbx-<16>/vsock.sock` adds 32 bytes: a 76-byte state dir gives 108.
+        let long = PathBuf::from(format!("/{}", "d".repeat(75)));
+        let e = check_socket_path(&sandbox_socket_path(&long)).expect_err("too long");
+        match &e {
+            RuntimeError::SocketPathTooLong { len, max, .. } => {
+                assert_eq!((*len, *max), (108, 107))
+            }
+            other => panic!("{other}"),
+        }
+        let text = e.to_string();
+        assert!(text.contains("108") && text.contains("107"), "{text}");
+        assert!(text.contains("state_dir"), "{text}");
+        let ok = PathBuf::from(format!("/{}", "d".repeat(74)));
+        assert!(check_socket_path(&sandbox_socket_path(&ok)).is_ok());
     }
 
     #[test]

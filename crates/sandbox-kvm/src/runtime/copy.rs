@@ -3,11 +3,12 @@
 //! inside them skipped), so a 1 GiB image with 400 MiB of data costs 400 MiB, also on tmpfs and
 //! on file systems (9p) that report no holes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::sys;
 
@@ -30,31 +31,31 @@ pub enum CopyMethod {
     },
 }
 
-/// Copies `src` to the new file `dst` (created with mode 0600; must not exist).
+/// Copies `src` into `to`, a new empty file the caller created (and removes on failure).
+/// `cancelled` is checked before each 1 MiB chunk: when set, the copy stops with `Interrupted`.
 ///
 /// # Errors
-/// I/O errors opening, reading or writing; `dst` is removed again on failure.
-pub fn copy_image(src: &Path, dst: &Path) -> io::Result<CopyMethod> {
-    copy_inner(src, dst, true)
+/// I/O errors opening, reading or writing; `Interrupted` when cancelled.
+pub fn copy_image(src: &Path, to: &File, cancelled: &AtomicBool) -> io::Result<CopyMethod> {
+    copy_inner(src, to, true, cancelled)
 }
 
-fn copy_inner(src: &Path, dst: &Path, try_reflink: bool) -> io::Result<CopyMethod> {
+fn copy_inner(
+    src: &Path,
+    to: &File,
+    try_reflink: bool,
+    cancelled: &AtomicBool,
+) -> io::Result<CopyMethod> {
     let from = File::open(src)?;
-    let to = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dst)?;
-    // From here on the file is ours: a failure removes it again.
-    let result = fill(from, &to, try_reflink);
-    if result.is_err() {
-        drop(to);
-        let _ = std::fs::remove_file(dst);
-    }
-    result
+    fill(from, to, try_reflink, cancelled)
 }
 
-fn fill(mut from: File, to: &File, try_reflink: bool) -> io::Result<CopyMethod> {
+fn fill(
+    mut from: File,
+    to: &File,
+    try_reflink: bool,
+    cancelled: &AtomicBool,
+) -> io::Result<CopyMethod> {
     if try_reflink && sys::ficlone(to.as_fd(), from.as_fd()).is_ok() {
         return Ok(CopyMethod::Reflink);
     }
@@ -70,6 +71,9 @@ fn fill(mut from: File, to: &File, try_reflink: bool) -> io::Result<CopyMethod> 
         from.seek(SeekFrom::Start(start))?;
         let mut at = start;
         while at < end {
+            if cancelled.load(Ordering::SeqCst) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            }
             let want = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
             let n = read_full(&mut from, &mut buf[..want])?;
             if n == 0 {
@@ -165,7 +169,8 @@ mod tests {
             .expect("write");
         f.set_len(8 << 20).expect("len");
         drop(f);
-        let method = copy_inner(&src, &dst, false).expect("copy");
+        let to = File::create_new(&dst).expect("dst");
+        let method = copy_inner(&src, &to, false, &AtomicBool::new(false)).expect("copy");
         let written = match method {
             CopyMethod::Sparse { written } => written,
             CopyMethod::Reflink => unreachable!("reflink was not tried"),
@@ -176,22 +181,21 @@ mod tests {
         let meta = std::fs::metadata(&dst).expect("meta");
         assert_eq!(meta.len(), 8 << 20);
         assert!(meta.blocks() * 512 < 1 << 20, "the copy is sparse");
-        assert_eq!(std::fs::metadata(&dst).expect("meta").mode() & 0o777, 0o600);
     }
 
     #[test]
-    fn copy_image_falls_back_and_refuses_to_overwrite() {
+    fn copy_image_copies_and_stops_when_cancelled() {
         let dir = tempfile::tempdir().expect("tempdir");
         let src = dir.path().join("src.img");
         let dst = dir.path().join("dst.img");
         std::fs::write(&src, b"rootfs bytes").expect("write");
-        let m = copy_image(&src, &dst).expect("copy");
+        let to = File::create_new(&dst).expect("dst");
+        let m = copy_image(&src, &to, &AtomicBool::new(false)).expect("copy");
         assert!(matches!(m, CopyMethod::Reflink | CopyMethod::Sparse { .. }));
         assert_eq!(std::fs::read(&dst).expect("read"), b"rootfs bytes");
-        let err = copy_image(&src, &dst).expect_err("dst exists");
-        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
-        // A refused copy leaves the existing file (not ours) alone.
-        assert_eq!(std::fs::read(&dst).expect("read"), b"rootfs bytes");
+        let to = File::create_new(dir.path().join("other.img")).expect("dst");
+        let err = copy_inner(&src, &to, false, &AtomicBool::new(true)).expect_err("cancelled");
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
     }
 
     #[test]

@@ -30,6 +30,7 @@
 
 mod config;
 mod copy;
+mod dirfd;
 pub mod jail;
 mod process;
 mod reconcile;
@@ -105,6 +106,31 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// The state directory is not one we can trust: a symlink, not ours, writable by others, or
+    /// under a directory others can modify (`HostSetup`).
+    #[error("The state directory {path} {problem}; fix: {fix}.")]
+    StateDirUntrusted {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// What to do about it.
+        fix: &'static str,
+    },
+    /// A sandbox's Unix socket path would exceed the kernel's `sun_path` limit (`HostSetup`).
+    #[error(
+        "The sandbox socket path {path} is {len} bytes, over the kernel's limit of {max} bytes for \
+         a Unix socket path (108 with the terminating NUL); fix: set KvmRuntimeConfig.state_dir \
+         to a shorter directory."
+    )]
+    SocketPathTooLong {
+        /// The socket path.
+        path: PathBuf,
+        /// Its length, bytes.
+        len: usize,
+        /// The longest allowed, bytes (without the NUL).
+        max: usize,
+    },
     /// Too many live sandboxes in this runtime (`HostSetup`).
     #[error("This runtime already runs {max} sandboxes; fix: destroy some or raise KvmRuntimeConfig.max_sandboxes.")]
     TooManySandboxes {
@@ -145,11 +171,11 @@ pub enum RuntimeError {
         console: String,
     },
     /// The agent did not complete the handshake before the deadline (`AgentUnreachable`).
-    #[error("Sandbox {id}: the guest agent did not answer within {after:?}.{console}")]
+    #[error("Sandbox {id}: the guest agent did not answer; gave up after {after:?}.{console}")]
     AgentUnreachable {
         /// The sandbox id.
         id: String,
-        /// The deadline.
+        /// How long `create()` had run when it gave up (the time actually waited).
         after: Duration,
         /// The last console lines.
         console: String,
@@ -169,6 +195,8 @@ impl RuntimeError {
             | RuntimeError::ArtifactUnreadable { .. }
             | RuntimeError::Kvm(_)
             | RuntimeError::StateDir { .. }
+            | RuntimeError::StateDirUntrusted { .. }
+            | RuntimeError::SocketPathTooLong { .. }
             | RuntimeError::TooManySandboxes { .. }
             | RuntimeError::Spawn { .. } => ErrorKind::HostSetup,
             RuntimeError::Io { .. } => ErrorKind::Io,

@@ -9,6 +9,10 @@
 //! it under the same lock that `kill` takes. While the lock is held the child is either alive or
 //! an unreaped zombie, so its pid cannot have been reused by another process.
 
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -19,6 +23,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 
 use tokio::sync::watch;
 
+use super::dirfd::SandboxDir;
 use super::sys;
 
 type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
@@ -44,21 +49,28 @@ fn spawner() -> &'static Mutex<mpsc::Sender<SpawnJob>> {
     })
 }
 
-/// The arguments and stdio of one VMM: `sandbox-vmm --config <vm.json>`, stdin and stdout null
-/// (the console goes to the file the config names), stderr to `log`.
-pub(crate) fn vmm_command(vmm: &Path, config: &Path, log: std::fs::File) -> Command {
+/// The arguments every VMM gets (the config is named relative to its working directory).
+pub(crate) const VMM_ARGS: [&str; 2] = ["--config", names::CONFIG];
+
+/// The arguments, working directory and stdio of one VMM: `sandbox-vmm --config vm.json`, run
+/// in the sandbox directory (entered by `fchdir` on `dir`'s fd, so the config, the disk, the
+/// console and the socket it names relatively are the directory's, even if it was renamed or
+/// swapped), stdin and stdout null (the console goes to the file the config names), stderr to
+/// `log`. `dir` must stay open until the command is spawned.
+pub(crate) fn vmm_command(vmm: &Path, dir: &SandboxDir, log: std::fs::File) -> Command {
     let mut cmd = Command::new(vmm);
-    cmd.arg("--config")
-        .arg(config)
+    cmd.args(VMM_ARGS)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .env_remove("RUST_LOG");
     let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    let cwd = dir.fd().as_raw_fd();
     // SAFETY: the closure runs between fork and exec and calls only async-signal-safe syscalls
-    // (prctl, getppid, close_range) without allocating or taking locks.
+    // (fchdir, prctl, getppid, close_range) without allocating or taking locks; `cwd` is open
+    // until the spawn returns (documented requirement on the caller).
     unsafe {
-        cmd.pre_exec(move || sys::child_setup(parent));
+        cmd.pre_exec(move || sys::child_setup(parent, Some(cwd)));
     }
     cmd
 }
@@ -202,17 +214,128 @@ pub(crate) fn start_time(pid: u32) -> Option<u64> {
     proc_stat(pid).map(|(_, start)| start)
 }
 
-/// The pid file of a sandbox: `<pid> <start time>\n`.
-pub(crate) fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
-    let start = start_time(pid).unwrap_or(0);
-    std::fs::write(path, format!("{pid} {start}\n"))
+/// The longest pid file read back (a pid, a start time and a path).
+const MAX_PID_FILE: u64 = 8 * 1024;
+
+/// What a sandbox's pid file records about its VMM: enough to recognise that very process later,
+/// across pid reuse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PidRecord {
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    pub start: u64,
+    /// The executable (`/proc/<pid>/exe` after the exec).
+    pub exe: PathBuf,
 }
 
-/// Reads a pid file written by [`write_pid_file`].
-pub(crate) fn read_pid_file(path: &Path) -> Option<(u32, u64)> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let mut it = text.split_whitespace();
-    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+impl PidRecord {
+    /// The record of a running process.
+    pub fn of(pid: u32) -> std::io::Result<Self> {
+        let start =
+            start_time(pid).ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+        Ok(Self { pid, start, exe })
+    }
+
+    /// `<pid> <start>\n<exe>\n`.
+    fn encode(&self) -> Vec<u8> {
+        let mut v = format!("{} {}\n", self.pid, self.start).into_bytes();
+        v.extend_from_slice(self.exe.as_os_str().as_bytes());
+        v.push(b'\n');
+        v
+    }
+
+    /// Parses [`PidRecord::encode`]'s format; `None` for anything else (an older pid file
+    /// without the executable included: such a file never names a process to signal).
+    pub fn parse(text: &[u8]) -> Option<Self> {
+        let nl = text.iter().position(|&b| b == b'\n')?;
+        let first = std::str::from_utf8(&text[..nl]).ok()?;
+        let mut it = first.split(' ');
+        let pid = it.next()?.parse().ok()?;
+        let start = it.next()?.parse().ok()?;
+        if it.next().is_some() {
+            return None;
+        }
+        let exe = text[nl + 1..].strip_suffix(b"\n")?;
+        if exe.is_empty() || exe.contains(&b'\n') {
+            return None;
+        }
+        let exe = PathBuf::from(std::ffi::OsStr::from_bytes(exe));
+        Some(Self { pid, start, exe })
+    }
+}
+
+/// Writes the pid file of the VMM `pid` into the sandbox directory (a new file, through the
+/// directory's fd).
+pub(crate) fn write_pid_file(dir: &SandboxDir, pid: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let rec = PidRecord::of(pid)?;
+    let mut f = dir.create_file(names::PID, 0o600)?;
+    f.write_all(&rec.encode())
+}
+
+/// Reads a sandbox's pid file (through the directory's fd, not following symlinks, at most
+/// [`MAX_PID_FILE`] bytes); `None` when missing or malformed.
+pub(crate) fn read_pid_file(dir: &SandboxDir) -> Option<PidRecord> {
+    let f = dir.open_read(names::PID).ok()?;
+    let mut buf = Vec::new();
+    f.take(MAX_PID_FILE).read_to_end(&mut buf).ok()?;
+    PidRecord::parse(&buf)
+}
+
+/// Why a recorded process was not recognised (so it must not be signalled).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NotOurs {
+    /// No such process, or it is a zombie.
+    Gone,
+    /// The pid belongs to a process started at another time (pid reuse).
+    StartTime,
+    /// Another user's process.
+    Owner,
+    /// Another executable.
+    Exe,
+    /// Not started with a VMM's arguments.
+    Cmdline,
+}
+
+/// Opens a pidfd for `rec.pid` and then checks, while the pidfd pins the process, that it is the
+/// recorded one: same start time, alive, owned by `euid`, same executable (a `(deleted)` suffix
+/// allowed: the binary may have been rebuilt), and a command line ending in [`VMM_ARGS`].
+/// Signal only through the returned pidfd: it cannot reach a later owner of the pid.
+pub(crate) fn verify_vmm(rec: &PidRecord, euid: u32) -> Result<OwnedFd, NotOurs> {
+    // The pidfd first: if the process dies and the pid is reused after this point, the checks
+    // below see the newcomer (different start time) and refuse; the pidfd still names the
+    // original, so a signal through it can only ever reach the process that was checked.
+    let pidfd = sys::pidfd_open(rec.pid).map_err(|_| NotOurs::Gone)?;
+    if !same_process_alive(rec.pid, rec.start) {
+        return Err(match start_time(rec.pid) {
+            Some(s) if s != rec.start => NotOurs::StartTime,
+            _ => NotOurs::Gone,
+        });
+    }
+    let proc = PathBuf::from(format!("/proc/{}", rec.pid));
+    match std::fs::metadata(&proc) {
+        Ok(m) if m.uid() == euid => {}
+        Ok(_) => return Err(NotOurs::Owner),
+        Err(_) => return Err(NotOurs::Gone),
+    }
+    let exe = std::fs::read_link(proc.join("exe")).map_err(|_| NotOurs::Exe)?;
+    let mut deleted = rec.exe.clone().into_os_string();
+    deleted.push(" (deleted)");
+    if exe != rec.exe && exe.as_os_str() != deleted {
+        return Err(NotOurs::Exe);
+    }
+    let cmdline = std::fs::read(proc.join("cmdline")).map_err(|_| NotOurs::Gone)?;
+    let args: Vec<&[u8]> = cmdline
+        .strip_suffix(b"\0")
+        .unwrap_or(&cmdline)
+        .split(|&b| b == 0)
+        .collect();
+    let tail = args.len().checked_sub(VMM_ARGS.len()).map(|i| &args[i..]);
+    if !tail.is_some_and(|t| t.iter().zip(VMM_ARGS).all(|(a, b)| *a == b.as_bytes())) {
+        return Err(NotOurs::Cmdline);
+    }
+    Ok(pidfd)
 }
 
 /// Whether `pid` is alive (not a zombie) and is the process that had `start` as start time.
@@ -221,62 +344,84 @@ pub(crate) fn same_process_alive(pid: u32, start: u64) -> bool {
 }
 
 /// The file names a sandbox directory holds.
-pub(crate) struct SandboxFiles {
-    pub dir: PathBuf,
-}
-
-impl SandboxFiles {
-    pub fn rootfs(&self) -> PathBuf {
-        self.dir.join("rootfs.ext4")
-    }
-    pub fn config(&self) -> PathBuf {
-        self.dir.join("vm.json")
-    }
-    pub fn vsock(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
-    }
-    pub fn console(&self) -> PathBuf {
-        self.dir.join("console.log")
-    }
-    pub fn vmm_log(&self) -> PathBuf {
-        self.dir.join("vmm.log")
-    }
-    pub fn pid(&self) -> PathBuf {
-        self.dir.join("vmm.pid")
-    }
-    pub fn lock(&self) -> PathBuf {
-        self.dir.join("lock")
-    }
+pub(crate) mod names {
+    /// The private rootfs copy.
+    pub const ROOTFS: &str = "rootfs.ext4";
+    /// The VM config.
+    pub const CONFIG: &str = "vm.json";
+    /// The VMM's vsock Unix socket.
+    pub const VSOCK: &str = "vsock.sock";
+    /// The guest console log.
+    pub const CONSOLE: &str = "console.log";
+    /// The VMM's stderr.
+    pub const VMM_LOG: &str = "vmm.log";
+    /// The pid file.
+    pub const PID: &str = "vmm.pid";
+    /// The lock file.
+    pub const LOCK: &str = "lock";
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use std::sync::Arc;
+
+    use crate::runtime::dirfd::StateDir;
+
+    fn sandbox_dir(root: &Path, name: &str) -> SandboxDir {
+        let state = StateDir::open(&root.join("state"), sys::euid()).expect("state");
+        SandboxDir::create(Arc::new(state), name).expect("sandbox dir")
+    }
+
     #[test]
     fn vmm_command_has_only_the_chosen_arguments_and_stdio() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = std::fs::File::create(dir.path().join("vmm.log")).expect("log");
-        let cmd = vmm_command(
-            Path::new("/opt/sandbox-vmm"),
-            &dir.path().join("vm.json"),
-            log,
-        );
+        let sb = sandbox_dir(dir.path(), "sbx-01");
+        let log = sb.create_file(names::VMM_LOG, 0o600).expect("log");
+        let cmd = vmm_command(Path::new("/opt/sandbox-vmm"), &sb, log);
         assert_eq!(cmd.get_program(), "/opt/sandbox-vmm");
         let args: Vec<_> = cmd.get_args().collect();
-        assert_eq!(args.len(), 2);
-        assert_eq!(args[0], "--config");
-        assert_eq!(Path::new(args[1]), dir.path().join("vm.json"));
+        assert_eq!(args, ["--config", "vm.json"]);
+    }
+
+    #[test]
+    fn the_vmm_runs_in_the_directory_it_was_given_even_after_a_swap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sb = sandbox_dir(dir.path(), "sbx-02");
+        let script = dir.path().join("fake-vmm");
+        std::fs::write(&script, "#!/bin/sh\ncat \"$2\" > seen\n").expect("script");
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        sb.create_file(names::CONFIG, 0o600)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"{}"))
+            .expect("config");
+        // Swap the directory for a symlink to a decoy before the spawn.
+        let moved = dir.path().join("moved");
+        std::fs::rename(sb.path(), &moved).expect("rename");
+        let decoy = dir.path().join("decoy");
+        std::fs::create_dir(&decoy).expect("decoy");
+        std::fs::write(decoy.join(names::CONFIG), b"decoy").expect("decoy config");
+        std::os::unix::fs::symlink(&decoy, sb.path()).expect("symlink");
+        let log = sb.create_file(names::VMM_LOG, 0o600).expect("log");
+        let p = VmmProcess::spawn(vmm_command(&script, &sb, log)).expect("spawn");
+        p.wait_blocking();
+        assert_eq!(p.exit().and_then(|e| e.0.code()), Some(0));
+        assert_eq!(std::fs::read(moved.join("seen")).expect("seen"), b"{}");
+        assert!(!decoy.join("seen").exists());
     }
 
     #[test]
     fn spawn_kill_and_reap_a_real_child() {
         let mut cmd = Command::new("sleep");
-        cmd.arg("1000").stdin(Stdio::null());
+        cmd.arg("1000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let parent = libc::pid_t::try_from(std::process::id()).expect("pid fits");
         // SAFETY: as in vmm_command: only async-signal-safe syscalls.
         unsafe {
-            cmd.pre_exec(move || sys::child_setup(parent));
+            cmd.pre_exec(move || sys::child_setup(parent, None));
         }
         let p = VmmProcess::spawn(cmd).expect("spawn sleep");
         let start = start_time(p.pid()).expect("alive");
@@ -306,7 +451,7 @@ mod tests {
         let parent = libc::pid_t::try_from(std::process::id()).expect("pid fits");
         // SAFETY: only async-signal-safe syscalls.
         unsafe {
-            cmd.pre_exec(move || sys::child_setup(parent));
+            cmd.pre_exec(move || sys::child_setup(parent, None));
         }
         let out = cmd.output().expect("sh runs");
         drop((r, w));
@@ -314,14 +459,52 @@ mod tests {
     }
 
     #[test]
-    fn pid_files_round_trip() {
+    fn pid_files_round_trip_and_verify_only_the_recorded_vmm() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("vmm.pid");
-        let me = std::process::id();
-        write_pid_file(&path, me).expect("write");
-        let (pid, start) = read_pid_file(&path).expect("read");
-        assert_eq!(pid, me);
-        assert!(same_process_alive(pid, start));
-        assert!(!same_process_alive(pid, start + 1));
+        let sb = sandbox_dir(dir.path(), "sbx-03");
+        // A stand-in VMM: a shell loop started with the VMM's arguments.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "while :; do sleep 0.05; done", "sh"])
+            .args(VMM_ARGS)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let p = VmmProcess::spawn(cmd).expect("spawn");
+        write_pid_file(&sb, p.pid()).expect("write");
+        let rec = read_pid_file(&sb).expect("read");
+        assert_eq!(rec.pid, p.pid());
+        assert_eq!(PidRecord::parse(&rec.encode()), Some(rec.clone()));
+        let euid = sys::euid();
+        assert!(verify_vmm(&rec, euid).is_ok());
+        let wrong = |f: &dyn Fn(&mut PidRecord)| {
+            let mut r = rec.clone();
+            f(&mut r);
+            verify_vmm(&r, euid).err()
+        };
+        assert_eq!(wrong(&|r| r.start += 1), Some(NotOurs::StartTime));
+        assert_eq!(
+            wrong(&|r| r.exe = PathBuf::from("/bin/true")),
+            Some(NotOurs::Exe)
+        );
+        assert!(matches!(
+            verify_vmm(&rec, euid.wrapping_add(1)),
+            Err(NotOurs::Owner)
+        ));
+        // The test process itself: right start time and exe, but not a VMM's command line.
+        let me = PidRecord::of(std::process::id()).expect("me");
+        assert_eq!(verify_vmm(&me, euid).err(), Some(NotOurs::Cmdline));
+        p.kill();
+        p.wait_blocking();
+        assert_eq!(verify_vmm(&rec, euid).err(), Some(NotOurs::Gone));
+        // Malformed and old-format files name nothing.
+        for bad in [
+            &b"123 456\n"[..],
+            b"123\n/x\n",
+            b"x y\n/x\n",
+            b"1 2 3\n/x\n",
+            b"",
+        ] {
+            assert_eq!(PidRecord::parse(bad), None, "{bad:?}");
+        }
     }
 }

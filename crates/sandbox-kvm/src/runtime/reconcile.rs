@@ -2,13 +2,18 @@
 //! `<state>/sbx-*` directory behind (and, if the VMM outlived its parent despite
 //! `PR_SET_PDEATHSIG`, a process). Each live sandbox holds an exclusive `flock` on its `lock`
 //! file for its whole life, so a lock we can take means the owner is gone.
+//!
+//! A pid file is never trusted on its own: the process it names is signalled only after
+//! [`verify_vmm`] recognised it (pidfd first, then start time, owner, executable and command
+//! line), and only through that pidfd. A pid file naming anything else is reported and the
+//! process left alone; the stale directory is removed either way.
 
-use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::process::{read_pid_file, same_process_alive, SandboxFiles};
+use super::dirfd::{SandboxDir, StateDir};
+use super::process::{names, read_pid_file, same_process_alive, verify_vmm};
 use super::sys;
 
 /// A directory without a lock file younger than this may be one being created right now.
@@ -19,10 +24,12 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 /// One stale sandbox that was cleaned up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Cleaned {
-    /// Its directory (now removed).
-    pub dir: PathBuf,
+    /// Its directory name (now removed).
+    pub name: String,
     /// The leftover VMM that was killed, if any.
     pub killed_pid: Option<u32>,
+    /// A pid its pid file named that was not recognised as its VMM, and so was not signalled.
+    pub spared_pid: Option<u32>,
 }
 
 /// Whether a directory name is one of ours.
@@ -31,30 +38,34 @@ pub(crate) fn is_sandbox_name(name: &str) -> bool {
         .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// Removes every stale sandbox directory under `state_dir`, killing leftover VMMs. Entries that
-/// are in use (locked) or being created are left alone. Failures on one entry are logged and do
-/// not stop the others.
-pub(crate) fn reconcile(state_dir: &Path) -> std::io::Result<Vec<Cleaned>> {
+/// Removes every stale sandbox directory under `state`, killing leftover VMMs that are verified
+/// to be ours (`euid`). Entries that are in use (locked), being created, or not directories
+/// (a symlink named like a sandbox is not followed) are left alone. Failures on one entry are
+/// logged and do not stop the others.
+pub(crate) fn reconcile(state: &Arc<StateDir>, euid: u32) -> std::io::Result<Vec<Cleaned>> {
     let mut cleaned = Vec::new();
-    for entry in std::fs::read_dir(state_dir)? {
+    for entry in std::fs::read_dir(state.path())? {
         let entry = entry?;
         let name = entry.file_name();
-        if !is_sandbox_name(&name.to_string_lossy()) || !entry.file_type()?.is_dir() {
+        let Some(name) = name.to_str().filter(|n| is_sandbox_name(n)) else {
             continue;
-        }
-        let files = SandboxFiles { dir: entry.path() };
+        };
+        // O_NOFOLLOW | O_DIRECTORY: a symlink or a file under a sandbox name is skipped.
+        let Ok(dir) = SandboxDir::open(state.clone(), name) else {
+            continue;
+        };
         // Holding the lock while cleaning keeps a second reconciler off the same directory.
-        let lock = match File::open(files.lock()) {
+        let lock = match dir.open_read(names::LOCK) {
             Ok(f) => match sys::try_lock_exclusive(f.as_fd()) {
                 Ok(true) => Some(f),
                 Ok(false) => continue,
                 Err(e) => {
-                    tracing::warn!(dir = %files.dir.display(), error = %e, "cannot lock a sandbox dir");
+                    tracing::warn!(dir = %dir.path().display(), error = %e, "cannot lock a sandbox dir");
                     continue;
                 }
             },
             Err(_) => {
-                let age = entry
+                let age = std::fs::File::from(dir.fd().try_clone_to_owned()?)
                     .metadata()?
                     .modified()
                     .ok()
@@ -65,33 +76,48 @@ pub(crate) fn reconcile(state_dir: &Path) -> std::io::Result<Vec<Cleaned>> {
                 None
             }
         };
-        let mut killed_pid = None;
-        if let Some((pid, start)) = read_pid_file(&files.pid()) {
-            if same_process_alive(pid, start) {
-                // The owner is gone (we hold its lock) but its VMM is not: kill it.
-                if sys::kill_pid(pid).is_ok() {
-                    killed_pid = Some(pid);
-                    let until = std::time::Instant::now() + KILL_WAIT;
-                    while same_process_alive(pid, start) && std::time::Instant::now() < until {
-                        std::thread::sleep(Duration::from_millis(20));
+        let (mut killed_pid, mut spared_pid) = (None, None);
+        if let Some(rec) = read_pid_file(&dir) {
+            match verify_vmm(&rec, euid) {
+                Ok(pidfd) => {
+                    // The owner is gone (we hold its lock) but its VMM is not: kill it.
+                    if sys::pidfd_kill(pidfd.as_fd()).is_ok() {
+                        killed_pid = Some(rec.pid);
+                        let until = std::time::Instant::now() + KILL_WAIT;
+                        while same_process_alive(rec.pid, rec.start)
+                            && std::time::Instant::now() < until
+                        {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
                     }
+                }
+                Err(super::process::NotOurs::Gone) => {}
+                Err(why) => {
+                    tracing::warn!(
+                        dir = %dir.path().display(),
+                        pid = rec.pid,
+                        ?why,
+                        "a stale pid file names a process that is not this sandbox's VMM; not signalled"
+                    );
+                    spared_pid = Some(rec.pid);
                 }
             }
         }
-        match std::fs::remove_dir_all(&files.dir) {
+        match dir.remove_all() {
             Ok(()) => {
                 tracing::info!(
-                    dir = %files.dir.display(),
+                    dir = %dir.path().display(),
                     killed_pid,
                     "removed a stale sandbox left by a process that is gone"
                 );
                 cleaned.push(Cleaned {
-                    dir: files.dir.clone(),
+                    name: name.to_owned(),
                     killed_pid,
+                    spared_pid,
                 });
             }
             Err(e) => {
-                tracing::warn!(dir = %files.dir.display(), error = %e, "cannot remove a stale sandbox")
+                tracing::warn!(dir = %dir.path().display(), error = %e, "cannot remove a stale sandbox")
             }
         }
         drop(lock);
@@ -102,10 +128,11 @@ pub(crate) fn reconcile(state_dir: &Path) -> std::io::Result<Vec<Cleaned>> {
 #[cfg(test)]
 mod tests {
     use std::os::unix::process::CommandExt;
+    use std::path::Path;
     use std::process::{Command, Stdio};
 
     use super::*;
-    use crate::runtime::process::{start_time, write_pid_file};
+    use crate::runtime::process::{start_time, write_pid_file, PidRecord, VMM_ARGS};
 
     #[test]
     fn names() {
@@ -115,14 +142,32 @@ mod tests {
         assert!(!is_sandbox_name("other"));
     }
 
+    /// A child in its own session, like an orphaned VMM.
+    fn orphan(program: &str, args: &[&str]) -> std::process::Child {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: setsid is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        cmd.spawn().expect("spawn")
+    }
+
     #[test]
-    fn stale_dirs_go_live_ones_stay_and_leftover_vmms_die() {
-        let state = tempfile::tempdir().expect("tempdir");
+    fn stale_dirs_go_live_ones_stay_and_only_verified_vmms_die() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let state =
+            Arc::new(StateDir::open(&root.path().join("state"), sys::euid()).expect("state"));
         let mk = |name: &str| {
-            let dir = state.path().join(name);
-            std::fs::create_dir(&dir).expect("mkdir");
-            std::fs::write(dir.join("lock"), b"").expect("lock file");
-            std::fs::write(dir.join("rootfs.ext4"), b"disk").expect("file");
+            let dir = SandboxDir::create(state.clone(), name).expect("mkdir");
+            dir.create_file(names::LOCK, 0o600).expect("lock file");
+            dir.create_file(names::ROOTFS, 0o600).expect("file");
             dir
         };
         // 1. Stale, with a dead pid in its pid file.
@@ -130,54 +175,90 @@ mod tests {
         let mut child = Command::new("true").spawn().expect("true");
         let dead_pid = child.id();
         child.wait().expect("reaped");
-        std::fs::write(dead.join("vmm.pid"), format!("{dead_pid} 1\n")).expect("pid");
-        // 2. Stale, but its "VMM" (a sleep in its own session, like an orphan) still runs.
+        std::fs::write(dead.join(names::PID), format!("{dead_pid} 1\n/bin/true\n")).expect("pid");
+        // 2. Stale, and its "VMM" (a shell loop with the VMM's arguments, in its own session,
+        // like an orphan) still runs.
         let orphan_dir = mk("sbx-02");
-        let mut orphan = Command::new("sleep");
-        orphan.arg("1000").stdin(Stdio::null());
-        // SAFETY: setsid is async-signal-safe and touches no memory.
-        unsafe {
-            orphan.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut orphan = orphan.spawn().expect("sleep");
-        write_pid_file(&orphan_dir.join("vmm.pid"), orphan.id()).expect("pid");
-        // 3. Live: someone holds its lock.
+        let mut vmm = orphan(
+            "sh",
+            &[
+                "-c",
+                "while :; do sleep 0.05; done",
+                "sh",
+                VMM_ARGS[0],
+                VMM_ARGS[1],
+            ],
+        );
+        write_pid_file(&orphan_dir, vmm.id()).expect("pid");
+        // 3. Stale, and its pid file was forged to name an unrelated live process (right pid,
+        // start time and executable: only the command line gives it away).
+        let forged_dir = mk("sbx-04");
+        let mut bystander = orphan("sleep", &["1000"]);
+        let rec = PidRecord::of(bystander.id()).expect("record");
+        std::fs::write(
+            forged_dir.join(names::PID),
+            format!("{} {}\n{}\n", rec.pid, rec.start, rec.exe.display()),
+        )
+        .expect("forged pid file");
+        // 4. Live: someone holds its lock.
         let live = mk("sbx-03");
-        let held = File::open(live.join("lock")).expect("open");
+        let held = live.open_read(names::LOCK).expect("open");
         assert!(sys::try_lock_exclusive(held.as_fd()).expect("lock"));
-        // 4. Not ours.
+        // 5. Not ours, and a symlink under a sandbox name pointing elsewhere.
         std::fs::create_dir(state.path().join("keep-me")).expect("mkdir");
+        let elsewhere = root.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).expect("mkdir");
+        std::fs::write(elsewhere.join(names::LOCK), b"").expect("lock");
+        std::os::unix::fs::symlink(&elsewhere, state.path().join("sbx-05")).expect("symlink");
 
-        let mut cleaned = reconcile(state.path()).expect("reconcile");
-        cleaned.sort_by(|a, b| a.dir.cmp(&b.dir));
+        let mut cleaned = reconcile(&state, sys::euid()).expect("reconcile");
+        cleaned.sort_by(|a, b| a.name.cmp(&b.name));
         assert_eq!(
             cleaned,
             vec![
                 Cleaned {
-                    dir: dead.clone(),
-                    killed_pid: None
+                    name: "sbx-01".into(),
+                    killed_pid: None,
+                    spared_pid: None,
                 },
                 Cleaned {
-                    dir: orphan_dir.clone(),
-                    killed_pid: Some(orphan.id())
+                    name: "sbx-02".into(),
+                    killed_pid: Some(vmm.id()),
+                    spared_pid: None,
+                },
+                Cleaned {
+                    name: "sbx-04".into(),
+                    killed_pid: None,
+                    spared_pid: Some(bystander.id()),
                 },
             ]
         );
-        let status = orphan.wait().expect("reap the killed sleep");
+        let status = vmm.wait().expect("reap the killed VMM stand-in");
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(libc::SIGKILL)
         );
-        assert!(!dead.exists() && !orphan_dir.exists());
+        assert_eq!(start_time(vmm.id()), None);
         assert!(
-            live.join("rootfs.ext4").exists(),
+            bystander.try_wait().expect("try_wait").is_none(),
+            "the unrelated process was not signalled"
+        );
+        assert!(!dead.path().exists() && !orphan_dir.path().exists());
+        assert!(
+            !forged_dir.path().exists(),
+            "the forged sandbox's files are gone"
+        );
+        assert!(
+            live.join(names::ROOTFS).exists(),
             "a locked sandbox is left alone"
         );
         assert!(state.path().join("keep-me").exists());
-        assert_eq!(start_time(orphan.id()), None);
+        assert!(
+            elsewhere.join(names::LOCK).exists()
+                && Path::new(&state.path().join("sbx-05")).exists()
+        );
+        let _ = bystander.kill();
+        let _ = bystander.wait();
         drop(held);
     }
 }

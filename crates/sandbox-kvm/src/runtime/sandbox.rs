@@ -4,11 +4,10 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -21,9 +20,10 @@ use sandbox_core::{
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 
-use super::config::{resolve, Env, KvmRuntimeConfig, Resolved};
+use super::config::{check_socket_path, resolve, Env, KvmRuntimeConfig, Resolved};
 use super::copy::{copy_image, CopyMethod};
-use super::process::{vmm_command, write_pid_file, SandboxFiles, VmmExit, VmmProcess};
+use super::dirfd::{OpenError, SandboxDir, StateDir};
+use super::process::{names, vmm_command, write_pid_file, VmmExit, VmmProcess};
 use super::reconcile::reconcile;
 use super::{sys, Result, RuntimeError};
 use sandbox_vmm::vmm::{DiskConfig, VmConfig, VmResources, VsockDeviceConfig};
@@ -54,36 +54,166 @@ impl Drop for LiveSlot {
     }
 }
 
+type CleanupJob = Box<dyn FnOnce() + Send>;
+
+/// The runtime's cleanup thread: blocking cleanup (kill, reap, remove a directory) left behind
+/// by a `create()` future that was dropped runs here, never in an async drop. The thread ends
+/// when the runtime and every guard holding a handle are gone.
+#[derive(Debug, Clone)]
+struct Cleaner(mpsc::Sender<CleanupJob>);
+
+impl Cleaner {
+    fn start() -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<CleanupJob>();
+        std::thread::Builder::new()
+            .name("sandbox-cleanup".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+        Ok(Self(tx))
+    }
+
+    /// Runs `job` on the cleanup thread (inline if that thread is gone).
+    fn run(&self, job: CleanupJob) {
+        if let Err(mpsc::SendError(job)) = self.0.send(job) {
+            job();
+        }
+    }
+}
+
+/// Everything a `create()` in progress has made, armed to be undone: dropped anywhere (the
+/// caller dropped the future, an error returned early), it hands the cleanup to the
+/// [`Cleaner`]: kill and reap the VMM, remove the directory, then release the lock and, last,
+/// the live-sandbox slot (so `live_sandboxes()` counts a sandbox until nothing of it is left).
+/// Success disarms it ([`CreateGuard::disarm`]).
+struct CreateGuard {
+    cleaner: Cleaner,
+    slot: Option<LiveSlot>,
+    dir: Option<SandboxDir>,
+    lock: Option<File>,
+    proc: Option<Arc<VmmProcess>>,
+}
+
+impl CreateGuard {
+    /// Kills and reaps the VMM, removes the directory, releases the lock; keeps the slot.
+    /// Blocking.
+    fn undo_blocking(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.kill();
+            p.wait_blocking();
+        }
+        if let Some(d) = self.dir.take() {
+            if let Err(e) = d.remove_all() {
+                tracing::warn!(dir = %d.path().display(), error = %e, "cannot remove a sandbox directory");
+            }
+        }
+        self.lock.take();
+    }
+
+    /// The pieces, for a sandbox that came up; the guard is then inert.
+    fn disarm(mut self) -> Option<(LiveSlot, SandboxDir, File, Arc<VmmProcess>)> {
+        Some((
+            self.slot.take()?,
+            self.dir.take()?,
+            self.lock.take()?,
+            self.proc.take()?,
+        ))
+    }
+}
+
+impl Drop for CreateGuard {
+    fn drop(&mut self) {
+        let slot = self.slot.take();
+        if self.proc.is_none() && self.dir.is_none() && self.lock.is_none() {
+            drop(slot);
+            return;
+        }
+        let mut rest = CreateGuard {
+            cleaner: self.cleaner.clone(),
+            slot: None,
+            dir: self.dir.take(),
+            lock: self.lock.take(),
+            proc: self.proc.take(),
+        };
+        self.cleaner.run(Box::new(move || {
+            rest.undo_blocking();
+            drop(slot);
+        }));
+    }
+}
+
+impl std::fmt::Debug for CreateGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateGuard")
+            .field("dir", &self.dir.as_ref().map(|d| d.path()))
+            .field("pid", &self.proc.as_ref().map(|p| p.pid()))
+            .finish()
+    }
+}
+
+/// Sets a flag when dropped: tells the blocking half of `create()` that nobody waits for it.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Runs sandboxes as `sandbox-vmm` processes on this host's KVM. Cheap to share behind an `Arc`;
 /// sandboxes it created keep working after it is dropped.
 #[derive(Debug)]
 pub struct KvmRuntime {
     cfg: Resolved,
+    state: Arc<StateDir>,
     live: Arc<AtomicUsize>,
+    cleaner: Cleaner,
 }
 
 impl KvmRuntime {
-    /// Resolves `config` (defaults from `SANDBOX_VMM`, `SANDBOX_KERNEL`, `SANDBOX_ROOTFS`,
-    /// `XDG_RUNTIME_DIR`), checks `/dev/kvm`, creates the state directory (mode 0700) and removes
-    /// stale sandboxes left in it by processes that are gone (killing their VMMs).
+    /// Validates `config` (the builder's rules, also for a config edited field by field),
+    /// resolves it (defaults from `SANDBOX_VMM`, `SANDBOX_KERNEL`, `SANDBOX_ROOTFS`,
+    /// `XDG_RUNTIME_DIR`), refuses a state directory whose sandbox socket paths would not fit a
+    /// Unix socket address, checks `/dev/kvm`, creates the state directory (mode 0700) or checks
+    /// that the existing one is ours (see `docs/runtime.md`), and removes stale sandboxes left
+    /// in it by processes that are gone (killing their VMMs once verified).
     ///
     /// # Errors
-    /// [`RuntimeError`]s of kind `HostSetup` that name the fix: no `sandbox-vmm`, guest artifacts
-    /// not built (`cargo xtask guest`), `/dev/kvm` missing or not accessible, state directory not
-    /// writable.
+    /// [`RuntimeError::Config`] (kind `InvalidSpec`); [`RuntimeError`]s of kind `HostSetup` that
+    /// name the fix: no `sandbox-vmm`, guest artifacts not built (`cargo xtask guest`), `/dev/kvm`
+    /// missing or not accessible, state directory not writable
+    /// ([`RuntimeError::StateDir`]) or not trusted ([`RuntimeError::StateDirUntrusted`]), socket
+    /// path too long ([`RuntimeError::SocketPathTooLong`]).
     pub fn new(config: KvmRuntimeConfig) -> Result<Self> {
-        let cfg = resolve(&config, &Env::process())?;
-        drop(sandbox_vmm::kvm::open_kvm_at(&config.kvm_device)?);
-        let state_err = |source| RuntimeError::StateDir {
+        Self::start(&config, &Env::process(), true)
+    }
+
+    /// [`KvmRuntime::new`] with the process environment given, and optionally without the KVM
+    /// check (tests with a fake `sandbox-vmm`).
+    fn start(config: &KvmRuntimeConfig, env: &Env<'_>, check_kvm: bool) -> Result<Self> {
+        // Validation, path resolution and the socket-length check, before anything is made.
+        let cfg = resolve(config, env)?;
+        if check_kvm {
+            drop(sandbox_vmm::kvm::open_kvm_at(&config.kvm_device)?);
+        }
+        let state = StateDir::open(&cfg.state_dir, env.uid).map_err(|e| match e {
+            OpenError::Distrust(d) => RuntimeError::StateDirUntrusted {
+                path: cfg.state_dir.clone(),
+                problem: d.problem(),
+                fix: d.fix(),
+            },
+            OpenError::Io(source) => RuntimeError::StateDir {
+                path: cfg.state_dir.clone(),
+                source,
+            },
+        })?;
+        let state = Arc::new(state);
+        let cleaned = reconcile(&state, env.uid).map_err(|source| RuntimeError::StateDir {
             path: cfg.state_dir.clone(),
             source,
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&cfg.state_dir)
-            .map_err(state_err)?;
-        let cleaned = reconcile(&cfg.state_dir).map_err(state_err)?;
+        })?;
         if !cleaned.is_empty() {
             tracing::info!(
                 state_dir = %cfg.state_dir.display(),
@@ -91,9 +221,16 @@ impl KvmRuntime {
                 "cleaned stale sandboxes"
             );
         }
+        let cleaner = Cleaner::start().map_err(|source| RuntimeError::Io {
+            action: "start the cleanup thread for",
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
         Ok(Self {
             cfg,
+            state,
             live: Arc::new(AtomicUsize::new(0)),
+            cleaner,
         })
     }
 
@@ -102,7 +239,7 @@ impl KvmRuntime {
         SandboxSpec::builder(&self.cfg.kernel, &self.cfg.rootfs)
     }
 
-    /// The state directory: one `sbx-<hex>/` directory per live sandbox.
+    /// The state directory (absolute): one `sbx-<hex>/` directory per live sandbox.
     pub fn state_dir(&self) -> &Path {
         &self.cfg.state_dir
     }
@@ -118,52 +255,84 @@ impl KvmRuntime {
     }
 
     /// A new raw connection to sandbox `id`'s agent, after `CONNECT <port>` but before the
-    /// protocol handshake (for protocol tests and tools).
+    /// protocol handshake (for protocol tests and tools). Bounded by 10 s.
     ///
     /// # Errors
-    /// `AgentUnreachable` when the socket or the port does not answer.
+    /// `AgentUnreachable` when the socket or the port does not answer in time.
     pub async fn raw_agent_stream(&self, id: &SandboxId) -> sandbox_core::Result<UnixStream> {
-        let files = SandboxFiles {
-            dir: self.sandbox_dir(id),
-        };
-        raw_connect(&files.vsock(), self.cfg.agent_port).await
+        let sock = self.sandbox_dir(id).join(names::VSOCK);
+        raw_connect(&sock, self.cfg.agent_port).await
     }
 
-    /// Sandboxes alive in this runtime now.
+    /// Sandboxes alive in this runtime now, counting a failed or abandoned `create()` until its
+    /// cleanup has finished.
     pub fn live_sandboxes(&self) -> usize {
         self.live.load(Ordering::SeqCst)
     }
 
     /// [`Runtime::create`], returning the concrete type.
     ///
+    /// Cancel-safe: dropping the future at any point leaves no process, no directory and no
+    /// live-sandbox count behind once the runtime's cleanup thread has run (the blocking part
+    /// stops at its next step; the cleanup is handed to that thread, not run in a drop).
+    ///
     /// # Errors
-    /// As [`Runtime::create`]: `HostSetup` (limits, spawn), `InvalidSpec` (the VM config refused
-    /// the spec), `Io`, `GuestExited` (the VMM died while booting) and `AgentUnreachable` (no
-    /// handshake before the deadline), the last two with the console tail in the message.
+    /// As [`Runtime::create`]: `HostSetup` (limits, spawn, socket path too long), `InvalidSpec`
+    /// (the VM config refused the spec), `Io`, `GuestExited` (the VMM died while booting) and
+    /// `AgentUnreachable` (no handshake before the deadline), the last two with the console tail
+    /// in the message.
     pub async fn create_sandbox(&self, spec: SandboxSpec) -> sandbox_core::Result<KvmSandbox> {
         let max = self.cfg.max_sandboxes;
         if self.live.fetch_add(1, Ordering::SeqCst) >= max {
             self.live.fetch_sub(1, Ordering::SeqCst);
             return Err(RuntimeError::TooManySandboxes { max }.into());
         }
-        let slot = LiveSlot(self.live.clone());
+        let mut guard = CreateGuard {
+            cleaner: self.cleaner.clone(),
+            slot: Some(LiveSlot(self.live.clone())),
+            dir: None,
+            lock: None,
+            proc: None,
+        };
         let started = Instant::now();
         let id = SandboxId::new(new_id().map_err(|source| RuntimeError::Io {
             action: "read random bytes for",
             path: PathBuf::from("the sandbox id"),
             source,
         })?);
-        let files = SandboxFiles {
-            dir: self.sandbox_dir(&id),
+        check_socket_path(&self.sandbox_dir(&id).join(names::VSOCK))?;
+        // The blocking half owns the guard while it runs and hands it back armed with what it
+        // made; if this future is gone by then, dropping the unsent guard cleans up.
+        let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+        let cancelled = cancel.0.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (cfg, state, spec2, id2) = (
+            self.cfg.clone(),
+            self.state.clone(),
+            spec.clone(),
+            id.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let r = prepare(&cfg, &spec2, &state, &id2, &mut guard, &cancelled);
+            if r.is_err() {
+                // Undo here, already on a blocking thread, so the error returns clean.
+                guard.undo_blocking();
+            }
+            let _ = tx.send((guard, r));
+        });
+        let (mut guard, prepared) = rx
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "The create task failed.", e))?;
+        let copy = prepared?;
+        let (proc, sock) = match (&guard.proc, &guard.dir) {
+            (Some(p), Some(d)) => (p.clone(), d.fd_path(names::VSOCK)),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    "create: the VMM or its directory is missing after a successful prepare.",
+                ))
+            }
         };
-        let (cfg, spec2, dir) = (self.cfg.clone(), spec.clone(), files.dir.clone());
-        let prepared =
-            tokio::task::spawn_blocking(move || prepare(&cfg, &spec2, &SandboxFiles { dir }))
-                .await
-                .map_err(|e| {
-                    Error::with_source(ErrorKind::Internal, "The create task failed.", e)
-                })??;
-        let Prepared { proc, lock, copy } = prepared;
         tracing::info!(id = %id, pid = proc.pid(), ?copy, "sandbox VMM started");
 
         let port = self.cfg.agent_port;
@@ -171,16 +340,22 @@ impl KvmRuntime {
         // caller's bound on create() holds however slow the disk is.
         let deadline = self.cfg.create_deadline;
         let left = deadline.saturating_sub(started.elapsed());
-        let sock = files.vsock();
         let outcome = tokio::select! {
             r = client::wait_for_agent(&sock, port, left) => Ok(r),
             exit = proc.wait() => Err(exit),
         };
         let failure = match outcome {
             Ok(Ok(client)) => {
+                let Some((slot, dir, lock, proc)) = guard.disarm() else {
+                    return Err(Error::new(
+                        ErrorKind::Internal,
+                        "create: the guard lost a piece of the sandbox.",
+                    ));
+                };
+                drop(cancel);
                 let shared = Arc::new(SandboxShared {
                     id: id.clone(),
-                    files,
+                    dir,
                     proc,
                     state: Mutex::new(SandboxState::Creating.transition(SandboxState::Running)?),
                     env: spec.env().clone(),
@@ -208,20 +383,23 @@ impl KvmRuntime {
             Ok(Err(e)) => Err(e),
             Err(exit) => Ok(exit),
         };
-        // Failure: kill, collect the console tail, remove everything.
-        let dir = files.dir.clone();
+        // Failure: kill, collect the console tail, remove everything (on a blocking thread; if
+        // this future is dropped meanwhile, that thread still finishes the job).
+        let dir_path = self.sandbox_dir(&id);
         let teardown = tokio::task::spawn_blocking(move || {
-            proc.kill();
-            proc.wait_blocking();
-            let console = console_tail(&files, TAIL_LINES);
-            let _ = std::fs::remove_dir_all(&files.dir);
-            drop(lock);
-            (console, proc.exit())
+            if let Some(p) = &guard.proc {
+                p.kill();
+                p.wait_blocking();
+            }
+            let console = guard.dir.as_ref().map(console_tail).unwrap_or_default();
+            let exit = guard.proc.as_ref().and_then(|p| p.exit());
+            guard.undo_blocking();
+            drop(guard);
+            (console, exit)
         })
         .await;
-        drop(slot);
         let (console, exit) = teardown.unwrap_or_default();
-        tracing::warn!(id = %id, dir = %dir.display(), "sandbox creation failed; cleaned up");
+        tracing::warn!(id = %id, dir = %dir_path.display(), "sandbox creation failed; cleaned up");
         Err(match failure {
             Ok(exit) => RuntimeError::GuestExited {
                 id: id.to_string(),
@@ -243,7 +421,7 @@ impl KvmRuntime {
             },
             Err(source) => RuntimeError::AgentUnreachable {
                 id: id.to_string(),
-                after: deadline,
+                after: started.elapsed(),
                 console,
                 source,
             },
@@ -266,80 +444,102 @@ fn new_id() -> std::io::Result<String> {
     Ok(format!("sbx-{:016x}", u64::from_be_bytes(b)))
 }
 
-struct Prepared {
-    proc: Arc<VmmProcess>,
-    lock: File,
-    copy: Option<CopyMethod>,
-}
-
-/// The blocking part of create: directory, lock, rootfs copy, VM config, spawn, pid file. On
-/// failure the directory is removed again.
-fn prepare(cfg: &Resolved, spec: &SandboxSpec, files: &SandboxFiles) -> Result<Prepared> {
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&files.dir)
-        .map_err(|source| RuntimeError::Io {
-            action: "create",
-            path: files.dir.clone(),
-            source,
-        })?;
-    let r = prepare_in(cfg, spec, files);
-    if r.is_err() {
-        let _ = std::fs::remove_dir_all(&files.dir);
-    }
-    r
-}
-
-fn prepare_in(cfg: &Resolved, spec: &SandboxSpec, files: &SandboxFiles) -> Result<Prepared> {
-    let io = |action: &'static str, path: PathBuf| {
+/// The blocking part of create: directory, lock, rootfs copy, VM config, log, spawn, pid file,
+/// each recorded in `guard` as soon as it exists. Every file is created through the directory's
+/// fd (`O_EXCL | O_NOFOLLOW`), and the VMM runs in that directory (`fchdir`) with relative
+/// names for its config, disk, console and socket. Stops early (`Interrupted`) once `cancelled`
+/// is set: nobody waits for the result.
+fn prepare(
+    cfg: &Resolved,
+    spec: &SandboxSpec,
+    state: &Arc<StateDir>,
+    id: &SandboxId,
+    guard: &mut CreateGuard,
+    cancelled: &AtomicBool,
+) -> Result<Option<CopyMethod>> {
+    let path = state.path().join(id.as_str());
+    let io = |action: &'static str, name: &str| {
+        let path = path.join(name);
         move |source| RuntimeError::Io {
             action,
             path,
             source,
         }
     };
-    let lock = File::create(files.lock()).map_err(io("create", files.lock()))?;
-    // Nobody else knows the new random directory yet, so this cannot fail with "busy".
-    sys::try_lock_exclusive(lock.as_fd()).map_err(io("lock", files.lock()))?;
-    let (disk, copy) = match spec.root() {
-        RootMode::Writable => {
-            let m = copy_image(spec.rootfs(), &files.rootfs())
-                .map_err(io("copy the rootfs to", files.rootfs()))?;
-            (DiskConfig::new(files.rootfs(), false), Some(m))
+    let check = || {
+        if cancelled.load(Ordering::SeqCst) {
+            Err(io("finish (the caller gave up on)", "")(
+                std::io::Error::from(std::io::ErrorKind::Interrupted),
+            ))
+        } else {
+            Ok(())
         }
-        RootMode::ReadOnly => (DiskConfig::new(spec.rootfs(), true), None),
     };
-    let vm = vm_config(cfg, spec, files, disk);
-    // Validate here, with the typed error, rather than in the child.
-    VmResources::try_from(vm.clone())?;
-    let json = serde_json::to_vec_pretty(&vm).map_err(|e| RuntimeError::Io {
-        action: "serialize",
-        path: files.config(),
-        source: std::io::Error::other(e),
+    check()?;
+    let dir = guard
+        .dir
+        .insert(SandboxDir::create(state.clone(), id.as_str()).map_err(io("create", ""))?);
+    let lock = dir
+        .create_file(names::LOCK, 0o600)
+        .map_err(io("create", names::LOCK))?;
+    // Nobody else knows the new random directory yet, so this cannot fail with "busy".
+    sys::try_lock_exclusive(lock.as_fd()).map_err(io("lock", names::LOCK))?;
+    guard.lock = Some(lock);
+    check()?;
+    // Absolute paths for what lives outside the directory: the VMM runs inside it.
+    let abs = |p: &Path| std::path::absolute(p);
+    let kernel = abs(spec.kernel()).map_err(io("resolve the kernel path for", ""))?;
+    let (disk_checked, disk_named, copy) = match spec.root() {
+        RootMode::Writable => {
+            let to = dir
+                .create_file(names::ROOTFS, 0o600)
+                .map_err(io("create", names::ROOTFS))?;
+            let m = copy_image(spec.rootfs(), &to, cancelled)
+                .map_err(io("copy the rootfs to", names::ROOTFS))?;
+            (
+                DiskConfig::new(dir.join(names::ROOTFS), false),
+                DiskConfig::new(names::ROOTFS, false),
+                Some(m),
+            )
+        }
+        RootMode::ReadOnly => {
+            let p = abs(spec.rootfs()).map_err(io("resolve the rootfs path for", ""))?;
+            (DiskConfig::new(&p, true), DiskConfig::new(&p, true), None)
+        }
+    };
+    check()?;
+    // Validate here, with the typed error and the paths as the VMM will see them from inside
+    // the directory, rather than in the child.
+    VmResources::try_from(vm_config(cfg, spec, &kernel, dir.path(), disk_checked))?;
+    let vm = vm_config(cfg, spec, &kernel, Path::new(""), disk_named);
+    let json = serde_json::to_vec_pretty(&vm)
+        .map_err(|e| io("serialize", names::CONFIG)(std::io::Error::other(e)))?;
+    dir.create_file(names::CONFIG, 0o600)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &json))
+        .map_err(io("write", names::CONFIG))?;
+    let log = dir
+        .create_file(names::VMM_LOG, 0o600)
+        .map_err(io("create", names::VMM_LOG))?;
+    check()?;
+    let proc = VmmProcess::spawn(vmm_command(&cfg.vmm, dir, log)).map_err(|source| {
+        RuntimeError::Spawn {
+            vmm: cfg.vmm.clone(),
+            source,
+        }
     })?;
-    std::fs::write(files.config(), json).map_err(io("write", files.config()))?;
-    let log = File::create(files.vmm_log()).map_err(io("create", files.vmm_log()))?;
-    let proc =
-        VmmProcess::spawn(vmm_command(&cfg.vmm, &files.config(), log)).map_err(|source| {
-            RuntimeError::Spawn {
-                vmm: cfg.vmm.clone(),
-                source,
-            }
-        })?;
-    if let Err(e) = write_pid_file(&files.pid(), proc.pid()) {
-        proc.kill();
-        proc.wait_blocking();
-        return Err(io("write", files.pid())(e));
-    }
-    Ok(Prepared { proc, lock, copy })
+    let pid = proc.pid();
+    guard.proc = Some(proc);
+    write_pid_file(dir, pid).map_err(io("write", names::PID))?;
+    Ok(copy)
 }
 
-/// The VM config for one sandbox: the spec's shape, the private disk, the console log and the
-/// vsock socket in the sandbox directory.
+/// The VM config for one sandbox: the spec's shape, the disk, and the console log and vsock
+/// socket in the sandbox directory `dir` (`""`: named relative to the VMM's working directory).
 fn vm_config(
     cfg: &Resolved,
     spec: &SandboxSpec,
-    files: &SandboxFiles,
+    kernel: &Path,
+    dir: &Path,
     disk: DiskConfig,
 ) -> VmConfig {
     let mode = if disk.read_only { "ro" } else { "rw" };
@@ -348,24 +548,27 @@ fn vm_config(
         cmdline.push(' ');
         cmdline.push_str(p);
     }
-    VmConfig::new(spec.kernel())
+    VmConfig::new(kernel)
         .vcpus(spec.vcpus())
         .memory_mib(spec.memory_mib())
         .disk(disk)
         .cmdline_extra(cmdline)
-        .console_file(files.console(), cfg.console_cap_bytes)
-        .vsock(VsockDeviceConfig::new(GUEST_CID, files.vsock()))
+        .console_file(dir.join(names::CONSOLE), cfg.console_cap_bytes)
+        .vsock(VsockDeviceConfig::new(GUEST_CID, dir.join(names::VSOCK)))
 }
 
 /// The last `n` lines of the console log and of the VMM's log, formatted for an error message
 /// (empty when both are empty).
-fn console_tail(files: &SandboxFiles, n: usize) -> String {
+fn console_tail(dir: &SandboxDir) -> String {
     let mut out = String::new();
-    for (label, path) in [
-        ("console", files.console()),
-        ("sandbox-vmm log", files.vmm_log()),
+    for (label, name) in [
+        ("console", names::CONSOLE),
+        ("sandbox-vmm log", names::VMM_LOG),
     ] {
-        let lines = tail_lines(&path, n);
+        let lines = dir
+            .open_read(name)
+            .map(|f| tail_lines(f, TAIL_LINES))
+            .unwrap_or_default();
         if !lines.is_empty() {
             out.push_str(&format!("\n--- {label} (last lines) ---\n{lines}"));
         }
@@ -374,10 +577,7 @@ fn console_tail(files: &SandboxFiles, n: usize) -> String {
 }
 
 /// The last `n` lines of a file, reading at most its last 16 KiB.
-fn tail_lines(path: &Path, n: usize) -> String {
-    let Ok(mut f) = File::open(path) else {
-        return String::new();
-    };
+fn tail_lines(mut f: File, n: usize) -> String {
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let from = len.saturating_sub(16 * 1024);
     if f.seek(SeekFrom::Start(from)).is_err() {
@@ -391,24 +591,38 @@ fn tail_lines(path: &Path, n: usize) -> String {
     lines[start..].join("\n")
 }
 
-/// Connects to a VMM's vsock socket and asks for guest `port`.
+/// Connects to a VMM's vsock socket and asks for guest `port`, within [`CONNECT_DEADLINE`].
 async fn raw_connect(sock: &Path, port: u32) -> sandbox_core::Result<UnixStream> {
-    let mut s = UnixStream::connect(sock).await.map_err(|e| {
-        Error::with_source(
+    let attempt = async {
+        let mut s = UnixStream::connect(sock).await.map_err(|e| {
+            Error::with_source(
+                ErrorKind::AgentUnreachable,
+                "Cannot connect to the sandbox's vsock socket.",
+                e,
+            )
+        })?;
+        client::vsock_connect(&mut s, port).await?;
+        Ok(s)
+    };
+    let started = Instant::now();
+    match tokio::time::timeout(CONNECT_DEADLINE, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::new(
             ErrorKind::AgentUnreachable,
-            "Cannot connect to the sandbox's vsock socket.",
-            e,
-        )
-    })?;
-    client::vsock_connect(&mut s, port).await?;
-    Ok(s)
+            format!(
+                "The sandbox's vsock socket did not answer CONNECT {port}; gave up after {:?}.",
+                started.elapsed()
+            ),
+        )),
+    }
 }
 
 /// State shared by a sandbox handle and its background tasks (TTL, exec streams).
 #[derive(Debug)]
 struct SandboxShared {
     id: SandboxId,
-    files: SandboxFiles,
+    /// The sandbox directory, held open: files and the socket are reached through its fd.
+    dir: SandboxDir,
     proc: Arc<VmmProcess>,
     state: Mutex<SandboxState>,
     env: BTreeMap<String, String>,
@@ -420,14 +634,6 @@ struct SandboxShared {
     slot: Mutex<Option<LiveSlot>>,
     torn_down: AtomicBool,
     teardown_lock: Mutex<()>,
-}
-
-impl std::fmt::Debug for SandboxFiles {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SandboxFiles")
-            .field("dir", &self.dir)
-            .finish()
-    }
 }
 
 impl SandboxShared {
@@ -452,7 +658,7 @@ impl SandboxShared {
         RuntimeError::GuestExited {
             id: self.id.to_string(),
             how: exit.to_string(),
-            console: console_tail(&self.files, TAIL_LINES),
+            console: console_tail(&self.dir),
         }
         .into()
     }
@@ -479,9 +685,8 @@ impl SandboxShared {
         if let Some(c) = pooled {
             return Ok(c);
         }
-        match client::connect_vsock_unix(&self.files.vsock(), self.agent_port, CONNECT_DEADLINE)
-            .await
-        {
+        let sock = self.dir.fd_path(names::VSOCK);
+        match client::connect_vsock_unix(&sock, self.agent_port, CONNECT_DEADLINE).await {
             Ok(c) => Ok(c),
             Err(e) => Err(self.map_client_err(e).await),
         }
@@ -534,10 +739,7 @@ impl SandboxShared {
         }
         self.proc.kill();
         self.proc.wait_blocking();
-        let r = match std::fs::remove_dir_all(&self.files.dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        };
+        let r = self.dir.remove_all();
         if r.is_ok() {
             self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
             self.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -565,12 +767,12 @@ pub struct KvmSandbox {
 impl KvmSandbox {
     /// The sandbox's directory under the runtime's state directory.
     pub fn dir(&self) -> &Path {
-        &self.shared.files.dir
+        self.shared.dir.path()
     }
 
     /// The VMM's vsock Unix socket (host side of virtio-vsock; speak `CONNECT <port>\n` first).
     pub fn vsock_path(&self) -> PathBuf {
-        self.shared.files.vsock()
+        self.shared.dir.join(names::VSOCK)
     }
 
     /// The pid of the `sandbox-vmm` process.
@@ -580,7 +782,11 @@ impl KvmSandbox {
 
     /// The last `lines` lines of the guest console (capped log in the sandbox directory).
     pub fn console_tail(&self, lines: usize) -> String {
-        tail_lines(&self.shared.files.console(), lines)
+        self.shared
+            .dir
+            .open_read(names::CONSOLE)
+            .map(|f| tail_lines(f, lines))
+            .unwrap_or_default()
     }
 
     /// A new raw connection to the agent, after `CONNECT <port>` but before the protocol
@@ -590,7 +796,8 @@ impl KvmSandbox {
     /// `AgentUnreachable` when the socket or the port does not answer.
     pub async fn raw_agent_stream(&self) -> sandbox_core::Result<UnixStream> {
         self.shared.check_running()?;
-        raw_connect(&self.vsock_path(), self.shared.agent_port).await
+        let sock = self.shared.dir.fd_path(names::VSOCK);
+        raw_connect(&sock, self.shared.agent_port).await
     }
 
     fn abort_ttl(&self) {
@@ -700,7 +907,7 @@ impl Sandbox for KvmSandbox {
                 let c = match pooled {
                     Some(c) => Some(c),
                     None => client::connect_vsock_unix(
-                        &shared.files.vsock(),
+                        &shared.dir.fd_path(names::VSOCK),
                         shared.agent_port,
                         shared.destroy_grace,
                     )
@@ -729,7 +936,7 @@ impl Sandbox for KvmSandbox {
                 *s = SandboxState::Failed;
                 Err(RuntimeError::Io {
                     action: "remove",
-                    path: shared.files.dir.clone(),
+                    path: shared.dir.path().to_path_buf(),
                     source,
                 }
                 .into())
@@ -759,7 +966,11 @@ impl Drop for KvmSandbox {
 
 #[cfg(test)]
 mod tests {
+    use std::ffi::OsString;
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
+    use crate::runtime::KvmRuntimeConfigBuilder;
 
     fn resolved(dir: &Path) -> Resolved {
         Resolved {
@@ -775,6 +986,17 @@ mod tests {
         }
     }
 
+    fn test_guard() -> CreateGuard {
+        let live = Arc::new(AtomicUsize::new(1));
+        CreateGuard {
+            cleaner: Cleaner::start().expect("cleaner"),
+            slot: Some(LiveSlot(live)),
+            dir: None,
+            lock: None,
+            proc: None,
+        }
+    }
+
     #[test]
     fn ids_are_sbx_and_16_hex_digits_and_differ() {
         let a = new_id().expect("id");
@@ -785,7 +1007,7 @@ mod tests {
     }
 
     #[test]
-    fn vm_config_uses_the_spec_and_the_sandbox_dir() {
+    fn vm_config_names_the_sandbox_files_relative_to_the_vmm() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = resolved(dir.path());
         let spec = SandboxSpec::builder("/k/vmlinux", "/k/rootfs.ext4")
@@ -794,10 +1016,14 @@ mod tests {
             .cmdline_param("quiet")
             .build()
             .expect("spec");
-        let files = SandboxFiles {
-            dir: dir.path().join("sbx-00"),
-        };
-        let vm = vm_config(&cfg, &spec, &files, DiskConfig::new(files.rootfs(), false));
+        let kernel = Path::new("/k/vmlinux");
+        let vm = vm_config(
+            &cfg,
+            &spec,
+            kernel,
+            Path::new(""),
+            DiskConfig::new(names::ROOTFS, false),
+        );
         let json = serde_json::to_value(&vm).expect("json");
         assert_eq!(json["kernel"], "/k/vmlinux");
         assert_eq!(
@@ -806,28 +1032,42 @@ mod tests {
         );
         assert_eq!(json["cmdline_extra"], "root=/dev/vda rw quiet");
         assert_eq!(json["disks"][0]["read_only"], false);
-        assert_eq!(
-            json["vsock"]["uds_path"].as_str().map(PathBuf::from),
-            Some(files.vsock())
-        );
+        assert_eq!(json["disks"][0]["path"], "rootfs.ext4");
+        assert_eq!(json["vsock"]["uds_path"], "vsock.sock");
+        assert_eq!(json["console"]["path"], "console.log");
         assert_eq!(json["console"]["cap_bytes"], 4096);
-        let ro = vm_config(&cfg, &spec, &files, DiskConfig::new("/k/rootfs.ext4", true));
-        assert_eq!(ro.cmdline_extra, "root=/dev/vda ro quiet");
+        let abs = vm_config(
+            &cfg,
+            &spec,
+            kernel,
+            Path::new("/s/sbx-00"),
+            DiskConfig::new("/k/rootfs.ext4", true),
+        );
+        assert_eq!(abs.cmdline_extra, "root=/dev/vda ro quiet");
+        let json = serde_json::to_value(&abs).expect("json");
+        assert_eq!(json["vsock"]["uds_path"], "/s/sbx-00/vsock.sock");
     }
 
     #[test]
-    fn a_failed_prepare_removes_the_directory() {
+    fn a_failed_or_cancelled_prepare_leaves_nothing_after_undo() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = resolved(dir.path());
-        std::fs::create_dir(&cfg.state_dir).expect("mkdir");
+        let state = Arc::new(StateDir::open(&cfg.state_dir, sys::euid()).expect("state"));
         // The rootfs does not exist: the copy fails after the directory and lock were made.
         let spec = SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("missing"))
             .build()
             .expect("spec");
-        let files = SandboxFiles {
-            dir: cfg.state_dir.join("sbx-01"),
-        };
-        let err = prepare(&cfg, &spec, &files).err().expect("no rootfs");
+        let id = SandboxId::new("sbx-01");
+        let mut guard = test_guard();
+        let err = prepare(
+            &cfg,
+            &spec,
+            &state,
+            &id,
+            &mut guard,
+            &AtomicBool::new(false),
+        )
+        .expect_err("no rootfs");
         assert!(
             matches!(
                 err,
@@ -838,7 +1078,49 @@ mod tests {
             ),
             "{err}"
         );
-        assert!(!files.dir.exists());
+        assert!(guard.dir.is_some() && guard.lock.is_some() && guard.proc.is_none());
+        guard.undo_blocking();
+        assert!(!cfg.state_dir.join("sbx-01").exists());
+        // Cancelled before it starts: nothing is made at all.
+        let mut guard = test_guard();
+        let err = prepare(&cfg, &spec, &state, &id, &mut guard, &AtomicBool::new(true))
+            .expect_err("cancelled");
+        assert!(
+            matches!(&err, RuntimeError::Io { source, .. } if source.kind() == std::io::ErrorKind::Interrupted),
+            "{err}"
+        );
+        assert!(guard.dir.is_none());
+        assert!(!cfg.state_dir.join("sbx-01").exists());
+    }
+
+    #[test]
+    fn a_dropped_guard_cleans_up_on_the_cleanup_thread_and_frees_the_slot_last() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state =
+            Arc::new(StateDir::open(&dir.path().join("state"), sys::euid()).expect("state"));
+        let live = Arc::new(AtomicUsize::new(1));
+        let sb = SandboxDir::create(state.clone(), "sbx-02").expect("dir");
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("1000")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let proc = VmmProcess::spawn(cmd).expect("spawn");
+        let pid = proc.pid();
+        let guard = CreateGuard {
+            cleaner: Cleaner::start().expect("cleaner"),
+            slot: Some(LiveSlot(live.clone())),
+            dir: Some(sb),
+            lock: None,
+            proc: Some(proc),
+        };
+        drop(guard);
+        wait_until(|| live.load(Ordering::SeqCst) == 0);
+        assert!(!state.path().join("sbx-02").exists());
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the child is gone"
+        );
     }
 
     #[test]
@@ -847,21 +1129,36 @@ mod tests {
         let p = dir.path().join("console.log");
         let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
         std::fs::write(&p, text).expect("write");
-        assert_eq!(tail_lines(&p, 2), "line 98\nline 99");
-        assert_eq!(tail_lines(&dir.path().join("none"), 2), "");
+        assert_eq!(
+            tail_lines(File::open(&p).expect("open"), 2),
+            "line 98\nline 99"
+        );
+    }
+
+    fn artifacts(dir: &Path) -> KvmRuntimeConfigBuilder {
+        for f in ["sandbox-vmm", "vmlinux", "rootfs.ext4"] {
+            std::fs::write(dir.join(f), b"x").expect("write");
+        }
+        KvmRuntimeConfig::builder()
+            .vmm(dir.join("sandbox-vmm"))
+            .kernel(dir.join("vmlinux"))
+            .rootfs(dir.join("rootfs.ext4"))
+            .state_dir(dir.join("state"))
+    }
+
+    fn test_env() -> Env<'static> {
+        Env {
+            var: &|_: &str| None::<OsString>,
+            current_exe: None,
+            is_root: sys::is_root(),
+            uid: sys::euid(),
+        }
     }
 
     #[test]
     fn new_reports_a_missing_kvm_device_as_host_setup() {
         let dir = tempfile::tempdir().expect("tempdir");
-        for f in ["sandbox-vmm", "vmlinux", "rootfs.ext4"] {
-            std::fs::write(dir.path().join(f), b"x").expect("write");
-        }
-        let config = KvmRuntimeConfig::builder()
-            .vmm(dir.path().join("sandbox-vmm"))
-            .kernel(dir.path().join("vmlinux"))
-            .rootfs(dir.path().join("rootfs.ext4"))
-            .state_dir(dir.path().join("state"))
+        let config = artifacts(dir.path())
             .kvm_device(dir.path().join("no-kvm"))
             .build()
             .expect("config");
@@ -869,5 +1166,163 @@ mod tests {
         assert!(matches!(err, RuntimeError::Kvm(_)), "{err}");
         assert!(err.to_string().contains("modprobe"), "{err}");
         assert_eq!(sandbox_core::Error::from(err).kind(), ErrorKind::HostSetup);
+    }
+
+    #[test]
+    fn new_refuses_a_long_state_dir_before_making_anything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = artifacts(dir.path()).build().expect("config");
+        let prefix = dir.path().as_os_str().len();
+        // Long enough that `<state>/sbx-<16>/vsock.sock` passes 107 bytes.
+        let long = dir
+            .path()
+            .join("s".repeat(110usize.saturating_sub(prefix + 32).max(1)));
+        let mut config = base.clone();
+        config.state_dir = Some(long.clone());
+        let err = KvmRuntime::start(&config, &test_env(), false).expect_err("too long");
+        let RuntimeError::SocketPathTooLong { len, max, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(*max, 107);
+        assert!(*len > 107, "{len}");
+        assert!(!long.exists(), "nothing was created");
+        assert_eq!(sandbox_core::Error::from(err).kind(), ErrorKind::HostSetup);
+    }
+
+    #[test]
+    fn new_refuses_an_untrusted_state_dir_with_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = artifacts(dir.path()).build().expect("config");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).expect("mkdir");
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let err = KvmRuntime::start(&config, &test_env(), false).expect_err("world writable");
+        assert!(
+            matches!(err, RuntimeError::StateDirUntrusted { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chmod 700"), "{err}");
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        std::fs::rename(&state, dir.path().join("real")).expect("rename");
+        std::os::unix::fs::symlink(dir.path().join("real"), &state).expect("symlink");
+        let err = KvmRuntime::start(&config, &test_env(), false).expect_err("symlink");
+        assert!(err.to_string().contains("symlink"), "{err}");
+        assert_eq!(sandbox_core::Error::from(err).kind(), ErrorKind::HostSetup);
+        // A config that skipped the builder is validated too.
+        let mut bad = config.clone();
+        bad.create_deadline = Duration::ZERO;
+        assert!(matches!(
+            KvmRuntime::start(&bad, &test_env(), false),
+            Err(RuntimeError::Config {
+                field: "create_deadline",
+                ..
+            })
+        ));
+    }
+
+    fn wait_until(f: impl Fn() -> bool) {
+        let until = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < until, "condition not reached in 20 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A runtime whose `sandbox-vmm` is a script that logs its pid and sleeps, never opening
+    /// its socket.
+    fn fake_runtime(dir: &Path, deadline: Duration) -> (KvmRuntime, PathBuf) {
+        let base = artifacts(dir);
+        let pids = dir.join("pids.log");
+        let vmm = dir.join("fake-vmm");
+        std::fs::write(
+            &vmm,
+            format!(
+                "#!/bin/sh\necho $$ >> '{}'\nexec sleep 1000\n",
+                pids.display()
+            ),
+        )
+        .expect("script");
+        std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // Some data to copy, so that cancellation can land during the copy.
+        std::fs::write(dir.join("rootfs.ext4"), vec![0x5a_u8; 8 << 20]).expect("rootfs");
+        let config = base
+            .vmm(&vmm)
+            .create_deadline(deadline)
+            .build()
+            .expect("config");
+        let rt = KvmRuntime::start(&config, &test_env(), false).expect("runtime");
+        (rt, pids)
+    }
+
+    fn logged_pids(pids: &Path) -> Vec<u32> {
+        std::fs::read_to_string(pids)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    fn assert_nothing_left(rt: &KvmRuntime, pids: &Path) {
+        wait_until(|| rt.live_sandboxes() == 0);
+        let left: Vec<_> = std::fs::read_dir(rt.state_dir())
+            .expect("ls")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "left in the state dir: {left:?}");
+        for pid in logged_pids(pids) {
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "fake VMM {pid} still runs"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_create_at_any_point_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (rt, pids) = fake_runtime(dir.path(), Duration::from_secs(30));
+        let spec = rt.spec_builder().build().expect("spec");
+        for ms in [0u64, 1, 2, 5, 10, 20, 50, 100, 200, 400] {
+            let r =
+                tokio::time::timeout(Duration::from_millis(ms), rt.create_sandbox(spec.clone()))
+                    .await;
+            assert!(
+                r.is_err(),
+                "the fake VMM never answers: create cannot succeed"
+            );
+            assert_nothing_left(&rt, &pids);
+        }
+        // Cancelled once the VMM runs (its pid is logged): during the handshake.
+        let before = logged_pids(&pids).len();
+        tokio::select! {
+            r = rt.create_sandbox(spec.clone()) => panic!("create ended: {:?}", r.err()),
+            _ = async {
+                while logged_pids(&pids).len() == before {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            } => {}
+        }
+        assert_nothing_left(&rt, &pids);
+        assert!(
+            !logged_pids(&pids).is_empty(),
+            "some runs got as far as the VMM"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_create_that_times_out_is_clean_when_it_returns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (rt, pids) = fake_runtime(dir.path(), Duration::from_millis(700));
+        let spec = rt.spec_builder().build().expect("spec");
+        let started = Instant::now();
+        let err = rt.create_sandbox(spec).await.expect_err("no agent");
+        assert_eq!(err.kind(), ErrorKind::AgentUnreachable, "{err}");
+        assert!(!err.to_string().contains("0ns"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // Synchronous cleanup: nothing to wait for.
+        assert_eq!(rt.live_sandboxes(), 0);
+        assert_nothing_left(&rt, &pids);
+        assert_eq!(logged_pids(&pids).len(), 1);
     }
 }

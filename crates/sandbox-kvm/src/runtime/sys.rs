@@ -1,8 +1,9 @@
-//! Raw syscalls of the runtime: reflink, flock, waitid without reaping, kill, prctl in the child,
-//! and random bytes. Each wrapper returns `io::Result` and documents its invariant.
+//! Raw syscalls of the runtime: reflink, flock, waitid without reaping, kill, pidfds, prctl and
+//! fchdir in the child, and random bytes. Each wrapper returns `io::Result` and documents its
+//! invariant.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// `FICLONE` (`_IOW(0x94, 9, int)`, linux/fs.h): share all of `src`'s extents with `dst`.
 const FICLONE: libc::c_ulong = 0x4004_9409;
@@ -82,15 +83,66 @@ pub fn kill_pid(pid: u32) -> io::Result<()> {
     }
 }
 
-/// In a freshly forked child, before exec: die with the parent (`PR_SET_PDEATHSIG(SIGKILL)`),
-/// refuse to run if the parent already died (the signal would never come), and mark every fd
-/// above 2 close-on-exec so only stdin/stdout/stderr (chosen by the caller) are inherited.
+/// `pidfd_open(2)` (Linux 5.3): an fd that names process `pid` itself, not its number. Signals
+/// sent through it ([`pidfd_kill`]) reach that process or nobody, never a later owner of the pid.
+///
+/// # Errors
+/// `ESRCH` when no such process exists; `ENOSYS` on older kernels.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    // SAFETY: pidfd_open takes a pid and flags (0) and touches no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(r).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: the kernel just returned `fd` as a new open file descriptor (with O_CLOEXEC, as
+    // pidfds always are) that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `SIGKILL` through a pidfd (`pidfd_send_signal(2)`, Linux 5.1).
+///
+/// # Errors
+/// `ESRCH` when the process has exited, `EPERM`.
+pub fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: the fd is valid for the borrow; a null siginfo is allowed (the kernel fills in a
+    // SI_USER one); no memory of ours is touched.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// In a freshly forked child, before exec: enter the directory `cwd` (`fchdir`: the child gets
+/// the directory the fd names, whatever its path names now), die with the parent
+/// (`PR_SET_PDEATHSIG(SIGKILL)`), refuse to run if the parent already died (the signal would
+/// never come), and mark every fd above 2 close-on-exec so only stdin/stdout/stderr (chosen by
+/// the caller) are inherited.
 ///
 /// Only async-signal-safe syscalls: this runs between fork and exec.
 ///
 /// # Errors
-/// `prctl` failure, or `ESRCH` when the parent is no longer `parent`.
-pub fn child_setup(parent: libc::pid_t) -> io::Result<()> {
+/// `fchdir` or `prctl` failure, or `ESRCH` when the parent is no longer `parent`.
+pub fn child_setup(parent: libc::pid_t, cwd: Option<RawFd>) -> io::Result<()> {
+    if let Some(fd) = cwd {
+        // SAFETY: fchdir takes an integer; the parent keeps `fd` open until spawn returns, and
+        // the child's copy is open until exec (it is O_CLOEXEC).
+        if unsafe { libc::fchdir(fd) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes integers only.
     let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
     if r != 0 {
