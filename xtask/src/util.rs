@@ -31,12 +31,54 @@ pub fn cache_dir() -> PathBuf {
 /// `text` with this machine's paths made portable for committed files: the cache directory
 /// becomes `<cache>`, the workspace root `<checkout>`, the home directory `~`.
 pub fn portable_paths(text: &str) -> String {
-    let mut out = text.replace(&*cache_dir().to_string_lossy(), "<cache>");
-    out = out.replace(&*workspace_root().to_string_lossy(), "<checkout>");
+    let mut out = replace_path(text, &cache_dir().to_string_lossy(), "<cache>");
+    out = replace_path(&out, &workspace_root().to_string_lossy(), "<checkout>");
     if let Some(home) = std::env::var_os("HOME").filter(|h| h.len() > 1) {
-        out = out.replace(&*home.to_string_lossy(), "~");
+        out = replace_path(&out, &home.to_string_lossy(), "~");
     }
     out
+}
+
+/// `text` with every occurrence of the path `from` that is a whole path prefix (followed by
+/// `/`, a space, punctuation or the end, not by more name characters) replaced by `to`.
+fn replace_path(text: &str, from: &str, to: &str) -> String {
+    if from.is_empty() {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(from) {
+        let after = &rest[i + from.len()..];
+        let whole = after
+            .chars()
+            .next()
+            .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-' || c == '.'));
+        out.push_str(&rest[..i]);
+        out.push_str(if whole { to } else { from });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod path_tests {
+    #[test]
+    fn only_whole_path_prefixes_are_replaced() {
+        let r = super::replace_path;
+        assert_eq!(
+            r("/root/.cache/x and /root", "/root", "~"),
+            "~/.cache/x and ~"
+        );
+        assert_eq!(
+            r("<cache>/guest/rootfs-1/rootfs.ext4", "/root", "~"),
+            "<cache>/guest/rootfs-1/rootfs.ext4"
+        );
+        assert_eq!(
+            r("/w/a (/w/a)", "/w/a", "<checkout>"),
+            "<checkout> (<checkout>)"
+        );
+    }
 }
 
 /// Hex SHA-256 of a sequence of byte strings, each length-prefixed so that the parts cannot run

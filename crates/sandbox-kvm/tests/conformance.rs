@@ -185,6 +185,14 @@ impl Harness for KvmHarness {
     async fn inventory(&self) -> sandbox_core::Result<BTreeSet<String>> {
         let mut inv = vmm_processes(&self.state_dir)?;
         walk(&self.state_dir, &mut inv)?;
+        // The sandboxes' cgroups (docs/jail.md).
+        if let Ok(entries) = std::fs::read_dir(sandbox_kvm::runtime::jail::DEFAULT_CGROUP_ROOT) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().contains("-sbx-") {
+                    inv.insert(format!("cgroup:{}", e.path().display()));
+                }
+            }
+        }
         inv.extend(open_fds()?);
         Ok(inv)
     }
@@ -275,6 +283,77 @@ async fn cancelled_creates_leave_nothing(h: &KvmHarness) {
     }
 }
 
+/// The VMM runs jailed (docs/jail.md): no new privileges, no capabilities, its own namespaces
+/// where we may create them, and a cgroup with the sandbox's limits where cgroup v2 exists; the
+/// cgroup is gone after destroy.
+async fn vmm_runs_jailed(h: &KvmHarness) {
+    let sb = h.runtime.create_sandbox(h.spec()).await.expect("create");
+    let pid = sb.vmm_pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("VMM status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+    assert_eq!(field("CapBnd:"), "0000000000000000", "{status}");
+    let ns = |p: &str, n: &str| std::fs::read_link(format!("/proc/{p}/ns/{n}")).ok();
+    let root = nix_is_root();
+    for n in ["net", "mnt", "uts", "ipc"] {
+        if root {
+            assert_ne!(
+                ns(&pid.to_string(), n),
+                ns("self", n),
+                "{n} namespace shared"
+            );
+        }
+    }
+    let cgroup = sb.cgroup_dir().map(Path::to_path_buf);
+    if cgroup_v2() {
+        let dir = cgroup.clone().expect("a cgroup where cgroup v2 exists");
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).expect("cgroup.procs");
+        assert!(
+            procs.lines().any(|l| l.trim() == pid.to_string()),
+            "VMM {pid} not in {}: {procs}",
+            dir.display()
+        );
+        let max: u64 = std::fs::read_to_string(dir.join("memory.max"))
+            .expect("memory.max")
+            .trim()
+            .parse()
+            .expect("a number");
+        assert!((256 << 20..=512 << 20).contains(&max), "memory.max {max}");
+        let pids = std::fs::read_to_string(dir.join("pids.max")).expect("pids.max");
+        assert_ne!(pids.trim(), "max");
+    }
+    let out = sb
+        .exec(ExecRequest::shell("echo jailed"))
+        .await
+        .expect("exec");
+    assert_eq!(out.stdout_str(), "jailed\n");
+    sb.destroy().await.expect("destroy");
+    if let Some(dir) = cgroup {
+        assert!(!dir.exists(), "destroy left {}", dir.display());
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn cgroup_v2() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
 /// The KVM backend's own trials, after the suite's checks.
 #[cfg(sandbox_kvm)]
 fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
@@ -288,6 +367,10 @@ fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
         suite.trial("cancelled_creates_leave_nothing", |h| async move {
             cancelled_creates_leave_nothing(&h).await
         }),
+        suite.trial(
+            "vmm_runs_jailed",
+            |h| async move { vmm_runs_jailed(&h).await },
+        ),
     ]
 }
 

@@ -2,6 +2,7 @@
 //! directory, and its deadlines and limits. Unset fields get defaults from the environment when
 //! [`KvmRuntime::new`](super::KvmRuntime::new) resolves them, once.
 
+use super::jail::{JailConfig, JailSupport};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,6 +54,9 @@ pub struct KvmRuntimeConfig {
     /// The guest vsock port the agent listens on ([`sandbox_core::AGENT_VSOCK_PORT`]); tests set
     /// another port to get an agent that never answers.
     pub agent_port: u32,
+    /// The jail each `sandbox-vmm` starts in (docs/jail.md). Default: every layer the host
+    /// allows.
+    pub jail: JailConfig,
 }
 
 impl Default for KvmRuntimeConfig {
@@ -68,6 +72,7 @@ impl Default for KvmRuntimeConfig {
             console_cap_bytes: DEFAULT_CONSOLE_CAP_BYTES,
             max_sandboxes: DEFAULT_MAX_SANDBOXES,
             agent_port: sandbox_core::AGENT_VSOCK_PORT,
+            jail: JailConfig::default(),
         }
     }
 }
@@ -95,7 +100,9 @@ impl KvmRuntimeConfig {
         if c.create_deadline.is_zero() {
             return bad("create_deadline", "must be above zero");
         }
-        if c.console_cap_bytes == 0 || c.console_cap_bytes > sandbox_vmm::vmm::config::MAX_CONSOLE_CAP {
+        if c.console_cap_bytes == 0
+            || c.console_cap_bytes > sandbox_vmm::vmm::config::MAX_CONSOLE_CAP
+        {
             return bad("console_cap_bytes", "must be between 1 byte and 1 GiB");
         }
         if c.max_sandboxes == 0 {
@@ -166,6 +173,12 @@ impl KvmRuntimeConfigBuilder {
         self
     }
 
+    /// The VMM's jail (docs/jail.md); [`JailConfig::off`] for debugging.
+    pub fn jail(mut self, jail: JailConfig) -> Self {
+        self.config.jail = jail;
+        self
+    }
+
     /// Checks the ranges ([`KvmRuntimeConfig::validate`]).
     ///
     /// # Errors
@@ -188,6 +201,9 @@ pub(crate) struct Resolved {
     pub console_cap_bytes: u64,
     pub max_sandboxes: usize,
     pub agent_port: u32,
+    pub jail: JailConfig,
+    /// What the host provides of `jail`: nothing until `KvmRuntime::new` probes it.
+    pub jail_support: JailSupport,
 }
 
 /// What resolution may look at, so tests can fake the process environment.
@@ -251,6 +267,8 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         console_cap_bytes: c.console_cap_bytes,
         max_sandboxes: c.max_sandboxes,
         agent_port: c.agent_port,
+        jail: c.jail.clone(),
+        jail_support: JailSupport::default(),
     })
 }
 

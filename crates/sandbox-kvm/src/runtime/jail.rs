@@ -93,7 +93,7 @@ impl JailConfig {
 }
 
 /// What this host supports, probed once by `KvmRuntime::new`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct JailSupport {
     /// cgroup v2 with the memory, pids and cpu controllers usable under `cgroup_root`.
     pub cgroup: Option<PathBuf>,
@@ -224,7 +224,7 @@ fn namespaces_available() -> Result<(), String> {
     let mut cmd = status;
     // SAFETY: the closure only calls unshare(2) with integer flags between fork and exec.
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || super::sys::unshare_namespaces());
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, super::sys::unshare_namespaces);
     }
     match cmd.status() {
         Ok(s) if s.success() => Ok(()),
@@ -336,16 +336,38 @@ pub(crate) fn kill_and_remove(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Removes the cgroups under `root` named like a sandbox (`sbx-*`) for which `is_live` says no:
-/// leftovers of runtimes that died. Returns how many were removed.
-pub(crate) fn reconcile(root: &Path, is_live: impl Fn(&str) -> bool) -> usize {
+/// A short key of a state directory (FNV-1a of its path, 8 hex digits): cgroups of sandboxes
+/// are named `<key>-<sandbox id>`, so runtimes with different state directories on one host
+/// never take each other's cgroups for leftovers.
+pub(crate) fn state_key(state_dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in state_dir.as_os_str().as_bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
+}
+
+/// The cgroup name of sandbox `id` of the runtime on `state_dir`.
+pub(crate) fn cgroup_name(state_dir: &Path, id: &str) -> String {
+    format!("{}-{id}", state_key(state_dir))
+}
+
+/// Removes the cgroups under `root` of the runtime whose [`state_key`] is `key` for which
+/// `is_live(sandbox id)` says no: leftovers of runtimes that died. Returns how many were removed.
+pub(crate) fn reconcile(root: &Path, key: &str, is_live: impl Fn(&str) -> bool) -> usize {
     let Ok(entries) = fs::read_dir(root) else {
         return 0;
     };
+    let prefix = format!("{key}-");
     let mut removed = 0;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("sbx-") || is_live(&name) {
+        let Some(id) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !id.starts_with("sbx-") || is_live(id) {
             continue;
         }
         match kill_and_remove(&e.path()) {
@@ -380,6 +402,17 @@ pub(crate) struct PreparedJail {
 }
 
 impl PreparedJail {
+    /// No jail at all.
+    #[cfg(test)]
+    pub fn none() -> Self {
+        PreparedJail {
+            cgroup_procs: -1,
+            namespaces: false,
+            restrict: false,
+            fsize: u64::MAX,
+        }
+    }
+
     /// Runs in the child after fork: only async-signal-safe syscalls, no allocation. The order
     /// matters: joining the cgroup and unsharing need privileges that the last steps drop.
     pub fn apply_in_child(&self) -> io::Result<()> {
@@ -448,14 +481,28 @@ mod tests {
         // A plain directory tree stands in for the cgroup root: rmdir of an empty directory
         // behaves the same, and cgroup.kill simply does not exist.
         let root = tempfile::tempdir().expect("tempdir");
-        for name in ["sbx-dead", "sbx-live", "other"] {
+        let key = state_key(Path::new("/run/sandbox-sdk"));
+        let other_key = state_key(Path::new("/run/other"));
+        assert_ne!(key, other_key);
+        let dead = format!("{key}-sbx-dead");
+        let live = format!("{key}-sbx-live");
+        let others = format!("{other_key}-sbx-dead");
+        for name in [dead.as_str(), live.as_str(), others.as_str(), "unrelated"] {
             fs::create_dir(root.path().join(name)).expect("mkdir");
         }
-        let removed = reconcile(root.path(), |n| n == "sbx-live");
+        let removed = reconcile(root.path(), &key, |id| id == "sbx-live");
         assert_eq!(removed, 1);
-        assert!(!root.path().join("sbx-dead").exists());
-        assert!(root.path().join("sbx-live").exists());
-        assert!(root.path().join("other").exists());
+        assert!(!root.path().join(&dead).exists());
+        assert!(root.path().join(&live).exists());
+        assert!(
+            root.path().join(&others).exists(),
+            "another runtime's cgroup"
+        );
+        assert!(root.path().join("unrelated").exists());
+        assert_eq!(
+            cgroup_name(Path::new("/run/sandbox-sdk"), "sbx-01"),
+            format!("{key}-sbx-01")
+        );
     }
 
     #[test]

@@ -160,6 +160,29 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// The host cannot provide a jail layer the config requires (`HostSetup`).
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    /// KVM stopped the guest with an internal error while it booted: this host's `/dev/kvm`
+    /// cannot run the guest kernel (`HostSetup`).
+    #[error(
+        "Sandbox {id}: this machine's /dev/kvm cannot run the guest: {how} while the guest \
+         booted{why}. This happens where KVM emulates the guest's kernel code instead of running \
+         it on hardware virtualization (KVM inside a micro-VM without nested VT-x/AMD-V). Fix: \
+         run on a host with hardware virtualization (bare metal, or a VM with nested \
+         virtualization); for development on such a machine, `cargo xtask run -- <program>` \
+         runs a program in a nested test host where KVM works (docs/testing.md).{console}"
+    )]
+    KvmCannotRunGuest {
+        /// The sandbox id.
+        id: String,
+        /// How the VMM ended.
+        how: String,
+        /// What KVM reported, when the VMM's log says (for example ", an emulation failure").
+        why: String,
+        /// The last console and VMM log lines.
+        console: String,
+    },
     /// The VMM ended while the sandbox was booting or in use (`GuestExited`).
     #[error("Sandbox {id}: {how}.{console}")]
     GuestExited {
@@ -198,6 +221,8 @@ impl RuntimeError {
             | RuntimeError::StateDirUntrusted { .. }
             | RuntimeError::SocketPathTooLong { .. }
             | RuntimeError::TooManySandboxes { .. }
+            | RuntimeError::Jail(_)
+            | RuntimeError::KvmCannotRunGuest { .. }
             | RuntimeError::Spawn { .. } => ErrorKind::HostSetup,
             RuntimeError::Io { .. } => ErrorKind::Io,
             RuntimeError::GuestExited { .. } => ErrorKind::GuestExited,

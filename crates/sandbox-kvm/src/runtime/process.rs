@@ -24,6 +24,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use tokio::sync::watch;
 
 use super::dirfd::SandboxDir;
+use super::jail::{PreparedJail, SandboxCgroup};
 use super::sys;
 
 type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
@@ -57,7 +58,12 @@ pub(crate) const VMM_ARGS: [&str; 2] = ["--config", names::CONFIG];
 /// console and the socket it names relatively are the directory's, even if it was renamed or
 /// swapped), stdin and stdout null (the console goes to the file the config names), stderr to
 /// `log`. `dir` must stay open until the command is spawned.
-pub(crate) fn vmm_command(vmm: &Path, dir: &SandboxDir, log: std::fs::File) -> Command {
+pub(crate) fn vmm_command(
+    vmm: &Path,
+    dir: &SandboxDir,
+    log: std::fs::File,
+    jail: PreparedJail,
+) -> Command {
     let mut cmd = Command::new(vmm);
     cmd.args(VMM_ARGS)
         .stdin(Stdio::null())
@@ -67,10 +73,14 @@ pub(crate) fn vmm_command(vmm: &Path, dir: &SandboxDir, log: std::fs::File) -> C
     let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
     let cwd = dir.fd().as_raw_fd();
     // SAFETY: the closure runs between fork and exec and calls only async-signal-safe syscalls
-    // (fchdir, prctl, getppid, close_range) without allocating or taking locks; `cwd` is open
-    // until the spawn returns (documented requirement on the caller).
+    // (fchdir, prctl, getppid, close_range, then the jail's write, unshare, setrlimit, prctl)
+    // without allocating or taking locks; `cwd` and the jail's cgroup fd are open until the
+    // spawn returns (documented requirement on the caller).
     unsafe {
-        cmd.pre_exec(move || sys::child_setup(parent, Some(cwd)));
+        cmd.pre_exec(move || {
+            sys::child_setup(parent, Some(cwd))?;
+            jail.apply_in_child()
+        });
     }
     cmd
 }
@@ -104,6 +114,8 @@ struct Reaped {
 #[derive(Debug)]
 pub(crate) struct VmmProcess {
     pid: u32,
+    /// The VMM's cgroup (docs/jail.md), removed by the watcher once the VMM is reaped.
+    cgroup_dir: Option<PathBuf>,
     reaped: Arc<Mutex<Reaped>>,
     exit_rx: watch::Receiver<Option<VmmExit>>,
     watcher: Mutex<Option<JoinHandle<()>>>,
@@ -112,16 +124,38 @@ pub(crate) struct VmmProcess {
 impl VmmProcess {
     /// Spawns `cmd` on the spawner thread and starts its watcher. Blocking: call it off the
     /// async workers.
+    #[cfg(test)]
     pub fn spawn(cmd: Command) -> std::io::Result<Arc<Self>> {
+        Self::spawn_jailed(cmd, None)
+    }
+
+    /// [`VmmProcess::spawn`] for a command whose child joins `cgroup` (see
+    /// [`PreparedJail`]); the watcher kills and removes the cgroup once the VMM is reaped, and
+    /// a failed spawn removes it at once.
+    pub fn spawn_jailed(cmd: Command, cgroup: Option<SandboxCgroup>) -> std::io::Result<Arc<Self>> {
         let (reply_tx, reply_rx) = mpsc::channel();
-        spawner()
+        let child = spawner()
             .lock()
-            .map_err(|_| std::io::Error::other("the spawner lock is poisoned"))?
-            .send((cmd, reply_tx))
-            .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
-        let child = reply_rx
-            .recv()
-            .map_err(|_| std::io::Error::other("the spawner thread is gone"))??;
+            .map_err(|_| std::io::Error::other("the spawner lock is poisoned"))
+            .and_then(|tx| {
+                tx.send((cmd, reply_tx))
+                    .map_err(|_| std::io::Error::other("the spawner thread is gone"))
+            })
+            .and_then(|()| {
+                reply_rx
+                    .recv()
+                    .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+            });
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    let _ = cg.kill_and_remove();
+                }
+                return Err(e);
+            }
+        };
+        let cgroup_dir = cgroup.as_ref().map(|c| c.dir().to_path_buf());
         let pid = child.id();
         let reaped = Arc::new(Mutex::new(Reaped::default()));
         let (tx, exit_rx) = watch::channel(None);
@@ -129,10 +163,11 @@ impl VmmProcess {
             let reaped = reaped.clone();
             std::thread::Builder::new()
                 .name(format!("vmm-watch-{pid}"))
-                .spawn(move || watch_child(child, &reaped, &tx))?
+                .spawn(move || watch_child(child, &reaped, &tx, cgroup))?
         };
         Ok(Arc::new(Self {
             pid,
+            cgroup_dir,
             reaped,
             exit_rx,
             watcher: Mutex::new(Some(watcher)),
@@ -142,6 +177,11 @@ impl VmmProcess {
     /// The VMM's pid.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The VMM's cgroup directory, if it runs in one (gone once the VMM was reaped).
+    pub fn cgroup_dir(&self) -> Option<&Path> {
+        self.cgroup_dir.as_deref()
     }
 
     /// How it ended, if it has.
@@ -185,7 +225,12 @@ impl VmmProcess {
     }
 }
 
-fn watch_child(mut child: Child, reaped: &Mutex<Reaped>, tx: &watch::Sender<Option<VmmExit>>) {
+fn watch_child(
+    mut child: Child,
+    reaped: &Mutex<Reaped>,
+    tx: &watch::Sender<Option<VmmExit>>,
+    cgroup: Option<SandboxCgroup>,
+) {
     // Errors other than EINTR mean the child is not waitable: fall through to wait(), which
     // reports the same failure.
     let _ = sys::wait_exited_no_reap(child.id());
@@ -196,6 +241,12 @@ fn watch_child(mut child: Child, reaped: &Mutex<Reaped>, tx: &watch::Sender<Opti
     let exit = VmmExit(status);
     guard.exit = Some(exit);
     drop(guard);
+    // Before anyone learns of the exit: whoever waited for it finds the cgroup gone too.
+    if let Some(cg) = cgroup {
+        if let Err(err) = cg.kill_and_remove() {
+            tracing::warn!(cgroup = %cg.dir().display(), %err, "cannot remove a sandbox cgroup");
+        }
+    }
     let _ = tx.send(Some(exit));
 }
 
@@ -379,7 +430,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let sb = sandbox_dir(dir.path(), "sbx-01");
         let log = sb.create_file(names::VMM_LOG, 0o600).expect("log");
-        let cmd = vmm_command(Path::new("/opt/sandbox-vmm"), &sb, log);
+        let cmd = vmm_command(
+            Path::new("/opt/sandbox-vmm"),
+            &sb,
+            log,
+            PreparedJail::none(),
+        );
         assert_eq!(cmd.get_program(), "/opt/sandbox-vmm");
         let args: Vec<_> = cmd.get_args().collect();
         assert_eq!(args, ["--config", "vm.json"]);
@@ -404,7 +460,8 @@ mod tests {
         std::fs::write(decoy.join(names::CONFIG), b"decoy").expect("decoy config");
         std::os::unix::fs::symlink(&decoy, sb.path()).expect("symlink");
         let log = sb.create_file(names::VMM_LOG, 0o600).expect("log");
-        let p = VmmProcess::spawn(vmm_command(&script, &sb, log)).expect("spawn");
+        let p =
+            VmmProcess::spawn(vmm_command(&script, &sb, log, PreparedJail::none())).expect("spawn");
         p.wait_blocking();
         assert_eq!(p.exit().and_then(|e| e.0.code()), Some(0));
         assert_eq!(std::fs::read(moved.join("seen")).expect("seen"), b"{}");

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use super::config::{check_socket_path, resolve, Env, KvmRuntimeConfig, Resolved};
 use super::copy::{copy_image, CopyMethod};
 use super::dirfd::{OpenError, SandboxDir, StateDir};
+use super::jail::{self, CgroupLimits, PreparedJail, SandboxCgroup};
 use super::process::{names, vmm_command, write_pid_file, VmmExit, VmmProcess};
 use super::reconcile::reconcile;
 use super::{sys, Result, RuntimeError};
@@ -194,7 +195,7 @@ impl KvmRuntime {
     /// check (tests with a fake `sandbox-vmm`).
     fn start(config: &KvmRuntimeConfig, env: &Env<'_>, check_kvm: bool) -> Result<Self> {
         // Validation, path resolution and the socket-length check, before anything is made.
-        let cfg = resolve(config, env)?;
+        let mut cfg = resolve(config, env)?;
         if check_kvm {
             drop(sandbox_vmm::kvm::open_kvm_at(&config.kvm_device)?);
         }
@@ -220,6 +221,17 @@ impl KvmRuntime {
                 count = cleaned.len(),
                 "cleaned stale sandboxes"
             );
+        }
+        // The jail (docs/jail.md): what this host provides; a required layer it lacks fails here.
+        cfg.jail_support = jail::probe(&cfg.jail)?;
+        if let Some(root) = &cfg.jail_support.cgroup {
+            // Cgroups of this state directory's sandboxes whose directory is gone were left by
+            // runtimes that died (their VMMs were killed by reconciliation above, or died with
+            // their runtime through the parent-death signal).
+            let state_dir = cfg.state_dir.clone();
+            jail::reconcile(root, &jail::state_key(&state_dir), |id| {
+                state_dir.join(id).exists()
+            });
         }
         let cleaner = Cleaner::start().map_err(|source| RuntimeError::Io {
             action: "start the cleanup thread for",
@@ -401,6 +413,14 @@ impl KvmRuntime {
         let (console, exit) = teardown.unwrap_or_default();
         tracing::warn!(id = %id, dir = %dir_path.display(), "sandbox creation failed; cleaned up");
         Err(match failure {
+            // Exit 5: KVM_EXIT_INTERNAL_ERROR before the agent answered. On a host whose KVM
+            // cannot run the guest kernel (docs/testing.md) every boot ends this way.
+            Ok(exit) if exit.0.code() == Some(5) => RuntimeError::KvmCannotRunGuest {
+                id: id.to_string(),
+                how: exit.to_string(),
+                why: internal_error_detail(&console),
+                console,
+            },
             Ok(exit) => RuntimeError::GuestExited {
                 id: id.to_string(),
                 how: exit.to_string(),
@@ -521,16 +541,41 @@ fn prepare(
         .create_file(names::VMM_LOG, 0o600)
         .map_err(io("create", names::VMM_LOG))?;
     check()?;
-    let proc = VmmProcess::spawn(vmm_command(&cfg.vmm, dir, log)).map_err(|source| {
-        RuntimeError::Spawn {
-            vmm: cfg.vmm.clone(),
-            source,
-        }
+    // The jail (docs/jail.md): the cgroup exists before the fork, so the child can join it.
+    let cgroup = match &cfg.jail_support.cgroup {
+        Some(root) => Some(SandboxCgroup::create(
+            root,
+            &jail::cgroup_name(&cfg.state_dir, id.as_str()),
+            CgroupLimits::for_guest(&cfg.jail, spec.memory_mib(), spec.vcpus()),
+        )?),
+        None => None,
+    };
+    let prepared = PreparedJail {
+        cgroup_procs: cgroup.as_ref().map_or(-1, SandboxCgroup::procs_fd),
+        namespaces: cfg.jail_support.namespaces,
+        restrict: cfg.jail.restrict_process,
+        fsize: jail_fsize(cfg, spec),
+    };
+    let cmd = vmm_command(&cfg.vmm, dir, log, prepared);
+    // `cgroup` (and its procs fd) lives until the spawn returned, then goes to the watcher.
+    let proc = VmmProcess::spawn_jailed(cmd, cgroup).map_err(|source| RuntimeError::Spawn {
+        vmm: cfg.vmm.clone(),
+        source,
     })?;
     let pid = proc.pid();
     guard.proc = Some(proc);
     write_pid_file(dir, pid).map_err(io("write", names::PID))?;
     Ok(copy)
+}
+
+/// `RLIMIT_FSIZE` of a sandbox's VMM: the largest file it writes (its disk, its console log)
+/// plus room for its own log.
+fn jail_fsize(cfg: &Resolved, spec: &SandboxSpec) -> u64 {
+    let disk = std::fs::metadata(spec.rootfs())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    disk.max(cfg.console_cap_bytes)
+        .saturating_add(jail::FSIZE_SLACK_BYTES)
 }
 
 /// The VM config for one sandbox: the spec's shape, the disk, and the console log and vsock
@@ -574,6 +619,16 @@ fn console_tail(dir: &SandboxDir) -> String {
         }
     }
     out
+}
+
+/// What the VMM's log says KVM reported, for [`RuntimeError::KvmCannotRunGuest`]: `", an
+/// emulation failure on vCPU 0 at RIP ..."` from its `KVM internal error: ...` line, or nothing.
+fn internal_error_detail(console: &str) -> String {
+    console
+        .lines()
+        .find_map(|l| l.split_once("KVM internal error: ").map(|(_, d)| d.trim()))
+        .map(|d| format!(" (KVM: {})", d.chars().take(200).collect::<String>()))
+        .unwrap_or_default()
 }
 
 /// The last `n` lines of a file, reading at most its last 16 KiB.
@@ -780,6 +835,12 @@ impl KvmSandbox {
         self.shared.proc.pid()
     }
 
+    /// The cgroup the VMM runs in (docs/jail.md), if the host provides cgroup v2; it is removed
+    /// once the VMM has exited.
+    pub fn cgroup_dir(&self) -> Option<&Path> {
+        self.shared.proc.cgroup_dir()
+    }
+
     /// The last `lines` lines of the guest console (capped log in the sandbox directory).
     pub fn console_tail(&self, lines: usize) -> String {
         self.shared
@@ -983,6 +1044,8 @@ mod tests {
             console_cap_bytes: 4096,
             max_sandboxes: 2,
             agent_port: 1024,
+            jail: jail::JailConfig::off(),
+            jail_support: jail::JailSupport::default(),
         }
     }
 
