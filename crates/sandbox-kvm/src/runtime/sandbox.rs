@@ -1033,6 +1033,25 @@ mod tests {
     use super::*;
     use crate::runtime::KvmRuntimeConfigBuilder;
 
+    #[test]
+    fn a_kvm_internal_error_while_booting_is_a_host_setup_error_naming_the_fix() {
+        let console = "\n--- sandbox-vmm log (last lines) ---\nsandbox-vmm: VM ended: KVM internal error: \
+                       vCPU 0: KVM_EXIT_INTERNAL_ERROR suberror 1 (emulation failure); RIP 0x1000";
+        let why = internal_error_detail(console);
+        assert!(why.contains("emulation failure"), "{why}");
+        assert_eq!(internal_error_detail("no such line"), "");
+        let e = RuntimeError::KvmCannotRunGuest {
+            id: "sbx-01".into(),
+            how: "KVM reported an internal error (sandbox-vmm exit 5)".into(),
+            why,
+            console: console.into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::HostSetup);
+        let text = e.to_string();
+        assert!(text.contains("cannot run the guest"), "{text}");
+        assert!(text.contains("cargo xtask run"), "{text}");
+    }
+
     fn resolved(dir: &Path) -> Resolved {
         Resolved {
             vmm: dir.join("sandbox-vmm"),
