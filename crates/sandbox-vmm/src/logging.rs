@@ -3,7 +3,7 @@
 //! A guest that loops on a bad register write, a broken virtqueue or an unknown port must not be
 //! able to flood the host log. Two mechanisms, used together:
 //!
-//! 1. [`guest_log!`](crate::logging::guest_log) — a `tracing` event behind a per-call-site
+//! 1. `guest_log!` — a `tracing` event behind a per-call-site
 //!    [`RateLimit`]: at most [`GUEST_LOG_BURST`] events per [`GUEST_LOG_INTERVAL`] from one call
 //!    site; the rest are counted, and the first event let through after that carries one extra
 //!    line, "`K` messages from this call site were suppressed". Every log line a guest action
@@ -63,7 +63,7 @@ struct Window {
 
 /// A fixed-window rate limiter: `burst` admissions per `interval`, then everything is counted
 /// and dropped until the window ends. `const`-constructible, so each call site of
-/// [`guest_log!`](crate::logging::guest_log) owns one in a `static`.
+/// `guest_log!` owns one in a `static`.
 #[derive(Debug)]
 pub struct RateLimit {
     burst: u32,
@@ -85,7 +85,7 @@ impl RateLimit {
         }
     }
 
-    /// The limiter [`guest_log!`](crate::logging::guest_log) uses: [`GUEST_LOG_BURST`] per
+    /// The limiter `guest_log!` uses: [`GUEST_LOG_BURST`] per
     /// [`GUEST_LOG_INTERVAL`].
     pub const fn guest() -> Self {
         Self::new(GUEST_LOG_BURST, GUEST_LOG_INTERVAL)

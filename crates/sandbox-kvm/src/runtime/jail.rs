@@ -11,7 +11,7 @@
 //! 4. an empty capability bounding set, so the exec'd VMM has no capability even as root;
 //! 5. `PR_SET_NO_NEW_PRIVS`.
 //!
-//! Everything the child does between fork and exec is prepared here first ([`PreparedJail`]):
+//! Everything the child does between fork and exec is prepared here first (`PreparedJail`):
 //! after the fork it only makes async-signal-safe syscalls with plain integers and buffers that
 //! already exist.
 //!
