@@ -1035,7 +1035,8 @@ mod tests {
 
     #[test]
     fn a_kvm_internal_error_while_booting_is_a_host_setup_error_naming_the_fix() {
-        let console = "\n--- sandbox-vmm log (last lines) ---\nsandbox-vmm: VM ended: KVM internal error: \
+        let console =
+            "\n--- sandbox-vmm log (last lines) ---\nsandbox-vmm: VM ended: KVM internal error: \
                        vCPU 0: KVM_EXIT_INTERNAL_ERROR suberror 1 (emulation failure); RIP 0x1000";
         let why = internal_error_detail(console);
         assert!(why.contains("emulation failure"), "{why}");
