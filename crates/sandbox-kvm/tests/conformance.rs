@@ -361,6 +361,34 @@ fn cgroup_v2() -> bool {
     Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
 }
 
+/// A VMM killed with SIGKILL under a live sandbox: the next exec (on a pooled connection or a new
+/// one) fails with `GuestExited`, never a bare connection error (found by `cargo xtask soak`),
+/// and `destroy` still succeeds.
+async fn exec_after_the_vmm_was_killed_is_guest_exited(h: &KvmHarness) {
+    let sb = h.runtime.create_sandbox(h.spec()).await.expect("create");
+    // Leaves a pooled connection behind.
+    sb.exec(ExecRequest::shell("true")).await.expect("exec");
+    let pid = sb.vmm_pid();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    for _ in 0..2 {
+        let err = sb
+            .exec(ExecRequest::shell("echo after"))
+            .await
+            .expect_err("exec after SIGKILL of the VMM");
+        assert!(
+            matches!(err.kind(), ErrorKind::GuestExited | ErrorKind::InvalidState),
+            "exec after SIGKILL of the VMM gave {:?}: {err}",
+            err.kind()
+        );
+    }
+    assert_eq!(sb.state(), SandboxState::Failed);
+    sb.destroy().await.expect("destroy after the VMM died");
+}
+
 /// The KVM backend's own trials, after the suite's checks.
 #[cfg(sandbox_kvm)]
 fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
@@ -377,6 +405,10 @@ fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
         suite.trial(
             "vmm_runs_jailed",
             |h| async move { vmm_runs_jailed(&h).await },
+        ),
+        suite.trial(
+            "exec_after_the_vmm_was_killed_is_guest_exited",
+            |h| async move { exec_after_the_vmm_was_killed_is_guest_exited(&h).await },
         ),
     ]
 }

@@ -770,6 +770,20 @@ impl SandboxShared {
         e.into()
     }
 
+    /// `map_client_err` for an error already in its public form (from an exec
+    /// stream): a connection-level failure while the VMM is dying becomes `GuestExited`.
+    async fn map_public_err(&self, e: Error) -> Error {
+        if matches!(
+            e.kind(),
+            ErrorKind::AgentUnreachable | ErrorKind::Protocol | ErrorKind::Io
+        ) {
+            if let Ok(exit) = tokio::time::timeout(EXIT_PROBE, self.proc.wait()).await {
+                return self.guest_exited(exit);
+            }
+        }
+        e
+    }
+
     /// Returns `c` to the pool and maps a failure of the request it ran.
     async fn finish<T>(
         &self,
@@ -894,11 +908,35 @@ impl Sandbox for KvmSandbox {
         let host_deadline = req.timeout.map(|t| t + HOST_EXEC_GRACE);
         tokio::spawn(async move {
             let tx_late = tx.clone();
-            let run = c.exec_to_channel(&req, tx);
-            let r = match host_deadline {
-                Some(d) => tokio::time::timeout(d, run).await.ok(),
-                None => Some(run.await),
+            // The client's events go through a relay that turns a connection failure caused by
+            // the VMM dying into `GuestExited` (as every other call does in `map_client_err`),
+            // and that closes the client's side as soon as the caller drops the stream.
+            let (inner_tx, mut inner_rx) = tokio::sync::mpsc::channel(DEFAULT_EXEC_BUFFER);
+            let relay_shared = shared.clone();
+            let relay = async move {
+                loop {
+                    let ev = tokio::select! {
+                        ev = inner_rx.recv() => ev,
+                        () = tx.closed() => None,
+                    };
+                    let Some(ev) = ev else { break };
+                    let ev = match ev {
+                        Err(e) => Err(relay_shared.map_public_err(e).await),
+                        ok => ok,
+                    };
+                    if tx.send(ev).await.is_err() {
+                        break;
+                    }
+                }
             };
+            let run = c.exec_to_channel(&req, inner_tx);
+            let run = async move {
+                match host_deadline {
+                    Some(d) => tokio::time::timeout(d, run).await.ok(),
+                    None => Some(run.await),
+                }
+            };
+            let (r, ()) = tokio::join!(run, relay);
             match r {
                 Some(Ok(())) => shared.put(c),
                 // Already forwarded as the stream's last item.
