@@ -93,11 +93,11 @@ pub enum ClientError {
     /// The agent reported a request failure (the connection stays usable).
     #[error("The agent refused the request.")]
     Agent(#[from] AgentError),
-    /// The exec request is invalid.
-    #[error("The exec request is invalid.")]
+    /// The exec request is invalid (the message is the reason).
+    #[error("Invalid exec request: {0}")]
     Exec(#[from] ExecError),
-    /// The file request is invalid.
-    #[error("The file request is invalid.")]
+    /// The file request is invalid (the message is the reason).
+    #[error("Invalid file request: {0}")]
     File(#[from] FileError),
     /// The VMM's vsock socket did not accept `CONNECT <port>` (no listener yet, or a bad reply).
     #[error("The vsock CONNECT to port {port} failed: {reply:?}.")]

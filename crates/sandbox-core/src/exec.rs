@@ -66,7 +66,8 @@ impl From<ExecError> for crate::Error {
             ExecError::TooLarge { .. } => crate::ErrorKind::TooLarge,
             _ => crate::ErrorKind::InvalidRequest,
         };
-        crate::Error::with_source(kind, "The exec request is invalid.", e)
+        // The specific reason is the message: callers print `{e}` and `e.message()`.
+        crate::Error::new(kind, format!("Invalid exec request: {e}"))
     }
 }
 

@@ -49,7 +49,8 @@ impl From<FileError> for crate::Error {
             FileError::TooLarge { .. } => crate::ErrorKind::TooLarge,
             _ => crate::ErrorKind::InvalidRequest,
         };
-        crate::Error::with_source(kind, "The file request is invalid.", e)
+        // The specific reason is the message: callers print `{e}` and `e.message()`.
+        crate::Error::new(kind, format!("Invalid file request: {e}"))
     }
 }
 

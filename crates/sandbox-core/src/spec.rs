@@ -95,12 +95,19 @@ pub enum SpecError {
     },
 }
 
+impl SpecError {
+    /// The public kind of every spec error: [`crate::ErrorKind::InvalidSpec`].
+    pub fn kind(&self) -> crate::ErrorKind {
+        crate::ErrorKind::InvalidSpec
+    }
+}
+
 impl From<SpecError> for crate::Error {
     fn from(e: SpecError) -> Self {
-        crate::Error::with_source(
+        // The specific reason is the message: callers print `{e}` and `e.message()`.
+        crate::Error::new(
             crate::ErrorKind::InvalidSpec,
-            "The sandbox spec is invalid.",
-            e,
+            format!("Invalid sandbox spec: {e}"),
         )
     }
 }

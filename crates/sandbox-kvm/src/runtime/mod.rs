@@ -148,6 +148,17 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// A file the spec names cannot be read (`InvalidSpec`).
+    #[error("The spec's {field} {path} cannot be read: {source}; fix: point the spec at an existing, readable file (`cargo xtask guest` builds the default ones).")]
+    SpecFile {
+        /// `kernel` or `rootfs`.
+        field: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The VM config the spec produced was refused (`InvalidSpec`).
     #[error("The sandbox spec does not make a valid VM config.")]
     VmConfig(#[from] sandbox_vmm::vmm::ConfigError),
@@ -212,7 +223,9 @@ impl RuntimeError {
     /// The public kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            RuntimeError::Config { .. } | RuntimeError::VmConfig(_) => ErrorKind::InvalidSpec,
+            RuntimeError::Config { .. }
+            | RuntimeError::VmConfig(_)
+            | RuntimeError::SpecFile { .. } => ErrorKind::InvalidSpec,
             RuntimeError::VmmNotFound
             | RuntimeError::ArtifactUnset { .. }
             | RuntimeError::ArtifactUnreadable { .. }

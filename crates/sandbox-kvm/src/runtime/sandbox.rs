@@ -496,6 +496,14 @@ fn prepare(
         }
     };
     check()?;
+    // The spec's files first, so a typo is `InvalidSpec` naming the path, before any copy.
+    for (field, path) in [("kernel", spec.kernel()), ("rootfs", spec.rootfs())] {
+        File::open(path).map_err(|source| RuntimeError::SpecFile {
+            field,
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
     let dir = guard
         .dir
         .insert(SandboxDir::create(state.clone(), id.as_str()).map_err(io("create", ""))?);
@@ -1174,12 +1182,34 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = resolved(dir.path());
         let state = Arc::new(StateDir::open(&cfg.state_dir, sys::euid()).expect("state"));
-        // The rootfs does not exist: the copy fails after the directory and lock were made.
-        let spec = SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("missing"))
+        // A missing file of the spec is refused before anything is made, naming it.
+        std::fs::write(dir.path().join("vmlinux"), b"kernel").expect("kernel");
+        let missing = SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("missing"))
             .build()
             .expect("spec");
         let id = SandboxId::new("sbx-01");
         let mut guard = test_guard();
+        let err = prepare(
+            &cfg,
+            &missing,
+            &state,
+            &id,
+            &mut guard,
+            &AtomicBool::new(false),
+        )
+        .expect_err("no rootfs");
+        assert!(
+            matches!(err, RuntimeError::SpecFile { field: "rootfs", .. }),
+            "{err}"
+        );
+        assert_eq!(err.kind(), ErrorKind::InvalidSpec);
+        assert!(guard.dir.is_none() && guard.lock.is_none());
+        // The rootfs is a directory: it opens, but the copy fails after the directory and lock
+        // were made.
+        std::fs::create_dir(dir.path().join("rootfs-dir")).expect("mkdir");
+        let spec = SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("rootfs-dir"))
+            .build()
+            .expect("spec");
         let err = prepare(
             &cfg,
             &spec,
