@@ -459,7 +459,9 @@ async fn main() -> Result<()> {
     match &still {
         Ok(o) => println!(
             "     │ sandbox still answers exec: /bin/ls → {} (binary gone: {})",
-            o.status.code.map_or("no exit code".to_string(), |c| format!("exit {c}")),
+            o.status
+                .code
+                .map_or("no exit code".to_string(), |c| format!("exit {c}")),
             o.status.code == Some(127)
         ),
         Err(e) => println!("     │ sandbox no longer answers exec: {e}"),

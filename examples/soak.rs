@@ -30,6 +30,20 @@ use anyhow::{bail, Context, Result};
 use sandbox_core::{ErrorKind, ExecRequest, FileOptions, Sandbox};
 use sandbox_kvm::runtime::{KvmRuntime, KvmRuntimeConfig};
 
+/// The step the current cycle is at, reported when a cycle overruns [`CYCLE_LIMIT`].
+static STEP: std::sync::Mutex<&str> = std::sync::Mutex::new("start");
+
+fn step(s: &'static str) {
+    *STEP.lock().unwrap_or_else(|p| p.into_inner()) = s;
+}
+
+fn current_step() -> &'static str {
+    *STEP.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How long one cycle may take before it is recorded as hung (and the soak goes on).
+const CYCLE_LIMIT: Duration = Duration::from_secs(240);
+
 /// A small deterministic generator (xorshift64*): the seed is printed, so a run can be replayed.
 struct Rng(u64);
 
@@ -125,9 +139,11 @@ fn sigkill(pid: u32) {
 }
 
 async fn clean_cycle(rt: &KvmRuntime, i: u32) -> Result<()> {
+    step("clean: create");
     let sb = rt
         .create_sandbox(rt.spec_builder().memory_mib(128).build()?)
         .await?;
+    step("clean: exec");
     let out = sb
         .exec(ExecRequest::shell(&format!("echo cycle-{i}")))
         .await?;
@@ -135,23 +151,28 @@ async fn clean_cycle(rt: &KvmRuntime, i: u32) -> Result<()> {
         bail!("exec gave {:?}", out.stdout_str());
     }
     let data = format!("soak {i}\n").into_bytes();
+    step("clean: write_file and read_file");
     sb.write_file("/tmp/soak.txt", &data, &FileOptions::new())
         .await?;
     if sb.read_file("/tmp/soak.txt", &FileOptions::new()).await? != data {
         bail!("read_file gave other bytes than write_file wrote");
     }
+    step("clean: destroy");
     sb.destroy().await?;
     Ok(())
 }
 
 async fn kill_vmm_cycle(rt: &KvmRuntime, rng: &mut Rng) -> Result<()> {
+    step("kill-vmm: create");
     let sb = rt
         .create_sandbox(rt.spec_builder().memory_mib(128).build()?)
         .await?;
     if rng.below(2) == 0 {
+        step("kill-vmm: exec before the kill");
         sb.exec(ExecRequest::shell("echo before")).await?;
     }
     sigkill(sb.vmm_pid());
+    step("kill-vmm: exec after the kill");
     match sb.exec(ExecRequest::shell("echo after")).await {
         Ok(out) => bail!(
             "exec after SIGKILL of the VMM succeeded: {:?}",
@@ -163,12 +184,14 @@ async fn kill_vmm_cycle(rt: &KvmRuntime, rng: &mut Rng) -> Result<()> {
             e.kind()
         ),
     }
+    step("kill-vmm: destroy");
     sb.destroy().await?;
     Ok(())
 }
 
 /// Returns whether the child was killed before it reported a created sandbox.
 async fn kill_caller_cycle(state: &Path, rng: &mut Rng) -> Result<bool> {
+    step("kill-caller: start the child");
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .arg("--child")
@@ -189,8 +212,10 @@ async fn kill_caller_cycle(state: &Path, rng: &mut Rng) -> Result<bool> {
         }
     });
     if during_create {
+        step("kill-caller: wait, then kill during create");
         tokio::time::sleep(Duration::from_millis(rng.below(3000))).await;
     } else {
+        step("kill-caller: wait for the child's sandbox");
         let waited =
             tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(300))).await?;
         if waited.is_err() {
@@ -200,8 +225,10 @@ async fn kill_caller_cycle(state: &Path, rng: &mut Rng) -> Result<bool> {
         }
         tokio::time::sleep(Duration::from_millis(rng.below(2000))).await;
     }
+    step("kill-caller: kill and reap the child");
     sigkill(pid);
     child.wait()?;
+    step("kill-caller: wait for its VMM to die");
     if !eventually(Duration::from_secs(20), || vmm_processes(state).is_empty()).await {
         bail!(
             "the VMM outlived its killed caller: {:?}",
@@ -209,6 +236,7 @@ async fn kill_caller_cycle(state: &Path, rng: &mut Rng) -> Result<bool> {
         );
     }
     // A new runtime on the same state directory removes what the dead caller left.
+    step("kill-caller: reconcile with a new runtime");
     drop(runtime(state)?);
     Ok(during_create)
 }
@@ -223,6 +251,17 @@ async fn child(state: PathBuf) -> Result<()> {
     std::io::stdout().flush()?;
     loop {
         sb.exec(ExecRequest::shell("true")).await?;
+    }
+}
+
+/// `cycle`, or a "hung" error naming the step it stood at after [`CYCLE_LIMIT`].
+async fn limited<T>(cycle: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    match tokio::time::timeout(CYCLE_LIMIT, cycle).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!(
+            "HUNG: no end after {CYCLE_LIMIT:?}, at step {:?}",
+            current_step()
+        )),
     }
 }
 
@@ -267,9 +306,10 @@ async fn main() -> Result<()> {
         i += 1;
         let t = Instant::now();
         let kind = rng.below(4);
+        step("start");
         let (name, result) = match kind {
-            0 => ("kill-vmm", kill_vmm_cycle(&rt, &mut rng).await),
-            1 => match kill_caller_cycle(state.path(), &mut rng).await {
+            0 => ("kill-vmm", limited(kill_vmm_cycle(&rt, &mut rng)).await),
+            1 => match limited(kill_caller_cycle(state.path(), &mut rng)).await {
                 Ok(during) => {
                     if during {
                         tally.kill_caller_during_create += 1;
@@ -278,7 +318,7 @@ async fn main() -> Result<()> {
                 }
                 Err(e) => ("kill-caller", Err(e)),
             },
-            _ => ("clean", clean_cycle(&rt, i).await),
+            _ => ("clean", limited(clean_cycle(&rt, i)).await),
         };
         match name {
             "kill-vmm" => tally.kill_vmm += 1,
