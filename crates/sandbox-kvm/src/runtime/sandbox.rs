@@ -1199,7 +1199,13 @@ mod tests {
         )
         .expect_err("no rootfs");
         assert!(
-            matches!(err, RuntimeError::SpecFile { field: "rootfs", .. }),
+            matches!(
+                err,
+                RuntimeError::SpecFile {
+                    field: "rootfs",
+                    ..
+                }
+            ),
             "{err}"
         );
         assert_eq!(err.kind(), ErrorKind::InvalidSpec);
