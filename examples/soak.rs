@@ -145,7 +145,7 @@ async fn clean_cycle(rt: &KvmRuntime, i: u32) -> Result<()> {
         .await?;
     step("clean: exec");
     let out = sb
-        .exec(ExecRequest::shell(&format!("echo cycle-{i}")))
+        .exec(ExecRequest::shell(format!("echo cycle-{i}")))
         .await?;
     if out.stdout_str() != format!("cycle-{i}\n") {
         bail!("exec gave {:?}", out.stdout_str());

@@ -61,26 +61,6 @@ fn replace_path(text: &str, from: &str, to: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod path_tests {
-    #[test]
-    fn only_whole_path_prefixes_are_replaced() {
-        let r = super::replace_path;
-        assert_eq!(
-            r("/root/.cache/x and /root", "/root", "~"),
-            "~/.cache/x and ~"
-        );
-        assert_eq!(
-            r("<cache>/guest/rootfs-1/rootfs.ext4", "/root", "~"),
-            "<cache>/guest/rootfs-1/rootfs.ext4"
-        );
-        assert_eq!(
-            r("/w/a (/w/a)", "/w/a", "<checkout>"),
-            "<checkout> (<checkout>)"
-        );
-    }
-}
-
 /// Hex SHA-256 of a sequence of byte strings, each length-prefixed so that the parts cannot run
 /// into each other.
 pub fn hash_parts<I, B>(parts: I) -> String
@@ -285,5 +265,25 @@ pub fn sha256_file(path: &Path) -> Result<String> {
             "unexpected sha256sum output for {}: {out:?}",
             path.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    #[test]
+    fn only_whole_path_prefixes_are_replaced() {
+        let r = super::replace_path;
+        assert_eq!(
+            r("/root/.cache/x and /root", "/root", "~"),
+            "~/.cache/x and ~"
+        );
+        assert_eq!(
+            r("<cache>/guest/rootfs-1/rootfs.ext4", "/root", "~"),
+            "<cache>/guest/rootfs-1/rootfs.ext4"
+        );
+        assert_eq!(
+            r("/w/a (/w/a)", "/w/a", "<checkout>"),
+            "<checkout> (<checkout>)"
+        );
     }
 }
