@@ -61,7 +61,7 @@ pub fn run(mut args: SoakArgs) -> Result<()> {
         let spec = fs::read_to_string(&spec_path).context("reading docs/SPEC.md")?;
         let where_ = match args.runner.runner {
             crate::test::KvmRunner::Direct => "directly on /dev/kvm",
-            _ => "where `cargo xtask run` chose (the nested test host on our machines)",
+            _ => "in the nested test host on our machines, directly where /dev/kvm boots Linux",
         };
         let section = format!(
             "{BEGIN}\n\nLast `cargo xtask soak` ({where_}, {} min budget, at commit {}):\n\n{}\n{END}",
