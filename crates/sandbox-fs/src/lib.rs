@@ -1,7 +1,12 @@
-//! Copy-on-write block images for sandboxes. **Not implemented yet.**
+//! Block storage for sandboxes: the [`BlockBackend`] trait the VMM's virtio-blk device drives,
+//! and its raw implementation, [`RawFile`].
 //!
-//! This crate will hold qcow2 overlays on a read-only base image (the backing file), an image
-//! store, and image builds. Until it exists, each sandbox gets a plain copy of the root file
-//! system image. Nothing in it works today.
+//! Copy-on-write qcow2 overlays on a read-only base image (the backing file), the image store
+//! and image builds are being added to this crate; until they land, each sandbox gets a plain
+//! copy of the root file system image.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod backend;
+
+pub use backend::{write_zeroes_by_writing, BackendError, BlockBackend, RawFile};

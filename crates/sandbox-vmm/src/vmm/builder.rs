@@ -26,7 +26,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::power::{AcpiPower, PowerEventSink};
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::SerialDevice;
-use crate::devices::virtio::block::backend::RawFile;
+use crate::devices::virtio::block::RawFile;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};

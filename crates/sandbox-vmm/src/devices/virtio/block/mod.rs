@@ -10,7 +10,6 @@
 //! (`QUEUE_SIZE - 2` segments), and VIRTIO_BLK_F_RO on a read-only disk, where OUT requests
 //! fail with VIRTIO_BLK_S_IOERR.
 
-pub mod backend;
 pub mod request;
 
 use std::sync::Arc;
@@ -18,8 +17,8 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
-pub use backend::{BackendError, BlockBackend, RawFile};
 use request::{Parsed, Request, RequestKind, ID_LEN, SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP};
+pub use sandbox_fs::{BackendError, BlockBackend, RawFile};
 
 use super::chain::{self, ChainDesc};
 use super::{
