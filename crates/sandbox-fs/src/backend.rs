@@ -66,7 +66,7 @@ pub fn write_zeroes_by_writing<B: BlockBackend + ?Sized>(
     offset: u64,
     len: u64,
 ) -> io::Result<()> {
-    const ZEROES: [u8; 64 * 1024] = [0u8; 64 * 1024];
+    static ZEROES: [u8; 64 * 1024] = [0u8; 64 * 1024];
     let mut done = 0u64;
     while done < len {
         let n = usize::try_from(len - done).map_or(ZEROES.len(), |left| left.min(ZEROES.len()));
