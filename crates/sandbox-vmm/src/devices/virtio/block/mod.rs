@@ -7,8 +7,10 @@
 //! allocation depends on a guest-declared length.
 //!
 //! Features offered: VIRTIO_F_VERSION_1, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX
-//! (`QUEUE_SIZE - 2` segments), and VIRTIO_BLK_F_RO on a read-only disk, where OUT requests
-//! fail with VIRTIO_BLK_S_IOERR.
+//! (`QUEUE_SIZE - 2` segments), and either VIRTIO_BLK_F_RO on a read-only disk, where OUT
+//! requests fail with VIRTIO_BLK_S_IOERR, or VIRTIO_BLK_F_DISCARD and
+//! VIRTIO_BLK_F_WRITE_ZEROES on a writable one (§5.2.6.2: up to [`request::MAX_SEGMENTS`]
+//! segments of up to 32 MiB each; the backend gives freed space back to the host).
 
 pub mod request;
 
@@ -17,7 +19,10 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
-use request::{Parsed, Request, RequestKind, ID_LEN, SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP};
+use request::{
+    Parsed, Request, RequestKind, ID_LEN, MAX_SEGMENTS, MAX_SEGMENT_SECTORS, SECTOR_SIZE,
+    SEGMENT_LEN, S_IOERR, S_OK, S_UNSUPP,
+};
 pub use sandbox_fs::{BackendError, BlockBackend, RawFile};
 
 use super::chain::{self, ChainDesc};
@@ -35,6 +40,14 @@ pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
 pub const VIRTIO_BLK_F_RO: u32 = 5;
 /// VIRTIO_BLK_F_FLUSH: FLUSH is supported.
 pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
+/// VIRTIO_BLK_F_DISCARD: DISCARD is supported.
+pub const VIRTIO_BLK_F_DISCARD: u32 = 13;
+/// VIRTIO_BLK_F_WRITE_ZEROES: WRITE_ZEROES is supported.
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
+
+/// Length of the config space we expose: `struct virtio_blk_config` up to and including
+/// `write_zeroes_may_unmap` and its padding (§5.2.4).
+const CONFIG_LEN: usize = 60;
 
 /// Size of the bounce buffer between guest memory and the backend, in bytes.
 const CHUNK: usize = 64 * 1024;
@@ -47,6 +60,10 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// The GET_ID string; truncated to 20 bytes, NUL-padded.
     pub id: String,
+    /// The granularity, in bytes, at which the backend can give space back (config
+    /// `discard_sector_alignment`): 4 KiB for a raw file, the cluster size for qcow2. A
+    /// multiple of 512.
+    pub discard_alignment: u32,
 }
 
 impl BlockConfig {
@@ -55,7 +72,15 @@ impl BlockConfig {
         Self {
             read_only,
             id: "sandbox-disk".to_owned(),
+            discard_alignment: 4096,
         }
+    }
+
+    /// Sets the discard granularity in bytes (rounded down to whole sectors, at least one).
+    #[must_use]
+    pub fn with_discard_alignment(mut self, bytes: u32) -> Self {
+        self.discard_alignment = bytes;
+        self
     }
 
     /// Sets the GET_ID string.
@@ -78,7 +103,7 @@ pub struct Block<M> {
     read_only: bool,
     capacity: u64,
     id: [u8; ID_LEN],
-    config_space: [u8; 16],
+    config_space: [u8; CONFIG_LEN],
     queue_sizes: [u16; 1],
     active: Option<Active<M>>,
     descs: Vec<ChainDesc>,
@@ -103,10 +128,25 @@ impl<M: GuestMemory> Block<M> {
         let src = config.id.as_bytes();
         let n = src.len().min(ID_LEN);
         id[..n].copy_from_slice(&src[..n]);
-        // struct virtio_blk_config: le64 capacity, le32 size_max, le32 seg_max.
-        let mut config_space = [0u8; 16];
+        // struct virtio_blk_config (§5.2.4): le64 capacity @0, le32 size_max @8, le32 seg_max
+        // @12, geometry @16, blk_size @20, topology @24, writeback @32, num_queues @34,
+        // le32 max_discard_sectors @36, le32 max_discard_seg @40, le32
+        // discard_sector_alignment @44, le32 max_write_zeroes_sectors @48, le32
+        // max_write_zeroes_seg @52, u8 write_zeroes_may_unmap @56.
+        let mut config_space = [0u8; CONFIG_LEN];
+        let mut put =
+            |at: usize, v: u32| config_space[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        put(12, u32::from(QUEUE_SIZE - 2));
+        if !config.read_only {
+            let align = (config.discard_alignment / 512).max(1);
+            put(36, MAX_SEGMENT_SECTORS);
+            put(40, MAX_SEGMENTS);
+            put(44, align);
+            put(48, MAX_SEGMENT_SECTORS);
+            put(52, MAX_SEGMENTS);
+            config_space[56] = 1;
+        }
         config_space[..8].copy_from_slice(&capacity.to_le_bytes());
-        config_space[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         Self {
             backend,
             read_only: config.read_only,
@@ -137,6 +177,8 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
             | feature(VIRTIO_BLK_F_SEG_MAX);
         if self.read_only {
             f |= feature(VIRTIO_BLK_F_RO);
+        } else {
+            f |= feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES);
         }
         f
     }
@@ -252,6 +294,10 @@ fn execute<M: GuestMemory>(
             Ok(()) => (S_OK, 0),
             Err(()) => (S_IOERR, 0),
         },
+        RequestKind::Discard | RequestKind::WriteZeroes if read_only => (S_IOERR, 0),
+        RequestKind::Discard | RequestKind::WriteZeroes => {
+            (do_segments(mem, descs, &req, backend, capacity), 0)
+        }
         RequestKind::Flush => match backend.flush() {
             Ok(()) => (S_OK, 0),
             Err(err) => {
@@ -305,6 +351,58 @@ fn do_in<M: GuestMemory>(
     Ok(())
 }
 
+/// DISCARD / WRITE_ZEROES: reads and checks every segment first (so a bad one fails the
+/// request before any range is touched), then applies them in order. Returns the status.
+fn do_segments<M: GuestMemory>(
+    mem: &M,
+    descs: &[ChainDesc],
+    req: &Request,
+    backend: &mut dyn BlockBackend,
+    capacity: u64,
+) -> u8 {
+    let readable = &descs[..req.split];
+    let mut segments = [request::Segment {
+        offset: 0,
+        len: 0,
+        unmap: false,
+    }; MAX_SEGMENTS as usize];
+    // The parser bounded data_len to MAX_SEGMENTS whole segments.
+    let count = usize::try_from(req.data_len / SEGMENT_LEN)
+        .unwrap_or(0)
+        .min(segments.len());
+    for (i, slot) in segments[..count].iter_mut().enumerate() {
+        let mut raw = [0u8; SEGMENT_LEN as usize];
+        let at = req.data_offset + i as u64 * SEGMENT_LEN;
+        match chain::read_at(mem, readable, at, &mut raw) {
+            Ok(n) if n == raw.len() => {}
+            _ => return S_IOERR,
+        }
+        match request::parse_segment(&raw, req.kind, capacity) {
+            Ok(seg) => *slot = seg,
+            Err(status) => {
+                guest_log!(
+                    debug,
+                    status,
+                    "virtio-blk: bad discard/write-zeroes segment"
+                );
+                return status;
+            }
+        }
+    }
+    for seg in &segments[..count] {
+        let result = if req.kind == RequestKind::Discard {
+            backend.discard(seg.offset, seg.len)
+        } else {
+            backend.write_zeroes(seg.offset, seg.len, seg.unmap)
+        };
+        if let Err(err) = result {
+            guest_log!(warn, error = %err, offset = seg.offset, "virtio-blk: discard/write-zeroes failed");
+            return S_IOERR;
+        }
+    }
+    S_OK
+}
+
 /// Guest → disk, in bounce-buffer-sized chunks.
 fn do_out<M: GuestMemory>(
     mem: &M,
@@ -334,7 +432,7 @@ fn do_out<M: GuestMemory>(
 
 #[cfg(test)]
 mod tests {
-    use super::request::{T_FLUSH, T_GET_ID, T_IN, T_OUT};
+    use super::request::{FLAG_UNMAP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
     use super::*;
     use crate::devices::virtio::test_utils::{irq, mem, CountingIrq, TestQueue, MEM_SIZE};
     use proptest::prelude::*;
@@ -378,6 +476,16 @@ mod tests {
             if self.fail {
                 return Err(io::Error::other("injected"));
             }
+            Ok(())
+        }
+        /// Marks discarded bytes with 0xdd, so a test sees which ranges were discarded.
+        /// WRITE_ZEROES uses the trait's default (zero-filled writes).
+        fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+            if self.fail {
+                return Err(io::Error::other("injected"));
+            }
+            let mut b = self.bytes.lock().expect("lock");
+            b[offset as usize..(offset + len) as usize].fill(0xdd);
             Ok(())
         }
     }
@@ -534,7 +642,7 @@ mod tests {
     #[test]
     fn unsupported_type_is_unsupp() {
         let mut f = fixture(false, false);
-        header(&f.m, 11, 0); // DISCARD, not offered
+        header(&f.m, 14, 0); // SECURE_ERASE, not offered
         assert_eq!(
             f.submit(&[(HDR, 16, false), (STATUS, 1, true)]),
             (S_UNSUPP, 1)
@@ -605,6 +713,126 @@ mod tests {
         let res = f.submit(&[(HDR, 16, true), (DATA, 512, true), (STATUS, 1, true)]);
         assert_eq!(res, (S_IOERR, 1));
         assert!(f.disk.lock().expect("lock").iter().all(|&b| b == 0));
+    }
+
+    /// Writes discard/write-zeroes segments `(sector, num_sectors, flags)` at DATA.
+    fn segments(m: &GuestMemoryMmap, segs: &[(u64, u32, u32)]) -> u32 {
+        for (i, &(sector, num, flags)) in segs.iter().enumerate() {
+            let at = DATA + i as u64 * SEGMENT_LEN;
+            m.write_obj(sector.to_le(), GuestAddress(at))
+                .expect("sector");
+            m.write_obj(num.to_le(), GuestAddress(at + 8)).expect("num");
+            m.write_obj(flags.to_le(), GuestAddress(at + 12))
+                .expect("flags");
+        }
+        segs.len() as u32 * SEGMENT_LEN as u32
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_apply_every_segment() {
+        let mut f = fixture(false, false);
+        f.disk.lock().expect("lock").fill(0xa5);
+        header(&f.m, T_WRITE_ZEROES, 0);
+        let len = segments(&f.m, &[(0, 2, 0), (8, 1, FLAG_UNMAP)]);
+        let res = f.submit(&[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)]);
+        assert_eq!(res, (S_OK, 1));
+        header(&f.m, T_DISCARD, 0);
+        let len = segments(&f.m, &[(16, 1, 0)]);
+        let res = f.submit(&[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)]);
+        assert_eq!(res, (S_OK, 1));
+        let d = f.disk.lock().expect("lock");
+        assert!(d[..1024].iter().all(|&b| b == 0), "sectors 0-1 zeroed");
+        assert!(
+            d[1024..4096].iter().all(|&b| b == 0xa5),
+            "untouched between"
+        );
+        assert!(d[4096..4608].iter().all(|&b| b == 0), "sector 8 zeroed");
+        assert!(
+            d[8192..8704].iter().all(|&b| b == 0xdd),
+            "sector 16 discarded"
+        );
+        assert!(d[8704..].iter().all(|&b| b == 0xa5), "the rest untouched");
+    }
+
+    #[test]
+    fn bad_segments_fail_the_request_before_any_range_is_touched() {
+        const SECTORS: u64 = (DISK / 512) as u64;
+        type Case = (u32, &'static [(u64, u32, u32)], u8);
+        let cases: &[Case] = &[
+            // The unmap flag is only for WRITE_ZEROES (§5.2.6.2).
+            (T_DISCARD, &[(0, 1, 0), (1, 1, FLAG_UNMAP)], S_UNSUPP),
+            // Reserved flag bits.
+            (T_WRITE_ZEROES, &[(0, 1, 0), (1, 1, 2)], S_UNSUPP),
+            // Beyond the disk, and overflowing.
+            (T_WRITE_ZEROES, &[(0, 1, 0), (SECTORS - 1, 2, 0)], S_IOERR),
+            (T_DISCARD, &[(0, 1, 0), (u64::MAX - 1, 4, 0)], S_IOERR),
+            // Longer than max_discard_sectors.
+            (
+                T_WRITE_ZEROES,
+                &[(0, 1, 0), (0, MAX_SEGMENT_SECTORS + 1, 0)],
+                S_IOERR,
+            ),
+        ];
+        for &(ty, segs, want) in cases {
+            let mut f = fixture(false, false);
+            f.disk.lock().expect("lock").fill(0xa5);
+            header(&f.m, ty, 0);
+            let len = segments(&f.m, segs);
+            let res = f.submit(&[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)]);
+            assert_eq!(res, (want, 1), "{ty} {segs:?}");
+            assert!(
+                f.disk.lock().expect("lock").iter().all(|&b| b == 0xa5),
+                "nothing applied for {ty} {segs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn segment_counts_and_shapes_are_checked() {
+        let mut f = fixture(false, false);
+        header(&f.m, T_DISCARD, 0);
+        // No segment at all.
+        let res = f.submit(&[(HDR, 16, false), (STATUS, 1, true)]);
+        assert_eq!(res, (S_IOERR, 1));
+        // A partial segment.
+        let res = f.submit(&[(HDR, 16, false), (DATA, 15, false), (STATUS, 1, true)]);
+        assert_eq!(res, (S_IOERR, 1));
+        // One segment more than max_discard_seg.
+        let many = vec![(0u64, 1u32, 0u32); MAX_SEGMENTS as usize + 1];
+        let len = segments(&f.m, &many);
+        let res = f.submit(&[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)]);
+        assert_eq!(res, (S_IOERR, 1));
+        // A writable data buffer.
+        let len = segments(&f.m, &[(0, 1, 0)]);
+        let res = f.submit(&[(HDR, 16, false), (DATA, len, true), (STATUS, 1, true)]);
+        assert_eq!(res, (S_IOERR, 1));
+    }
+
+    #[test]
+    fn read_only_disks_offer_no_discard_and_refuse_it() {
+        let mut f = fixture(true, false);
+        let feats = f.dev.avail_features();
+        assert_eq!(feats & feature(VIRTIO_BLK_F_DISCARD), 0);
+        assert_eq!(feats & feature(VIRTIO_BLK_F_WRITE_ZEROES), 0);
+        header(&f.m, T_WRITE_ZEROES, 0);
+        let len = segments(&f.m, &[(0, 1, 0)]);
+        f.disk.lock().expect("lock").fill(0xa5);
+        let res = f.submit(&[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)]);
+        assert_eq!(res, (S_IOERR, 1));
+        assert!(f.disk.lock().expect("lock").iter().all(|&b| b == 0xa5));
+        let rw = fixture(false, false);
+        let feats = rw.dev.avail_features();
+        assert_ne!(feats & feature(VIRTIO_BLK_F_DISCARD), 0);
+        assert_ne!(feats & feature(VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    }
+
+    #[test]
+    fn backend_errors_on_discard_are_ioerr() {
+        let mut f = fixture(false, true);
+        header(&f.m, T_DISCARD, 0);
+        let len = segments(&f.m, &[(0, 1, 0)]);
+        let res = f.submit(&[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)]);
+        assert_eq!(res, (S_IOERR, 1));
     }
 
     #[test]
@@ -703,6 +931,17 @@ mod tests {
         f.dev.read_config(u64::MAX - 1, &mut past);
         assert_eq!(past, [0; 4]);
         assert_eq!(f.dev.capacity_sectors(), 128);
+        let word = |at: u64| {
+            let mut w = [0u8; 4];
+            f.dev.read_config(at, &mut w);
+            u32::from_le_bytes(w)
+        };
+        assert_eq!(word(36), MAX_SEGMENT_SECTORS, "max_discard_sectors");
+        assert_eq!(word(40), MAX_SEGMENTS, "max_discard_seg");
+        assert_eq!(word(44), 8, "discard_sector_alignment: 4 KiB");
+        assert_eq!(word(48), MAX_SEGMENT_SECTORS, "max_write_zeroes_sectors");
+        assert_eq!(word(52), MAX_SEGMENTS, "max_write_zeroes_seg");
+        assert_eq!(word(56) & 0xff, 1, "write_zeroes_may_unmap");
     }
 
     #[test]
@@ -812,7 +1051,7 @@ mod tests {
         #[test]
         fn arbitrary_chains_never_panic_and_always_complete(
             chains in proptest::collection::vec(proptest::collection::vec(arb_desc(), 0..7), 1..6),
-            ty in prop_oneof![Just(T_IN), Just(T_OUT), Just(T_FLUSH), Just(T_GET_ID), any::<u32>()],
+            ty in prop_oneof![Just(T_IN), Just(T_OUT), Just(T_FLUSH), Just(T_GET_ID), Just(T_DISCARD), Just(T_WRITE_ZEROES), any::<u32>()],
             sector in prop_oneof![Just(0u64), Just(127), Just(u64::MAX), any::<u64>()],
             read_only in any::<bool>(),
         ) {

@@ -15,7 +15,10 @@
 //!   bytes beyond the status (so a data buffer with the wrong direction flag is refused);
 //! - every buffer lies entirely inside guest memory;
 //! - IN/OUT data is a multiple of 512 bytes and `sector + len / 512 <= capacity`, with checked
-//!   arithmetic.
+//!   arithmetic;
+//! - DISCARD and WRITE_ZEROES carry 1 to [`MAX_SEGMENTS`] whole 16-byte segments
+//!   (`struct virtio_blk_discard_write_zeroes`, §5.2.6) and no writable bytes beyond the status;
+//!   the segments themselves are checked by [`parse_segment`] before anything is executed.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
@@ -36,6 +39,22 @@ pub const T_OUT: u32 = 1;
 pub const T_FLUSH: u32 = 4;
 /// VIRTIO_BLK_T_GET_ID: return the device ID string.
 pub const T_GET_ID: u32 = 8;
+/// VIRTIO_BLK_T_DISCARD: the driver no longer needs some sectors.
+pub const T_DISCARD: u32 = 11;
+/// VIRTIO_BLK_T_WRITE_ZEROES: some sectors must read as zeroes.
+pub const T_WRITE_ZEROES: u32 = 13;
+
+/// Length of one discard/write-zeroes segment in bytes: `{ le64 sector, le32 num_sectors,
+/// le32 flags }`.
+pub const SEGMENT_LEN: u64 = 16;
+/// The most segments one DISCARD or WRITE_ZEROES request may carry (config `max_discard_seg`,
+/// `max_write_zeroes_seg`).
+pub const MAX_SEGMENTS: u32 = 16;
+/// The most sectors one segment may cover (config `max_discard_sectors`,
+/// `max_write_zeroes_sectors`): 32 MiB, which bounds the work of one request.
+pub const MAX_SEGMENT_SECTORS: u32 = 65_536;
+/// Segment flag: the device may deallocate the zeroed range (WRITE_ZEROES only).
+pub const FLAG_UNMAP: u32 = 1;
 
 /// Status byte: success.
 pub const S_OK: u8 = 0;
@@ -55,6 +74,10 @@ pub enum RequestKind {
     Flush,
     /// Write up to 20 bytes of device ID.
     GetId,
+    /// Deallocate the ranges named by the segments in the readable data.
+    Discard,
+    /// Zero the ranges named by the segments in the readable data.
+    WriteZeroes,
     /// Any other type: answered with VIRTIO_BLK_S_UNSUPP.
     Unsupported(u32),
 }
@@ -127,14 +150,26 @@ pub fn parse<M: GuestMemory>(mem: &M, descs: &[ChainDesc], capacity: u64) -> Par
         T_OUT => (RequestKind::Out, HEADER_LEN, extra_readable),
         T_FLUSH => (RequestKind::Flush, 0, 0),
         T_GET_ID => (RequestKind::GetId, 0, writable_data),
+        T_DISCARD => (RequestKind::Discard, HEADER_LEN, extra_readable),
+        T_WRITE_ZEROES => (RequestKind::WriteZeroes, HEADER_LEN, extra_readable),
         other => (RequestKind::Unsupported(other), 0, 0),
     };
     match kind {
         RequestKind::In | RequestKind::GetId if extra_readable != 0 => {
             return bad("readable data in a device-to-driver request")
         }
-        RequestKind::Out | RequestKind::Flush if writable_data != 0 => {
+        RequestKind::Out | RequestKind::Flush | RequestKind::Discard | RequestKind::WriteZeroes
+            if writable_data != 0 =>
+        {
             return bad("writable data in a driver-to-device request")
+        }
+        RequestKind::Discard | RequestKind::WriteZeroes => {
+            if data_len == 0 || data_len % SEGMENT_LEN != 0 {
+                return bad("segment data is not a whole number of 16-byte segments");
+            }
+            if data_len / SEGMENT_LEN > u64::from(MAX_SEGMENTS) {
+                return bad("more segments than max_discard_seg");
+            }
         }
         RequestKind::In | RequestKind::Out => {
             if data_len % SECTOR_SIZE != 0 {
@@ -154,6 +189,48 @@ pub fn parse<M: GuestMemory>(mem: &M, descs: &[ChainDesc], capacity: u64) -> Par
         data_len,
         status: status_addr,
         split,
+    })
+}
+
+/// One checked discard/write-zeroes segment: a byte range inside the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes (at most [`MAX_SEGMENT_SECTORS`] sectors).
+    pub len: u64,
+    /// The unmap flag (only ever set on WRITE_ZEROES).
+    pub unmap: bool,
+}
+
+/// Checks one raw segment of a `kind` request against a disk of `capacity` sectors. The error is
+/// the status to answer: VIRTIO_BLK_S_UNSUPP for reserved flag bits, or the unmap flag on a
+/// DISCARD (§5.2.6.2); VIRTIO_BLK_S_IOERR for a range that is too long or beyond the disk.
+pub fn parse_segment(
+    raw: &[u8; SEGMENT_LEN as usize],
+    kind: RequestKind,
+    capacity: u64,
+) -> Result<Segment, u8> {
+    let sector = u64::from_le_bytes([
+        raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
+    ]);
+    let num = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+    let flags = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]);
+    if flags & !FLAG_UNMAP != 0 || (kind == RequestKind::Discard && flags & FLAG_UNMAP != 0) {
+        return Err(S_UNSUPP);
+    }
+    if num > MAX_SEGMENT_SECTORS {
+        return Err(S_IOERR);
+    }
+    match sector.checked_add(u64::from(num)) {
+        Some(end) if end <= capacity => {}
+        _ => return Err(S_IOERR),
+    }
+    Ok(Segment {
+        // sector < capacity <= u64::MAX / 512, so these cannot overflow.
+        offset: sector * SECTOR_SIZE,
+        len: u64::from(num) * SECTOR_SIZE,
+        unmap: flags & FLAG_UNMAP != 0,
     })
 }
 
