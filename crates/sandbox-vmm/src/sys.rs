@@ -150,8 +150,87 @@ pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
     }
 }
 
+/// `TUNGETIFF` (`_IOR('T', 210, unsigned int)`; the kernel copies a whole `struct ifreq`).
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+/// `TUNGETVNETHDRSZ` (`_IOR('T', 215, int)`).
+const TUNGETVNETHDRSZ: libc::c_ulong = 0x8004_54d7;
+
+/// The `ifr_flags` of the tun/tap device behind `fd` (`IFF_TAP`, `IFF_NO_PI`, `IFF_VNET_HDR`…).
+///
+/// # Errors
+/// The ioctl's error (`EBADFD`/`EINVAL`/`ENOTTY` when `fd` is not an attached tun/tap fd).
+pub fn tap_flags(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u16> {
+    use std::os::fd::AsRawFd;
+    // struct ifreq: 16 bytes of name, then a 24-byte union whose first member is `short
+    // ifr_flags`.
+    let mut ifr = [0u8; 40];
+    // SAFETY: `fd` is a valid open fd for the call; TUNGETIFF writes at most
+    // `sizeof(struct ifreq)` = 40 bytes into `ifr`, which is 40 bytes long and lives across the
+    // call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETIFF, ifr.as_mut_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u16::from_ne_bytes([ifr[16], ifr[17]]))
+}
+
+/// The virtio-net header length the tap behind `fd` reads and writes (`TUNSETVNETHDRSZ`).
+///
+/// # Errors
+/// The ioctl's error.
+pub fn tap_vnet_hdr_len(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut len: c_int = 0;
+    // SAFETY: `fd` is valid for the call; TUNGETVNETHDRSZ writes one `int` into `len`, which
+    // lives across the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETVNETHDRSZ, &mut len as *mut c_int) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+}
+
+/// Takes ownership of fd `fd`, inherited from the process that started the VMM (the fd map in
+/// the VM config names it), after checking it is open. Marks it close-on-exec.
+///
+/// # Safety
+/// Nothing else in the process may own fd `fd` (no `File`, `OwnedFd` or other owner), and the
+/// function must be called at most once per fd number: the returned `OwnedFd` closes it.
+///
+/// # Errors
+/// `EBADF` if no such fd is open; `EINVAL` for a number below 3 (stdio is never a device).
+pub unsafe fn claim_inherited_fd(fd: c_int) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if fd < 3 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: F_GETFD only reads the fd table; an invalid fd yields EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open (checked above) and, per the caller's contract, owned by nothing
+    // else in this process.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: F_SETFD on an fd we own; no memory is touched.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(owned)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn claiming_an_fd_checks_it_is_open_and_not_stdio() {
+        // SAFETY: fd 999999 is not open in this process, and 1 is refused before any use.
+        let err = unsafe { super::claim_inherited_fd(999_999) }.expect_err("not open");
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+        // SAFETY: as above.
+        let err = unsafe { super::claim_inherited_fd(1) }.expect_err("stdio");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    }
+
     use std::os::unix::thread::JoinHandleExt;
     use std::sync::mpsc;
 

@@ -29,6 +29,7 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::RawFile;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{FdBackend, Net, NetConfig};
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{VirtioDevice, MMIO_REGION_SIZE, NOTIFY_REG_OFFSET};
 use crate::event_loop::{EventLoop, EventLoopError};
@@ -89,6 +90,15 @@ pub enum BuildError {
         path: std::path::PathBuf,
         /// What went wrong.
         message: String,
+    },
+    /// The network device could not be set up.
+    #[error("cannot attach the network device on tap fd {fd}.")]
+    Net {
+        /// The inherited tap fd's number.
+        fd: i32,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A disk could not be set up.
     #[error("cannot attach disk {path}: {message}")]
@@ -191,6 +201,7 @@ pub fn build(resources: VmResources) -> Result<VmHandle> {
     b.attach_acpi_power()?;
     b.attach_disks()?; // virtio-mmio: adds command-line and DSDT entries
     b.attach_vsock()?;
+    b.attach_net()?;
     b.setup_acpi_tables()?;
     b.setup_boot_params()?; // after every device: the command line lists them
     b.setup_vcpus()?; // after the irqchip (LAPIC state) and boot params
@@ -585,6 +596,44 @@ impl VmBuilder {
             }),
         )?;
         tracing::info!(cid = cfg.guest_cid, uds = %cfg.uds_path.display(), gsi = slot.gsi, "vsock attached");
+        Ok(())
+    }
+
+    /// virtio-net, if configured: takes ownership of the inherited tap fd, checks it is a tap
+    /// with a 12-byte virtio-net header, and serves it from the event loop.
+    ///
+    /// # Errors
+    /// [`BuildError::Net`] and the errors of [`Self::attach_virtio`].
+    pub fn attach_net(&mut self) -> Result<()> {
+        let Some(cfg) = self.resources.net else {
+            return Ok(());
+        };
+        let fd = cfg.tap_fd;
+        let net_err =
+            |source: Box<dyn std::error::Error + Send + Sync>| BuildError::Net { fd, source };
+        // SAFETY: `net.tap_fd` names an fd the VMM process inherited for this device (the
+        // config's fd map); no other code in the VMM opens or owns fds by number, and a VM is
+        // built once, so the fd is claimed once.
+        let tap =
+            unsafe { crate::sys::claim_inherited_fd(fd) }.map_err(|e| net_err(Box::new(e)))?;
+        let backend = FdBackend::tap(tap).map_err(|e| net_err(Box::new(e)))?;
+        let net: Net<GuestMemoryMmap> = Net::new(Box::new(backend), &NetConfig::new(cfg.mac))
+            .map_err(|e| net_err(Box::new(e)))?;
+        let backend_fd = net.backend_fd();
+        let (slot, transport) = self.attach_virtio(net)?;
+        // The fd belongs to the device inside `transport`, which the handler keeps alive.
+        self.event_loop.add(
+            backend_fd,
+            Box::new(move || {
+                if let Err(err) = crate::bus::lock(&transport)
+                    .device_mut()
+                    .handle_backend_event()
+                {
+                    tracing::warn!(%err, "virtio-net backend event failed");
+                }
+            }),
+        )?;
+        tracing::info!(tap_fd = fd, gsi = slot.gsi, "network device attached");
         Ok(())
     }
 

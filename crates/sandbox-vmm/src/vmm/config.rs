@@ -112,6 +112,57 @@ impl VsockDeviceConfig {
     }
 }
 
+/// virtio-net: a tap the VMM process inherits, and the guest's MAC address.
+///
+/// The VMM never opens or configures a tap itself (it runs in an empty network namespace): the
+/// caller opens it with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, sets a 12-byte header with
+/// `TUNSETVNETHDRSZ`, and passes the fd to the VMM process under the number given here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct NetDeviceConfig {
+    /// The inherited tap fd's number, 3 or more.
+    pub tap_fd: i32,
+    /// The guest's MAC address, six hex bytes separated by colons (`02:53:42:00:00:02`); a
+    /// unicast address.
+    pub mac: String,
+}
+
+impl NetDeviceConfig {
+    /// A network device on inherited fd `tap_fd` with MAC `mac`.
+    pub fn new(tap_fd: i32, mac: impl Into<String>) -> Self {
+        Self {
+            tap_fd,
+            mac: mac.into(),
+        }
+    }
+}
+
+/// A validated [`NetDeviceConfig`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NetResources {
+    /// The inherited tap fd's number.
+    pub tap_fd: i32,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` into a unicast MAC address.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    // The low bit of the first byte marks a multicast (group) address.
+    (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
 fn default_vcpus() -> u8 {
     1
 }
@@ -148,6 +199,9 @@ pub struct VmConfig {
     /// Optional virtio-vsock device.
     #[serde(default)]
     pub vsock: Option<VsockDeviceConfig>,
+    /// Optional virtio-net device (none: the guest has only `lo`).
+    #[serde(default)]
+    pub net: Option<NetDeviceConfig>,
 }
 
 impl VmConfig {
@@ -162,7 +216,14 @@ impl VmConfig {
             disks: Vec::new(),
             console: ConsoleConfig::default(),
             vsock: None,
+            net: None,
         }
+    }
+
+    /// Adds a virtio-net device.
+    pub fn net(mut self, net: NetDeviceConfig) -> Self {
+        self.net = Some(net);
+        self
     }
 
     /// Adds a virtio-vsock device.
@@ -272,6 +333,8 @@ pub struct VmResources {
     pub console_ring: Option<ConsoleRing>,
     /// virtio-vsock.
     pub vsock: Option<VsockDeviceConfig>,
+    /// virtio-net.
+    pub net: Option<NetResources>,
 }
 
 #[cfg(feature = "vmm")]
@@ -383,10 +446,35 @@ impl TryFrom<VmConfig> for VmResources {
                 ));
             }
         }
-        if c.disks.len() + usize::from(c.vsock.is_some()) > max_disks {
+        let net = match &c.net {
+            None => None,
+            Some(n) => {
+                if n.tap_fd < 3 {
+                    return Err(invalid(
+                        "net.tap_fd",
+                        format!("must be 3 or more (0-2 are stdio), got {}", n.tap_fd),
+                    ));
+                }
+                let mac = parse_mac(&n.mac).ok_or_else(|| {
+                    invalid(
+                        "net.mac",
+                        format!(
+                            "must be a unicast MAC like 02:53:42:00:00:02, got {:?}",
+                            n.mac
+                        ),
+                    )
+                })?;
+                Some(NetResources {
+                    tap_fd: n.tap_fd,
+                    mac,
+                })
+            }
+        };
+        let slots = c.disks.len() + usize::from(c.vsock.is_some()) + usize::from(net.is_some());
+        if slots > max_disks {
             return Err(invalid(
                 "disks",
-                format!("and vsock need more than {max_disks} virtio-mmio slots"),
+                format!("and vsock and net need more than {max_disks} virtio-mmio slots"),
             ));
         }
         Ok(Self {
@@ -400,6 +488,7 @@ impl TryFrom<VmConfig> for VmResources {
             #[cfg(feature = "vmm")]
             console_ring: None,
             vsock: c.vsock,
+            net,
         })
     }
 }
@@ -410,6 +499,40 @@ mod tests {
 
     fn kernel_file() -> tempfile::NamedTempFile {
         tempfile::NamedTempFile::new().expect("temp file")
+    }
+
+    #[test]
+    fn net_devices_are_validated() {
+        let k = kernel_file();
+        let ok = VmConfig::new(k.path()).net(NetDeviceConfig::new(7, "02:53:42:00:00:0a"));
+        let r = VmResources::try_from(ok).expect("valid");
+        assert_eq!(
+            r.net,
+            Some(NetResources {
+                tap_fd: 7,
+                mac: [2, 0x53, 0x42, 0, 0, 0x0a]
+            })
+        );
+        let bad = [
+            (2, "02:53:42:00:00:0a", "net.tap_fd"),
+            (-1, "02:53:42:00:00:0a", "net.tap_fd"),
+            (7, "03:53:42:00:00:0a", "net.mac"), // multicast
+            (7, "00:00:00:00:00:00", "net.mac"),
+            (7, "02:53:42:00:00", "net.mac"),
+            (7, "02:53:42:00:00:0a:0b", "net.mac"),
+            (7, "02:53:42:00:00:0g", "net.mac"),
+            (7, "2:53:42:00:00:0a", "net.mac"),
+        ];
+        for (fd, mac, field) in bad {
+            let c = VmConfig::new(k.path()).net(NetDeviceConfig::new(fd, mac));
+            match VmResources::try_from(c) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{fd} {mac}"),
+                other => panic!("{fd} {mac}: {other:?}"),
+            }
+        }
+        let json = r#"{"kernel": "/k", "net": {"tap_fd": 3, "mac": "02:00:00:00:00:01"}}"#;
+        let c = VmConfig::from_json(json).expect("parse");
+        assert_eq!(c.net, Some(NetDeviceConfig::new(3, "02:00:00:00:00:01")));
     }
 
     #[test]

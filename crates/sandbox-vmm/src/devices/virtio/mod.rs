@@ -8,6 +8,7 @@
 //!    activation, queue processing, reset).
 //! 3. [`block::Block`]: virtio-blk (virtio 1.2 §5.2) over a [`block::BlockBackend`].
 //! 4. [`vsock::Vsock`]: virtio-vsock (virtio 1.2 §5.10) whose host side is a Unix socket.
+//! 5. [`net::Net`]: virtio-net (virtio 1.2 §5.1) over a tap.
 //!
 //! # How the VMM core wires a device
 //!
@@ -43,11 +44,12 @@
 //!   is ready; on readiness the event loop calls
 //!   `transport.lock().device_mut().handle_backend_event()`. See the [`vsock`] module.
 //!
-//! Device IDs (virtio 1.2 §5): [`DEVICE_ID_BLOCK`] = 2, [`DEVICE_ID_VSOCK`] = 19.
+//! Device IDs (virtio 1.2 §5): [`DEVICE_ID_NET`] = 1, [`DEVICE_ID_BLOCK`] = 2, [`DEVICE_ID_VSOCK`] = 19.
 
 pub mod block;
 pub mod chain;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 #[cfg(test)]
@@ -69,6 +71,8 @@ pub const MMIO_REGION_SIZE: u64 = 0x1000;
 /// `datamatch = queue index` (4-byte writes).
 pub const NOTIFY_REG_OFFSET: u64 = 0x50;
 
+/// virtio-net device ID (virtio 1.2 §5).
+pub const DEVICE_ID_NET: u32 = 1;
 /// virtio-blk device ID (virtio 1.2 §5).
 pub const DEVICE_ID_BLOCK: u32 = 2;
 /// virtio-vsock device ID (virtio 1.2 §5).
