@@ -21,7 +21,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -355,11 +355,58 @@ fn init_system(hostname: &str) {
     if let Err(e) = nix::unistd::sethostname(hostname) {
         log!("sethostname {hostname}: {e}");
     }
+    install_resolver(Path::new("/proc/net/pnp"), Path::new("/etc/resolv.conf"));
+}
+
+/// With a network, the kernel configured `eth0` from the `ip=` command-line parameter and
+/// wrote the resolver it was given to `/proc/net/pnp` (in resolv.conf syntax): copy its
+/// `nameserver` lines to `/etc/resolv.conf`. Without a network there is no such file, or no
+/// nameserver in it, and nothing changes.
+fn install_resolver(pnp: &Path, resolv: &Path) {
+    let Ok(text) = std::fs::read_to_string(pnp) else {
+        return;
+    };
+    let servers: String = text
+        .lines()
+        // The kernel writes 0.0.0.0 for a server it was not given.
+        .filter(|l| l.starts_with("nameserver ") && l.trim_end() != "nameserver 0.0.0.0")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if servers.is_empty() {
+        return;
+    }
+    if let Err(e) = std::fs::write(resolv, servers) {
+        log!("cannot write {}: {e}", resolv.display());
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resolver_comes_from_proc_net_pnp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pnp = dir.path().join("pnp");
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&resolv, "# placeholder\n").expect("write");
+        // No network: no file, nothing changes.
+        install_resolver(&pnp, &resolv);
+        assert_eq!(
+            std::fs::read_to_string(&resolv).expect("read"),
+            "# placeholder\n"
+        );
+        std::fs::write(
+            &pnp,
+            "#PROTO: MANUAL\nnameserver 172.30.0.1\nnameserver 0.0.0.0\n",
+        )
+        .expect("write");
+        install_resolver(&pnp, &resolv);
+        assert_eq!(
+            std::fs::read_to_string(&resolv).expect("read"),
+            "nameserver 172.30.0.1\n"
+        );
+    }
 
     /// Slots are capped and come back on every way a connection thread can end.
     #[test]
