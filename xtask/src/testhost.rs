@@ -34,7 +34,9 @@ const INIT: &str = include_str!("../../resources/testhost/init");
 /// are loaded dependencies first. Built-in ones (`modules.builtin`) are skipped.
 ///
 /// virtio-pci and 9p carry the two shares; kvm-amd gives `/dev/kvm` (it pulls in kvm, irqbypass and
-/// ccp); tun, veth, nf_tables and overlay are for the network and storage tiers.
+/// ccp); tun, veth, nf_tables and overlay are for the network and storage tiers; the nft_*
+/// expressions, conntrack and NAT are what a sandbox's netns rules use (masquerade, DNS
+/// redirection, reject, logged denials, rate limits).
 pub const MODULES: &[&str] = &[
     "virtio_pci",
     "9pnet_virtio",
@@ -44,6 +46,18 @@ pub const MODULES: &[&str] = &[
     "veth",
     "nf_tables",
     "overlay",
+    "nf_conntrack",
+    "nf_nat",
+    "nft_ct",
+    "nft_nat",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_redir",
+    "nft_reject_inet",
+    "nft_fib_inet",
+    "nft_log",
+    "nfnetlink_log",
+    "nft_limit",
 ];
 
 /// Bumped whenever the way the initramfs is put together changes, so that cached ones are rebuilt.
