@@ -399,7 +399,13 @@ pub(crate) struct PreparedJail {
     pub restrict: bool,
     /// `RLIMIT_FSIZE`, bytes.
     pub fsize: u64,
+    /// fds the VMM inherits (the tap), by their numbers in the parent, which the VM config
+    /// names; -1 for none. Every other fd is closed on exec.
+    pub inherit: [RawFd; MAX_INHERITED_FDS],
 }
+
+/// How many fds a VMM may inherit beyond stdio.
+pub(crate) const MAX_INHERITED_FDS: usize = 2;
 
 impl PreparedJail {
     /// No jail at all.
@@ -410,6 +416,7 @@ impl PreparedJail {
             namespaces: false,
             restrict: false,
             fsize: u64::MAX,
+            inherit: [-1; MAX_INHERITED_FDS],
         }
     }
 
@@ -428,6 +435,10 @@ impl PreparedJail {
             sys::set_rlimit(libc::RLIMIT_FSIZE, self.fsize)?;
             sys::drop_all_capabilities()?;
             sys::set_no_new_privs()?;
+        }
+        // Last: `child_setup` marked every fd above stdio close-on-exec; these stay open.
+        for fd in self.inherit.iter().copied().filter(|&fd| fd >= 3) {
+            sys::clear_cloexec(fd)?;
         }
         Ok(())
     }
@@ -512,6 +523,7 @@ mod tests {
             namespaces: false,
             restrict: true,
             fsize: 1 << 30,
+            inherit: [-1; MAX_INHERITED_FDS],
         };
         let mut cmd = std::process::Command::new("/bin/cat");
         cmd.arg("/proc/self/status")
@@ -534,5 +546,31 @@ mod tests {
         assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
         assert_eq!(field("CapBnd:"), "0000000000000000", "{status}");
         assert_eq!(field("CapPrm:"), "0000000000000000", "{status}");
+    }
+
+    #[test]
+    fn only_the_named_fds_are_inherited() {
+        use std::os::fd::AsRawFd;
+        let (keep, _k) = std::os::unix::net::UnixDatagram::pair().expect("pair");
+        let (other, _o) = std::os::unix::net::UnixDatagram::pair().expect("pair");
+        let (k, o) = (keep.as_raw_fd(), other.as_raw_fd());
+        let mut jail = PreparedJail::none();
+        jail.inherit[0] = k;
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "[ -e /proc/self/fd/{k} ] && echo kept; [ -e /proc/self/fd/{o} ] && echo leaked; true"
+            ))
+            .stdout(std::process::Stdio::piped());
+        let parent = libc::pid_t::try_from(std::process::id()).expect("pid");
+        // SAFETY: child_setup and apply_in_child make only async-signal-safe syscalls.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                super::super::sys::child_setup(parent, None)?;
+                jail.apply_in_child()
+            });
+        }
+        let out = cmd.output().expect("sh runs");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
     }
 }

@@ -563,6 +563,7 @@ fn prepare(
         namespaces: cfg.jail_support.namespaces,
         restrict: cfg.jail.restrict_process,
         fsize: jail_fsize(cfg, spec),
+        inherit: [-1; jail::MAX_INHERITED_FDS],
     };
     let cmd = vmm_command(&cfg.vmm, dir, log, prepared);
     // `cgroup` (and its procs fd) lives until the spawn returned, then goes to the watcher.

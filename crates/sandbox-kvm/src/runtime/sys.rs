@@ -167,6 +167,18 @@ pub fn child_setup(parent: libc::pid_t, cwd: Option<RawFd>) -> io::Result<()> {
     Ok(())
 }
 
+/// Clears `FD_CLOEXEC` on `fd`, so it survives exec (async-signal-safe).
+///
+/// # Errors
+/// The `fcntl` error.
+pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl(F_SETFD) takes integers only and touches no memory.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Fills `buf` from the kernel's random pool (`getrandom(2)`).
 ///
 /// # Errors
