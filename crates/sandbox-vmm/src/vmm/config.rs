@@ -43,24 +43,66 @@ pub const MAX_CONSOLE_CAP: u64 = 1 << 30;
 /// of the 0xcf8/0xcfc config ports would be a vCPU exit).
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
+/// The format of a disk image. Always given, never probed from the file's contents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// A raw image: disk byte N is file byte N.
+    #[default]
+    Raw,
+    /// A qcow2 (v3) overlay over a raw backing file (qcow2 spec, QEMU `docs/interop/qcow2.txt`).
+    Qcow2,
+}
+
 /// One virtio-blk disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct DiskConfig {
-    /// Raw image file.
+    /// The image file.
     pub path: PathBuf,
     /// Expose the disk read-only (writes fail in the guest with an I/O error).
     #[serde(default)]
     pub read_only: bool,
+    /// The image's format.
+    #[serde(default)]
+    pub format: DiskFormat,
+    /// For [`DiskFormat::Qcow2`]: the raw backing file, which the VMM opens itself, read-only.
+    /// The backing file name in the overlay's header must be this file's name; its path is never
+    /// taken from the header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<PathBuf>,
+    /// For [`DiskFormat::Qcow2`]: the most bytes the overlay file may grow to. A guest write
+    /// past it fails with VIRTIO_BLK_S_IOERR (the guest sees an I/O error) and the VM goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_bytes_cap: Option<u64>,
 }
 
 impl DiskConfig {
-    /// A disk backed by `path`.
+    /// A raw disk backed by `path`.
     pub fn new(path: impl Into<PathBuf>, read_only: bool) -> Self {
         Self {
             path: path.into(),
             read_only,
+            format: DiskFormat::Raw,
+            backing: None,
+            host_bytes_cap: None,
+        }
+    }
+
+    /// A writable qcow2 overlay at `path` over the raw image `backing`, its file capped at
+    /// `host_bytes_cap` bytes if given.
+    pub fn qcow2_overlay(
+        path: impl Into<PathBuf>,
+        backing: impl Into<PathBuf>,
+        host_bytes_cap: Option<u64>,
+    ) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            format: DiskFormat::Qcow2,
+            backing: Some(backing.into()),
+            host_bytes_cap,
         }
     }
 }
@@ -420,6 +462,33 @@ impl TryFrom<VmConfig> for VmResources {
         }
         for disk in &c.disks {
             check_file("disks[].path", &disk.path)?;
+            match (disk.format, &disk.backing) {
+                (DiskFormat::Raw, None) if disk.host_bytes_cap.is_none() => {}
+                (DiskFormat::Raw, _) => {
+                    return Err(invalid(
+                        "disks[].format",
+                        "raw disks take no backing file and no host_bytes_cap (use qcow2)",
+                    ))
+                }
+                (DiskFormat::Qcow2, None) => {
+                    return Err(invalid(
+                        "disks[].backing",
+                        "is required for a qcow2 disk (the raw base the overlay is over)",
+                    ))
+                }
+                (DiskFormat::Qcow2, Some(backing)) => {
+                    check_file("disks[].backing", backing)?;
+                    if disk.read_only {
+                        return Err(invalid(
+                            "disks[].read_only",
+                            "is not supported for qcow2 overlays (attach the raw base read-only)",
+                        ));
+                    }
+                    if disk.host_bytes_cap == Some(0) {
+                        return Err(invalid("disks[].host_bytes_cap", "must be more than 0"));
+                    }
+                }
+            }
         }
         if let Some(v) = &c.vsock {
             if !(3..u64::from(u32::MAX)).contains(&v.guest_cid) {
@@ -499,6 +568,56 @@ mod tests {
 
     fn kernel_file() -> tempfile::NamedTempFile {
         tempfile::NamedTempFile::new().expect("temp file")
+    }
+
+    #[test]
+    fn disk_formats_are_validated() {
+        let k = kernel_file();
+        let img = tempfile::NamedTempFile::new().expect("image");
+        let base = tempfile::NamedTempFile::new().expect("base");
+        let ok = VmConfig::new(k.path())
+            .disk(DiskConfig::qcow2_overlay(img.path(), base.path(), Some(1 << 20)))
+            .disk(DiskConfig::new(base.path(), true));
+        VmResources::try_from(ok).expect("valid");
+        let mut raw_with_backing = DiskConfig::new(img.path(), false);
+        raw_with_backing.backing = Some(base.path().into());
+        let mut raw_with_cap = DiskConfig::new(img.path(), false);
+        raw_with_cap.host_bytes_cap = Some(1);
+        let mut qcow2_without_backing = DiskConfig::qcow2_overlay(img.path(), base.path(), None);
+        qcow2_without_backing.backing = None;
+        let mut qcow2_ro = DiskConfig::qcow2_overlay(img.path(), base.path(), None);
+        qcow2_ro.read_only = true;
+        let cases = [
+            (raw_with_backing, "disks[].format"),
+            (raw_with_cap, "disks[].format"),
+            (qcow2_without_backing, "disks[].backing"),
+            (qcow2_ro, "disks[].read_only"),
+            (
+                DiskConfig::qcow2_overlay(img.path(), base.path(), Some(0)),
+                "disks[].host_bytes_cap",
+            ),
+        ];
+        for (disk, field) in cases {
+            match VmResources::try_from(VmConfig::new(k.path()).disk(disk.clone())) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{disk:?}"),
+                other => panic!("{disk:?}: {other:?}"),
+            }
+        }
+        let missing = DiskConfig::qcow2_overlay(img.path(), "/nonexistent/base.img", None);
+        match VmResources::try_from(VmConfig::new(k.path()).disk(missing)) {
+            Err(ConfigError::MissingFile { field, .. }) => assert_eq!(field, "disks[].backing"),
+            other => panic!("{other:?}"),
+        }
+        let json = r#"{"kernel": "/k", "disks": [{"path": "d.qcow2", "format": "qcow2",
+            "backing": "/store/base.img", "host_bytes_cap": 1048576}]}"#;
+        let c = VmConfig::from_json(json).expect("parse");
+        assert_eq!(
+            c.disks[0],
+            DiskConfig::qcow2_overlay("d.qcow2", "/store/base.img", Some(1 << 20))
+        );
+        let plain = serde_json::to_value(DiskConfig::new("r.img", false)).expect("json");
+        assert!(plain.get("backing").is_none(), "optional fields stay out: {plain}");
+        assert_eq!(plain["format"], "raw");
     }
 
     #[test]
