@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use sandbox_core::conformance::{self, Harness, RawStream, Suite, Trial};
 use sandbox_core::{ErrorKind, ExecRequest, RootMode, Runtime, Sandbox, SandboxSpec, SandboxState};
+use sandbox_kvm::runtime::jail::JailConfig;
 use sandbox_kvm::runtime::{KvmRuntime, KvmRuntimeConfig};
 
 /// The handshake deadline of the runtime whose agent never answers: `create` must fail with
@@ -389,6 +390,53 @@ async fn exec_after_the_vmm_was_killed_is_guest_exited(h: &KvmHarness) {
     sb.destroy().await.expect("destroy after the VMM died");
 }
 
+/// A VMM whose device thread makes a system call its seccomp filter forbids (the config's
+/// test hook) ends at once, and create says why: kind `GuestExited`, the call's number and
+/// the thread kind in the message, and nothing left behind.
+async fn a_seccomp_violation_ends_the_vmm_and_is_reported(_h: &KvmHarness) {
+    let state = tempfile::Builder::new()
+        .prefix("sbx-seccomp-")
+        .tempdir()
+        .expect("state dir");
+    let mut jail = JailConfig::default();
+    jail.debug_forbidden_syscall = true;
+    let runtime = KvmRuntime::new(
+        KvmRuntimeConfig::builder()
+            .vmm(env_path("SANDBOX_VMM"))
+            .kernel(env_path("SANDBOX_KERNEL"))
+            .rootfs(env_path("SANDBOX_ROOTFS"))
+            .state_dir(state.path())
+            .create_deadline(Duration::from_secs(600))
+            .jail(jail)
+            .build()
+            .expect("config"),
+    )
+    .expect("KvmRuntime::new");
+    let spec = runtime
+        .spec_builder()
+        .memory_mib(128)
+        .root(RootMode::ReadOnly)
+        .build()
+        .expect("spec");
+    let err = runtime
+        .create_sandbox(spec)
+        .await
+        .expect_err("the VMM must die on its forbidden call");
+    assert_eq!(err.kind(), ErrorKind::GuestExited, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("forbidden system call") && text.contains("devices thread"),
+        "{text}"
+    );
+    let left: Vec<_> = std::fs::read_dir(state.path())
+        .expect("state dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("sbx-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// The KVM backend's own trials, after the suite's checks.
 #[cfg(sandbox_kvm)]
 fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
@@ -409,6 +457,10 @@ fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
         suite.trial(
             "exec_after_the_vmm_was_killed_is_guest_exited",
             |h| async move { exec_after_the_vmm_was_killed_is_guest_exited(&h).await },
+        ),
+        suite.trial(
+            "a_seccomp_violation_ends_the_vmm_and_is_reported",
+            |h| async move { a_seccomp_violation_ends_the_vmm_and_is_reported(&h).await },
         ),
     ]
 }

@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
+use crate::seccomp::{SeccompMode, ThreadKind};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -21,6 +22,9 @@ pub enum EventLoopError {
         #[source]
         source: io::Error,
     },
+    /// The seccomp filter cannot be built.
+    #[error("cannot set up the device thread's seccomp filter")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// A local `Result` for this module.
@@ -109,11 +113,27 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Starts the loop thread.
+    /// Starts the loop thread, unfiltered.
     ///
     /// # Errors
     /// [`EventLoopError::Sys`] if the thread cannot start.
     pub fn spawn(self) -> Result<EventLoopHandle> {
+        self.spawn_filtered(SeccompMode::Off, false)
+    }
+
+    /// Starts the loop thread, which first installs the devices seccomp filter in `mode`
+    /// (docs/jail.md). With `forbidden_probe` (a test hook) it then makes a forbidden call.
+    ///
+    /// # Errors
+    /// [`EventLoopError::Sys`] if the thread cannot start; [`EventLoopError::Seccomp`] if the
+    /// filter cannot be installed.
+    pub fn spawn_filtered(
+        self,
+        mode: SeccompMode,
+        forbidden_probe: bool,
+    ) -> Result<EventLoopHandle> {
+        // Build the program here, so that a bad list is an error of the build, not of the thread.
+        let _ = crate::seccomp::filter(ThreadKind::Devices, mode)?;
         let stop = self
             .stop
             .try_clone()
@@ -123,7 +143,17 @@ impl EventLoop {
             })?;
         let thread = std::thread::Builder::new()
             .name("devices".into())
-            .spawn(move || self.run())
+            .spawn(move || {
+                if let Err(err) = crate::seccomp::apply(ThreadKind::Devices, mode) {
+                    // Without its filter the loop must not serve a guest.
+                    tracing::error!(error = %err, "device event loop not started");
+                    return;
+                }
+                if forbidden_probe {
+                    crate::seccomp::forbidden_call_for_tests();
+                }
+                self.run();
+            })
             .map_err(|source| EventLoopError::Sys {
                 op: "spawn",
                 source,

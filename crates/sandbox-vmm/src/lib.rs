@@ -46,6 +46,8 @@ pub mod logging;
 #[cfg(feature = "vmm")]
 pub mod memory;
 #[cfg(feature = "vmm")]
+pub mod seccomp;
+#[cfg(feature = "vmm")]
 pub mod sys;
 #[cfg(feature = "vmm")]
 pub mod vcpu;

@@ -219,6 +219,70 @@ pub unsafe fn claim_inherited_fd(fd: c_int) -> io::Result<std::os::fd::OwnedFd> 
     Ok(owned)
 }
 
+thread_local! {
+    /// The seccomp thread kind of this thread, for the SIGSYS report.
+    static THREAD_KIND: Cell<&'static [u8]> = const { Cell::new(b"unfiltered") };
+}
+
+/// Records this thread's seccomp kind for [`install_sigsys_reporter`]'s message.
+pub fn set_thread_kind(kind: &'static [u8]) {
+    THREAD_KIND.with(|k| k.set(kind));
+}
+
+/// Writes `n` in decimal into `buf`; returns the digits.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+extern "C" fn on_sigsys(_num: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void) {
+    // struct siginfo_t on x86_64: si_signo, si_errno, si_code, padding (16 bytes), then the
+    // SIGSYS fields: void *_call_addr at 16, int _syscall at 24, unsigned _arch at 28.
+    let nr = if info.is_null() {
+        -1
+    } else {
+        // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler; offset 24 is
+        // inside it (it is 128 bytes) and 4-aligned.
+        unsafe { info.cast::<u8>().add(24).cast::<i32>().read() }
+    };
+    let mut digits = [0u8; 20];
+    let kind = THREAD_KIND.try_with(Cell::get).unwrap_or(b"unknown");
+    let parts: [&[u8]; 5] = [
+        b"sandbox-vmm: seccomp: forbidden system call ",
+        decimal(u64::try_from(nr).unwrap_or(u64::MAX), &mut digits),
+        b" on a ",
+        kind,
+        b" thread; the VMM ends (docs/jail.md)\n",
+    ];
+    for part in parts {
+        // SAFETY: write(2) on stderr with a live buffer; async-signal-safe. A short or failed
+        // write only shortens the report.
+        let _ = unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
+    }
+    // SAFETY: _exit is async-signal-safe and never returns.
+    unsafe { libc::_exit(crate::seccomp::EXIT_SECCOMP) };
+}
+
+/// Installs, once per process, the `SIGSYS` handler that reports a forbidden system call (its
+/// number and the thread's kind) on stderr and ends the process with
+/// [`crate::seccomp::EXIT_SECCOMP`].
+///
+/// # Errors
+/// The `sigaction` error.
+pub fn install_sigsys_reporter() -> io::Result<()> {
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(libc::SIGSYS, on_sigsys).map_err(|e| e.errno()))
+        .map_err(io::Error::from_raw_os_error)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -4,6 +4,7 @@
 //! The host kicks a running vCPU out of `KVM_RUN` with a signal ([`crate::sys`]) after sending a
 //! command. Exits are dispatched to the PIO/MMIO [`Bus`]es; the loop knows no port numbers.
 
+use crate::seccomp::{SeccompMode, ThreadKind};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -55,6 +56,7 @@ pub struct Vcpu {
     mmio: Arc<Bus>,
     exit: Arc<ExitState>,
     memory: GuestMemoryMmap,
+    seccomp: SeccompMode,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -167,7 +169,15 @@ impl Vcpu {
             mmio,
             exit,
             memory,
+            seccomp: SeccompMode::Off,
         }
+    }
+
+    /// Installs the vCPU seccomp filter (docs/jail.md) on the thread before it first runs.
+    #[must_use]
+    pub fn with_seccomp(mut self, mode: SeccompMode) -> Self {
+        self.seccomp = mode;
+        self
     }
 
     /// Starts the thread in [`VcpuState::Paused`].
@@ -191,6 +201,13 @@ impl Vcpu {
     }
 
     fn run(mut self, commands: Receiver<VcpuCommand>, states: Sender<VcpuState>) {
+        // Before anything the guest controls runs here; a vCPU that cannot be filtered never
+        // reports Paused, so the build fails.
+        if let Err(err) = crate::seccomp::apply(ThreadKind::Vcpu, self.seccomp) {
+            tracing::error!(vcpu = self.index, error = %err, "vCPU thread not started");
+            let _ = states.send(VcpuState::Finished);
+            return;
+        }
         let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         // SAFETY: the pointer targets this vCPU's kvm_run mapping, owned by `self.fd`, which lives
         // until the end of this function; the target is cleared before returning.

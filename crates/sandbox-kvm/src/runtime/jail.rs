@@ -24,6 +24,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use sandbox_vmm::vmm::SeccompMode;
+
 /// Default parent of the per-sandbox cgroups.
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/sandbox-sdk";
 /// Memory the VMM process may use beyond guest RAM (its own heap, stacks, page tables, device
@@ -65,6 +67,12 @@ pub struct JailConfig {
     pub namespaces: JailMode,
     /// Rlimits, an empty capability bounding set and `PR_SET_NO_NEW_PRIVS` (always possible).
     pub restrict_process: bool,
+    /// The seccomp filters of the VMM's threads: `Kill` (default), `Log` to find what an
+    /// allowlist lacks, `Off`.
+    pub seccomp: SeccompMode,
+    /// Test hook: the VMM's device thread makes a forbidden system call right after start.
+    #[doc(hidden)]
+    pub debug_forbidden_syscall: bool,
 }
 
 impl Default for JailConfig {
@@ -76,6 +84,8 @@ impl Default for JailConfig {
             pids_max: DEFAULT_PIDS_MAX,
             namespaces: JailMode::BestEffort,
             restrict_process: true,
+            seccomp: SeccompMode::Kill,
+            debug_forbidden_syscall: false,
         }
     }
 }
@@ -87,6 +97,7 @@ impl JailConfig {
             cgroup: JailMode::Off,
             namespaces: JailMode::Off,
             restrict_process: false,
+            seccomp: SeccompMode::Off,
             ..JailConfig::default()
         }
     }

@@ -194,6 +194,17 @@ pub enum RuntimeError {
         /// The last console and VMM log lines.
         console: String,
     },
+    /// The VMM made a system call its seccomp filter forbids and ended (`GuestExited`): a bug in
+    /// the VMM's allowlists, or a guest that took over the VMM process (docs/jail.md).
+    #[error("Sandbox {id}: sandbox-vmm made a forbidden system call and was stopped ({report}).{console}")]
+    VmmSeccomp {
+        /// The sandbox id.
+        id: String,
+        /// The VMM's own report: the call's number and the thread kind.
+        report: String,
+        /// The last console and VMM log lines.
+        console: String,
+    },
     /// The VMM ended while the sandbox was booting or in use (`GuestExited`).
     #[error("Sandbox {id}: {how}.{console}")]
     GuestExited {
@@ -238,7 +249,9 @@ impl RuntimeError {
             | RuntimeError::KvmCannotRunGuest { .. }
             | RuntimeError::Spawn { .. } => ErrorKind::HostSetup,
             RuntimeError::Io { .. } => ErrorKind::Io,
-            RuntimeError::GuestExited { .. } => ErrorKind::GuestExited,
+            RuntimeError::GuestExited { .. } | RuntimeError::VmmSeccomp { .. } => {
+                ErrorKind::GuestExited
+            }
             RuntimeError::AgentUnreachable { .. } => ErrorKind::AgentUnreachable,
         }
     }

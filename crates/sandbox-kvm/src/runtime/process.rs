@@ -98,6 +98,10 @@ impl std::fmt::Display for VmmExit {
             (Some(3), _) => write!(f, "the guest reset or panicked (sandbox-vmm exit 3)"),
             (Some(4), _) => write!(f, "a vCPU triple-faulted (sandbox-vmm exit 4)"),
             (Some(5), _) => write!(f, "KVM reported an internal error (sandbox-vmm exit 5)"),
+            (Some(7), _) => write!(
+                f,
+                "sandbox-vmm made a system call its seccomp filter forbids (exit 7, see vmm.log)"
+            ),
             (Some(c), _) => write!(f, "sandbox-vmm exited with status {c}"),
             (None, Some(s)) => write!(f, "sandbox-vmm was killed by signal {s}"),
             (None, None) => write!(f, "sandbox-vmm ended"),

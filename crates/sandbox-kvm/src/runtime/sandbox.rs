@@ -421,11 +421,7 @@ impl KvmRuntime {
                 why: internal_error_detail(&console),
                 console,
             },
-            Ok(exit) => RuntimeError::GuestExited {
-                id: id.to_string(),
-                how: exit.to_string(),
-                console,
-            },
+            Ok(exit) => exit_error(id.as_str(), exit, console),
             Err(source) if source.kind() == ErrorKind::Protocol => {
                 return Err(Error::with_source(
                     ErrorKind::Protocol,
@@ -609,6 +605,8 @@ fn vm_config(
         .cmdline_extra(cmdline)
         .console_file(dir.join(names::CONSOLE), cfg.console_cap_bytes)
         .vsock(VsockDeviceConfig::new(GUEST_CID, dir.join(names::VSOCK)))
+        .seccomp(cfg.jail.seccomp)
+        .debug_forbidden_syscall(cfg.jail.debug_forbidden_syscall)
 }
 
 /// The last `n` lines of the console log and of the VMM's log, formatted for an error message
@@ -628,6 +626,30 @@ fn console_tail(dir: &SandboxDir) -> String {
         }
     }
     out
+}
+
+/// The error for a VMM that ended with `exit`: [`RuntimeError::VmmSeccomp`] for a seccomp
+/// violation (its log line quoted), [`RuntimeError::GuestExited`] otherwise.
+fn exit_error(id: &str, exit: VmmExit, console: String) -> RuntimeError {
+    if exit.0.code() == Some(sandbox_vmm::vmm::EXIT_SECCOMP) {
+        let report = console
+            .lines()
+            .find_map(|l| l.split_once("seccomp: ").map(|(_, r)| r.trim()))
+            .unwrap_or("no report in its log")
+            .chars()
+            .take(200)
+            .collect();
+        return RuntimeError::VmmSeccomp {
+            id: id.to_string(),
+            report,
+            console,
+        };
+    }
+    RuntimeError::GuestExited {
+        id: id.to_string(),
+        how: exit.to_string(),
+        console,
+    }
 }
 
 /// What the VMM's log says KVM reported, for [`RuntimeError::KvmCannotRunGuest`]: `", an
@@ -719,12 +741,7 @@ impl SandboxShared {
 
     fn guest_exited(&self, exit: VmmExit) -> Error {
         self.try_transition(SandboxState::Failed);
-        RuntimeError::GuestExited {
-            id: self.id.to_string(),
-            how: exit.to_string(),
-            console: console_tail(&self.dir),
-        }
-        .into()
+        exit_error(self.id.as_str(), exit, console_tail(&self.dir)).into()
     }
 
     fn check_running(&self) -> sandbox_core::Result<()> {
@@ -1079,6 +1096,28 @@ mod tests {
 
     use super::*;
     use crate::runtime::KvmRuntimeConfigBuilder;
+
+    #[test]
+    fn a_seccomp_exit_is_reported_with_the_vmm_report() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::ExitStatus;
+        let console = "\n--- sandbox-vmm log (last lines) ---\nsandbox-vmm: seccomp: forbidden system call 110 on a devices thread; the VMM ends (docs/jail.md)\n".to_string();
+        let e = exit_error("sbx-1", VmmExit(ExitStatus::from_raw(7 << 8)), console);
+        assert!(
+            matches!(&e, RuntimeError::VmmSeccomp { report, .. } if report.starts_with("forbidden system call 110 on a devices thread")),
+            "{e:?}"
+        );
+        assert_eq!(e.kind(), ErrorKind::GuestExited);
+        let other = exit_error(
+            "sbx-1",
+            VmmExit(ExitStatus::from_raw(3 << 8)),
+            String::new(),
+        );
+        assert!(
+            matches!(other, RuntimeError::GuestExited { .. }),
+            "{other:?}"
+        );
+    }
 
     #[test]
     fn a_kvm_internal_error_while_booting_is_a_host_setup_error_naming_the_fix() {

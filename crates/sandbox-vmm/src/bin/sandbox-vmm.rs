@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use anyhow::Context;
 use clap::Parser;
 use sandbox_vmm::logging::{CappedLog, DEFAULT_LOG_CAP_BYTES};
+use sandbox_vmm::seccomp::ThreadKind;
 use sandbox_vmm::vmm::{build, ExitReason, VmConfig, VmResources};
 
 /// Runs one micro-VM from a JSON config.
@@ -54,8 +55,13 @@ fn read_config(path: Option<PathBuf>) -> anyhow::Result<VmConfig> {
 fn run(args: Args) -> anyhow::Result<ExitReason> {
     let config = read_config(args.config.or(args.config_path))?;
     let resources = VmResources::try_from(config)?;
+    let seccomp = resources.seccomp;
     let mut vm = build(resources).context("building the VM")?;
     vm.start().context("starting the VM")?;
+    // The vCPU and device threads filtered themselves; this thread only waits and tears down
+    // from here on (docs/jail.md).
+    sandbox_vmm::seccomp::apply(ThreadKind::Main, seccomp)
+        .context("installing the seccomp filter")?;
     Ok(vm.wait())
 }
 

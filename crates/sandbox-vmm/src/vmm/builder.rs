@@ -797,7 +797,8 @@ impl VmBuilder {
                 mmio.clone(),
                 self.exit.clone(),
                 self.memory.clone(),
-            );
+            )
+            .with_seccomp(self.resources.seccomp);
             let handle = vcpu.spawn().map_err(io_err("starting a vCPU thread"))?;
             if handle
                 .wait_for(
@@ -810,7 +811,10 @@ impl VmBuilder {
             }
             vcpus.push(handle);
         }
-        let event_loop = self.event_loop.spawn()?;
+        let event_loop = self.event_loop.spawn_filtered(
+            self.resources.seccomp,
+            self.resources.debug_forbidden_syscall,
+        )?;
         Ok(VmHandle::new(
             vcpus,
             event_loop,

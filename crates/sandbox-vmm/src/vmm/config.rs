@@ -43,6 +43,23 @@ pub const MAX_CONSOLE_CAP: u64 = 1 << 30;
 /// of the 0xcf8/0xcfc config ports would be a vCPU exit).
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
+/// The exit status of a VMM that made a system call its seccomp filter forbids
+/// ([`SeccompMode::Kill`]).
+pub const EXIT_SECCOMP: i32 = 7;
+
+/// What a system call outside the VMM's seccomp allowlists does (docs/jail.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// The VMM ends with [`EXIT_SECCOMP`], naming the call and the thread in its log.
+    #[default]
+    Kill,
+    /// The call goes through and the kernel logs it (audit): for finding what a list lacks.
+    Log,
+    /// No filter.
+    Off,
+}
+
 /// The format of a disk image. Always given, never probed from the file's contents.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -244,6 +261,14 @@ pub struct VmConfig {
     /// Optional virtio-net device (none: the guest has only `lo`).
     #[serde(default)]
     pub net: Option<NetDeviceConfig>,
+    /// The seccomp filters of the VMM's threads.
+    #[serde(default)]
+    pub seccomp: SeccompMode,
+    /// Test hook: after start, the device thread makes a system call its filter forbids, so a
+    /// test can check how a violation is reported. Never set it otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[doc(hidden)]
+    pub debug_forbidden_syscall: bool,
 }
 
 impl VmConfig {
@@ -259,7 +284,22 @@ impl VmConfig {
             console: ConsoleConfig::default(),
             vsock: None,
             net: None,
+            seccomp: SeccompMode::Kill,
+            debug_forbidden_syscall: false,
         }
+    }
+
+    /// Sets the seccomp mode.
+    pub fn seccomp(mut self, mode: SeccompMode) -> Self {
+        self.seccomp = mode;
+        self
+    }
+
+    /// Sets the test hook [`VmConfig::debug_forbidden_syscall`].
+    #[doc(hidden)]
+    pub fn debug_forbidden_syscall(mut self, on: bool) -> Self {
+        self.debug_forbidden_syscall = on;
+        self
     }
 
     /// Adds a virtio-net device.
@@ -377,6 +417,11 @@ pub struct VmResources {
     pub vsock: Option<VsockDeviceConfig>,
     /// virtio-net.
     pub net: Option<NetResources>,
+    /// The seccomp filters of the VMM's threads.
+    pub seccomp: SeccompMode,
+    /// See [`VmConfig::debug_forbidden_syscall`].
+    #[doc(hidden)]
+    pub debug_forbidden_syscall: bool,
 }
 
 #[cfg(feature = "vmm")]
@@ -558,6 +603,8 @@ impl TryFrom<VmConfig> for VmResources {
             console_ring: None,
             vsock: c.vsock,
             net,
+            seccomp: c.seccomp,
+            debug_forbidden_syscall: c.debug_forbidden_syscall,
         })
     }
 }
@@ -576,7 +623,11 @@ mod tests {
         let img = tempfile::NamedTempFile::new().expect("image");
         let base = tempfile::NamedTempFile::new().expect("base");
         let ok = VmConfig::new(k.path())
-            .disk(DiskConfig::qcow2_overlay(img.path(), base.path(), Some(1 << 20)))
+            .disk(DiskConfig::qcow2_overlay(
+                img.path(),
+                base.path(),
+                Some(1 << 20),
+            ))
             .disk(DiskConfig::new(base.path(), true));
         VmResources::try_from(ok).expect("valid");
         let mut raw_with_backing = DiskConfig::new(img.path(), false);
@@ -616,7 +667,10 @@ mod tests {
             DiskConfig::qcow2_overlay("d.qcow2", "/store/base.img", Some(1 << 20))
         );
         let plain = serde_json::to_value(DiskConfig::new("r.img", false)).expect("json");
-        assert!(plain.get("backing").is_none(), "optional fields stay out: {plain}");
+        assert!(
+            plain.get("backing").is_none(),
+            "optional fields stay out: {plain}"
+        );
         assert_eq!(plain["format"], "raw");
     }
 

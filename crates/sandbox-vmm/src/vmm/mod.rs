@@ -24,8 +24,8 @@ pub mod handle;
 #[cfg(feature = "vmm")]
 pub use builder::{build, BuildError, MmioSlot, VmBuilder};
 pub use config::{
-    ConfigError, ConsoleConfig, DiskConfig, DiskFormat, NetDeviceConfig, NetResources, VmConfig,
-    VmResources, VsockDeviceConfig,
+    ConfigError, ConsoleConfig, DiskConfig, DiskFormat, NetDeviceConfig, NetResources, SeccompMode,
+    VmConfig, VmResources, VsockDeviceConfig, EXIT_SECCOMP,
 };
 #[cfg(feature = "vmm")]
 pub use exit::{ExitReason, ExitState, InternalErrorInfo};
