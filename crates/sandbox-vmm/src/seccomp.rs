@@ -174,10 +174,10 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             map.insert(
                 libc::SYS_ioctl,
                 vec![
-                    ioctl(u64::from(KVM_RUN()))?,
-                    ioctl(u64::from(KVM_GET_REGS()))?,
-                    ioctl(u64::from(KVM_GET_SREGS()))?,
-                    ioctl(u64::from(KVM_TRANSLATE()))?,
+                    ioctl(KVM_RUN())?,
+                    ioctl(KVM_GET_REGS())?,
+                    ioctl(KVM_GET_SREGS())?,
+                    ioctl(KVM_TRANSLATE())?,
                 ],
             );
         }
