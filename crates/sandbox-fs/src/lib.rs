@@ -8,5 +8,9 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod qcow2;
+pub mod quota;
 
 pub use backend::{write_zeroes_by_writing, BackendError, BlockBackend, RawFile};
+pub use qcow2::{create_overlay, flatten, Qcow2Config, Qcow2Disk, Qcow2Error};
+pub use quota::QuotaHandle;
