@@ -449,11 +449,11 @@ fn check_range(
     cluster_size: u64,
     file_len: u64,
 ) -> Result<()> {
-    if offset % cluster_size != 0 {
-        return Err(HeaderError::Unaligned { table, offset });
-    }
     if offset < cluster_size {
         return Err(HeaderError::InHeader { table, offset });
+    }
+    if offset % cluster_size != 0 {
+        return Err(HeaderError::Unaligned { table, offset });
     }
     match offset.checked_add(len) {
         Some(end) if end <= file_len => Ok(()),

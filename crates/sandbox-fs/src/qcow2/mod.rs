@@ -648,3 +648,6 @@ fn copy_sparse(
     }
     out.sync_all().map_err(write_err)
 }
+
+#[cfg(test)]
+mod tests;
