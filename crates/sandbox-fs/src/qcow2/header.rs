@@ -744,3 +744,206 @@ pub fn scan_tables<S: TableSource + ?Sized>(
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::cell::Cell;
+
+    /// A small valid image with 512-byte clusters: header, refcount table, refcount block, L1,
+    /// L2, one data cluster. The virtual size is 64 KiB (two L1 entries' worth).
+    fn valid_image() -> Vec<u8> {
+        let cs = 512usize;
+        let mut b = vec![0u8; 6 * cs];
+        let put32 =
+            |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        put32(&mut b, 0, MAGIC);
+        put32(&mut b, 4, 3);
+        put64(&mut b, 8, 400); // backing name at 400
+        put32(&mut b, 16, 8);
+        b[400..408].copy_from_slice(b"base.raw");
+        put32(&mut b, 20, 9);
+        put64(&mut b, 24, 64 * 1024);
+        put32(&mut b, 36, 2);
+        put64(&mut b, 40, 3 * cs as u64);
+        put64(&mut b, 48, cs as u64);
+        put32(&mut b, 56, 1);
+        put32(&mut b, 96, 4);
+        put32(&mut b, 100, 104);
+        // Backing format extension, then the end marker.
+        put32(&mut b, 104, EXT_BACKING_FORMAT);
+        put32(&mut b, 108, 3);
+        b[112..115].copy_from_slice(b"raw");
+        put64(&mut b, 120, 0);
+        put64(&mut b, cs, 2 * cs as u64); // reftable[0] -> refblock
+        put64(&mut b, 3 * cs, 1 << 63 | 4 * cs as u64); // L1[0] -> L2
+        put64(&mut b, 4 * cs, 1 << 63 | 5 * cs as u64); // L2[0] -> data
+        b
+    }
+
+    /// Counts the bytes the scan reads.
+    struct Counting<'a> {
+        bytes: &'a [u8],
+        read: Cell<u64>,
+    }
+
+    impl TableSource for Counting<'_> {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.read.set(self.read.get() + buf.len() as u64);
+            self.bytes.read_exact_at(buf, offset)
+        }
+    }
+
+    fn parse_and_scan(b: &[u8]) -> Result<HeaderInfo> {
+        let info = parse_header(b, b.len() as u64)?;
+        scan_tables(b, &info, b.len() as u64)?;
+        Ok(info)
+    }
+
+    #[test]
+    fn the_valid_image_parses() {
+        let info = parse_and_scan(&valid_image()).expect("valid");
+        assert_eq!(info.cluster_size(), 512);
+        assert_eq!(info.backing_name.as_deref(), Some("base.raw"));
+        check_backing(&info, "base.raw").expect("expected backing");
+        assert!(matches!(
+            check_backing(&info, "other.raw"),
+            Err(HeaderError::BackingMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn crafted_headers_get_typed_errors() {
+        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, fn(&HeaderError) -> bool)> = vec![
+            (Box::new(|b| b.truncate(50)), |e| {
+                matches!(e, HeaderError::Truncated { .. })
+            }),
+            (
+                Box::new(|b| b[20..24].copy_from_slice(&8u32.to_be_bytes())),
+                |e| matches!(e, HeaderError::ClusterBits { bits: 8 }),
+            ),
+            (
+                Box::new(|b| b[20..24].copy_from_slice(&40u32.to_be_bytes())),
+                |e| matches!(e, HeaderError::ClusterBits { bits: 40 }),
+            ),
+            (
+                Box::new(|b| b[36..40].copy_from_slice(&u32::MAX.to_be_bytes())),
+                |e| {
+                    matches!(
+                        e,
+                        HeaderError::TableSize {
+                            table: Table::L1,
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                Box::new(|b| b[56..60].copy_from_slice(&9u32.to_be_bytes())),
+                |e| {
+                    matches!(
+                        e,
+                        HeaderError::PastEnd {
+                            table: Table::RefcountTable,
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                Box::new(|b| b[100..104].copy_from_slice(&100u32.to_be_bytes())),
+                |e| matches!(e, HeaderError::HeaderLength { length: 100 }),
+            ),
+            (
+                Box::new(|b| b[96..100].copy_from_slice(&7u32.to_be_bytes())),
+                |e| matches!(e, HeaderError::RefcountOrder { order: 7 }),
+            ),
+            (
+                Box::new(|b| b[24..32].copy_from_slice(&u64::MAX.to_be_bytes())),
+                |e| matches!(e, HeaderError::VirtualSize { .. }),
+            ),
+            (
+                Box::new(|b| b[400..408].copy_from_slice(b"../x/abc")),
+                |e| matches!(e, HeaderError::BackingName { .. }),
+            ),
+            (
+                Box::new(|b| b[16..20].copy_from_slice(&2000u32.to_be_bytes())),
+                |e| matches!(e, HeaderError::BackingName { .. }),
+            ),
+            (
+                Box::new(|b| b[1536..1544].copy_from_slice(&(1u64 << 63 | 2560 | 1).to_be_bytes())),
+                |e| {
+                    matches!(
+                        e,
+                        HeaderError::ReservedBits {
+                            table: Table::L1,
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                Box::new(|b| b[2048..2056].copy_from_slice(&(1u64 << 63 | 1536).to_be_bytes())),
+                |e| {
+                    matches!(
+                        e,
+                        HeaderError::Overlap {
+                            table: Table::DataCluster,
+                            offset: 1536
+                        }
+                    )
+                },
+            ),
+            (
+                Box::new(|b| {
+                    // 60 L1 entries share one L2 table: more L2 tables than the file holds.
+                    b[36..40].copy_from_slice(&60u32.to_be_bytes());
+                    for i in 0..60 {
+                        let at = 1536 + 8 * i;
+                        b[at..at + 8].copy_from_slice(&(1u64 << 63 | 2048).to_be_bytes());
+                    }
+                }),
+                |e| matches!(e, HeaderError::TooManyL2Tables { count: 60, .. }),
+            ),
+        ];
+        for (i, (patch, expected)) in cases.iter().enumerate() {
+            let mut b = valid_image();
+            patch(&mut b);
+            let err = parse_and_scan(&b).expect_err("refused");
+            assert!(expected(&err), "case {i}: {err:?}");
+        }
+    }
+
+    proptest! {
+        /// Random bytes never panic.
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = parse_and_scan(&bytes);
+        }
+
+        /// A valid image with random bytes overwritten never panics, and the scan reads at most
+        /// four times the file's length (refcount table, L1 twice, one cluster per L2 table).
+        #[test]
+        fn mutated_images_never_panic_and_bound_the_work(
+            edits in proptest::collection::vec((0usize..3072, any::<u8>()), 1..24),
+            cut in 0usize..3072,
+        ) {
+            let mut b = valid_image();
+            for (at, v) in edits {
+                b[at] = v;
+            }
+            if cut > 2600 {
+                b.truncate(cut);
+            }
+            let len = b.len() as u64;
+            if let Ok(info) = parse_header(&b, len) {
+                let src = Counting { bytes: &b, read: Cell::new(0) };
+                let _ = scan_tables(&src, &info, len);
+                prop_assert!(src.read.get() <= 4 * len, "read {} of {}", src.read.get(), len);
+            }
+        }
+    }
+}

@@ -15,12 +15,15 @@ const CS: u64 = OVERLAY_CLUSTER_SIZE;
 /// Runs a QEMU tool and returns (exit code, stdout + stderr). Fails the test, saying what to
 /// install, when the tool is missing.
 fn qemu(tool: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(tool).args(args).output().unwrap_or_else(|err| {
-        panic!(
-            "cannot run {tool} ({err}): these tests need QEMU's disk tools; install them with \
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot run {tool} ({err}): these tests need QEMU's disk tools; install them with \
              `apt-get install qemu-utils`"
-        )
-    });
+            )
+        });
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -132,7 +135,10 @@ fn create_is_constant_size_and_time_and_never_reads_the_base() {
         assert!(info.contains("cluster_size: 65536"), "{info}");
         assert!(info.contains("refcount bits: 16"), "{info}");
     }
-    assert_eq!(lens[0], lens[1], "the overlay size does not depend on the base size");
+    assert_eq!(
+        lens[0], lens[1],
+        "the overlay size does not depend on the base size"
+    );
     assert!(lens[0] <= 4 * CS, "a few clusters: {}", lens[0]);
 }
 
@@ -155,7 +161,11 @@ fn create_refuses_small_sizes_existing_files_and_bad_names() {
         create_overlay(&ov, &fx.base(), 2 * MIB),
         Err(Qcow2Error::Exists { .. })
     ));
-    assert_eq!(std::fs::read(&ov).expect("read"), before, "never overwritten");
+    assert_eq!(
+        std::fs::read(&ov).expect("read"),
+        before,
+        "never overwritten"
+    );
     let colon = fx.path("a:b.raw");
     std::fs::write(&colon, b"").expect("write");
     assert!(matches!(
@@ -211,9 +221,11 @@ fn writes_discards_and_zeroes_match_qemu() {
     write(&mut disk, 5 * CS + 512, 1024, 2);
     write(&mut disk, 3 * MIB, 2 * CS as usize, 3);
     // Write-zeroes over written and base-only clusters, with partial ends: zeroes, not the base.
-    disk.write_zeroes(CS / 2, 6 * CS, true).expect("write zeroes");
+    disk.write_zeroes(CS / 2, 6 * CS, true)
+        .expect("write zeroes");
     model[(CS / 2) as usize..(CS / 2 + 6 * CS) as usize].fill(0);
-    disk.write_zeroes(20 * CS, 3 * CS, false).expect("write zeroes keep");
+    disk.write_zeroes(20 * CS, 3 * CS, false)
+        .expect("write zeroes keep");
     model[(20 * CS) as usize..(23 * CS) as usize].fill(0);
     // Discard of whole clusters we wrote reads zeroes (our choice).
     disk.discard(3 * MIB, 2 * CS).expect("discard");
@@ -245,7 +257,8 @@ fn discard_gives_host_blocks_back_and_space_is_reused() {
     let fx = Fixture::new(MIB as usize);
     let ov = fx.overlay(16 * MIB);
     let mut disk = fx.open(&ov);
-    disk.write_at(2 * MIB, &vec![9u8; 4 * MIB as usize]).expect("write");
+    disk.write_at(2 * MIB, &vec![9u8; 4 * MIB as usize])
+        .expect("write");
     disk.flush().expect("flush");
     let blocks_full = std::fs::metadata(&ov).expect("meta").blocks();
     let len_full = disk.file_len().expect("len");
@@ -257,9 +270,14 @@ fn discard_gives_host_blocks_back_and_space_is_reused() {
         "punched: {blocks_full} -> {blocks_after} blocks"
     );
     // New data reuses the freed clusters instead of growing the file.
-    disk.write_at(8 * MIB, &vec![4u8; 4 * MIB as usize]).expect("write");
+    disk.write_at(8 * MIB, &vec![4u8; 4 * MIB as usize])
+        .expect("write");
     disk.flush().expect("flush");
-    assert_eq!(disk.file_len().expect("len"), len_full, "freed clusters are reused");
+    assert_eq!(
+        disk.file_len().expect("len"),
+        len_full,
+        "freed clusters are reused"
+    );
     drop(disk);
     check_clean(&ov);
 }
@@ -271,7 +289,9 @@ fn opens_what_qemu_created_and_wrote() {
     let ovs = ov.to_str().expect("utf-8");
     qemu_ok(
         "qemu-img",
-        &["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", ovs, "2M"],
+        &[
+            "create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", ovs, "2M",
+        ],
     );
     qemu_ok(
         "qemu-io",
@@ -364,19 +384,31 @@ fn hostile_headers_get_specific_errors() {
     ));
     assert!(matches!(
         refused_after(|b| put32(b, 36, u32::MAX)),
-        HeaderError::TableSize { table: Table::L1, .. }
+        HeaderError::TableSize {
+            table: Table::L1,
+            ..
+        }
     ));
     assert!(matches!(
         refused_after(|b| put32(b, 36, 0)),
-        HeaderError::L1TooSmall { entries: 0, needed: 1 }
+        HeaderError::L1TooSmall {
+            entries: 0,
+            needed: 1
+        }
     ));
     assert!(matches!(
         refused_after(|b| put64(b, 48, 1 << 40)),
-        HeaderError::PastEnd { table: Table::RefcountTable, .. }
+        HeaderError::PastEnd {
+            table: Table::RefcountTable,
+            ..
+        }
     ));
     assert!(matches!(
         refused_after(|b| put32(b, 56, 100)),
-        HeaderError::PastEnd { table: Table::RefcountTable, .. }
+        HeaderError::PastEnd {
+            table: Table::RefcountTable,
+            ..
+        }
     ));
     assert!(matches!(
         refused_after(|b| set_backing_name(b, b"/etc/shadow")),
@@ -425,7 +457,10 @@ fn hostile_headers_get_specific_errors() {
     // The L1 table pointing at the header cluster.
     assert!(matches!(
         refused_after(|b| put64(b, 40, 0)),
-        HeaderError::InHeader { table: Table::L1, offset: 0 }
+        HeaderError::InHeader {
+            table: Table::L1,
+            offset: 0
+        }
     ));
 }
 
@@ -502,7 +537,10 @@ fn table_entries_pointing_into_the_header_are_refused() {
             let l1 = get64(b, 40) as usize;
             put64(b, l1, 1 << 63 | 0x200);
         }),
-        HeaderError::InHeader { table: Table::L2, offset: 0x200 }
+        HeaderError::InHeader {
+            table: Table::L2,
+            offset: 0x200
+        }
     ));
     // L2[0] -> inside the header cluster.
     assert!(matches!(
@@ -511,7 +549,10 @@ fn table_entries_pointing_into_the_header_are_refused() {
             let l2 = (get64(b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
             put64(b, l2, 1 << 63 | 0x200);
         }),
-        HeaderError::InHeader { table: Table::DataCluster, offset: 0x200 }
+        HeaderError::InHeader {
+            table: Table::DataCluster,
+            offset: 0x200
+        }
     ));
     // L2[0] -> an unaligned data cluster.
     assert!(matches!(
@@ -520,7 +561,10 @@ fn table_entries_pointing_into_the_header_are_refused() {
             let l2 = (get64(b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
             put64(b, l2, 1 << 63 | (3 * CS + 0x200));
         }),
-        HeaderError::Unaligned { table: Table::DataCluster, .. }
+        HeaderError::Unaligned {
+            table: Table::DataCluster,
+            ..
+        }
     ));
     // L2[0] -> past the end of the file.
     assert!(matches!(
@@ -529,7 +573,10 @@ fn table_entries_pointing_into_the_header_are_refused() {
             let l2 = (get64(b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
             put64(b, l2, 1 << 63 | (1 << 40));
         }),
-        HeaderError::PastEnd { table: Table::DataCluster, .. }
+        HeaderError::PastEnd {
+            table: Table::DataCluster,
+            ..
+        }
     ));
     // L2[0] -> the L1 table.
     assert!(matches!(
@@ -538,7 +585,10 @@ fn table_entries_pointing_into_the_header_are_refused() {
             let l2 = (get64(b, l1 as usize) & 0x00ff_ffff_ffff_fe00) as usize;
             put64(b, l2, 1 << 63 | l1);
         }),
-        HeaderError::Overlap { table: Table::DataCluster, .. }
+        HeaderError::Overlap {
+            table: Table::DataCluster,
+            ..
+        }
     ));
     // Refcount table entry -> the header cluster.
     assert!(matches!(
@@ -546,7 +596,10 @@ fn table_entries_pointing_into_the_header_are_refused() {
             let rt = get64(b, 48) as usize;
             put64(b, rt + 8, 0x200);
         }),
-        HeaderError::InHeader { table: Table::RefcountBlock, offset: 0x200 }
+        HeaderError::InHeader {
+            table: Table::RefcountBlock,
+            offset: 0x200
+        }
     ));
     // A compressed L2 entry.
     assert!(matches!(
@@ -564,8 +617,12 @@ fn the_cap_refuses_growth_keeps_data_and_the_image_clean() {
     let fx = Fixture::new(MIB as usize);
     let ov = fx.overlay(64 * MIB);
     let cap = 2 * MIB;
-    let mut disk = Qcow2Disk::open(&ov, &fx.base(), &Qcow2Config::new().host_bytes_cap(Some(cap)))
-        .expect("open");
+    let mut disk = Qcow2Disk::open(
+        &ov,
+        &fx.base(),
+        &Qcow2Config::new().host_bytes_cap(Some(cap)),
+    )
+    .expect("open");
     let handle = disk.quota_handle();
     let mut model = fx.model(64 * MIB);
     // Whole clusters, so a refused write writes nothing (a failed write's range is undefined).
@@ -584,7 +641,9 @@ fn the_cap_refuses_growth_keeps_data_and_the_image_clean() {
     assert_eq!(err.kind(), io::ErrorKind::StorageFull);
     assert_eq!(handle.hits(), 1);
     // A small write into a new cluster is refused too; rewriting held clusters is not.
-    let err = disk.write_at(40 * MIB, &[1u8; 512]).expect_err("still full");
+    let err = disk
+        .write_at(40 * MIB, &[1u8; 512])
+        .expect_err("still full");
     assert_eq!(err.kind(), io::ErrorKind::StorageFull);
     assert_eq!(disk.quota_hits(), 2);
     disk.write_at(0, &[0xaa; 512]).expect("overwrite in place");
@@ -601,7 +660,8 @@ fn the_cap_refuses_growth_keeps_data_and_the_image_clean() {
     // Discarding frees room for new writes.
     disk.discard(0, MIB).expect("discard");
     model[..MIB as usize].fill(0);
-    disk.write_at(40 * MIB, &[2u8; 4096]).expect("room again after discard");
+    disk.write_at(40 * MIB, &[2u8; 4096])
+        .expect("room again after discard");
     model[40 * MIB as usize..40 * MIB as usize + 4096].fill(2);
     disk.flush().expect("flush");
     assert!(disk.file_len().expect("len") <= cap + QUOTA_SLACK_CLUSTERS * CS);
@@ -621,7 +681,8 @@ fn flatten_writes_the_merged_bytes_sparsely() {
     model[4096..4096 + 8192].fill(7);
     disk.write_at(5 * MIB, &[8u8; 4096]).expect("write");
     model[5 * MIB as usize..5 * MIB as usize + 4096].fill(8);
-    disk.write_zeroes(512 * 1024, 128 * 1024, true).expect("zeroes");
+    disk.write_zeroes(512 * 1024, 128 * 1024, true)
+        .expect("zeroes");
     model[512 * 1024..640 * 1024].fill(0);
     disk.flush().expect("flush");
     drop(disk);
@@ -653,7 +714,8 @@ fn a_killed_writer_leaves_at_most_leaks_and_keeps_flushed_data() {
     // Unflushed allocations, then the process "dies": no flush, no drop (kill -9 keeps what
     // reached the page cache, which is what the file holds here).
     for i in 0..40u64 {
-        disk.write_at(MIB + i * 3 * CS, &[2u8; 4096]).expect("write");
+        disk.write_at(MIB + i * 3 * CS, &[2u8; 4096])
+            .expect("write");
     }
     disk.discard(0, CS).expect("discard");
     std::mem::forget(disk);
@@ -673,9 +735,20 @@ fn a_killed_writer_leaves_at_most_leaks_and_keeps_flushed_data() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { sector: u64, sectors: u64, byte: u8 },
-    Discard { sector: u64, sectors: u64 },
-    Zeroes { sector: u64, sectors: u64, unmap: bool },
+    Write {
+        sector: u64,
+        sectors: u64,
+        byte: u8,
+    },
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
+    Zeroes {
+        sector: u64,
+        sectors: u64,
+        unmap: bool,
+    },
     Flush,
 }
 
