@@ -12,7 +12,7 @@
 //! unreferenced clusters and a flush that fails forever. The overlay code asks imago where the
 //! data of a write will go (`prepare_data_mapping`), refuses before writing it, and lets the
 //! metadata of that one allocation through. So the file never grows past
-//! `cap + [`QUOTA_SLACK_CLUSTERS`] clusters`: one cluster of copy-on-write data that imago writes
+//! `cap` plus [`QUOTA_SLACK_CLUSTERS`] clusters: one cluster of copy-on-write data that imago writes
 //! while preparing the mapping (freed again when we refuse), one L2 table and one refcount block.
 
 use std::io;

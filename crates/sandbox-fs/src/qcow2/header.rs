@@ -779,8 +779,8 @@ mod tests {
         b[112..115].copy_from_slice(b"raw");
         put64(&mut b, 120, 0);
         put64(&mut b, cs, 2 * cs as u64); // reftable[0] -> refblock
-        put64(&mut b, 3 * cs, 1 << 63 | 4 * cs as u64); // L1[0] -> L2
-        put64(&mut b, 4 * cs, 1 << 63 | 5 * cs as u64); // L2[0] -> data
+        put64(&mut b, 3 * cs, (1 << 63) | (4 * cs as u64)); // L1[0] -> L2
+        put64(&mut b, 4 * cs, (1 << 63) | (5 * cs as u64)); // L2[0] -> data
         b
     }
 
@@ -815,9 +815,12 @@ mod tests {
         ));
     }
 
+    /// A patch to the valid image, and the error it must cause.
+    type Case = (Box<dyn Fn(&mut Vec<u8>)>, fn(&HeaderError) -> bool);
+
     #[test]
     fn crafted_headers_get_typed_errors() {
-        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, fn(&HeaderError) -> bool)> = vec![
+        let cases: Vec<Case> = vec![
             (Box::new(|b| b.truncate(50)), |e| {
                 matches!(e, HeaderError::Truncated { .. })
             }),

@@ -367,9 +367,10 @@ impl Qcow2Disk {
         static ZEROES: [u8; 64 * 1024] = [0u8; 64 * 1024];
         let end = offset + len;
         while offset < end {
-            let (mapping, n) = self.image.get_mapping(offset, end - offset)?;
-            let is_zero = matches!(mapping, Mapping::Zero { .. });
-            drop(mapping);
+            let (is_zero, n) = {
+                let (mapping, n) = self.image.get_mapping(offset, end - offset)?;
+                (matches!(mapping, Mapping::Zero { .. }), n)
+            };
             if n == 0 {
                 return Err(io::Error::other("unexpected end of the image"));
             }
