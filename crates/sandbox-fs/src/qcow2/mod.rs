@@ -439,7 +439,7 @@ impl Qcow2Disk {
     /// discard and the punch (this is one synchronous call), so a punched range is either still
     /// mapped to a cluster of this range, which must read zeroes now anyway, or free.
     fn free_clusters(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        let mut host = Vec::new();
+        let mut host: Vec<(u64, u64)> = Vec::new();
         let mut at = offset;
         let end = offset + len;
         while at < end {
@@ -454,7 +454,9 @@ impl Qcow2Disk {
             } = mapping
             {
                 match host.last_mut() {
-                    Some((start, run)) if *start + *run == host_offset => *run += n,
+                    Some((start, run)) if start.checked_add(*run) == Some(host_offset) => {
+                        *run += n;
+                    }
                     _ => host.push((host_offset, n)),
                 }
             }
@@ -627,25 +629,40 @@ fn copy_sparse(
         path: dest.to_owned(),
         source,
     };
+    let read_err = |source| Qcow2Error::Read {
+        path: overlay.to_owned(),
+        source,
+    };
     out.set_len(size).map_err(write_err)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut offset = 0u64;
     while offset < size {
-        let n = usize::try_from(size - offset).map_or(buf.len(), |left| left.min(buf.len()));
-        let chunk = &mut buf[..n];
-        image
-            .read(&mut *chunk, offset)
-            .map_err(|source| Qcow2Error::Read {
-                path: overlay.to_owned(),
-                source,
-            })?;
-        for (i, block) in chunk.chunks(BLOCK).enumerate() {
-            if block.iter().any(|&b| b != 0) {
-                out.write_all_at(block, offset + (i * BLOCK) as u64)
-                    .map_err(write_err)?;
-            }
+        // Ranges that map to zeroes (unallocated past the base, zero clusters) are skipped
+        // without reading; everything else is read and written block by block.
+        let (is_zero, mapped) = {
+            let (mapping, n) = image.get_mapping(offset, size - offset).map_err(read_err)?;
+            (matches!(mapping, Mapping::Zero { .. }), n)
+        };
+        if mapped == 0 {
+            break;
         }
-        offset += n as u64;
+        let end = offset + mapped.min(size - offset);
+        if is_zero {
+            offset = end;
+            continue;
+        }
+        while offset < end {
+            let n = usize::try_from(end - offset).map_or(buf.len(), |left| left.min(buf.len()));
+            let chunk = &mut buf[..n];
+            image.read(&mut *chunk, offset).map_err(read_err)?;
+            for (i, block) in chunk.chunks(BLOCK).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    out.write_all_at(block, offset + (i * BLOCK) as u64)
+                        .map_err(write_err)?;
+                }
+            }
+            offset += n as u64;
+        }
     }
     out.sync_all().map_err(write_err)
 }
