@@ -388,8 +388,8 @@ impl Qcow2Disk {
         Ok(())
     }
 
-    /// Discard and write-zeroes: partial clusters at both ends first, then whole clusters in
-    /// pieces of at most 8192 clusters.
+    /// Discard and write-zeroes: partial clusters at both ends first, then whole clusters one
+    /// L2 table at a time.
     fn zero_range(&mut self, offset: u64, len: u64, how: Zeroing) -> io::Result<()> {
         let end = self.check_bounds(offset, len)?;
         if len == 0 {
@@ -421,10 +421,14 @@ impl Qcow2Disk {
                 .image
                 .write_zeroes(first_whole, whole_end - first_whole);
         }
-        let piece_len = cs * (cs / 8).min(8192);
+        // One piece per L2 table ("Cluster mapping": an L2 table maps cs / 8 clusters), so that
+        // imago allocates (an L2 table, at the start of the call) before it frees anything, and
+        // a cluster freed in this call cannot be reused for metadata before we punch it.
+        let l2_span = cs * (cs / 8);
         let mut at = first_whole;
         while at < whole_end {
-            let n = (whole_end - at).min(piece_len);
+            let next_l2 = (at / l2_span + 1).saturating_mul(l2_span);
+            let n = whole_end.min(next_l2) - at;
             self.free_clusters(at, n)?;
             at += n;
         }
@@ -434,10 +438,12 @@ impl Qcow2Disk {
     /// Turns the whole clusters of `[offset, offset + len)` into zero clusters and punches the
     /// host ranges they held.
     ///
-    /// The host ranges are read before the discard. Only clusters mapped with refcount 1
-    /// (imago's `writable`, the qcow2 COPIED flag) are punched. Nothing is allocated between the
-    /// discard and the punch (this is one synchronous call), so a punched range is either still
-    /// mapped to a cluster of this range, which must read zeroes now anyway, or free.
+    /// `[offset, offset + len)` lies within one L2 table. The host ranges are read before the
+    /// discard. Only clusters mapped with refcount 1 (imago's `writable`, the qcow2 COPIED flag)
+    /// are punched. imago allocates at most the L2 table, at the start of `discard_to_zero`,
+    /// before it frees clusters, and nothing else runs before the punch (one synchronous call),
+    /// so a punched range is either free or still mapped to a cluster of this range, which must
+    /// read zeroes now anyway.
     fn free_clusters(&mut self, offset: u64, len: u64) -> io::Result<()> {
         let mut host: Vec<(u64, u64)> = Vec::new();
         let mut at = offset;

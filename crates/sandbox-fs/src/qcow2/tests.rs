@@ -893,3 +893,33 @@ fn a_writer_killed_mid_write_leaves_at_most_leaks() {
         "the flushed marker survives"
     );
 }
+
+#[test]
+fn discard_across_an_l2_table_boundary() {
+    // One L2 table maps 512 MiB with 64 KiB clusters.
+    let fx = Fixture::new(MIB as usize);
+    let ov = fx.overlay(1 << 30);
+    let mut disk = fx.open(&ov);
+    let boundary = 512 * MIB;
+    disk.write_at(boundary - 4 * CS, &vec![5u8; 4 * CS as usize])
+        .expect("write before the boundary");
+    disk.flush().expect("flush");
+    // The second L2 table does not exist yet: the discard creates it after freeing clusters of
+    // the first, and must not punch it.
+    disk.write_zeroes(boundary - 4 * CS, 8 * CS, true)
+        .expect("zeroes across");
+    disk.write_at(boundary + CS, &[6u8; 4096])
+        .expect("write after");
+    let mut buf = vec![1u8; 8 * CS as usize];
+    disk.read_at(boundary - 4 * CS, &mut buf).expect("read");
+    let mut expected = vec![0u8; 8 * CS as usize];
+    expected[5 * CS as usize..5 * CS as usize + 4096].fill(6);
+    assert_eq!(buf, expected);
+    disk.flush().expect("flush");
+    drop(disk);
+    check_clean(&ov);
+    let mut disk = fx.open(&ov);
+    let mut again = vec![1u8; 8 * CS as usize];
+    disk.read_at(boundary - 4 * CS, &mut again).expect("read");
+    assert_eq!(again, expected);
+}
