@@ -63,6 +63,12 @@ impl Run {
 /// Boots `rootfs` with `vcpus`, extra kernel arguments `extra`, waits for the ready marker and
 /// then for the VM to end by itself.
 fn boot(rootfs: &Path, read_only: bool, vcpus: u8, extra: &str) -> Run {
+    boot_disk(DiskConfig::new(rootfs, read_only), vcpus, extra)
+}
+
+/// [`boot`] with any disk as the root.
+fn boot_disk(disk: DiskConfig, vcpus: u8, extra: &str) -> Run {
+    let read_only = disk.read_only;
     let _one_at_a_time = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -71,7 +77,7 @@ fn boot(rootfs: &Path, read_only: bool, vcpus: u8, extra: &str) -> Run {
     let config = VmConfig::new(env_path("SANDBOX_KERNEL"))
         .vcpus(vcpus)
         .memory_mib(MEMORY_MIB)
-        .disk(DiskConfig::new(rootfs, read_only))
+        .disk(disk)
         .cmdline_extra(format!(
             "root=/dev/vda {mode} init=/sbin/sandbox-test-init {extra}"
         ))
@@ -224,4 +230,165 @@ fn sandbox_vmm_binary_boots_the_guest_from_a_json_config() {
         Some(3),
         "reset is exit status 3; console:\n{log}"
     );
+}
+
+/// A qcow2 overlay of the cached rootfs in a fresh temp dir, as big as the base.
+fn overlay() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir in TMPDIR");
+    let path = dir.path().join("disk.qcow2");
+    let base = rootfs_ro();
+    let size = std::fs::metadata(&base).expect("base").len();
+    sandbox_fs::create_overlay(&path, &base, size).expect("create the overlay");
+    (dir, path)
+}
+
+/// Size and modification time: the base must never change.
+fn fingerprint(path: &Path) -> (u64, std::time::SystemTime) {
+    let m = std::fs::metadata(path).expect("metadata");
+    (m.len(), m.modified().expect("mtime"))
+}
+
+/// Bytes the overlay file holds on the host (its allocated blocks).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("metadata").blocks() * 512
+}
+
+/// `qemu-img check` of an overlay must be clean (exit 0), when qemu-img is installed.
+fn qemu_img_check(overlay: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(overlay)
+        .output();
+    match out {
+        Ok(out) => assert!(
+            out.status.success(),
+            "qemu-img check: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(err) => panic!("qemu-img (apt package qemu-utils) must be installed: {err}"),
+    }
+}
+
+#[test]
+fn an_overlay_keeps_writes_across_boots_and_the_base_never_changes() {
+    let base = rootfs_ro();
+    let before = fingerprint(&base);
+    let (_dir, disk) = overlay();
+    let (_other_dir, other) = overlay();
+    let first = boot_disk(
+        DiskConfig::qcow2_overlay(&disk, &base, None),
+        1,
+        r#"sandbox_run="echo persisted-43 > /root/marker && sync""#,
+    );
+    assert_eq!(
+        first.command_exit(),
+        Some(0),
+        "console:\n{}",
+        first.console.concat()
+    );
+    assert_eq!(first.reason, ExitReason::Poweroff);
+    let second = boot_disk(
+        DiskConfig::qcow2_overlay(&disk, &base, None),
+        1,
+        r#"sandbox_run="cat /root/marker""#,
+    );
+    assert!(
+        second.lines().contains(&"persisted-43"),
+        "the write is gone after a reboot; console:\n{}",
+        second.console.concat()
+    );
+    // A second overlay of the same base does not see the first one's writes.
+    let neighbour = boot_disk(
+        DiskConfig::qcow2_overlay(&other, &base, None),
+        1,
+        r#"sandbox_run="test ! -e /root/marker""#,
+    );
+    assert_eq!(
+        neighbour.command_exit(),
+        Some(0),
+        "a sibling overlay sees the marker; console:\n{}",
+        neighbour.console.concat()
+    );
+    assert_eq!(fingerprint(&base), before, "the base image changed");
+    qemu_img_check(&disk);
+}
+
+#[test]
+fn the_host_bytes_cap_gives_the_guest_an_io_error_and_the_vm_goes_on() {
+    let base = rootfs_ro();
+    let (_dir, disk) = overlay();
+    let cap = 16u64 << 20;
+    // dd must fail part-way (EIO from the device); the shell goes on, writes a small file that
+    // still fits, and the VM powers off normally.
+    let run = boot_disk(
+        DiskConfig::qcow2_overlay(&disk, &base, Some(cap)),
+        1,
+        r#"sandbox_run="dd if=/dev/zero of=/root/big bs=1M count=64 oflag=direct; echo dd-status=$?; rm -f /root/big; echo still-here""#,
+    );
+    let lines = run.lines();
+    let dd = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("dd-status="))
+        .unwrap_or_else(|| panic!("no dd status; console:\n{}", run.console.concat()));
+    assert_ne!(
+        dd.trim(),
+        "0",
+        "dd must fail at the cap; console:\n{}",
+        run.console.concat()
+    );
+    assert!(
+        lines.contains(&"still-here"),
+        "console:\n{}",
+        run.console.concat()
+    );
+    assert_eq!(
+        run.reason,
+        ExitReason::Poweroff,
+        "console:\n{}",
+        run.console.concat()
+    );
+    let len = std::fs::metadata(&disk).expect("overlay").len();
+    assert!(
+        len <= cap + (256 << 10),
+        "the overlay grew to {len} bytes past its cap of {cap}"
+    );
+    qemu_img_check(&disk);
+}
+
+#[test]
+fn fstrim_in_the_guest_gives_space_back_to_the_host() {
+    let base = rootfs_ro();
+    let (_dir, disk) = overlay();
+    let write = boot_disk(
+        DiskConfig::qcow2_overlay(&disk, &base, None),
+        1,
+        r#"sandbox_run="dd if=/dev/urandom of=/root/blob bs=1M count=32 && sync""#,
+    );
+    assert_eq!(
+        write.command_exit(),
+        Some(0),
+        "console:\n{}",
+        write.console.concat()
+    );
+    let full = allocated(&disk);
+    let trim = boot_disk(
+        DiskConfig::qcow2_overlay(&disk, &base, None),
+        1,
+        r#"sandbox_run="rm /root/blob && sync && fstrim -v /""#,
+    );
+    assert_eq!(
+        trim.command_exit(),
+        Some(0),
+        "console:\n{}",
+        trim.console.concat()
+    );
+    let after = allocated(&disk);
+    assert!(
+        after + (16 << 20) < full,
+        "fstrim gave back too little: {full} -> {after} bytes allocated; console:\n{}",
+        trim.console.concat()
+    );
+    qemu_img_check(&disk);
 }

@@ -309,6 +309,11 @@ impl Qcow2Disk {
         self.quota.handle().hits()
     }
 
+    /// The image's cluster size in bytes (the granularity at which discards free space).
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
     /// The overlay file's length in bytes (what the cap bounds).
     ///
     /// # Errors

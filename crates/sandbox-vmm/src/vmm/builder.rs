@@ -26,8 +26,8 @@ use crate::devices::i8042::I8042;
 use crate::devices::power::{AcpiPower, PowerEventSink};
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::SerialDevice;
-use crate::devices::virtio::block::RawFile;
 use crate::devices::virtio::block::{Block, BlockConfig};
+use crate::devices::virtio::block::{BlockBackend, RawFile};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{FdBackend, Net, NetConfig};
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
@@ -37,6 +37,8 @@ use crate::kvm::{self, KvmError};
 use crate::layout;
 use crate::memory::GuestRam;
 use crate::vcpu::Vcpu;
+use crate::vmm::config::DiskFormat;
+use sandbox_fs::{Qcow2Config, Qcow2Disk};
 
 /// Errors from building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -553,15 +555,39 @@ impl VmBuilder {
     /// [`BuildError::Disk`] and the errors of [`Self::attach_virtio`].
     pub fn attach_disks(&mut self) -> Result<()> {
         for (i, disk) in self.resources.disks.clone().iter().enumerate() {
-            let backend =
-                RawFile::open(&disk.path, disk.read_only).map_err(|e| BuildError::Disk {
-                    path: disk.path.clone(),
-                    message: e.to_string(),
-                })?;
-            let config = BlockConfig::new(disk.read_only).with_id(format!("sandbox-disk{i}"));
-            let block: Block<GuestMemoryMmap> = Block::new(Box::new(backend), &config);
+            let fail = |message: String| BuildError::Disk {
+                path: disk.path.clone(),
+                message,
+            };
+            let mut config = BlockConfig::new(disk.read_only).with_id(format!("sandbox-disk{i}"));
+            let backend: Box<dyn BlockBackend> = match (disk.format, &disk.backing) {
+                (DiskFormat::Raw, _) => Box::new(
+                    RawFile::open(&disk.path, disk.read_only).map_err(|e| fail(e.to_string()))?,
+                ),
+                (DiskFormat::Qcow2, Some(backing)) => {
+                    let opts = Qcow2Config::new().host_bytes_cap(disk.host_bytes_cap);
+                    let image = Qcow2Disk::open(&disk.path, backing, &opts)
+                        .map_err(|e| fail(format!("{e}: {}", error_chain(&e))))?;
+                    // Space comes back to the host a whole cluster at a time (at most 2 MiB,
+                    // which the header parser enforces).
+                    let cluster = u32::try_from(image.cluster_size()).unwrap_or(u32::MAX);
+                    config = config.with_discard_alignment(cluster);
+                    Box::new(image)
+                }
+                (DiskFormat::Qcow2, None) => {
+                    return Err(fail("a qcow2 disk needs its backing file".into()))
+                }
+            };
+            let block: Block<GuestMemoryMmap> = Block::new(backend, &config);
             let (slot, _) = self.attach_virtio(block)?;
-            tracing::info!(path = %disk.path.display(), read_only = disk.read_only, gsi = slot.gsi, "disk attached");
+            tracing::info!(
+                path = %disk.path.display(),
+                format = ?disk.format,
+                read_only = disk.read_only,
+                cap = ?disk.host_bytes_cap,
+                gsi = slot.gsi,
+                "disk attached"
+            );
         }
         Ok(())
     }
@@ -827,6 +853,17 @@ impl VmBuilder {
             self.ram,
         ))
     }
+}
+
+/// `err`'s sources, `: `-separated (the disk error is a string in [`BuildError::Disk`]).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut next = err.source();
+    while let Some(e) = next {
+        out.push(e.to_string());
+        next = e.source();
+    }
+    out.join(": ")
 }
 
 /// Standard output as a `Write + Send` for the capped console (locks per line).
