@@ -38,6 +38,11 @@ pub const RESERVED_CMDLINE_KEYS: &[&str] = &[
     "virtio_mmio.device",
 ];
 
+/// The largest root disk, MiB (1 TiB).
+pub const MAX_DISK_MIB: u64 = 1 << 20;
+/// The longest image reference (a tag or `sha256:<64 hex>`), bytes.
+pub const MAX_IMAGE_REF_BYTES: usize = 128;
+
 /// Result of spec validation.
 pub type Result<T> = std::result::Result<T, SpecError>;
 
@@ -92,6 +97,25 @@ pub enum SpecError {
         name: String,
         /// Why, as a phrase.
         reason: &'static str,
+    },
+    /// `disk_size_mib` or `disk_cap_mib` is 0 or above [`MAX_DISK_MIB`].
+    #[error("{field} must be between 1 and {max} MiB, got {got}.")]
+    Disk {
+        /// `disk_size_mib` or `disk_cap_mib`.
+        field: &'static str,
+        /// The value given, MiB.
+        got: u64,
+        /// [`MAX_DISK_MIB`].
+        max: u64,
+    },
+    /// `image` is not a tag or a `sha256:` digest.
+    #[error(
+        "image must be a tag ([a-z0-9][a-z0-9._-]*, at most 128 bytes) or sha256:<64 hex digits>, \
+         got {got:?}."
+    )]
+    Image {
+        /// The value given (possibly truncated).
+        got: String,
     },
 }
 
@@ -150,6 +174,18 @@ pub struct SandboxSpecConfig {
     /// Environment added to every command (the command's own env wins).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The base image of the root disk from the runtime's image store: a tag or
+    /// `sha256:<hex>` (docs/images.md). `None`: the `rootfs` file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The root disk's size in MiB as the guest sees it (at least the base image's size).
+    /// `None`: the base image's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size_mib: Option<u64>,
+    /// The most host disk space, MiB, the sandbox's writes may take (its copy-on-write layer).
+    /// Past it the guest's writes fail with an I/O error. `None`: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_cap_mib: Option<u64>,
 }
 
 fn default_vcpus() -> u8 {
@@ -171,6 +207,9 @@ impl SandboxSpecConfig {
             extra_cmdline: Vec::new(),
             ttl_secs: None,
             env: BTreeMap::new(),
+            image: None,
+            disk_size_mib: None,
+            disk_cap_mib: None,
         }
     }
 }
@@ -189,6 +228,9 @@ pub struct SandboxSpec {
     extra_cmdline: Vec<String>,
     ttl: Option<Duration>,
     env: BTreeMap<String, String>,
+    image: Option<String>,
+    disk_size_mib: Option<u64>,
+    disk_cap_mib: Option<u64>,
 }
 
 impl SandboxSpec {
@@ -230,6 +272,18 @@ impl SandboxSpec {
     /// Environment added to every command.
     pub fn env(&self) -> &BTreeMap<String, String> {
         &self.env
+    }
+    /// The root disk's base image from the image store (a tag or `sha256:<hex>`), if any.
+    pub fn image(&self) -> Option<&str> {
+        self.image.as_deref()
+    }
+    /// The root disk's size, MiB, if set.
+    pub fn disk_size_mib(&self) -> Option<u64> {
+        self.disk_size_mib
+    }
+    /// The cap on host disk space for the sandbox's writes, MiB, if set.
+    pub fn disk_cap_mib(&self) -> Option<u64> {
+        self.disk_cap_mib
     }
 }
 
@@ -274,6 +328,25 @@ impl TryFrom<SandboxSpecConfig> for SandboxSpec {
             Some(s) => Some(Duration::from_secs(s)),
         };
         check_env(&c.env)?;
+        for (field, value) in [
+            ("disk_size_mib", c.disk_size_mib),
+            ("disk_cap_mib", c.disk_cap_mib),
+        ] {
+            if let Some(got) = value.filter(|&v| v == 0 || v > MAX_DISK_MIB) {
+                return Err(SpecError::Disk {
+                    field,
+                    got,
+                    max: MAX_DISK_MIB,
+                });
+            }
+        }
+        if let Some(image) = &c.image {
+            if !is_image_ref(image) {
+                return Err(SpecError::Image {
+                    got: image.chars().take(64).collect(),
+                });
+            }
+        }
         Ok(SandboxSpec {
             vcpus: c.vcpus,
             memory_mib: c.memory_mib,
@@ -283,8 +356,25 @@ impl TryFrom<SandboxSpecConfig> for SandboxSpec {
             extra_cmdline: c.extra_cmdline,
             ttl,
             env: c.env,
+            image: c.image,
+            disk_size_mib: c.disk_size_mib,
+            disk_cap_mib: c.disk_cap_mib,
         })
     }
+}
+
+/// A tag (`[a-z0-9][a-z0-9._-]*`) or `sha256:` and 64 lowercase hex digits, at most
+/// [`MAX_IMAGE_REF_BYTES`].
+fn is_image_ref(s: &str) -> bool {
+    if s.len() > MAX_IMAGE_REF_BYTES {
+        return false;
+    }
+    if let Some(hex) = s.strip_prefix("sha256:") {
+        return hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    }
+    let mut bytes = s.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'0'..=b'9'))
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'))
 }
 
 impl From<SandboxSpec> for SandboxSpecConfig {
@@ -298,6 +388,9 @@ impl From<SandboxSpec> for SandboxSpecConfig {
             extra_cmdline: s.extra_cmdline,
             ttl_secs: s.ttl.map(|d| d.as_secs()),
             env: s.env,
+            image: s.image,
+            disk_size_mib: s.disk_size_mib,
+            disk_cap_mib: s.disk_cap_mib,
         }
     }
 }
@@ -406,6 +499,21 @@ impl SandboxSpecBuilder {
         self.config.env.insert(name.into(), value.into());
         self
     }
+    /// The root disk's base image from the runtime's image store: a tag or `sha256:<hex>`.
+    pub fn image(mut self, reference: impl Into<String>) -> Self {
+        self.config.image = Some(reference.into());
+        self
+    }
+    /// The root disk's size in MiB as the guest sees it.
+    pub fn disk_size_mib(mut self, mib: u64) -> Self {
+        self.config.disk_size_mib = Some(mib);
+        self
+    }
+    /// The most host disk space, MiB, the sandbox's writes may take.
+    pub fn disk_cap_mib(mut self, mib: u64) -> Self {
+        self.config.disk_cap_mib = Some(mib);
+        self
+    }
     /// Validates and builds.
     ///
     /// # Errors
@@ -418,6 +526,58 @@ impl SandboxSpecBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_fields_and_image_references_are_checked() {
+        let b = || SandboxSpec::builder("/k", "/r");
+        let spec = b()
+            .disk_size_mib(2048)
+            .disk_cap_mib(512)
+            .image("base-1.0")
+            .build()
+            .expect("ok");
+        assert_eq!(
+            (spec.disk_size_mib(), spec.disk_cap_mib(), spec.image()),
+            (Some(2048), Some(512), Some("base-1.0"))
+        );
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        b().image(&digest).build().expect("a digest");
+        for bad in [
+            "",
+            "Upper",
+            "-lead",
+            "a b",
+            "sha256:abc",
+            &format!("sha256:{}", "AB".repeat(32)),
+            &"a".repeat(129),
+        ] {
+            assert!(
+                matches!(b().image(bad).build(), Err(SpecError::Image { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            b().disk_size_mib(0).build(),
+            Err(SpecError::Disk {
+                field: "disk_size_mib",
+                ..
+            })
+        ));
+        assert!(matches!(
+            b().disk_cap_mib(MAX_DISK_MIB + 1).build(),
+            Err(SpecError::Disk {
+                field: "disk_cap_mib",
+                ..
+            })
+        ));
+        // The new fields round-trip through serde and stay out of the JSON when unset.
+        let json = serde_json::to_value(&spec).expect("json");
+        assert_eq!(json["disk_cap_mib"], 512);
+        let back: SandboxSpec = serde_json::from_value(json).expect("back");
+        assert_eq!(back, spec);
+        let plain = serde_json::to_value(b().build().expect("ok")).expect("json");
+        assert!(plain.get("image").is_none(), "{plain}");
+    }
 
     fn base() -> SandboxSpecConfig {
         SandboxSpecConfig::new("/k/vmlinux", "/k/rootfs.ext4")

@@ -57,6 +57,21 @@ pub struct KvmRuntimeConfig {
     /// The jail each `sandbox-vmm` starts in (docs/jail.md). Default: every layer the host
     /// allows.
     pub jail: JailConfig,
+    /// How a writable root disk is made from its base image (docs/disks.md).
+    pub disk_mode: DiskMode,
+}
+
+/// How a sandbox's writable root disk is made from its base image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DiskMode {
+    /// A qcow2 overlay over the read-only base: constant time and space whatever the base's
+    /// size; the spec's disk size and cap apply.
+    #[default]
+    Overlay,
+    /// A private copy of the base (reflink where the file system has it, else a sparse copy):
+    /// time and space grow with the base. For comparison (`cargo xtask bench create`).
+    Copy,
 }
 
 impl Default for KvmRuntimeConfig {
@@ -73,6 +88,7 @@ impl Default for KvmRuntimeConfig {
             max_sandboxes: DEFAULT_MAX_SANDBOXES,
             agent_port: sandbox_core::AGENT_VSOCK_PORT,
             jail: JailConfig::default(),
+            disk_mode: DiskMode::default(),
         }
     }
 }
@@ -179,6 +195,12 @@ impl KvmRuntimeConfigBuilder {
         self
     }
 
+    /// How writable root disks are made ([`DiskMode::Overlay`] by default).
+    pub fn disk_mode(mut self, mode: DiskMode) -> Self {
+        self.config.disk_mode = mode;
+        self
+    }
+
     /// Checks the ranges ([`KvmRuntimeConfig::validate`]).
     ///
     /// # Errors
@@ -202,6 +224,7 @@ pub(crate) struct Resolved {
     pub max_sandboxes: usize,
     pub agent_port: u32,
     pub jail: JailConfig,
+    pub disk_mode: DiskMode,
     /// What the host provides of `jail`: nothing until `KvmRuntime::new` probes it.
     pub jail_support: JailSupport,
 }

@@ -159,6 +159,24 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// The spec's disk settings do not fit its base image or the runtime's disk mode
+    /// (`InvalidSpec`).
+    #[error("The spec's disk settings cannot be used: {problem}.")]
+    DiskSpec {
+        /// What is wrong, as a phrase.
+        problem: String,
+    },
+    /// The sandbox's copy-on-write disk could not be created (`Io`).
+    #[error("Could not create the disk overlay {path} over {base}.")]
+    Overlay {
+        /// The overlay path.
+        path: PathBuf,
+        /// The base image.
+        base: PathBuf,
+        /// The cause.
+        #[source]
+        source: sandbox_fs::Qcow2Error,
+    },
     /// The VM config the spec produced was refused (`InvalidSpec`).
     #[error("The sandbox spec does not make a valid VM config.")]
     VmConfig(#[from] sandbox_vmm::vmm::ConfigError),
@@ -236,7 +254,8 @@ impl RuntimeError {
         match self {
             RuntimeError::Config { .. }
             | RuntimeError::VmConfig(_)
-            | RuntimeError::SpecFile { .. } => ErrorKind::InvalidSpec,
+            | RuntimeError::SpecFile { .. }
+            | RuntimeError::DiskSpec { .. } => ErrorKind::InvalidSpec,
             RuntimeError::VmmNotFound
             | RuntimeError::ArtifactUnset { .. }
             | RuntimeError::ArtifactUnreadable { .. }
@@ -248,7 +267,7 @@ impl RuntimeError {
             | RuntimeError::Jail(_)
             | RuntimeError::KvmCannotRunGuest { .. }
             | RuntimeError::Spawn { .. } => ErrorKind::HostSetup,
-            RuntimeError::Io { .. } => ErrorKind::Io,
+            RuntimeError::Io { .. } | RuntimeError::Overlay { .. } => ErrorKind::Io,
             RuntimeError::GuestExited { .. } | RuntimeError::VmmSeccomp { .. } => {
                 ErrorKind::GuestExited
             }
