@@ -163,7 +163,9 @@ pub enum OciError {
         entry: String,
     },
     /// A layer entry lies under a symlink; writing it would follow the symlink on the host.
-    #[error("Layer {layer} entry {entry:?} lies under a symlink; refusing to follow it on the host.")]
+    #[error(
+        "Layer {layer} entry {entry:?} lies under a symlink; refusing to follow it on the host."
+    )]
     SymlinkInPath {
         /// The layer.
         layer: usize,
@@ -180,7 +182,9 @@ pub enum OciError {
     },
     /// A hard link's target is outside the tree, missing, reached through a symlink, or a
     /// directory.
-    #[error("Layer {layer} hard link {entry:?} -> {target:?} does not name a file inside the image.")]
+    #[error(
+        "Layer {layer} hard link {entry:?} -> {target:?} does not name a file inside the image."
+    )]
     BadHardLink {
         /// The layer.
         layer: usize,
@@ -394,7 +398,10 @@ fn read_json<T: DeserializeOwned>(
         name: name.to_string(),
         source,
     };
-    if check.and_then(|(_, s)| s).is_some_and(|s| s > MAX_JSON_BYTES) {
+    if check
+        .and_then(|(_, s)| s)
+        .is_some_and(|s| s > MAX_JSON_BYTES)
+    {
         return Err(bad(None));
     }
     let file = source.open(name)?;
@@ -518,9 +525,10 @@ fn plan_docker(source: &Source) -> Result<Plan, OciError> {
             count: entries.len(),
         });
     };
-    let config_digest = digest_in_name(&entry.config).ok_or_else(|| OciError::UnsupportedDigest {
-        digest: entry.config.clone(),
-    })?;
+    let config_digest =
+        digest_in_name(&entry.config).ok_or_else(|| OciError::UnsupportedDigest {
+            digest: entry.config.clone(),
+        })?;
     let config: ImageConfig = read_json(source, &entry.config, Some((&config_digest, None)))?;
     let layers = entry
         .layers
@@ -772,8 +780,7 @@ impl ImageStore {
 
         let rootfs = staging.join("rootfs");
         fs::create_dir(&rootfs).map_err(io_at(&rootfs))?;
-        fs::set_permissions(&rootfs, fs::Permissions::from_mode(0o755))
-            .map_err(io_at(&rootfs))?;
+        fs::set_permissions(&rootfs, fs::Permissions::from_mode(0o755)).map_err(io_at(&rootfs))?;
         let mut applier = Applier::new(&rootfs, size_bytes);
         for (i, (layer, diff_id)) in plan.layers.iter().zip(&plan.diff_ids).enumerate() {
             apply_one(&source, &mut applier, i, layer, diff_id, size_bytes)?;
@@ -797,5 +804,579 @@ impl ImageStore {
             skipped_other: s.skipped_other,
             has_bin_sh,
         })
+    }
+}
+
+#[cfg(test)]
+mod test_utils {
+    use std::io::Write;
+    use std::path::Path;
+
+    use sha2::{Digest as _, Sha256};
+    use tar::{EntryType, Header};
+
+    use crate::store::ImageDigest;
+
+    /// One tar entry for a test layer; names and link targets are written verbatim.
+    #[derive(Debug, Clone)]
+    pub enum E {
+        File(&'static str, &'static str),
+        FileOwned(&'static str, &'static str, u32, u64, u64),
+        Dir(&'static str),
+        Symlink(&'static str, String),
+        HardLink(&'static str, &'static str),
+        CharDev(&'static str),
+    }
+
+    pub fn sha(bytes: &[u8]) -> ImageDigest {
+        ImageDigest::from_bytes(Sha256::digest(bytes).into())
+    }
+
+    /// A plain tar with `entries`, names written raw (no tar-crate path checks).
+    pub fn layer(entries: &[E]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in entries {
+            let mut h = Header::new_gnu();
+            let (name, kind, data, mode, uid): (&str, EntryType, &[u8], u32, u64) = match e {
+                E::File(n, d) => (n, EntryType::Regular, d.as_bytes(), 0o644, 0),
+                E::FileOwned(n, d, m, u, _) => (n, EntryType::Regular, d.as_bytes(), *m, *u),
+                E::Dir(n) => (n, EntryType::Directory, b"", 0o755, 0),
+                E::Symlink(n, t) => {
+                    h.set_link_name_literal(t.as_bytes()).expect("link name");
+                    (n, EntryType::Symlink, b"", 0o777, 0)
+                }
+                E::HardLink(n, t) => {
+                    h.set_link_name_literal(t.as_bytes()).expect("link name");
+                    (n, EntryType::Link, b"", 0o644, 0)
+                }
+                E::CharDev(n) => {
+                    h.set_device_major(1).expect("major");
+                    h.set_device_minor(3).expect("minor");
+                    (n, EntryType::Char, b"", 0o666, 0)
+                }
+            };
+            let gid = match e {
+                E::FileOwned(_, _, _, _, g) => *g,
+                _ => uid,
+            };
+            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_entry_type(kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(mode);
+            h.set_uid(uid);
+            h.set_gid(gid);
+            h.set_mtime(1_700_000_000);
+            h.set_cksum();
+            b.append(&h, data).expect("append");
+        }
+        b.into_inner().expect("finish")
+    }
+
+    pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut g = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        g.write_all(bytes).expect("gzip");
+        g.finish().expect("gzip")
+    }
+
+    /// A layer blob: the bytes as stored, and its media type.
+    pub struct Blob {
+        pub stored: Vec<u8>,
+        pub media_type: &'static str,
+        pub diff_id: ImageDigest,
+    }
+
+    pub fn plain(tar: Vec<u8>) -> Blob {
+        Blob {
+            diff_id: sha(&tar),
+            stored: tar,
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+        }
+    }
+
+    pub fn gzipped(tar: Vec<u8>) -> Blob {
+        Blob {
+            diff_id: sha(&tar),
+            stored: gzip(&tar),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+        }
+    }
+
+    pub fn config(arch: &str, diff_ids: &[ImageDigest]) -> Vec<u8> {
+        let ids: Vec<String> = diff_ids.iter().map(ToString::to_string).collect();
+        serde_json::to_vec(&serde_json::json!({
+            "architecture": arch,
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": ids},
+            "config": {"Cmd": ["/bin/sh"]},
+        }))
+        .expect("json")
+    }
+
+    fn put_blob(dir: &Path, bytes: &[u8]) -> ImageDigest {
+        let d = sha(bytes);
+        let p = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&p).expect("mkdir");
+        std::fs::write(p.join(d.hex()), bytes).expect("write blob");
+        d
+    }
+
+    /// Writes an OCI image layout at `dir` whose index lists an arm64 manifest (missing
+    /// blob) and then a nested index holding the amd64 manifest.
+    pub fn oci_layout(dir: &Path, layers: &[Blob], arch: &str) {
+        let diff_ids: Vec<ImageDigest> = layers.iter().map(|l| l.diff_id).collect();
+        let cfg = config(arch, &diff_ids);
+        let cfg_d = put_blob(dir, &cfg);
+        let layer_descs: Vec<serde_json::Value> = layers
+            .iter()
+            .map(|l| {
+                let d = put_blob(dir, &l.stored);
+                serde_json::json!({"mediaType": l.media_type, "digest": d.to_string(), "size": l.stored.len()})
+            })
+            .collect();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": cfg_d.to_string(), "size": cfg.len()},
+            "layers": layer_descs,
+        }))
+        .expect("json");
+        let m_d = put_blob(dir, &manifest);
+        let nested = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                 "digest": format!("sha256:{}", "0".repeat(64)), "size": 10,
+                 "platform": {"os": "unknown", "architecture": "unknown"}},
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                 "digest": m_d.to_string(), "size": manifest.len(),
+                 "platform": {"os": "linux", "architecture": "amd64"}},
+            ],
+        }))
+        .expect("json");
+        let n_d = put_blob(dir, &nested);
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                 "digest": format!("sha256:{}", "1".repeat(64)), "size": 10,
+                 "platform": {"os": "linux", "architecture": "arm64"}},
+                {"mediaType": "application/vnd.oci.image.index.v1+json",
+                 "digest": n_d.to_string(), "size": nested.len()},
+            ],
+        });
+        std::fs::write(dir.join("index.json"), index.to_string()).expect("write");
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("write");
+    }
+
+    /// Writes an old-format `docker save` tarball: `<id>/layer.tar` files (the last one a
+    /// symlink to the first if `dup_last`), `<config hex>.json`, `manifest.json`.
+    pub fn docker_save(path: &Path, layers: &[Vec<u8>], diff_ids: &[ImageDigest], dup_last: bool) {
+        let cfg = config("amd64", diff_ids);
+        let cfg_name = format!("{}.json", sha(&cfg).hex());
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut h = Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data).expect("append");
+        };
+        let mut names = Vec::new();
+        for (i, l) in layers.iter().enumerate() {
+            let name = format!("layer{i}/layer.tar");
+            if !(dup_last && i + 1 == layers.len() && i > 0) {
+                add(&name, l);
+            }
+            names.push(name);
+        }
+        add(&cfg_name, &cfg);
+        let manifest = serde_json::json!([{
+            "Config": cfg_name, "RepoTags": ["test:latest"], "Layers": names,
+        }]);
+        add("manifest.json", manifest.to_string().as_bytes());
+        if dup_last && layers.len() > 1 {
+            let mut h = Header::new_gnu();
+            h.set_entry_type(EntryType::Symlink);
+            h.set_size(0);
+            b.append_link(
+                &mut h,
+                format!("layer{}/layer.tar", layers.len() - 1),
+                "../layer0/layer.tar",
+            )
+            .expect("link");
+        }
+        std::fs::write(path, b.into_inner().expect("finish")).expect("write");
+    }
+
+    /// Packs a directory (an OCI layout) into a tarball, as newer `docker save` does.
+    pub fn tar_dir(dir: &Path, out: &Path) {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_dir_all(".", dir).expect("pack");
+        std::fs::write(out, b.into_inner().expect("finish")).expect("write");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_utils::*;
+    use super::*;
+    use crate::store::test_utils::debugfs;
+
+    const AGENT: &str = "#!agent binary stand-in\n";
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        store: ImageStore,
+        agent: PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ImageStore::open(dir.path().join("store")).expect("open");
+        let agent = dir.path().join("agent");
+        fs::write(&agent, AGENT).expect("write");
+        Fixture { dir, store, agent }
+    }
+
+    impl Fixture {
+        fn tmp_is_empty(&self) -> bool {
+            fs::read_dir(self.store.tmp_dir())
+                .expect("read tmp")
+                .next()
+                .is_none()
+        }
+    }
+
+    fn base_layer() -> Vec<u8> {
+        layer(&[
+            E::Dir("./"),
+            E::Dir("etc/"),
+            E::File("etc/x", "one\n"),
+            E::File("etc/gone", "bye\n"),
+            E::HardLink("etc/xlink", "etc/x"),
+            E::Dir("opq/"),
+            E::File("opq/old", "old\n"),
+            E::File("opq/sub/deep", "deep\n"),
+            E::Dir("usr/sbin/"),
+            E::Symlink("sbin", "usr/sbin".into()),
+            E::Symlink("usr/sbin/init", "/lib/systemd/systemd".into()),
+            E::File("/bin/sh", "sh\n"),
+            E::CharDev("dev/null"),
+            E::FileOwned("usr/bin/su", "su\n", 0o4755, 0, 0),
+            E::FileOwned("home/u/f", "mine\n", 0o600, 1000, 1001),
+        ])
+    }
+
+    fn top_layer() -> Vec<u8> {
+        layer(&[
+            E::File("etc/.wh.gone", ""),
+            E::File("opq/new", "new\n"),
+            E::File("opq/.wh..wh..opq", ""),
+            E::File("etc/x", "two\n"),
+        ])
+    }
+
+    fn check_layered_image(image: &Path) {
+        assert_eq!(debugfs(image, "cat /etc/x"), "two\n");
+        assert_eq!(debugfs(image, "cat /etc/xlink"), "one\n");
+        let etc = debugfs(image, "ls /etc");
+        assert!(etc.contains("xlink") && !etc.contains("gone"), "{etc}");
+        let opq = debugfs(image, "ls /opq");
+        assert!(opq.contains("new"), "{opq}");
+        assert!(!opq.contains("old") && !opq.contains("sub"), "{opq}");
+        assert_eq!(debugfs(image, "cat /sbin/init"), AGENT);
+        assert_eq!(debugfs(image, "cat /usr/sbin/init"), AGENT);
+        let init = debugfs(image, "stat /usr/sbin/init");
+        assert!(init.contains("Mode:  0755"), "{init}");
+        assert!(init.contains("User:     0"), "{init}");
+        let su = debugfs(image, "stat /usr/bin/su");
+        assert!(su.contains("Mode:  04755"), "{su}");
+        let f = debugfs(image, "stat /home/u/f");
+        assert!(
+            f.contains("User:  1000") && f.contains("Group:  1001"),
+            "{f}"
+        );
+        let root = debugfs(image, "ls -l /");
+        for d in ["proc", "sys", "dev", "tmp", "run", "root"] {
+            assert!(root.contains(&format!(" {d}")), "/{d} missing: {root}");
+        }
+        assert_eq!(
+            debugfs(image, "ls /dev")
+                .split_whitespace()
+                .filter(|w| *w == "null")
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn oci_layout_dir_with_whiteouts_opaque_dirs_and_the_agent() {
+        let fx = fixture();
+        let layout = fx.dir.path().join("layout");
+        oci_layout(
+            &layout,
+            &[gzipped(base_layer()), plain(top_layer())],
+            "amd64",
+        );
+        let import = fx
+            .store
+            .import_oci(&layout, &fx.agent, 16 << 20)
+            .expect("import");
+        assert_eq!(import.layers, 2);
+        assert_eq!(import.skipped_devices, 1);
+        assert!(import.whiteouts >= 2);
+        assert!(import.has_bin_sh);
+        check_layered_image(&import.image.path);
+        assert!(import.source_digest.starts_with("sha256:"));
+        fx.store.verify(&import.image.digest).expect("verify");
+        assert!(fx.tmp_is_empty());
+    }
+
+    #[test]
+    fn docker_save_tarballs_old_format_and_oci_inside() {
+        let fx = fixture();
+        let (l1, l2) = (base_layer(), top_layer());
+        let tarball = fx.dir.path().join("save.tar");
+        docker_save(
+            &tarball,
+            &[l1.clone(), l2.clone()],
+            &[sha(&l1), sha(&l2)],
+            false,
+        );
+        let import = fx
+            .store
+            .import_oci(&tarball, &fx.agent, 16 << 20)
+            .expect("old format");
+        check_layered_image(&import.image.path);
+        assert!(fx.tmp_is_empty());
+
+        // Docker 25+: the OCI layout inside the tarball, gzip around the whole thing.
+        let layout = fx.dir.path().join("layout");
+        oci_layout(&layout, &[plain(l1.clone()), gzipped(l2)], "amd64");
+        let packed = fx.dir.path().join("oci.tar");
+        tar_dir(&layout, &packed);
+        let gz = fx.dir.path().join("oci.tar.gz");
+        fs::write(&gz, gzip(&fs::read(&packed).expect("read"))).expect("write");
+        let import = fx
+            .store
+            .import_oci(&gz, &fx.agent, 16 << 20)
+            .expect("oci in tar.gz");
+        check_layered_image(&import.image.path);
+        assert!(fx.tmp_is_empty());
+
+        // A duplicate layer stored as a symlink to the first, as old docker save does.
+        let dup = fx.dir.path().join("dup.tar");
+        docker_save(&dup, &[l1.clone(), l1.clone()], &[sha(&l1), sha(&l1)], true);
+        let import = fx
+            .store
+            .import_oci(&dup, &fx.agent, 16 << 20)
+            .expect("dup layer");
+        assert_eq!(debugfs(&import.image.path, "cat /etc/x"), "one\n");
+    }
+
+    fn import_one_layer(fx: &Fixture, entries: &[E]) -> Result<OciImport, OciError> {
+        let layout = tempfile::tempdir_in(fx.dir.path()).expect("tempdir");
+        oci_layout(layout.path(), &[plain(layer(entries))], "amd64");
+        fx.store.import_oci(layout.path(), &fx.agent, 8 << 20)
+    }
+
+    #[test]
+    fn parent_dir_entries_are_refused() {
+        let fx = fixture();
+        let err = import_one_layer(&fx, &[E::File("../escape", "x")]).expect_err("refused");
+        assert!(
+            matches!(&err, OciError::EntryEscapes { layer: 0, entry } if entry == "../escape"),
+            "{err:?}"
+        );
+        let err = import_one_layer(&fx, &[E::File("a/../../escape", "x")]).expect_err("refused");
+        assert!(matches!(err, OciError::EntryEscapes { .. }), "{err:?}");
+        assert!(fx.tmp_is_empty());
+        assert!(fx.store.list().expect("list").is_empty());
+    }
+
+    #[test]
+    fn entries_through_symlinks_are_refused_and_write_nothing_outside() {
+        let fx = fixture();
+        let outside = fx.dir.path().join("outside");
+        fs::create_dir(&outside).expect("mkdir");
+        // Absolute, and relative from <store>/tmp/oci-*/rootfs up to the fixture directory.
+        for target in [
+            outside.to_string_lossy().into_owned(),
+            "../../../../outside".into(),
+        ] {
+            let err = import_one_layer(
+                &fx,
+                &[
+                    E::Symlink("evil", target.clone()),
+                    E::File("evil/pwned", "x"),
+                ],
+            )
+            .expect_err("refused");
+            assert!(
+                matches!(&err, OciError::SymlinkInPath { entry, .. } if entry == "evil/pwned"),
+                "{err:?}"
+            );
+        }
+        // Whiteouts and opaque markers under a symlink are refused too.
+        let err = import_one_layer(
+            &fx,
+            &[
+                E::Symlink("evil", outside.to_string_lossy().into_owned()),
+                E::File("evil/.wh..wh..opq", ""),
+            ],
+        )
+        .expect_err("refused");
+        assert!(matches!(err, OciError::SymlinkInPath { .. }), "{err:?}");
+        fs::write(outside.join("keep"), "k").expect("write");
+        let err = import_one_layer(
+            &fx,
+            &[
+                E::Symlink("evil", outside.to_string_lossy().into_owned()),
+                E::File("evil/.wh.keep", ""),
+            ],
+        )
+        .expect_err("refused");
+        assert!(matches!(err, OciError::SymlinkInPath { .. }), "{err:?}");
+        assert_eq!(
+            fs::read_dir(&outside).expect("read").count(),
+            1,
+            "something was written or removed outside the staging tree"
+        );
+        assert!(!fx.dir.path().join("pwned").exists());
+        assert!(fx.tmp_is_empty());
+
+        // A symlink as an entry of its own is fine, whatever it points at.
+        let import = import_one_layer(&fx, &[E::Symlink("etc-link", "/etc/shadow".into())])
+            .expect("a plain symlink is fine");
+        let ls = debugfs(&import.image.path, "stat /etc-link");
+        assert!(ls.contains("Fast link dest: \"/etc/shadow\""), "{ls}");
+        assert!(!import.has_bin_sh);
+    }
+
+    #[test]
+    fn hard_links_must_stay_inside() {
+        let fx = fixture();
+        for target in ["../outside", "/etc/passwd", "missing", ""] {
+            let err = import_one_layer(&fx, &[E::File("a", "x"), E::HardLink("l", target)])
+                .expect_err("refused");
+            assert!(
+                matches!(&err, OciError::BadHardLink { entry, .. } if entry == "l"),
+                "{target}: {err:?}"
+            );
+        }
+        let outside = fx.dir.path().join("outside");
+        fs::create_dir(&outside).expect("mkdir");
+        fs::write(outside.join("secret"), "s").expect("write");
+        let err = import_one_layer(
+            &fx,
+            &[
+                E::Symlink("evil", outside.to_string_lossy().into_owned()),
+                E::HardLink("l", "evil/secret"),
+            ],
+        )
+        .expect_err("refused");
+        assert!(matches!(err, OciError::SymlinkInPath { .. }), "{err:?}");
+        // A hard link to a symlink links the symlink itself, not what it names.
+        let import = import_one_layer(
+            &fx,
+            &[
+                E::Symlink("s", outside.join("secret").to_string_lossy().into_owned()),
+                E::HardLink("l", "s"),
+            ],
+        )
+        .expect("link to a symlink");
+        let st = debugfs(&import.image.path, "stat /l");
+        assert!(st.contains("Type: symlink"), "{st}");
+        assert!(fx.tmp_is_empty());
+    }
+
+    #[test]
+    fn corrupt_blobs_and_bad_metadata_are_typed_errors() {
+        let fx = fixture();
+        let layout = fx.dir.path().join("layout");
+        let blob = gzipped(base_layer());
+        oci_layout(&layout, &[blob], "amd64");
+        // Flip a byte in the layer blob.
+        // gzip output is deterministic (no timestamp in the header), so this is the blob.
+        let layer_blob = layout
+            .join("blobs/sha256")
+            .join(sha(&gzipped(base_layer()).stored).hex());
+        let mut bytes = fs::read(&layer_blob).expect("read");
+        let n = bytes.len();
+        bytes[n / 2] ^= 0xff;
+        fs::set_permissions(&layer_blob, fs::Permissions::from_mode(0o644)).expect("chmod");
+        fs::write(&layer_blob, &bytes).expect("write");
+        let err = fx
+            .store
+            .import_oci(&layout, &fx.agent, 8 << 20)
+            .expect_err("mismatch");
+        assert!(matches!(err, OciError::DigestMismatch { .. }), "{err:?}");
+        assert!(fx.tmp_is_empty());
+        assert!(fx.store.list().expect("list").is_empty());
+
+        // A config for another architecture.
+        let arm = fx.dir.path().join("arm");
+        oci_layout(&arm, &[plain(top_layer())], "arm64");
+        let err = fx
+            .store
+            .import_oci(&arm, &fx.agent, 8 << 20)
+            .expect_err("arm64");
+        assert!(matches!(err, OciError::WrongPlatform { .. }), "{err:?}");
+
+        // zstd layers.
+        let z = fx.dir.path().join("zstd");
+        let mut blob = plain(top_layer());
+        blob.media_type = "application/vnd.oci.image.layer.v1.tar+zstd";
+        oci_layout(&z, &[blob], "amd64");
+        let err = fx
+            .store
+            .import_oci(&z, &fx.agent, 8 << 20)
+            .expect_err("zstd");
+        assert!(
+            matches!(
+                err,
+                OciError::UnsupportedCompression {
+                    layer: 0,
+                    compression: "zstd"
+                }
+            ),
+            "{err:?}"
+        );
+
+        // A diff id that does not match the layer (docker format: the only check there).
+        let bad = fx.dir.path().join("bad-diff.tar");
+        docker_save(&bad, &[top_layer()], &[sha(b"something else")], false);
+        let err = fx
+            .store
+            .import_oci(&bad, &fx.agent, 8 << 20)
+            .expect_err("diff id");
+        assert!(
+            matches!(err, OciError::DiffIdMismatch { layer: 0, .. }),
+            "{err:?}"
+        );
+
+        // Not an image at all; no agent; too small.
+        let empty = fx.dir.path().join("empty");
+        fs::create_dir(&empty).expect("mkdir");
+        assert!(matches!(
+            fx.store.import_oci(&empty, &fx.agent, 8 << 20),
+            Err(OciError::NotAnImage { .. })
+        ));
+        assert!(matches!(
+            fx.store
+                .import_oci(&arm, &fx.dir.path().join("no-agent"), 8 << 20),
+            Err(OciError::AgentMissing { .. })
+        ));
+        let big = fx.dir.path().join("big");
+        let data: &'static str = Box::leak("z".repeat(2 << 20).into_boxed_str());
+        oci_layout(&big, &[plain(layer(&[E::File("big", data)]))], "amd64");
+        let err = fx
+            .store
+            .import_oci(&big, &fx.agent, 1 << 20)
+            .expect_err("too big");
+        assert!(matches!(err, OciError::TooLarge { .. }), "{err:?}");
+        assert!(fx.tmp_is_empty());
     }
 }

@@ -26,8 +26,8 @@ use std::time::{Duration, SystemTime};
 
 use tempfile::NamedTempFile;
 
-pub(crate) use copy::hash_sparse;
 use copy::copy_sparse;
+pub(crate) use copy::hash_sparse;
 
 /// Smallest image size accepted by the builders (`import_dir`, `import_oci`): 1 MiB.
 pub const MIN_IMAGE_BYTES: u64 = 1 << 20;
@@ -112,7 +112,9 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// A host tool is missing.
-    #[error("{tool} was not found in PATH, /usr/sbin or /sbin; install the Debian package {package}.")]
+    #[error(
+        "{tool} was not found in PATH, /usr/sbin or /sbin; install the Debian package {package}."
+    )]
     MissingTool {
         /// The program.
         tool: &'static str,
@@ -670,9 +672,7 @@ pub(crate) fn find_tool(tool: &'static str, package: &'static str) -> Result<Pat
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
         .map(|d| d.join(tool))
-        .find(|p| {
-            fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
         .ok_or(StoreError::MissingTool { tool, package })
 }
 
@@ -754,7 +754,10 @@ mod tests {
             &"ab".repeat(32),
         ] {
             assert!(
-                matches!(bad.parse::<ImageDigest>(), Err(StoreError::InvalidDigest { .. })),
+                matches!(
+                    bad.parse::<ImageDigest>(),
+                    Err(StoreError::InvalidDigest { .. })
+                ),
                 "{bad}"
             );
         }
@@ -777,7 +780,10 @@ mod tests {
                 .dir()
                 .join(format!("images/sha256-{}.img", want.hex()))
         );
-        let mode = fs::metadata(&image.path).expect("stat").permissions().mode();
+        let mode = fs::metadata(&image.path)
+            .expect("stat")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o7777, 0o444);
         assert_eq!(debugfs(&image.path, "cat /hello"), "hi\n");
 
@@ -788,7 +794,10 @@ mod tests {
         ));
         store.tag("base", &want).expect("tag");
         assert_eq!(store.resolve("base").expect("by tag"), image);
-        assert_eq!(store.tags().expect("tags"), vec![("base".to_string(), want)]);
+        assert_eq!(
+            store.tags().expect("tags"),
+            vec![("base".to_string(), want)]
+        );
         assert_eq!(store.list().expect("list"), vec![image.clone()]);
         assert!(matches!(
             store.resolve("Base"),
@@ -877,7 +886,10 @@ mod tests {
             dst.blocks()
         );
         assert!(dst.blocks() * 512 < size / 8, "{} blocks", dst.blocks());
-        assert_eq!(fs::read(&image.path).expect("read"), fs::read(&src).expect("read"));
+        assert_eq!(
+            fs::read(&image.path).expect("read"),
+            fs::read(&src).expect("read")
+        );
     }
 
     #[test]

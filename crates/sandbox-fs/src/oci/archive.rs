@@ -50,9 +50,10 @@ impl Source {
         let missing = || OciError::MissingFile {
             name: rel.to_string(),
         };
-        let mut path = normalize_entry_path(rel.as_bytes()).map_err(|_| OciError::ArchiveEscapes {
-            entry: rel.to_string(),
-        })?;
+        let mut path =
+            normalize_entry_path(rel.as_bytes()).map_err(|_| OciError::ArchiveEscapes {
+                entry: rel.to_string(),
+            })?;
         let mut hops = 0;
         while let Some(target) = self.links.get(&path) {
             hops += 1;
@@ -155,9 +156,11 @@ pub(crate) fn unpack(tarball: &Path, into: &Path, max_bytes: u64) -> Result<Sour
                     .link_name_bytes()
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
-                let resolved = link_target(&rel, &target, kind == EntryType::Symlink)
-                    .ok_or_else(|| OciError::ArchiveEscapes {
-                        entry: String::from_utf8_lossy(&name).into_owned(),
+                let resolved =
+                    link_target(&rel, &target, kind == EntryType::Symlink).ok_or_else(|| {
+                        OciError::ArchiveEscapes {
+                            entry: String::from_utf8_lossy(&name).into_owned(),
+                        }
                     })?;
                 links.insert(rel, resolved);
             }
@@ -201,10 +204,21 @@ mod tests {
 
     #[test]
     fn link_targets_resolve_inside_the_archive() {
-        let t = |link: &str, target: &str, sym: bool| link_target(Path::new(link), target.as_bytes(), sym);
-        assert_eq!(t("a/layer.tar", "../b/layer.tar", true), Some(PathBuf::from("b/layer.tar")));
-        assert_eq!(t("a/layer.tar", "/b/layer.tar", true), Some(PathBuf::from("b/layer.tar")));
-        assert_eq!(t("a/layer.tar", "b/layer.tar", false), Some(PathBuf::from("b/layer.tar")));
+        let t = |link: &str, target: &str, sym: bool| {
+            link_target(Path::new(link), target.as_bytes(), sym)
+        };
+        assert_eq!(
+            t("a/layer.tar", "../b/layer.tar", true),
+            Some(PathBuf::from("b/layer.tar"))
+        );
+        assert_eq!(
+            t("a/layer.tar", "/b/layer.tar", true),
+            Some(PathBuf::from("b/layer.tar"))
+        );
+        assert_eq!(
+            t("a/layer.tar", "b/layer.tar", false),
+            Some(PathBuf::from("b/layer.tar"))
+        );
         assert_eq!(t("a/layer.tar", "../../x", true), None);
         assert_eq!(t("x", "../y", false), None);
     }

@@ -131,11 +131,17 @@ impl Applier {
     /// [`OciError::EntryEscapes`], [`OciError::SymlinkInPath`], [`OciError::BadHardLink`],
     /// [`OciError::NotADirectoryInPath`], [`OciError::TooLarge`], [`OciError::Layer`] for a
     /// malformed tar or a failed write.
-    pub fn apply_layer<R: Read>(&mut self, layer: usize, archive: &mut tar::Archive<R>) -> Result<(), OciError> {
+    pub fn apply_layer<R: Read>(
+        &mut self,
+        layer: usize,
+        archive: &mut tar::Archive<R>,
+    ) -> Result<(), OciError> {
         let mut created: HashSet<PathBuf> = HashSet::new();
-        let entries = archive
-            .entries()
-            .map_err(|source| OciError::Layer { layer, entry: String::new(), source })?;
+        let entries = archive.entries().map_err(|source| OciError::Layer {
+            layer,
+            entry: String::new(),
+            source,
+        })?;
         for entry in entries {
             let mut entry = entry.map_err(|source| OciError::Layer {
                 layer,
@@ -173,7 +179,10 @@ impl Applier {
                     continue;
                 }
                 if target.is_empty() || target == b"." || target == b".." {
-                    return Err(OciError::EntryEscapes { layer, entry: display(&name) });
+                    return Err(OciError::EntryEscapes {
+                        layer,
+                        entry: display(&name),
+                    });
                 }
                 let victim = rel.with_file_name(OsStr::from_bytes(target));
                 self.whiteout(layer, &name, &victim, &created)?;
@@ -233,21 +242,31 @@ impl Applier {
                 EntryType::Symlink => {
                     let target = entry
                         .link_name_bytes()
-                        .ok_or_else(|| io(io::Error::new(io::ErrorKind::InvalidData, "symlink without a target")))?
+                        .ok_or_else(|| {
+                            io(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "symlink without a target",
+                            ))
+                        })?
                         .into_owned();
                     std::os::unix::fs::symlink(OsString::from_vec(target), &path).map_err(io)?;
                     self.chown(&path, uid, gid).map_err(io)?;
                     set_mtime(&path, mtime).map_err(io)?;
                 }
                 EntryType::Link => {
-                    let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+                    let target = entry
+                        .link_name_bytes()
+                        .map(|t| t.into_owned())
+                        .unwrap_or_default();
                     let bad = || OciError::BadHardLink {
                         layer,
                         entry: display(&name),
                         target: display(&target),
                     };
                     let target_rel = normalize_entry_path(&target).map_err(|_| bad())?;
-                    if target_rel.as_os_str().is_empty() || !self.parents(layer, &name, &target_rel, false)? {
+                    if target_rel.as_os_str().is_empty()
+                        || !self.parents(layer, &name, &target_rel, false)?
+                    {
                         return Err(bad());
                     }
                     let target_path = self.root.join(&target_rel);
@@ -276,12 +295,15 @@ impl Applier {
                     let n = io::copy(&mut (&mut entry).take(budget.saturating_add(1)), &mut file)
                         .map_err(io)?;
                     if n > budget {
-                        return Err(OciError::TooLarge { max_bytes: self.max_bytes });
+                        return Err(OciError::TooLarge {
+                            max_bytes: self.max_bytes,
+                        });
                     }
                     self.stats.bytes += n;
                     // chown before chmod: chown clears setuid/setgid bits.
                     self.chown(&path, uid, gid).map_err(io)?;
-                    file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io)?;
+                    file.set_permissions(fs::Permissions::from_mode(mode))
+                        .map_err(io)?;
                     file.set_modified(mtime_of(mtime)).map_err(io)?;
                 }
             }
@@ -293,9 +315,17 @@ impl Applier {
 
     /// Checks (and with `create`, makes) the parent directories of `rel`. Returns `false` if
     /// one is missing and `create` is off.
-    fn parents(&mut self, layer: usize, name: &[u8], rel: &Path, create: bool) -> Result<bool, OciError> {
+    fn parents(
+        &mut self,
+        layer: usize,
+        name: &[u8],
+        rel: &Path,
+        create: bool,
+    ) -> Result<bool, OciError> {
         let mut cur = self.root.clone();
-        let Some(parent) = rel.parent() else { return Ok(true) };
+        let Some(parent) = rel.parent() else {
+            return Ok(true);
+        };
         for comp in parent.components() {
             cur.push(comp.as_os_str());
             match fs::symlink_metadata(&cur) {
@@ -318,9 +348,13 @@ impl Applier {
                         entry: display(name),
                         source,
                     })?;
-                    fs::set_permissions(&cur, fs::Permissions::from_mode(0o755)).map_err(|source| {
-                        OciError::Layer { layer, entry: display(name), source }
-                    })?;
+                    fs::set_permissions(&cur, fs::Permissions::from_mode(0o755)).map_err(
+                        |source| OciError::Layer {
+                            layer,
+                            entry: display(name),
+                            source,
+                        },
+                    )?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
                 Err(source) => {
@@ -336,7 +370,13 @@ impl Applier {
     }
 
     /// `.wh.<name>`: removes `victim` unless this layer made it.
-    fn whiteout(&mut self, layer: usize, name: &[u8], victim: &Path, created: &HashSet<PathBuf>) -> Result<(), OciError> {
+    fn whiteout(
+        &mut self,
+        layer: usize,
+        name: &[u8],
+        victim: &Path,
+        created: &HashSet<PathBuf>,
+    ) -> Result<(), OciError> {
         if created.contains(victim) || !self.parents(layer, name, victim, false)? {
             return Ok(());
         }
@@ -344,22 +384,44 @@ impl Applier {
         match self.remove(victim) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(OciError::Layer { layer, entry: display(name), source }),
+            Err(source) => Err(OciError::Layer {
+                layer,
+                entry: display(name),
+                source,
+            }),
         }
     }
 
     /// `.wh..wh..opq` in `dir`: removes every child of `dir` that this layer did not make.
-    fn opaque(&mut self, layer: usize, name: &[u8], dir: &Path, created: &HashSet<PathBuf>) -> Result<(), OciError> {
-        let io = |source| OciError::Layer { layer, entry: display(name), source };
+    fn opaque(
+        &mut self,
+        layer: usize,
+        name: &[u8],
+        dir: &Path,
+        created: &HashSet<PathBuf>,
+    ) -> Result<(), OciError> {
+        let io = |source| OciError::Layer {
+            layer,
+            entry: display(name),
+            source,
+        };
         // The marker is a child of `dir`, so `dir` is checked like any parent.
         self.parents(layer, name, &dir.join("x"), true)?;
         let full = self.root.join(dir);
         match fs::symlink_metadata(&full) {
             Ok(m) if m.is_dir() => {}
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(OciError::SymlinkInPath { layer, entry: display(name) })
+                return Err(OciError::SymlinkInPath {
+                    layer,
+                    entry: display(name),
+                })
             }
-            Ok(_) => return Err(OciError::NotADirectoryInPath { layer, entry: display(name) }),
+            Ok(_) => {
+                return Err(OciError::NotADirectoryInPath {
+                    layer,
+                    entry: display(name),
+                })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir(&full).map_err(io)?;
                 fs::set_permissions(&full, fs::Permissions::from_mode(0o755)).map_err(io)?;
@@ -569,10 +631,9 @@ mod tests {
 
     /// A path component without `/` or NUL that is not `.` or `..`.
     fn component() -> impl Strategy<Value = Vec<u8>> {
-        proptest::collection::vec(1u8..=255, 1..12)
-            .prop_filter("no separators or dots", |c| {
-                !c.contains(&b'/') && c != b"." && c != b".."
-            })
+        proptest::collection::vec(1u8..=255, 1..12).prop_filter("no separators or dots", |c| {
+            !c.contains(&b'/') && c != b"." && c != b".."
+        })
     }
 
     proptest! {

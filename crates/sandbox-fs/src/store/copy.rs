@@ -23,7 +23,8 @@ static ZEROES: [u8; CHUNK] = [0u8; CHUNK];
 /// The next data extent `[start, end)` at or after `pos`, or `None` past the last one. A file
 /// system without `SEEK_DATA` support is treated as all data.
 fn next_data(file: &File, pos: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
-    let to_off = |v: u64| i64::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let to_off =
+        |v: u64| i64::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
     let start = match lseek(file, to_off(pos)?, Whence::SeekData) {
         Ok(o) => u64::try_from(o).unwrap_or(len),
         Err(Errno::ENXIO) => return Ok(None),
@@ -132,7 +133,10 @@ mod tests {
             .expect("create");
         let (digest, len) = copy_sparse(&src, &dst).expect("copy");
         assert_eq!(len, bytes.len() as u64);
-        assert_eq!(digest, ImageDigest::from_bytes(Sha256::digest(&bytes).into()));
+        assert_eq!(
+            digest,
+            ImageDigest::from_bytes(Sha256::digest(&bytes).into())
+        );
         assert_eq!(std::fs::read(&dst_path).expect("read"), bytes);
         // Three 4 KiB blocks of data, in 512-byte units.
         let blocks = dst.metadata().expect("stat").blocks();
