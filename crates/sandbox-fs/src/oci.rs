@@ -44,6 +44,10 @@ const MAX_INDEX_DEPTH: usize = 4;
 /// A `docker save` tarball may unpack to at most this many times the image size (its layers
 /// are usually compressed, or hold files that later layers replace).
 const ARCHIVE_SIZE_FACTOR: u64 = 4;
+/// A layer's uncompressed tar may be at most this many times the image size (plus 1 MiB):
+/// its file data cannot exceed the image size, and headers of at most `size / 1024` entries
+/// add less than that again.
+const LAYER_SIZE_FACTOR: u64 = 2;
 /// The platform we run.
 const OS: &str = "linux";
 const ARCH: &str = "amd64";
@@ -205,6 +209,12 @@ pub enum OciError {
     TooLarge {
         /// The limit.
         max_bytes: u64,
+    },
+    /// The layers hold more entries than an image of this size can (one per KiB of image).
+    #[error("The layers hold more than {max_entries} entries; ask for a bigger image.")]
+    TooManyEntries {
+        /// The limit.
+        max_entries: u64,
     },
     /// `/sbin/init` cannot be written (it is a directory, or `/sbin` is a file).
     #[error("Cannot install the agent as /sbin/init in the image.")]
@@ -576,14 +586,24 @@ fn finish_plan(
 }
 
 /// Hashes what is read through it.
+/// Hashes what is read through it, and fails once more than `limit` bytes came through: the
+/// tar crate reads GNU long names and PAX headers whole into memory, so this also bounds that.
 struct HashingReader<R> {
     inner: R,
     hash: Sha256,
+    read: u64,
+    limit: u64,
+    exceeded: bool,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
+        self.read = self.read.saturating_add(n as u64);
+        if self.read > self.limit {
+            self.exceeded = true;
+            return Err(io::Error::other("the layer is larger than the limit"));
+        }
         self.hash.update(&buf[..n]);
         Ok(n)
     }
@@ -626,17 +646,28 @@ fn apply_one(
     } else {
         Box::new(reader)
     };
+    let limit = max_bytes
+        .saturating_mul(LAYER_SIZE_FACTOR)
+        .saturating_add(1 << 20);
     let mut archive = tar::Archive::new(HashingReader {
         inner: stream,
         hash: Sha256::new(),
+        read: 0,
+        limit,
+        exceeded: false,
     });
-    applier.apply_layer(index, &mut archive)?;
-    // The diff id covers the whole uncompressed stream, padding after the end marker included.
+    let applied = applier.apply_layer(index, &mut archive);
     let mut rest = archive.into_inner();
-    let extra = io::copy(&mut (&mut rest).take(max_bytes), &mut io::sink()).map_err(io)?;
-    if extra == max_bytes {
+    if rest.exceeded {
         return Err(OciError::TooLarge { max_bytes });
     }
+    applied?;
+    // The diff id covers the whole uncompressed stream, padding after the end marker included.
+    let drained = io::copy(&mut rest, &mut io::sink());
+    if rest.exceeded {
+        return Err(OciError::TooLarge { max_bytes });
+    }
+    drained.map_err(io)?;
     let actual = ImageDigest::from_bytes(rest.hash.finalize().into());
     if actual != *diff_id {
         return Err(OciError::DiffIdMismatch {
@@ -1174,6 +1205,39 @@ mod tests {
             .import_oci(&dup, &fx.agent, 16 << 20)
             .expect("dup layer");
         assert_eq!(debugfs(&import.image.path, "cat /etc/x"), "one\n");
+    }
+
+    #[test]
+    fn long_name_bombs_and_entry_floods_are_bounded() {
+        let fx = fixture();
+        // A GNU long-name entry claiming 4 MiB: the tar crate would read it whole.
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(4 << 20);
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, io::repeat(b'a').take(4 << 20))
+            .expect("append");
+        let bomb = b.into_inner().expect("finish");
+        let layout = fx.dir.path().join("bomb");
+        oci_layout(&layout, &[gzipped(bomb)], "amd64");
+        let err = fx
+            .store
+            .import_oci(&layout, &fx.agent, 1 << 20)
+            .expect_err("bounded");
+        assert!(matches!(err, OciError::TooLarge { .. }), "{err:?}");
+
+        // 8 MiB of image allows 8192 entries.
+        let names: Vec<&'static str> = (0..8200)
+            .map(|i| &*Box::leak(format!("f{i}").into_boxed_str()))
+            .collect();
+        let entries: Vec<E> = names.iter().map(|n| E::File(n, "")).collect();
+        let err = import_one_layer(&fx, &entries).expect_err("too many");
+        assert!(
+            matches!(err, OciError::TooManyEntries { max_entries: 8192 }),
+            "{err:?}"
+        );
+        assert!(fx.tmp_is_empty());
     }
 
     fn import_one_layer(fx: &Fixture, entries: &[E]) -> Result<OciImport, OciError> {

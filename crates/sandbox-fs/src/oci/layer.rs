@@ -44,6 +44,9 @@ use super::OciError;
 const OPAQUE: &[u8] = b".wh..wh..opq";
 /// Prefix of a whiteout file.
 const WHITEOUT: &[u8] = b".wh.";
+/// One tar entry allowed per this many bytes of image (mkfs makes one inode per 8 KiB, so
+/// this leaves room for entries that later ones replace).
+const BYTES_PER_ENTRY: u64 = 1024;
 /// Most symlinks followed when resolving a path the way the guest would.
 const MAX_SYMLINK_HOPS: usize = 40;
 
@@ -104,6 +107,8 @@ pub(crate) struct Applier {
     /// Directory metadata applied by [`Applier::finish`], keyed by relative path. Path order
     /// keeps a subtree contiguous, so a removal drops its part with one range.
     dirs: BTreeMap<PathBuf, DirMeta>,
+    /// Tar entries seen, over all layers.
+    processed: u64,
     pub stats: ApplyStats,
 }
 
@@ -121,6 +126,7 @@ impl Applier {
             max_bytes,
             as_root: nix::unistd::geteuid().is_root(),
             dirs: BTreeMap::new(),
+            processed: 0,
             stats: ApplyStats::default(),
         }
     }
@@ -148,6 +154,12 @@ impl Applier {
                 entry: String::new(),
                 source,
             })?;
+            self.processed += 1;
+            if self.processed > self.max_bytes / BYTES_PER_ENTRY {
+                return Err(OciError::TooManyEntries {
+                    max_entries: self.max_bytes / BYTES_PER_ENTRY,
+                });
+            }
             let name = entry.path_bytes().into_owned();
             let io = |source: io::Error| OciError::Layer {
                 layer,
