@@ -1121,12 +1121,14 @@ mod tests {
         assert_eq!(debugfs(image, "cat /usr/sbin/init"), AGENT);
         let init = debugfs(image, "stat /usr/sbin/init");
         assert!(init.contains("Mode:  0755"), "{init}");
-        assert!(init.contains("User:     0"), "{init}");
+        // Owners from the tar headers are kept only when importing as root (CI does).
+        let as_root = nix::unistd::geteuid().is_root();
+        assert!(!as_root || init.contains("User:     0"), "{init}");
         let su = debugfs(image, "stat /usr/bin/su");
         assert!(su.contains("Mode:  04755"), "{su}");
         let f = debugfs(image, "stat /home/u/f");
         assert!(
-            f.contains("User:  1000") && f.contains("Group:  1001"),
+            !as_root || (f.contains("User:  1000") && f.contains("Group:  1001")),
             "{f}"
         );
         let root = debugfs(image, "ls -l /");
