@@ -854,6 +854,7 @@ mod test_utils {
         File(&'static str, &'static str),
         FileOwned(&'static str, &'static str, u32, u64, u64),
         Dir(&'static str),
+        DirMode(&'static str, u32),
         Symlink(&'static str, String),
         HardLink(&'static str, &'static str),
         CharDev(&'static str),
@@ -872,6 +873,7 @@ mod test_utils {
                 E::File(n, d) => (n, EntryType::Regular, d.as_bytes(), 0o644, 0),
                 E::FileOwned(n, d, m, u, _) => (n, EntryType::Regular, d.as_bytes(), *m, *u),
                 E::Dir(n) => (n, EntryType::Directory, b"", 0o755, 0),
+                E::DirMode(n, m) => (n, EntryType::Directory, b"", *m, 0),
                 E::Symlink(n, t) => {
                     h.set_link_name_literal(t.as_bytes()).expect("link name");
                     (n, EntryType::Symlink, b"", 0o777, 0)
@@ -1089,6 +1091,9 @@ mod tests {
             E::HardLink("etc/xlink", "etc/x"),
             E::Dir("opq/"),
             E::File("opq/old", "old\n"),
+            E::DirMode("tmp/", 0o1777),
+            E::DirMode("ro/", 0o555),
+            E::File("ro/f", "in a read-only dir\n"),
             E::File("opq/sub/deep", "deep\n"),
             E::Dir("usr/sbin/"),
             E::Symlink("sbin", "usr/sbin".into()),
@@ -1124,6 +1129,11 @@ mod tests {
         // Owners from the tar headers are kept only when importing as root (CI does).
         let as_root = nix::unistd::geteuid().is_root();
         assert!(!as_root || init.contains("User:     0"), "{init}");
+        let tmp = debugfs(image, "stat /tmp");
+        assert!(tmp.contains("Mode:  01777"), "{tmp}");
+        let ro = debugfs(image, "stat /ro");
+        assert!(ro.contains("Mode:  0555"), "{ro}");
+        assert_eq!(debugfs(image, "cat /ro/f"), "in a read-only dir\n");
         let su = debugfs(image, "stat /usr/bin/su");
         assert!(su.contains("Mode:  04755"), "{su}");
         let f = debugfs(image, "stat /home/u/f");
