@@ -18,7 +18,7 @@ mod copy;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
@@ -280,20 +280,33 @@ pub struct ImageStore {
 }
 
 impl ImageStore {
-    /// Opens the store at `dir`, creating `dir`, `images/`, `tags/` and `tmp/` as needed, and
-    /// removes temporary entries older than [`STALE_TMP_AGE`] (left by killed imports).
+    /// Opens the store at `dir`, creating `dir`, `images/`, `tags/` and `tmp/` (mode 0700) as
+    /// needed, and removes temporary entries older than [`STALE_TMP_AGE`] (left by killed
+    /// imports) if it may.
     ///
     /// # Errors
     /// [`StoreError::Io`] if a directory cannot be created or read.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
         let store = Self { dir: dir.into() };
-        for d in [store.images_dir(), store.tags_dir(), store.tmp_dir()] {
+        for d in [store.images_dir(), store.tags_dir()] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
-        // Imports may hold setuid files from an image in tmp/: keep other users out.
+        // Imports may hold setuid files from an image in tmp/: keep other users out. (The mode
+        // applies only when the directory is made, so a store someone else made can still be
+        // opened to resolve images.)
         let tmp = store.tmp_dir();
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700)).map_err(io_err(&tmp))?;
-        store.remove_stale_tmp(STALE_TMP_AGE)?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&tmp)
+            .map_err(io_err(&tmp))?;
+        match store.remove_stale_tmp(STALE_TMP_AGE) {
+            Err(StoreError::Io { source, .. })
+                if source.kind() == io::ErrorKind::PermissionDenied => {}
+            r => {
+                r?;
+            }
+        }
         Ok(store)
     }
 
