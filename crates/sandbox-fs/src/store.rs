@@ -799,6 +799,8 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o7777, 0o444);
         assert_eq!(debugfs(&image.path, "cat /hello"), "hi\n");
+        let tmp_mode = fs::metadata(store.tmp_dir()).expect("stat").mode();
+        assert_eq!(tmp_mode & 0o7777, 0o700);
 
         assert_eq!(store.resolve(&want.to_string()).expect("by digest"), image);
         assert!(matches!(
