@@ -291,6 +291,7 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         max_sandboxes: c.max_sandboxes,
         agent_port: c.agent_port,
         jail: c.jail.clone(),
+        disk_mode: c.disk_mode,
         jail_support: JailSupport::default(),
     })
 }

@@ -41,8 +41,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use config::{
-    KvmRuntimeConfig, KvmRuntimeConfigBuilder, DEFAULT_CONSOLE_CAP_BYTES, DEFAULT_CREATE_DEADLINE,
-    DEFAULT_DESTROY_GRACE, DEFAULT_MAX_SANDBOXES, ENV_KERNEL, ENV_ROOTFS, ENV_VMM,
+    DiskMode, KvmRuntimeConfig, KvmRuntimeConfigBuilder, DEFAULT_CONSOLE_CAP_BYTES,
+    DEFAULT_CREATE_DEADLINE, DEFAULT_DESTROY_GRACE, DEFAULT_MAX_SANDBOXES, ENV_KERNEL, ENV_ROOTFS,
+    ENV_VMM,
 };
 pub use copy::CopyMethod;
 pub use sandbox::{KvmRuntime, KvmSandbox, HOST_EXEC_GRACE};
