@@ -13,6 +13,8 @@ use super::{Result, RuntimeError};
 pub const ENV_VMM: &str = "SANDBOX_VMM";
 /// Environment variable naming the default guest kernel (`vmlinux`).
 pub const ENV_KERNEL: &str = "SANDBOX_KERNEL";
+/// Environment variable naming the image store directory.
+pub const ENV_IMAGE_STORE: &str = "SANDBOX_IMAGE_STORE";
 /// Environment variable naming the default guest rootfs (raw ext4).
 pub const ENV_ROOTFS: &str = "SANDBOX_ROOTFS";
 /// Default deadline for a new sandbox's agent handshake (generous: nested test hosts are slow).
@@ -59,6 +61,11 @@ pub struct KvmRuntimeConfig {
     pub jail: JailConfig,
     /// How a writable root disk is made from its base image (docs/disks.md).
     pub disk_mode: DiskMode,
+    /// The image store that specs name bases from (`SandboxSpec::image`, docs/images.md),
+    /// opened (and created) the first time a spec names an image. Default:
+    /// `$SANDBOX_IMAGE_STORE`, else `$XDG_CACHE_HOME/sandbox-sdk/images`, else
+    /// `$HOME/.cache/sandbox-sdk/images`, else `<state_dir>/images`.
+    pub image_store: Option<PathBuf>,
 }
 
 /// How a sandbox's writable root disk is made from its base image.
@@ -89,6 +96,7 @@ impl Default for KvmRuntimeConfig {
             agent_port: sandbox_core::AGENT_VSOCK_PORT,
             jail: JailConfig::default(),
             disk_mode: DiskMode::default(),
+            image_store: None,
         }
     }
 }
@@ -195,6 +203,12 @@ impl KvmRuntimeConfigBuilder {
         self
     }
 
+    /// The image store directory.
+    pub fn image_store(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.image_store = Some(path.into());
+        self
+    }
+
     /// How writable root disks are made ([`DiskMode::Overlay`] by default).
     pub fn disk_mode(mut self, mode: DiskMode) -> Self {
         self.config.disk_mode = mode;
@@ -225,6 +239,7 @@ pub(crate) struct Resolved {
     pub agent_port: u32,
     pub jail: JailConfig,
     pub disk_mode: DiskMode,
+    pub image_store: PathBuf,
     /// What the host provides of `jail`: nothing until `KvmRuntime::new` probes it.
     pub jail_support: JailSupport,
 }
@@ -280,6 +295,15 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         source,
     })?;
     check_socket_path(&sandbox_socket_path(&state_dir))?;
+    let image_store = c
+        .image_store
+        .clone()
+        .or_else(|| (env.var)(ENV_IMAGE_STORE).map(PathBuf::from))
+        .or_else(|| {
+            (env.var)("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("sandbox-sdk/images"))
+        })
+        .or_else(|| (env.var)("HOME").map(|d| PathBuf::from(d).join(".cache/sandbox-sdk/images")))
+        .unwrap_or_else(|| state_dir.join("images"));
     Ok(Resolved {
         vmm,
         kernel,
@@ -292,6 +316,7 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         agent_port: c.agent_port,
         jail: c.jail.clone(),
         disk_mode: c.disk_mode,
+        image_store,
         jail_support: JailSupport::default(),
     })
 }

@@ -167,6 +167,18 @@ pub enum RuntimeError {
         /// What is wrong, as a phrase.
         problem: String,
     },
+    /// The spec's image cannot be used: unknown to the store, or the store cannot be opened
+    /// (`InvalidSpec` for an unknown or malformed reference, `Io` otherwise).
+    #[error("The spec's image {reference:?} cannot be used from the image store {store}.")]
+    Image {
+        /// The reference (a tag or `sha256:<hex>`).
+        reference: String,
+        /// The store directory.
+        store: PathBuf,
+        /// The cause.
+        #[source]
+        source: sandbox_fs::StoreError,
+    },
     /// The sandbox's copy-on-write disk could not be created (`Io`).
     #[error("Could not create the disk overlay {path} over {base}.")]
     Overlay {
@@ -268,6 +280,12 @@ impl RuntimeError {
             | RuntimeError::Jail(_)
             | RuntimeError::KvmCannotRunGuest { .. }
             | RuntimeError::Spawn { .. } => ErrorKind::HostSetup,
+            RuntimeError::Image { source, .. } => match source {
+                sandbox_fs::StoreError::NotFound { .. }
+                | sandbox_fs::StoreError::InvalidDigest { .. }
+                | sandbox_fs::StoreError::InvalidTag { .. } => ErrorKind::InvalidSpec,
+                _ => ErrorKind::Io,
+            },
             RuntimeError::Io { .. } | RuntimeError::Overlay { .. } => ErrorKind::Io,
             RuntimeError::GuestExited { .. } | RuntimeError::VmmSeccomp { .. } => {
                 ErrorKind::GuestExited

@@ -400,8 +400,10 @@ pub(crate) fn same_process_alive(pid: u32, start: u64) -> bool {
 
 /// The file names a sandbox directory holds.
 pub(crate) mod names {
-    /// The private rootfs copy.
+    /// The private rootfs copy (`DiskMode::Copy`).
     pub const ROOTFS: &str = "rootfs.ext4";
+    /// The root disk's qcow2 overlay (`DiskMode::Overlay`).
+    pub const OVERLAY: &str = "disk.qcow2";
     /// The VM config.
     pub const CONFIG: &str = "vm.json";
     /// The VMM's vsock Unix socket.

@@ -20,6 +20,7 @@ use sandbox_core::{
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 
+use super::config::DiskMode;
 use super::config::{check_socket_path, resolve, Env, KvmRuntimeConfig, Resolved};
 use super::copy::{copy_image, CopyMethod};
 use super::dirfd::{OpenError, SandboxDir, StateDir};
@@ -493,13 +494,15 @@ fn prepare(
     };
     check()?;
     // The spec's files first, so a typo is `InvalidSpec` naming the path, before any copy.
-    for (field, path) in [("kernel", spec.kernel()), ("rootfs", spec.rootfs())] {
+    let base = base_image(cfg, spec)?;
+    for (field, path) in [("kernel", spec.kernel()), ("rootfs", base.as_path())] {
         File::open(path).map_err(|source| RuntimeError::SpecFile {
             field,
             path: path.to_path_buf(),
             source,
         })?;
     }
+    let disk = DiskPlan::new(cfg.disk_mode, spec, &base)?;
     let dir = guard
         .dir
         .insert(SandboxDir::create(state.clone(), id.as_str()).map_err(io("create", ""))?);
@@ -513,12 +516,28 @@ fn prepare(
     // Absolute paths for what lives outside the directory: the VMM runs inside it.
     let abs = |p: &Path| std::path::absolute(p);
     let kernel = abs(spec.kernel()).map_err(io("resolve the kernel path for", ""))?;
-    let (disk_checked, disk_named, copy) = match spec.root() {
-        RootMode::Writable => {
+    let base = abs(&base).map_err(io("resolve the rootfs path for", ""))?;
+    let (disk_checked, disk_named, copy) = match (spec.root(), disk.mode) {
+        (RootMode::Writable, DiskMode::Overlay) => {
+            let at = dir.join(names::OVERLAY);
+            sandbox_fs::create_overlay(&at, &base, disk.virtual_size).map_err(|source| {
+                RuntimeError::Overlay {
+                    path: at.clone(),
+                    base: base.clone(),
+                    source,
+                }
+            })?;
+            (
+                DiskConfig::qcow2_overlay(&at, &base, disk.cap),
+                DiskConfig::qcow2_overlay(names::OVERLAY, &base, disk.cap),
+                None,
+            )
+        }
+        (RootMode::Writable, _) => {
             let to = dir
                 .create_file(names::ROOTFS, 0o600)
                 .map_err(io("create", names::ROOTFS))?;
-            let m = copy_image(spec.rootfs(), &to, cancelled)
+            let m = copy_image(&base, &to, cancelled)
                 .map_err(io("copy the rootfs to", names::ROOTFS))?;
             (
                 DiskConfig::new(dir.join(names::ROOTFS), false),
@@ -526,10 +545,11 @@ fn prepare(
                 Some(m),
             )
         }
-        RootMode::ReadOnly => {
-            let p = abs(spec.rootfs()).map_err(io("resolve the rootfs path for", ""))?;
-            (DiskConfig::new(&p, true), DiskConfig::new(&p, true), None)
-        }
+        (RootMode::ReadOnly, _) => (
+            DiskConfig::new(&base, true),
+            DiskConfig::new(&base, true),
+            None,
+        ),
     };
     check()?;
     // Validate here, with the typed error and the paths as the VMM will see them from inside
@@ -558,7 +578,7 @@ fn prepare(
         cgroup_procs: cgroup.as_ref().map_or(-1, SandboxCgroup::procs_fd),
         namespaces: cfg.jail_support.namespaces,
         restrict: cfg.jail.restrict_process,
-        fsize: jail_fsize(cfg, spec),
+        fsize: jail_fsize(cfg, disk.virtual_size),
         inherit: [-1; jail::MAX_INHERITED_FDS],
     };
     let cmd = vmm_command(&cfg.vmm, dir, log, prepared);
@@ -574,13 +594,79 @@ fn prepare(
 }
 
 /// `RLIMIT_FSIZE` of a sandbox's VMM: the largest file it writes (its disk, its console log)
-/// plus room for its own log.
-fn jail_fsize(cfg: &Resolved, spec: &SandboxSpec) -> u64 {
-    let disk = std::fs::metadata(spec.rootfs())
-        .map(|m| m.len())
-        .unwrap_or(0);
-    disk.max(cfg.console_cap_bytes)
+/// plus room for its own log and an overlay's metadata.
+fn jail_fsize(cfg: &Resolved, disk_bytes: u64) -> u64 {
+    disk_bytes
+        .max(cfg.console_cap_bytes)
         .saturating_add(jail::FSIZE_SLACK_BYTES)
+}
+
+/// The root disk's base: the spec's image from the store, else its rootfs file.
+fn base_image(cfg: &Resolved, spec: &SandboxSpec) -> Result<PathBuf> {
+    let Some(reference) = spec.image() else {
+        return Ok(spec.rootfs().to_path_buf());
+    };
+    let err = |source| RuntimeError::Image {
+        reference: reference.to_string(),
+        store: cfg.image_store.clone(),
+        source,
+    };
+    let store = sandbox_fs::ImageStore::open(&cfg.image_store).map_err(err)?;
+    Ok(store.resolve(reference).map_err(err)?.path)
+}
+
+/// How the root disk is made, decided before anything is created.
+struct DiskPlan {
+    mode: DiskMode,
+    /// The disk's size as the guest sees it, bytes.
+    virtual_size: u64,
+    /// The overlay's cap, bytes.
+    cap: Option<u64>,
+}
+
+impl DiskPlan {
+    fn new(mode: DiskMode, spec: &SandboxSpec, base: &Path) -> Result<Self> {
+        let not_file = |source| RuntimeError::SpecFile {
+            field: "rootfs",
+            path: base.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(base).map_err(not_file)?;
+        if !meta.is_file() {
+            return Err(not_file(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )));
+        }
+        let base_size = meta.len();
+        let wants_overlay = spec.disk_size_mib().is_some() || spec.disk_cap_mib().is_some();
+        let writable = spec.root() == RootMode::Writable;
+        if wants_overlay && !(writable && mode == DiskMode::Overlay) {
+            return Err(RuntimeError::DiskSpec {
+                problem: "disk_size_mib and disk_cap_mib need a writable root on an overlay \
+                          (RootMode::Writable, DiskMode::Overlay)"
+                    .into(),
+            });
+        }
+        // Whole 512-byte sectors; a base that is not (a raw image of odd size) is rounded up.
+        let virtual_size = match spec.disk_size_mib() {
+            Some(mib) => mib << 20,
+            None => base_size.div_ceil(512) * 512,
+        };
+        if virtual_size < base_size {
+            return Err(RuntimeError::DiskSpec {
+                problem: format!(
+                    "disk_size_mib {} is smaller than the base image ({base_size} bytes)",
+                    virtual_size >> 20
+                ),
+            });
+        }
+        Ok(DiskPlan {
+            mode,
+            virtual_size,
+            cap: spec.disk_cap_mib().map(|mib| mib << 20),
+        })
+    }
 }
 
 /// The VM config for one sandbox: the spec's shape, the disk, and the console log and vsock
@@ -1151,6 +1237,8 @@ mod tests {
             max_sandboxes: 2,
             agent_port: 1024,
             jail: jail::JailConfig::off(),
+            disk_mode: DiskMode::Overlay,
+            image_store: dir.join("images"),
             jail_support: jail::JailSupport::default(),
         }
     }
@@ -1250,10 +1338,10 @@ mod tests {
         );
         assert_eq!(err.kind(), ErrorKind::InvalidSpec);
         assert!(guard.dir.is_none() && guard.lock.is_none());
-        // The rootfs is a directory: it opens, but the copy fails after the directory and lock
-        // were made.
-        std::fs::create_dir(dir.path().join("rootfs-dir")).expect("mkdir");
-        let spec = SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("rootfs-dir"))
+        // A base whose name cannot be an overlay's backing file name (a ':' reads as a protocol
+        // in qcow2 tools): the overlay fails after the directory and lock were made.
+        std::fs::write(dir.path().join("root:fs.ext4"), vec![0u8; 4096]).expect("base");
+        let spec = SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("root:fs.ext4"))
             .build()
             .expect("spec");
         let err = prepare(
@@ -1264,17 +1352,8 @@ mod tests {
             &mut guard,
             &AtomicBool::new(false),
         )
-        .expect_err("no rootfs");
-        assert!(
-            matches!(
-                err,
-                RuntimeError::Io {
-                    action: "copy the rootfs to",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        .expect_err("no overlay");
+        assert!(matches!(err, RuntimeError::Overlay { .. }), "{err}");
         assert!(guard.dir.is_some() && guard.lock.is_some() && guard.proc.is_none());
         guard.undo_blocking();
         assert!(!cfg.state_dir.join("sbx-01").exists());
