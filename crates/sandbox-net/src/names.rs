@@ -76,6 +76,15 @@ impl Default for NamePrefixes {
 }
 
 impl NamePrefixes {
+    /// Prefixes from their parts (see the fields for the rules; checked by [`Self::validate`]).
+    pub fn new(netns: &str, link: &str, host_table: &str) -> Self {
+        NamePrefixes {
+            netns: netns.into(),
+            link: link.into(),
+            host_table: host_table.into(),
+        }
+    }
+
     /// Checks every prefix against the rules above.
     pub fn validate(&self) -> Result<(), NameError> {
         let bad = |prefix: &str, rule| NameError::BadPrefix {
@@ -192,17 +201,17 @@ mod tests {
                 "{id:?}"
             );
         }
-        let mut q = NamePrefixes::default();
-        q.link = "toolong".into();
-        assert!(q.validate().is_err());
-        q.link = "Vs".into();
-        assert!(q.validate().is_err());
-        let mut q = NamePrefixes::default();
-        q.netns = "a/".into();
-        assert!(q.validate().is_err());
-        let mut q = NamePrefixes::default();
-        q.host_table = "a-b".into();
-        assert!(q.validate().is_err());
+        for (netns, link, table) in [
+            ("sbx-", "toolong", "t"),
+            ("sbx-", "Vs", "t"),
+            ("sbx-", "", "t"),
+            ("a/", "vs", "t"),
+            (".a", "vs", "t"),
+            ("sbx-", "vs", "a-b"),
+        ] {
+            let q = NamePrefixes::new(netns, link, table);
+            assert!(q.validate().is_err(), "{q:?}");
+        }
         assert!(NamePrefixes::default().validate().is_ok());
     }
 

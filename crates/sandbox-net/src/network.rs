@@ -128,7 +128,7 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>> {
 }
 
 async fn need_index(h: &Handle, name: &str) -> Result<u32> {
-    link_index(h, name).await?.ok_or_else(|| NetError::Netlink {
+    link_index(h, name).await?.ok_or(NetError::Netlink {
         what: "find a link just created",
         source: rtnetlink::Error::RequestFailed,
     })
@@ -685,6 +685,25 @@ impl Network {
         Ok(rec.exposures.entry(guest_port).or_insert(exposure).addr())
     }
 
+    /// Runs `f` on a fresh OS thread inside sandbox `id`'s netns and returns its result: the
+    /// way to create sockets that must live there (the DNS resolver's UDP/TCP sockets on the
+    /// gateway's port 53, for example). The calling thread never changes netns; sockets keep
+    /// the netns they were created in, so tokio can drive them afterwards.
+    pub async fn run_in_netns<T, F>(&self, id: &str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> std::io::Result<T> + Send + 'static,
+    {
+        let names = self.names(id)?;
+        in_netns(Some(netns_path(&names.netns)), move || {
+            f().map_err(|source| NetError::Io {
+                what: "run work in the sandbox netns",
+                source,
+            })
+        })
+        .await
+    }
+
     /// Stops forwarding `guest_port` of sandbox `id`; open connections are closed. Returns
     /// whether the port was exposed.
     pub fn unexpose(&self, id: &str, guest_port: u16) -> bool {
@@ -693,5 +712,45 @@ impl Network {
             .get_mut(id)
             .and_then(|r| r.exposures.remove(&guest_port))
             .is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    /// The runtime spawns these futures on a multi-threaded runtime: they must be `Send`.
+    #[test]
+    fn futures_are_send() {
+        let net = Network::new(NetConfig::default()).expect("default config is valid");
+        let spec = SandboxNetConfig::default();
+        let alive = |_: &str| true;
+        assert_send(&net.create("a", &spec));
+        assert_send(&net.teardown("a"));
+        assert_send(&net.reconcile(&alive));
+        assert_send(&net.expose("a", 80));
+        assert_send(&net.install_host());
+        assert_send(&net.run_in_netns("a", || Ok(())));
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        let mut c = NetConfig::default().with_expose_max_connections(0);
+        assert!(matches!(
+            Network::new(c.clone()),
+            Err(NetError::Config { .. })
+        ));
+        c = NetConfig::default().with_host_netns(crate::HostNetns::Named("a/b".into()));
+        assert!(matches!(Network::new(c), Err(NetError::Config { .. })));
+        let names = crate::NamePrefixes::new("sbx-", "waytoolong", "t");
+        assert!(matches!(
+            Network::new(NetConfig::default().with_names(names)),
+            Err(NetError::Name(_))
+        ));
+        let net = Network::new(NetConfig::default()).expect("valid");
+        assert!(matches!(net.names("a/b"), Err(NetError::Name(_))));
+        assert!(!net.unexpose("nobody", 80));
     }
 }

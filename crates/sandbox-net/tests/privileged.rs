@@ -213,10 +213,7 @@ impl Lab {
     }
 
     fn network(&self) -> Network {
-        let mut names = NamePrefixes::default();
-        names.netns = self.sandbox_prefix();
-        names.link = "vt".into();
-        names.host_table = "sbx_test".into();
+        let names = NamePrefixes::new(&self.sandbox_prefix(), "vt", "sbx_test");
         Network::new(
             NetConfig::default()
                 .with_names(names)
@@ -287,6 +284,24 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.sweep();
+    }
+}
+
+/// Waits up to 5 s for `eth0` to leave guest netns `ns`. The guest end's peer lives in the
+/// sandbox netns, so this proves the sandbox netns really died: no socket or task of ours (a
+/// netlink connection, an exposed port's upstream) still pins it.
+fn assert_guest_link_gone(ns: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let links = sh_out(ns, &["ip", "-o", "link", "show"]);
+        if !links.contains("eth0") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sandbox netns is still alive:\n{links}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -419,6 +434,9 @@ async fn reachability_and_isolation() {
         net.teardown(id).await.expect("teardown is idempotent");
     }
     lab.assert_clean();
+    for g in [&ga, &gb, &gc] {
+        assert_guest_link_gone(g);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -527,10 +545,7 @@ async fn expose_forwards_tcp_with_a_bound() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
     let lab = Lab::new("ex");
     lab.world();
-    let mut names = NamePrefixes::default();
-    names.netns = lab.sandbox_prefix();
-    names.link = "vt".into();
-    names.host_table = "sbx_test".into();
+    let names = NamePrefixes::new(&lab.sandbox_prefix(), "vt", "sbx_test");
     let net = Network::new(
         NetConfig::default()
             .with_names(names)
@@ -600,4 +615,5 @@ async fn expose_forwards_tcp_with_a_bound() {
     ));
     drop(_echo);
     lab.assert_clean();
+    assert_guest_link_gone(&g);
 }
