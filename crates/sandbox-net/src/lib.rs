@@ -1,4 +1,4 @@
-//! Per-sandbox network plumbing: a network namespace with a tap for the guest, a veth pair to
+//! Per-sandbox network plumbing (`docs/network.md`): a network namespace with a tap for the guest, a veth pair to
 //! the host, forwarding and masquerade, nftables, exposed TCP ports. Linux only; needs
 //! `CAP_NET_ADMIN` and `CAP_SYS_ADMIN` (root), `/dev/net/tun`, and the `nft` binary.
 //!
