@@ -141,6 +141,22 @@ fn probe(ns: &str, addr: &str) -> Result<String, String> {
     })
 }
 
+/// Sends one UDP datagram from `ns` (from `src`, port 0) to `dst`, where `server` waits;
+/// returns the source the server saw, if the datagram arrived within 1 s.
+fn udp_arrives(ns: &str, src: &str, server: &std::net::UdpSocket, dst: &str) -> Option<IpAddr> {
+    let src: SocketAddr = src.parse().expect("address");
+    let dst: SocketAddr = dst.parse().expect("address");
+    in_ns(ns, || {
+        let s = std::net::UdpSocket::bind(src).expect("bind");
+        s.send_to(b"x", dst).expect("send");
+    });
+    server
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let mut buf = [0u8; 8];
+    server.recv_from(&mut buf).ok().map(|(_, peer)| peer.ip())
+}
+
 fn reaches(ns: &str, addr: &str) -> bool {
     probe(ns, addr).is_ok()
 }
@@ -370,6 +386,21 @@ async fn reachability_and_isolation() {
         probe(&gb, "198.51.100.2:8080").as_deref(),
         Ok("198.51.100.1")
     );
+    // Anti-spoofing: a datagram from another source address never leaves the sandbox (without
+    // the rule, masquerade would rewrite its source and deliver it).
+    let udp = in_ns(&inet, || {
+        std::net::UdpSocket::bind("0.0.0.0:5353").expect("bind udp")
+    });
+    assert_eq!(
+        udp_arrives(&ga, "0.0.0.0:0", &udp, "198.51.100.2:5353"),
+        Some(IpAddr::from([198, 51, 100, 1]))
+    );
+    ip(&["-n", &ga, "addr", "add", "10.99.0.1/32", "dev", "lo"]);
+    assert_eq!(
+        udp_arrives(&ga, "10.99.0.1:0", &udp, "198.51.100.2:5353"),
+        None
+    );
+    drop(udp);
     // Egress denied by default.
     assert!(!reaches(&gc, "198.51.100.2:8080"));
     // No IPv6 path, even with a guest that configures one.
