@@ -213,7 +213,8 @@ impl Inner {
     }
 }
 
-/// Runs the armed cleanup if the `create` future is dropped half-way.
+/// Runs the armed cleanup if the setup task unwinds (a panic) or is cancelled (runtime
+/// shutdown) half-way.
 struct SetupGuard {
     stack: CleanupStack,
     inner: Arc<Inner>,
@@ -306,8 +307,10 @@ impl Network {
         .await
     }
 
-    /// Builds sandbox `id`'s network. Each step arms its cleanup as it goes: on error (or if this
-    /// future is dropped) everything created so far is deleted and the slot released.
+    /// Builds sandbox `id`'s network. Each step arms its cleanup as it goes: on error
+    /// everything created so far is deleted and the slot released. The steps run on their own
+    /// task, so dropping this future never abandons a step half-done: the setup finishes, and
+    /// if nobody is waiting for it any more, it is torn down again.
     ///
     /// Errors: [`NetError::AlreadyExists`], [`NetError::Pool`] (exhausted),
     /// [`NetError::NetnsExists`]/[`NetError::LinkExists`] (leftovers: run [`Self::reconcile`]),
@@ -315,23 +318,39 @@ impl Network {
     /// [`NetError::Injected`] from the test hook.
     pub async fn create(&self, id: &str, spec: &SandboxNetConfig) -> Result<SandboxNet> {
         let names = self.names(id)?;
-        let mut guard = SetupGuard {
-            stack: CleanupStack::new(),
-            inner: self.inner.clone(),
-        };
-        match self.setup(id, &names, spec, &mut guard.stack).await {
-            Ok(net) => {
-                guard.stack.disarm();
-                tracing::info!(sandbox = id, netns = %names.netns, host_link = %names.host_link, "sandbox network created");
-                Ok(net)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (this, id, spec) = (self.clone(), id.to_string(), spec.clone());
+        tokio::spawn(async move {
+            // The guard only matters if this task panics or the runtime shuts down mid-setup.
+            let mut guard = SetupGuard {
+                stack: CleanupStack::new(),
+                inner: this.inner.clone(),
+            };
+            let result = match this.setup(&id, &names, &spec, &mut guard.stack).await {
+                Ok(net) => {
+                    guard.stack.disarm();
+                    tracing::info!(sandbox = %id, netns = %names.netns, host_link = %names.host_link, "sandbox network created");
+                    Ok(net)
+                }
+                Err(e) => {
+                    let undos = guard.stack.take();
+                    let errors = run_all(&*this.inner, &undos).await;
+                    tracing::debug!(sandbox = %id, error = %e, cleanup_errors = errors.len(), "sandbox network setup failed");
+                    Err(e)
+                }
+            };
+            if let Err(Ok(net)) = tx.send(result) {
+                // The caller went away: undo the whole sandbox (the tap closes with `net`).
+                drop(net);
+                if let Err(e) = this.teardown(&id).await {
+                    tracing::warn!(sandbox = %id, error = %e, "teardown of an abandoned sandbox network failed");
+                }
             }
-            Err(e) => {
-                let undos = guard.stack.take();
-                let errors = run_all(&*self.inner, &undos).await;
-                tracing::debug!(sandbox = id, error = %e, cleanup_errors = errors.len(), "sandbox network setup failed");
-                Err(e)
-            }
-        }
+        });
+        rx.await.map_err(|_| NetError::Io {
+            what: "create the sandbox network",
+            source: std::io::Error::other("the setup task panicked"),
+        })?
     }
 
     async fn setup(

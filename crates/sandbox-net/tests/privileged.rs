@@ -259,6 +259,12 @@ impl Lab {
 
     /// Asserts no sandbox netns, no sandbox link and no table but the host's are left.
     fn assert_clean(&self) {
+        if let Err(e) = self.leftovers() {
+            panic!("{e}");
+        }
+    }
+
+    fn leftovers(&self) -> Result<(), String> {
         let left: Vec<_> = std::fs::read_dir("/run/netns")
             .map(|d| {
                 d.filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -266,22 +272,25 @@ impl Lab {
                     .collect()
             })
             .unwrap_or_default();
-        assert!(left.is_empty(), "netns left: {left:?}");
+        if !left.is_empty() {
+            return Err(format!("netns left: {left:?}"));
+        }
         let links = sh_out(&self.name("up"), &["ip", "-o", "link", "show"]);
-        assert!(
-            !links.lines().any(|l| l
-                .split(':')
+        if links.lines().any(|l| {
+            l.split(':')
                 .nth(1)
-                .is_some_and(|n| n.trim().starts_with("vt"))),
-            "links left:\n{links}"
-        );
+                .is_some_and(|n| n.trim().starts_with("vt"))
+        }) {
+            return Err(format!("links left:\n{links}"));
+        }
         let tables = sh_out(&self.name("up"), &["nft", "list", "tables"]);
-        assert!(
-            tables
-                .lines()
-                .all(|l| l.trim().is_empty() || l.trim() == "table inet sbx_test"),
-            "tables left:\n{tables}"
-        );
+        if !tables
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim() == "table inet sbx_test")
+        {
+            return Err(format!("tables left:\n{tables}"));
+        }
+        Ok(())
     }
 
     fn sweep(&self) {
@@ -657,4 +666,48 @@ async fn expose_forwards_tcp_with_a_bound() {
     drop(_echo);
     lab.assert_clean();
     assert_guest_link_gone(&g);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_create_half_way_leaves_nothing() {
+    let lab = Lab::new("dr");
+    lab.world();
+    let net = lab.network();
+    net.install_host().await.expect("host table");
+    let mut finished = 0;
+    for ms in [0u64, 1, 2, 4, 8, 12, 16, 24, 32, 48] {
+        let spec = SandboxNetConfig::default();
+        let create = net.create("d", &spec);
+        if tokio::time::timeout(Duration::from_millis(ms), create)
+            .await
+            .is_ok()
+        {
+            finished += 1;
+            net.teardown("d").await.expect("teardown");
+        }
+        // The cleanup runs on a spawned task: wait for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let clean = lab.leftovers().is_ok();
+            if clean
+                && net
+                    .create("probe", &SandboxNetConfig::default())
+                    .await
+                    .map(|s| s.slot.index)
+                    .ok()
+                    == Some(0)
+            {
+                net.teardown("probe").await.expect("teardown");
+                break;
+            }
+            let _ = net.teardown("probe").await;
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a dropped create left objects ({ms} ms)"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    lab.assert_clean();
+    eprintln!("{finished} of 10 creates finished before their deadline");
 }
