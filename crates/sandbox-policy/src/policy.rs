@@ -1,0 +1,661 @@
+//! The validated policy: rules, validation errors and warnings, and name decisions.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::addr::{self, Cidr, CidrError, Interval, IntervalSet, ReservedKind};
+use crate::config::{
+    self, DefaultAction, Format, PolicyConfig, PortConfig, ProtocolConfig, RuleConfig,
+    SyntaxError,
+};
+use crate::decide::{Protocol, Reason};
+use crate::name::{normalize_name, DomainMatcher, DomainPattern, NameError};
+
+/// Which list a rule is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleList {
+    /// `[[allow]]`.
+    Allow,
+    /// `[[deny]]`.
+    Deny,
+}
+
+impl RuleList {
+    fn key(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl std::fmt::Display for RuleList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key())
+    }
+}
+
+/// What is wrong with one rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuleError {
+    /// Neither `domain` nor `cidr` is set.
+    #[error("the rule names no destination; set `domain` or `cidr`")]
+    NoDestination,
+    /// Both `domain` and `cidr` are set.
+    #[error("the rule sets both `domain` and `cidr`; split it into two rules")]
+    TwoDestinations,
+    /// `domain` is not a valid name or pattern.
+    #[error("`domain = \"{value}\"` is invalid")]
+    Domain {
+        /// The value as written.
+        value: String,
+        /// Why.
+        #[source]
+        source: NameError,
+    },
+    /// `cidr` is not a valid block.
+    #[error("`cidr = \"{value}\"` is invalid")]
+    Cidr {
+        /// The value as written.
+        value: String,
+        /// Why.
+        #[source]
+        source: CidrError,
+    },
+    /// A `ports` entry is not a port (1..=65535) or an ascending range `"a-b"`.
+    #[error("port `{value}` is not a port 1-65535 or an ascending range like \"8000-8099\"")]
+    Port {
+        /// The entry as written.
+        value: String,
+    },
+    /// `ports = []` would match nothing.
+    #[error("`ports` is empty; remove it to mean every port")]
+    EmptyPorts,
+    /// ICMP has no ports.
+    #[error("`protocol = \"icmp\"` takes no `ports`")]
+    IcmpPorts,
+    /// An allow rule that only names metadata addresses, which stay denied.
+    #[error("{cidr} holds only cloud metadata addresses, which stay denied; remove the rule")]
+    MetadataOnly {
+        /// The block.
+        cidr: Cidr,
+    },
+}
+
+impl RuleError {
+    /// The rule field the error is about, used to find its line.
+    fn field(&self) -> Option<&'static str> {
+        match self {
+            Self::NoDestination | Self::TwoDestinations => None,
+            Self::Domain { .. } => Some("domain"),
+            Self::Cidr { .. } | Self::MetadataOnly { .. } => Some("cidr"),
+            Self::Port { .. } | Self::EmptyPorts | Self::IcmpPorts => Some("ports"),
+        }
+    }
+}
+
+/// Why a policy text or model was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// The text is not valid TOML/JSON/YAML or does not have the policy's shape (unknown key,
+    /// wrong type, unknown `default`).
+    #[error("{format} policy, line {}: {}", fmt_line(.error.line), .error.message)]
+    Syntax {
+        /// The format that was read.
+        format: Format,
+        /// Position and message from the parser.
+        error: SyntaxError,
+    },
+    /// One rule is invalid.
+    #[error("{list} rule #{index} (line {}) is invalid", fmt_line(*.line))]
+    Rule {
+        /// The rule's list.
+        list: RuleList,
+        /// 0-based index in that list.
+        index: usize,
+        /// 1-based line of the offending field, or of the rule (`None` for a model not read
+        /// from text).
+        line: Option<usize>,
+        /// What is wrong.
+        #[source]
+        error: RuleError,
+    },
+}
+
+fn fmt_line(line: Option<usize>) -> String {
+    line.map_or_else(|| "?".to_owned(), |l| l.to_string())
+}
+
+/// Something legal but probably not what the author meant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PolicyWarning {
+    /// The rule's list.
+    pub list: RuleList,
+    /// 0-based index in that list.
+    pub index: usize,
+    /// 1-based line of the rule, when read from text.
+    pub line: Option<usize>,
+    /// What is odd.
+    pub kind: WarningKind,
+}
+
+/// The kinds of [`PolicyWarning`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum WarningKind {
+    /// An allow rule covers a cloud metadata address; that address stays denied.
+    CoversMetadata,
+    /// An allow rule covers an address of the host; that address stays denied.
+    CoversHost,
+}
+
+/// An inclusive port range, `start <= end`, both in 1..=65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortRange {
+    /// First port.
+    pub start: u16,
+    /// Last port.
+    pub end: u16,
+}
+
+impl PortRange {
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.start..=self.end).contains(&port)
+    }
+
+    fn parse(p: &PortConfig) -> Result<Self, RuleError> {
+        let bad = || RuleError::Port {
+            value: match p {
+                PortConfig::Number(n) => n.to_string(),
+                PortConfig::Text(t) => t.clone(),
+            },
+        };
+        let one = |s: &str| -> Result<u16, RuleError> {
+            let s = s.trim();
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            s.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad)
+        };
+        let (start, end) = match p {
+            PortConfig::Number(n) => {
+                let v = u16::try_from(*n).ok().filter(|p| *p > 0).ok_or_else(bad)?;
+                (v, v)
+            }
+            PortConfig::Text(t) => match t.split_once('-') {
+                Some((a, b)) => (one(a)?, one(b)?),
+                None => {
+                    let v = one(t)?;
+                    (v, v)
+                }
+            },
+        };
+        if start > end {
+            return Err(bad());
+        }
+        Ok(Self { start, end })
+    }
+
+    fn to_config(self) -> PortConfig {
+        if self.start == self.end {
+            PortConfig::Number(i64::from(self.start))
+        } else {
+            PortConfig::Text(format!("{}-{}", self.start, self.end))
+        }
+    }
+}
+
+/// A rule's destination.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Destination {
+    /// A name or wildcard, matched against DNS query names and, through pins, addresses.
+    Domain(DomainPattern),
+    /// An address block.
+    Cidr(Cidr),
+}
+
+/// The transport side of a rule: protocols and ports (what nftables calls a service).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Service {
+    /// Protocol selector.
+    pub protocol: ProtocolConfig,
+    /// Sorted, merged port ranges; `None` means every port (and ICMP when the protocol allows).
+    pub ports: Option<Vec<PortRange>>,
+}
+
+impl Service {
+    /// Whether a packet of `protocol` to `port` is covered (`port` is ignored for ICMP, and a
+    /// service with `ports` never covers ICMP).
+    pub fn matches(&self, protocol: Protocol, port: u16) -> bool {
+        let proto_ok = match self.protocol {
+            ProtocolConfig::Any => true,
+            ProtocolConfig::Tcp => protocol == Protocol::Tcp,
+            ProtocolConfig::Udp => protocol == Protocol::Udp,
+            ProtocolConfig::Icmp => protocol == Protocol::Icmp,
+        };
+        proto_ok
+            && match (&self.ports, protocol) {
+                (None, _) => true,
+                (Some(_), Protocol::Icmp) => false,
+                (Some(ranges), _) => ranges.iter().any(|r| r.contains(port)),
+            }
+    }
+
+    /// The transport protocols this service can match.
+    pub fn protocols(&self) -> Vec<Protocol> {
+        match (self.protocol, self.ports.is_some()) {
+            (ProtocolConfig::Tcp, _) => vec![Protocol::Tcp],
+            (ProtocolConfig::Udp, _) => vec![Protocol::Udp],
+            (ProtocolConfig::Icmp, _) => vec![Protocol::Icmp],
+            (ProtocolConfig::Any, true) => vec![Protocol::Tcp, Protocol::Udp],
+            (ProtocolConfig::Any, false) => vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp],
+        }
+    }
+
+    /// Port ranges for `protocol` (every port when none are given; `None` for ICMP).
+    pub fn port_ranges(&self) -> Option<Vec<PortRange>> {
+        Some(self.ports.clone().unwrap_or_else(|| {
+            vec![PortRange {
+                start: 0,
+                end: u16::MAX,
+            }]
+        }))
+    }
+}
+
+/// A validated rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    /// What it matches.
+    pub destination: Destination,
+    /// Protocols and ports.
+    pub service: Service,
+    /// 1-based line of the rule in the source text, when known.
+    pub line: Option<usize>,
+}
+
+impl Rule {
+    fn from_config(c: &RuleConfig, list: RuleList) -> Result<Self, RuleError> {
+        let destination = match (&c.domain, &c.cidr) {
+            (None, None) => return Err(RuleError::NoDestination),
+            (Some(_), Some(_)) => return Err(RuleError::TwoDestinations),
+            (Some(d), None) => {
+                Destination::Domain(DomainPattern::parse(d).map_err(|source| {
+                    RuleError::Domain {
+                        value: d.clone(),
+                        source,
+                    }
+                })?)
+            }
+            (None, Some(s)) => {
+                let cidr = Cidr::parse(s).map_err(|source| RuleError::Cidr {
+                    value: s.clone(),
+                    source,
+                })?;
+                if list == RuleList::Allow {
+                    let iv = cidr.interval();
+                    let only_metadata = addr::metadata_blocks()
+                        .iter()
+                        .any(|m| m.interval().covers(&iv));
+                    if only_metadata {
+                        return Err(RuleError::MetadataOnly { cidr });
+                    }
+                }
+                Destination::Cidr(cidr)
+            }
+        };
+        let protocol = c.protocol.unwrap_or_default();
+        let ports = match &c.ports {
+            None => None,
+            Some(list) if list.is_empty() => return Err(RuleError::EmptyPorts),
+            Some(_) if protocol == ProtocolConfig::Icmp => return Err(RuleError::IcmpPorts),
+            Some(list) => {
+                let mut v = list
+                    .iter()
+                    .map(PortRange::parse)
+                    .collect::<Result<Vec<_>, _>>()?;
+                v.sort();
+                let mut merged: Vec<PortRange> = Vec::with_capacity(v.len());
+                for r in v {
+                    match merged.last_mut() {
+                        Some(last) if u32::from(r.start) <= u32::from(last.end) + 1 => {
+                            last.end = last.end.max(r.end);
+                        }
+                        _ => merged.push(r),
+                    }
+                }
+                Some(merged)
+            }
+        };
+        Ok(Self {
+            destination,
+            service: Service { protocol, ports },
+            line: None,
+        })
+    }
+
+    /// The rule in file form (normalised).
+    pub fn to_config(&self) -> RuleConfig {
+        let (domain, cidr) = match &self.destination {
+            Destination::Domain(d) => (Some(d.to_string()), None),
+            Destination::Cidr(c) => (None, Some(c.to_string())),
+        };
+        RuleConfig {
+            domain,
+            cidr,
+            ports: self
+                .service
+                .ports
+                .as_ref()
+                .map(|v| v.iter().map(|r| r.to_config()).collect()),
+            protocol: match self.service.protocol {
+                ProtocolConfig::Any => None,
+                p => Some(p),
+            },
+        }
+    }
+}
+
+/// Whether the resolver answers a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NameVerdict {
+    /// Forward the query upstream and pin the answers.
+    Allowed,
+    /// Answer REFUSED without asking upstream.
+    Refused,
+}
+
+/// The result of [`Policy::decide_name`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NameDecision {
+    /// Allowed or refused.
+    pub verdict: NameVerdict,
+    /// The deciding rule: the first matching deny rule, else the first matching allow rule,
+    /// else the default ([`Reason::Default`]), or [`Reason::InvalidName`].
+    pub reason: Reason,
+}
+
+/// A validated, normalised egress policy.
+///
+/// Build it with [`Policy::parse`] (text) or [`Policy::try_from`] (a [`PolicyConfig`]).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    default: DefaultAction,
+    allow: Vec<Rule>,
+    deny: Vec<Rule>,
+    allow_names: DomainMatcher,
+    deny_names: DomainMatcher,
+    /// Reserved ranges minus `holes`, plus metadata.
+    closed: IntervalSet,
+    reserved: IntervalSet,
+    metadata: IntervalSet,
+    warnings: Vec<PolicyWarning>,
+}
+
+impl Policy {
+    /// Parses, validates and normalises a policy text.
+    ///
+    /// # Errors
+    /// [`PolicyError::Syntax`] for text the format's parser refuses (with its line),
+    /// [`PolicyError::Rule`] for the first invalid rule (with the line of the offending field).
+    pub fn parse(text: &str, format: Format) -> Result<Self, PolicyError> {
+        let cfg = config::read(text, format).map_err(|error| PolicyError::Syntax { format, error })?;
+        match Self::try_from(cfg) {
+            Ok(mut p) => {
+                for (list, rules) in [(RuleList::Allow, &mut p.allow), (RuleList::Deny, &mut p.deny)]
+                {
+                    for (i, r) in rules.iter_mut().enumerate() {
+                        r.line = config::locate(text, format, list.key(), i, None);
+                    }
+                }
+                let lines: Vec<Option<usize>> = p
+                    .warnings
+                    .iter()
+                    .map(|w| p.rule(w.list, w.index).and_then(|r| r.line))
+                    .collect();
+                for (w, line) in p.warnings.iter_mut().zip(lines) {
+                    w.line = line;
+                }
+                Ok(p)
+            }
+            Err(PolicyError::Rule {
+                list, index, error, ..
+            }) => {
+                let line = error
+                    .field()
+                    .and_then(|f| config::locate(text, format, list.key(), index, Some(f)))
+                    .or_else(|| config::locate(text, format, list.key(), index, None));
+                Err(PolicyError::Rule {
+                    list,
+                    index,
+                    line,
+                    error,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`Policy::parse`] for TOML.
+    ///
+    /// # Errors
+    /// As [`Policy::parse`].
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        Self::parse(text, Format::Toml)
+    }
+
+    /// The default action.
+    pub fn default_action(&self) -> DefaultAction {
+        self.default
+    }
+
+    /// Allow rules in order.
+    pub fn allow_rules(&self) -> &[Rule] {
+        &self.allow
+    }
+
+    /// Deny rules in order.
+    pub fn deny_rules(&self) -> &[Rule] {
+        &self.deny
+    }
+
+    /// Rule `index` of `list`.
+    pub fn rule(&self, list: RuleList, index: usize) -> Option<&Rule> {
+        match list {
+            RuleList::Allow => self.allow.get(index),
+            RuleList::Deny => self.deny.get(index),
+        }
+    }
+
+    /// Warnings found while validating (host addresses are checked by
+    /// [`Policy::host_warnings`]).
+    pub fn warnings(&self) -> &[PolicyWarning] {
+        &self.warnings
+    }
+
+    /// Warnings for allow rules that cover one of `host` (the host's own addresses, which stay
+    /// denied).
+    pub fn host_warnings(&self, host: &[IpAddr]) -> Vec<PolicyWarning> {
+        let mut out = Vec::new();
+        for (index, r) in self.allow.iter().enumerate() {
+            if let Destination::Cidr(c) = &r.destination {
+                if host.iter().any(|h| c.contains(*h)) {
+                    out.push(PolicyWarning {
+                        list: RuleList::Allow,
+                        index,
+                        line: r.line,
+                        kind: WarningKind::CoversHost,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The policy in file form (normalised names and blocks, merged ports).
+    pub fn to_config(&self) -> PolicyConfig {
+        PolicyConfig {
+            default: self.default,
+            allow: self.allow.iter().map(Rule::to_config).collect(),
+            deny: self.deny.iter().map(Rule::to_config).collect(),
+        }
+    }
+
+    /// Whether the DNS resolver answers `qname` (any case, trailing dot allowed, Unicode or
+    /// A-labels).
+    ///
+    /// Order: an invalid name is refused; a name matched by a deny `domain` rule is refused;
+    /// in `deny` mode a name is allowed only when an allow `domain` rule matches it; in
+    /// `allow` and `learn` mode every other name is allowed.
+    pub fn decide_name(&self, qname: &str) -> NameDecision {
+        let Ok(name) = normalize_name(qname) else {
+            return NameDecision {
+                verdict: NameVerdict::Refused,
+                reason: Reason::InvalidName,
+            };
+        };
+        self.decide_normalized_name(&name)
+    }
+
+    pub(crate) fn decide_normalized_name(&self, name: &str) -> NameDecision {
+        if let Some(&i) = self.deny_names.matches(name).first() {
+            return NameDecision {
+                verdict: NameVerdict::Refused,
+                reason: Reason::DenyRule(i),
+            };
+        }
+        if let Some(&i) = self.allow_names.matches(name).first() {
+            return NameDecision {
+                verdict: NameVerdict::Allowed,
+                reason: Reason::AllowRule(i),
+            };
+        }
+        let verdict = match self.default {
+            DefaultAction::Deny => NameVerdict::Refused,
+            DefaultAction::Allow | DefaultAction::Learn => NameVerdict::Allowed,
+        };
+        NameDecision {
+            verdict,
+            reason: Reason::Default(self.default),
+        }
+    }
+
+    /// Indices of the allow `domain` rules matching the normalised `name`, when the name is
+    /// not denied: the rules whose services an address pinned for `name` gets.
+    pub(crate) fn pinning_rules(&self, name: &str) -> Vec<usize> {
+        if !self.deny_names.matches(name).is_empty() {
+            return Vec::new();
+        }
+        self.allow_names.matches(name)
+    }
+
+    /// Whether `ip` (normalised) can never be allowed: metadata or reserved-and-not-named.
+    /// Host addresses are not known here.
+    pub(crate) fn reserved_kind(&self, ip: IpAddr) -> Option<ReservedKind> {
+        if self.metadata.contains(ip) {
+            Some(ReservedKind::Metadata)
+        } else if self.closed.contains(ip) {
+            Some(ReservedKind::Range)
+        } else {
+            None
+        }
+    }
+
+    /// Whether `ip` is in any reserved range (named or not) or metadata; such an address is
+    /// never pinned from a DNS answer (DNS rebinding protection).
+    pub fn is_reserved(&self, ip: IpAddr) -> bool {
+        self.reserved.contains(ip) || self.metadata.contains(ip)
+    }
+
+    /// Reserved ranges minus the holes named by allow rules, plus metadata: the
+    /// `reserved4`/`reserved6` sets before host addresses are added.
+    pub(crate) fn closed(&self) -> &IntervalSet {
+        &self.closed
+    }
+}
+
+impl TryFrom<PolicyConfig> for Policy {
+    type Error = PolicyError;
+
+    fn try_from(cfg: PolicyConfig) -> Result<Self, PolicyError> {
+        let mut lists: [Vec<Rule>; 2] = [Vec::new(), Vec::new()];
+        for (slot, (list, rules)) in lists
+            .iter_mut()
+            .zip([(RuleList::Allow, &cfg.allow), (RuleList::Deny, &cfg.deny)])
+        {
+            for (index, rc) in rules.iter().enumerate() {
+                let rule = Rule::from_config(rc, list).map_err(|error| PolicyError::Rule {
+                    list,
+                    index,
+                    line: None,
+                    error,
+                })?;
+                slot.push(rule);
+            }
+        }
+        let [allow, deny] = lists;
+        let mut allow_names = DomainMatcher::default();
+        let mut deny_names = DomainMatcher::default();
+        for (i, r) in allow.iter().enumerate() {
+            if let Destination::Domain(d) = &r.destination {
+                allow_names.insert(d, i);
+            }
+        }
+        for (i, r) in deny.iter().enumerate() {
+            if let Destination::Domain(d) = &r.destination {
+                deny_names.insert(d, i);
+            }
+        }
+        let blocks = addr::reserved_blocks();
+        let reserved = IntervalSet::from_intervals(blocks.iter().map(Cidr::interval));
+        let metadata = IntervalSet::from_intervals(addr::metadata_blocks().iter().map(Cidr::interval));
+        let mut warnings = Vec::new();
+        let mut hole_items: Vec<Interval> = Vec::new();
+        for (index, r) in allow.iter().enumerate() {
+            let Destination::Cidr(c) = &r.destination else {
+                continue;
+            };
+            let iv = c.interval();
+            if blocks.iter().any(|b| b.interval().covers(&iv)) {
+                hole_items.push(iv);
+            }
+            if metadata.intervals().iter().any(|m| m.overlaps(&iv)) {
+                warnings.push(PolicyWarning {
+                    list: RuleList::Allow,
+                    index,
+                    line: None,
+                    kind: WarningKind::CoversMetadata,
+                });
+            }
+        }
+        let holes = IntervalSet::from_intervals(hole_items).subtract(&metadata);
+        let closed = IntervalSet::from_intervals(
+            reserved
+                .subtract(&holes)
+                .intervals()
+                .iter()
+                .chain(metadata.intervals())
+                .copied(),
+        );
+        Ok(Self {
+            default: cfg.default,
+            allow,
+            deny,
+            allow_names,
+            deny_names,
+            closed,
+            reserved,
+            metadata,
+            warnings,
+        })
+    }
+}
