@@ -798,3 +798,40 @@ fn port_expr(lo: u16, hi: u16) -> Expression<'static> {
     }
 }
 
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) const EXAMPLE: &str = r#"
+default = "deny"
+[[allow]]
+domain = "pypi.org"
+ports = [443]
+[[allow]]
+domain = "*.githubusercontent.com"
+ports = [443]
+[[allow]]
+cidr = "198.51.100.0/24"
+ports = ["8000-8099"]
+protocol = "tcp"
+[[deny]]
+domain = "uploads.example.com"
+"#;
+
+    pub(crate) fn net46() -> NetParams {
+        NetParams::new("tap0", "172.30.0.2".parse().expect("ip"), "172.30.0.1".parse().expect("ip"))
+            .with_ipv6("fdaa::2".parse().expect("ip"), "fdaa::1".parse().expect("ip"))
+            .with_host_addrs(["192.0.2.10".parse().expect("ip"), "2001:db8::10".parse().expect("ip")])
+            .with_log_group(7)
+    }
+
+    #[test]
+    fn dump() {
+        let p = Policy::from_toml(EXAMPLE).expect("valid");
+        let rs = Ruleset::compile(&p, &net46());
+        let mut pins = Pins::new();
+        pins.insert("pypi.org", "203.0.113.10".parse().expect("ip")).expect("name");
+        std::fs::write("/tmp/ex.json", rs.to_json(&pins)).expect("write");
+    }
+}

@@ -659,3 +659,142 @@ impl TryFrom<PolicyConfig> for Policy {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule_err(text: &str, format: Format) -> (RuleList, usize, Option<usize>, RuleError) {
+        match Policy::parse(text, format) {
+            Err(PolicyError::Rule {
+                list,
+                index,
+                line,
+                error,
+            }) => (list, index, line, error),
+            other => panic!("expected a rule error, got {other:?}"),
+        }
+    }
+
+    const HEAD: &str = "default = \"deny\"\n[[allow]]\ndomain = \"pypi.org\"\nports = [443]\n";
+
+    #[test]
+    fn each_rule_error_has_its_line_toml() {
+        let cases: &[(&str, usize, fn(&RuleError) -> bool)] = &[
+            ("[[allow]]\nports = [1]\n", 5, |e| *e == RuleError::NoDestination),
+            ("[[allow]]\ndomain = \"a.b\"\ncidr = \"1.2.3.4\"\n", 5, |e| *e == RuleError::TwoDestinations),
+            ("[[allow]]\nports = [1]\ndomain = \"a..b\"\n", 7, |e| matches!(e, RuleError::Domain { .. })),
+            ("[[allow]]\ndomain = \"a.*.b\"\n", 6, |e| matches!(e, RuleError::Domain { source: NameError::Wildcard, .. })),
+            ("[[allow]]\n\ncidr = \"10.0.0.1/8\"\n", 7, |e| matches!(e, RuleError::Cidr { source: CidrError::HostBits { .. }, .. })),
+            ("[[allow]]\ncidr = \"1.2.3.4\"\nports = [0]\n", 7, |e| matches!(e, RuleError::Port { .. })),
+            ("[[allow]]\ncidr = \"1.2.3.4\"\nports = [\"9-1\"]\n", 7, |e| matches!(e, RuleError::Port { .. })),
+            ("[[allow]]\ncidr = \"1.2.3.4\"\nports = [70000]\n", 7, |e| matches!(e, RuleError::Port { .. })),
+            ("[[allow]]\ncidr = \"1.2.3.4\"\nports = []\n", 7, |e| *e == RuleError::EmptyPorts),
+            ("[[allow]]\ncidr = \"1.2.3.4\"\nprotocol = \"icmp\"\nports = [1]\n", 8, |e| *e == RuleError::IcmpPorts),
+            ("[[allow]]\ncidr = \"169.254.169.254\"\n", 6, |e| matches!(e, RuleError::MetadataOnly { .. })),
+        ];
+        for (tail, line, pred) in cases {
+            let text = format!("{HEAD}{tail}");
+            let (list, index, got, err) = rule_err(&text, Format::Toml);
+            assert_eq!((list, index), (RuleList::Allow, 1), "{tail}");
+            assert!(pred(&err), "{tail}: {err:?}");
+            assert_eq!(got, Some(*line), "{tail}: {err}");
+        }
+    }
+
+    #[test]
+    fn deny_rule_error_line_and_message() {
+        let text = "[[deny]]\ndomain = \"ok.org\"\n\n[[deny]]\ncidr = \"nope\"\n";
+        let err = Policy::from_toml(text).expect_err("invalid");
+        assert_eq!(err.to_string(), "deny rule #1 (line 5) is invalid");
+        let (list, index, line, _) = rule_err(text, Format::Toml);
+        assert_eq!((list, index, line), (RuleList::Deny, 1, Some(5)));
+    }
+
+    #[test]
+    fn rule_error_lines_json_and_yaml() {
+        let json = "{\n  \"allow\": [\n    {\"domain\": \"a.org\"},\n    {\n      \"cidr\": \"1.2.3.4\",\n      \"ports\": [\"x\"]\n    }\n  ]\n}\n";
+        let (_, index, line, err) = rule_err(json, Format::Json);
+        assert_eq!((index, line), (1, Some(6)), "{err}");
+        let yaml = "default: deny\nallow:\n  - domain: a.org\n  - cidr: 1.2.3.4\n    ports: [\"x\"]\n";
+        let (_, index, line, err) = rule_err(yaml, Format::Yaml);
+        assert_eq!((index, line), (1, Some(5)), "{err}");
+        let yaml = "allow:\n  - domain: a.org\n  - ports: [1]\n";
+        let (_, index, line, err) = rule_err(yaml, Format::Yaml);
+        assert_eq!((index, line, err), (1, Some(3), RuleError::NoDestination));
+    }
+
+    #[test]
+    fn syntax_errors_have_lines() {
+        let cases = [
+            ("default = \"deny\"\n[[allow]]\nport = [443]\n", Format::Toml, 3),
+            ("default = \"maybe\"\n", Format::Toml, 1),
+            ("default = \"deny\"\n[[allow]\n", Format::Toml, 2),
+            ("{\n \"default\": \"deny\",\n \"allow\": [{\"domian\": \"x\"}]\n}", Format::Json, 3),
+            ("default: deny\nallow:\n  - domain: a\n    prots: 1\n", Format::Yaml, 4),
+        ];
+        for (text, format, line) in cases {
+            match Policy::parse(text, format) {
+                Err(PolicyError::Syntax { error, .. }) => {
+                    assert_eq!(error.line, Some(line), "{text}: {}", error.message)
+                }
+                other => panic!("{text}: expected a syntax error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn three_formats_read_the_same_model() {
+        let toml = "default = \"learn\"\n[[allow]]\ndomain = \"Pypi.ORG.\"\nports = [443, \"8000-8099\"]\nprotocol = \"tcp\"\n[[deny]]\ncidr = \"::ffff:198.51.100.0/120\"\n";
+        let json = r#"{"default":"learn","allow":[{"domain":"pypi.org","ports":[443,"8000-8099"],"protocol":"tcp"}],"deny":[{"cidr":"198.51.100.0/24"}]}"#;
+        let yaml = "default: learn\nallow:\n  - domain: pypi.org\n    ports: [443, \"8000-8099\"]\n    protocol: tcp\ndeny:\n  - cidr: 198.51.100.0/24\n";
+        let a = Policy::parse(toml, Format::Toml).expect("toml").to_config();
+        let b = Policy::parse(json, Format::Json).expect("json").to_config();
+        let c = Policy::parse(yaml, Format::Yaml).expect("yaml").to_config();
+        assert_eq!(a, b);
+        assert_eq!(b, c);
+        assert_eq!(a.allow[0].domain.as_deref(), Some("pypi.org"));
+        assert_eq!(a.deny[0].cidr.as_deref(), Some("198.51.100.0/24"));
+    }
+
+    #[test]
+    fn rule_lines_are_recorded_and_ports_merged() {
+        let p = Policy::from_toml("\n[[allow]]\ndomain = \"a.org\"\nports = [\"10-20\", 15, 21, 5]\n")
+            .expect("valid");
+        let r = &p.allow_rules()[0];
+        assert_eq!(r.line, Some(2));
+        assert_eq!(
+            r.service.ports,
+            Some(vec![PortRange { start: 5, end: 5 }, PortRange { start: 10, end: 21 }])
+        );
+    }
+
+    #[test]
+    fn metadata_warning_and_host_warning() {
+        let p = Policy::from_toml("[[allow]]\ncidr = \"169.254.0.0/16\"\n").expect("valid");
+        assert_eq!(p.warnings().len(), 1);
+        assert_eq!(p.warnings()[0].kind, WarningKind::CoversMetadata);
+        assert_eq!(p.warnings()[0].line, Some(1));
+        let w = p.host_warnings(&["169.254.1.1".parse().expect("ip")]);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].kind, WarningKind::CoversHost);
+    }
+
+    #[test]
+    fn decide_name_order() {
+        let p = Policy::from_toml(
+            "[[allow]]\ndomain = \"*.example.com\"\n[[deny]]\ndomain = \"uploads.example.com\"\n",
+        )
+        .expect("valid");
+        let d = |n: &str| p.decide_name(n);
+        assert_eq!(d("a.example.com").reason, Reason::AllowRule(0));
+        assert_eq!(d("A.Example.COM.").verdict, NameVerdict::Allowed);
+        assert_eq!(d("uploads.example.com").reason, Reason::DenyRule(0));
+        assert_eq!(d("example.com").reason, Reason::Default(DefaultAction::Deny));
+        assert_eq!(d("bad..name").reason, Reason::InvalidName);
+        let learn = Policy::from_toml("default = \"learn\"\n[[deny]]\ndomain = \"x.org\"\n")
+            .expect("valid");
+        assert_eq!(learn.decide_name("y.org").verdict, NameVerdict::Allowed);
+        assert_eq!(learn.decide_name("x.org").verdict, NameVerdict::Refused);
+    }
+}
