@@ -261,11 +261,14 @@ impl<'a> Oracle<'a> {
     /// 3. the gateway → deny ([`Reason::Gateway`]);
     /// 4. metadata, host addresses, reserved ranges not named by an allow `cidr` rule → deny;
     /// 5. a deny `cidr` rule → deny;
-    /// 6. an allow `cidr` rule → allow;
-    /// 7. a pin (`destination` was a DNS answer for a name that is allowed now) and an allow
-    ///    `domain` rule matching that name and this protocol/port → allow. Pins never count
-    ///    for a reserved address, named or not (the resolver does not pin those);
-    /// 8. the default: deny, allow, or allow recorded as `Default(Learn)`.
+    /// 6. a reserved address that an allow rule named (a `cidr` rule inside one reserved
+    ///    block): allowed by such a rule, else denied whatever the default. Wider rules
+    ///    (`0.0.0.0/0`) and pins never reach reserved addresses (the resolver does not pin
+    ///    them);
+    /// 7. an allow `cidr` rule → allow;
+    /// 8. a pin (`destination` was a DNS answer for a name that is allowed now) and an allow
+    ///    `domain` rule matching that name and this protocol/port → allow;
+    /// 9. the default: deny, allow, or allow recorded as `Default(Learn)`.
     pub fn decide(
         &self,
         destination: IpAddr,
@@ -300,19 +303,27 @@ impl<'a> Oracle<'a> {
             Some(kind) => return deny(Reason::Reserved(kind)),
             None => {}
         }
-        let cidr_match = |rules: &[crate::policy::Rule]| {
-            rules.iter().position(|r| {
-                matches!(&r.destination, Destination::Cidr(c) if c.contains(dst))
-                    && r.service.matches(protocol, port)
-            })
+        let covers = |r: &crate::policy::Rule| {
+            matches!(&r.destination, Destination::Cidr(c) if c.contains(dst))
+                && r.service.matches(protocol, port)
         };
-        if let Some(i) = cidr_match(self.policy.deny_rules()) {
+        if let Some(i) = self.policy.deny_rules().iter().position(covers) {
             return deny(Reason::DenyRule(i));
         }
-        if let Some(i) = cidr_match(self.policy.allow_rules()) {
+        if self.policy.is_reserved(dst) {
+            // Named reserved addresses: only the rules naming them allow traffic there.
+            let named = (0..self.policy.allow_rules().len()).find(|&i| {
+                self.policy.names_reserved(i) && covers(&self.policy.allow_rules()[i])
+            });
+            return match named {
+                Some(i) => allow(Reason::AllowRule(i)),
+                None => deny(Reason::Reserved(ReservedKind::Range)),
+            };
+        }
+        if let Some(i) = self.policy.allow_rules().iter().position(covers) {
             return allow(Reason::AllowRule(i));
         }
-        if !self.policy.is_reserved(dst) {
+        {
             let wanted = name.and_then(|n| normalize_name(n).ok());
             let mut best: Option<(bool, usize)> = None;
             for (pinned, _) in self.pins.names(dst) {
@@ -355,5 +366,173 @@ impl<'a> Oracle<'a> {
     /// The network parameters.
     pub fn net(&self) -> &'a NetParams {
         self.net
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::{metadata_blocks, reserved_blocks};
+    use crate::policy::Rule;
+    use crate::test_utils::{self, ip, net46};
+    use proptest::prelude::*;
+
+    fn policy(text: &str) -> Policy {
+        Policy::from_toml(text).expect("valid policy")
+    }
+
+    #[test]
+    fn example_policy_decisions() {
+        let p = policy(crate::nft::tests::EXAMPLE);
+        let net = net46();
+        let mut pins = Pins::new();
+        pins.insert("raw.githubusercontent.com", ip("203.0.113.20")).expect("name");
+        pins.insert("uploads.example.com", ip("203.0.113.30")).expect("name");
+        let o = Oracle::new(&p, &net, &pins);
+        let d = |a: &str, port, proto| o.decide(ip(a), port, proto, None);
+        assert_eq!(d("203.0.113.20", 443, Protocol::Tcp).reason, Reason::AllowRule(1));
+        assert_eq!(d("203.0.113.20", 443, Protocol::Udp).reason, Reason::AllowRule(1));
+        assert_eq!(d("203.0.113.20", 80, Protocol::Tcp).reason, Reason::Default(DefaultAction::Deny));
+        assert_eq!(d("203.0.113.20", 0, Protocol::Icmp).verdict, Verdict::Deny);
+        // A pin under a refused name does not count.
+        assert_eq!(d("203.0.113.30", 443, Protocol::Tcp).verdict, Verdict::Deny);
+        assert_eq!(d("198.51.100.9", 8099, Protocol::Tcp).reason, Reason::AllowRule(2));
+        assert_eq!(d("198.51.100.9", 8099, Protocol::Udp).verdict, Verdict::Deny);
+        assert_eq!(d("198.51.100.9", 53, Protocol::Udp).verdict, Verdict::Resolver);
+        assert_eq!(d("172.30.0.1", 22, Protocol::Tcp).reason, Reason::Gateway);
+        assert_eq!(
+            d("192.0.2.10", 443, Protocol::Tcp).reason,
+            Reason::Reserved(ReservedKind::Host)
+        );
+        assert_eq!(
+            d("fd00:ec2::254", 80, Protocol::Tcp).reason,
+            Reason::Reserved(ReservedKind::Metadata)
+        );
+        assert_eq!(d("10.0.0.1", 443, Protocol::Tcp).reason, Reason::Reserved(ReservedKind::Range));
+        let v4only = NetParams::new("tap0", ip("172.30.0.2").to_v4(), ip("172.30.0.1").to_v4());
+        let o4 = Oracle::new(&p, &v4only, &pins);
+        assert_eq!(
+            o4.decide(ip("2001:db8::1"), 53, Protocol::Udp, None).reason,
+            Reason::Ipv6Disabled
+        );
+    }
+
+    use crate::test_utils::Fam;
+
+    #[test]
+    fn named_reserved_block_opens_only_itself_and_never_metadata() {
+        let p = policy(
+            "[[allow]]\ncidr = \"10.1.0.0/16\"\n[[allow]]\ncidr = \"169.254.0.0/16\"\n[[allow]]\ncidr = \"0.0.0.0/0\"\n",
+        );
+        let net = net46();
+        let pins = Pins::new();
+        let o = Oracle::new(&p, &net, &pins);
+        assert_eq!(o.decide(ip("10.1.2.3"), 5432, Protocol::Tcp, None).reason, Reason::AllowRule(0));
+        assert_eq!(o.decide(ip("10.2.0.1"), 5432, Protocol::Tcp, None).verdict, Verdict::Deny);
+        assert_eq!(o.decide(ip("169.254.1.1"), 80, Protocol::Tcp, None).reason, Reason::AllowRule(1));
+        assert_eq!(
+            o.decide(ip("169.254.169.254"), 80, Protocol::Tcp, None).reason,
+            Reason::Reserved(ReservedKind::Metadata)
+        );
+        assert_eq!(o.decide(ip("8.8.8.8"), 80, Protocol::Tcp, None).reason, Reason::AllowRule(2));
+    }
+
+    #[test]
+    fn pins_prefer_the_name_used_and_skip_reserved() {
+        let p = policy("[[allow]]\ndomain = \"a.test\"\nports = [443]\n[[allow]]\ndomain = \"b.test\"\n");
+        let net = net46();
+        let mut pins = Pins::new();
+        pins.insert("a.test", ip("203.0.113.1")).expect("name");
+        pins.insert("b.test", ip("203.0.113.1")).expect("name");
+        pins.insert("a.test", ip("10.0.0.1")).expect("name");
+        let o = Oracle::new(&p, &net, &pins);
+        assert_eq!(o.decide(ip("203.0.113.1"), 443, Protocol::Tcp, Some("b.test")).reason, Reason::AllowRule(1));
+        assert_eq!(o.decide(ip("203.0.113.1"), 443, Protocol::Tcp, None).reason, Reason::AllowRule(0));
+        // Same address, another name's rule: the kernel cannot tell names apart (documented).
+        assert_eq!(o.decide(ip("203.0.113.1"), 22, Protocol::Tcp, Some("a.test")).reason, Reason::AllowRule(1));
+        assert_eq!(o.decide(ip("10.0.0.1"), 443, Protocol::Tcp, Some("a.test")).verdict, Verdict::Deny);
+    }
+
+    fn cidr_rule_covers(r: &Rule, dst: IpAddr, proto: Protocol, port: u16) -> bool {
+        matches!(&r.destination, Destination::Cidr(c) if c.contains(dst)) && r.service.matches(proto, port)
+    }
+
+    proptest! {
+        #[test]
+        fn deny_wins(cfg in test_utils::policy_config(), pins in test_utils::pins(),
+                     dst in test_utils::destination(), port in test_utils::port(),
+                     proto in test_utils::protocol()) {
+            let p = Policy::try_from(cfg).expect("generated policies are valid");
+            let net = net46();
+            let d = Oracle::new(&p, &net, &pins).decide(dst, port, proto, None);
+            if d.verdict == Verdict::Allow {
+                prop_assert!(!p.deny_rules().iter().any(|r| cidr_rule_covers(r, dst, proto, port)));
+                if let Reason::AllowRule(i) = d.reason {
+                    if let Destination::Domain(_) = p.allow_rules()[i].destination {
+                        // Reached through a pin whose name no deny rule names.
+                        let ok = pins.names(dst).any(|(n, _)| {
+                            p.decide_name(n).verdict == NameVerdict::Allowed
+                                && p.allow_rules()[i].destination_matches_name(n)
+                        });
+                        prop_assert!(ok);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn reserved_never_allowed_unless_named(cfg in test_utils::policy_config(),
+                     pins in test_utils::pins(), dst in test_utils::destination(),
+                     port in test_utils::port(), proto in test_utils::protocol()) {
+            let p = Policy::try_from(cfg).expect("generated policies are valid");
+            let net = net46();
+            let d = Oracle::new(&p, &net, &pins).decide(dst, port, proto, None);
+            let dst = normalize_ip(dst);
+            let never = metadata_blocks().iter().any(|m| m.contains(dst)) || net.host_addrs.contains(&dst);
+            if never {
+                prop_assert_ne!(d.verdict, Verdict::Allow);
+            }
+            let blocks = reserved_blocks();
+            if d.verdict == Verdict::Allow && blocks.iter().any(|b| b.contains(dst)) {
+                let Reason::AllowRule(i) = d.reason else {
+                    return Err(TestCaseError::fail(format!("reserved {dst} allowed by {:?}", d.reason)));
+                };
+                let r = &p.allow_rules()[i];
+                let Destination::Cidr(c) = &r.destination else {
+                    return Err(TestCaseError::fail("reserved address allowed through a pin"));
+                };
+                prop_assert!(blocks.iter().any(|b| b.interval().covers(&c.interval())));
+            }
+        }
+
+        #[test]
+        fn ipv4_mapped_is_ipv4(cfg in test_utils::policy_config(), pins in test_utils::pins(),
+                     v4 in any::<u32>(), pick in proptest::sample::select(test_utils::DESTS),
+                     use_pool in any::<bool>(), port in test_utils::port(),
+                     proto in test_utils::protocol()) {
+            let p = Policy::try_from(cfg).expect("generated policies are valid");
+            let net = net46();
+            let v4 = match (use_pool, ip(pick)) {
+                (true, IpAddr::V4(a)) => a,
+                _ => std::net::Ipv4Addr::from(v4),
+            };
+            let o = Oracle::new(&p, &net, &pins);
+            prop_assert_eq!(
+                o.decide(IpAddr::V6(v4.to_ipv6_mapped()), port, proto, None),
+                o.decide(IpAddr::V4(v4), port, proto, None)
+            );
+        }
+
+        #[test]
+        fn wildcard_matches_deeper_names_only(labels in proptest::collection::vec("[a-z0-9]{1,8}", 1..4),
+                     suffix in proptest::collection::vec("[a-z]{1,8}", 1..3)) {
+            let suffix = suffix.join(".");
+            let p = policy(&format!("[[allow]]\ndomain = \"*.{suffix}\"\n"));
+            let deeper = format!("{}.{suffix}", labels.join("."));
+            prop_assert_eq!(p.decide_name(&deeper).verdict, NameVerdict::Allowed);
+            prop_assert_eq!(p.decide_name(&suffix).verdict, NameVerdict::Refused);
+            let sibling = format!("{}{suffix}", labels[0]);
+            prop_assert_eq!(p.decide_name(&sibling).verdict, NameVerdict::Refused);
+        }
     }
 }

@@ -71,6 +71,8 @@ pub mod learn;
 pub mod name;
 pub mod nft;
 pub mod policy;
+#[cfg(test)]
+mod test_utils;
 
 pub use addr::{Cidr, ReservedKind};
 pub use config::{DefaultAction, Format, PolicyConfig, ProtocolConfig, RuleConfig};

@@ -303,11 +303,26 @@ impl Ruleset {
                 .map(interval_expr)
                 .collect();
             o.push(self.set(&format!("reserved{f}"), vec![addr_t], SetFlag::Interval, reserved_elems));
+            let named_elems: Vec<Expression<'static>> = self
+                .policy
+                .holes()
+                .subtract(&host)
+                .intervals()
+                .iter()
+                .filter(|i| i.v4 == fam4)
+                .map(interval_expr)
+                .collect();
+            o.push(self.set(&format!("named{f}"), vec![addr_t], SetFlag::Interval, named_elems));
             let (deny_addr, deny_boxes) = self.cidr_rules(self.policy.deny_rules(), fam4, true);
             o.push(self.set(&format!("deny_addr{f}"), vec![addr_t], SetFlag::Interval, deny_addr));
             let concat = vec![addr_t, SetType::InetProto, SetType::InetService];
             o.push(self.set(&format!("deny{f}"), concat.clone(), SetFlag::Interval, deny_boxes));
-            let (_, allow_boxes) = self.cidr_rules(self.policy.allow_rules(), fam4, false);
+            let allow = self.policy.allow_rules();
+            let (named, wide): (Vec<_>, Vec<_>) = (0..allow.len()).partition(|&i| self.policy.names_reserved(i));
+            let pick = |idx: Vec<usize>| idx.into_iter().map(|i| allow[i].clone()).collect::<Vec<_>>();
+            let (_, named_boxes) = self.cidr_rules(&pick(named), fam4, false);
+            o.push(self.set(&format!("allow_named{f}"), concat.clone(), SetFlag::Interval, named_boxes));
+            let (_, allow_boxes) = self.cidr_rules(&pick(wide), fam4, false);
             o.push(self.set(&format!("allow{f}"), concat, SetFlag::Interval, allow_boxes));
         }
         for (k, svc) in self.classes.iter().enumerate() {
@@ -454,6 +469,15 @@ impl Ruleset {
             o.push(self.rule(
                 "forward",
                 vec![eq(tuple(ip), set_ref(&format!("deny{f}"))), goto(LogClass::Rule.chain())],
+            ));
+        }
+        for (ip, f) in fams {
+            o.push(self.rule("forward", vec![eq(tuple(ip), set_ref(&format!("allow_named{f}"))), accept()]));
+        }
+        for (ip, f) in fams {
+            o.push(self.rule(
+                "forward",
+                vec![eq(payload(ip, "daddr"), set_ref(&format!("named{f}"))), goto(LogClass::Reserved.chain())],
             ));
         }
         for (ip, f) in fams {
@@ -802,6 +826,10 @@ fn port_expr(lo: u16, hi: u16) -> Expression<'static> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::decide::{Oracle, Verdict};
+    use crate::test_utils::{self, ip, net46};
+    use proptest::prelude::*;
+    use serde_json::Value;
 
     pub(crate) const EXAMPLE: &str = r#"
 default = "deny"
@@ -819,19 +847,292 @@ protocol = "tcp"
 domain = "uploads.example.com"
 "#;
 
-    pub(crate) fn net46() -> NetParams {
-        NetParams::new("tap0", "172.30.0.2".parse().expect("ip"), "172.30.0.1".parse().expect("ip"))
-            .with_ipv6("fdaa::2".parse().expect("ip"), "fdaa::1".parse().expect("ip"))
-            .with_host_addrs(["192.0.2.10".parse().expect("ip"), "2001:db8::10".parse().expect("ip")])
-            .with_log_group(7)
+    /// One element of a set, as (first, last) per concatenated field.
+    type Key = Vec<(u128, u128)>;
+
+    fn scalar(v: &Value) -> u128 {
+        match v {
+            Value::Number(n) => u128::from(n.as_u64().expect("small number")),
+            Value::String(s) => match s.as_str() {
+                "tcp" => 6,
+                "udp" => 17,
+                "icmp" => 1,
+                "ipv6-icmp" => 58,
+                a => crate::addr::to_u128(a.parse().expect("address")),
+            },
+            other => panic!("unexpected scalar {other}"),
+        }
+    }
+
+    fn field(v: &Value) -> (u128, u128) {
+        if let Some(p) = v.get("prefix") {
+            let c = Cidr::new(p["addr"].as_str().expect("addr").parse().expect("ip"),
+                u8::try_from(p["len"].as_u64().expect("len")).expect("len")).expect("clean prefix");
+            let i = c.interval();
+            return (i.lo, i.hi);
+        }
+        if let Some(r) = v.get("range") {
+            return (scalar(&r[0]), scalar(&r[1]));
+        }
+        if let Some(e) = v.get("elem") {
+            return field(&e["val"]);
+        }
+        let x = scalar(v);
+        (x, x)
+    }
+
+    fn key(v: &Value) -> Key {
+        match v.get("concat") {
+            Some(Value::Array(parts)) => parts.iter().map(field).collect(),
+            _ => vec![field(v)],
+        }
+    }
+
+    /// Set name → elements, from the `add set` and `add element` commands of a batch.
+    fn sets(batch: &Value) -> BTreeMap<String, Vec<Key>> {
+        let mut out: BTreeMap<String, Vec<Key>> = BTreeMap::new();
+        for cmd in batch["nftables"].as_array().expect("array") {
+            let Some(add) = cmd.get("add") else { continue };
+            let (obj, list) = if let Some(s) = add.get("set") {
+                (s, "elem")
+            } else if let Some(e) = add.get("element") {
+                (e, "elem")
+            } else {
+                continue;
+            };
+            let entry = out.entry(obj["name"].as_str().expect("name").to_owned()).or_default();
+            if let Some(Value::Array(elems)) = obj.get(list) {
+                entry.extend(elems.iter().map(key));
+            }
+        }
+        out
+    }
+
+    fn hit(sets: &BTreeMap<String, Vec<Key>>, name: &str, probe: &[u128]) -> bool {
+        sets.get(name).expect("set exists").iter().any(|k| {
+            k.len() == probe.len() && k.iter().zip(probe).all(|((lo, hi), v)| lo <= v && v <= hi)
+        })
+    }
+
+    /// The forward/input/prerouting logic of the compiled table, evaluated over its sets.
+    fn model(rs: &Ruleset, batch: &Value, dst: IpAddr, port: u16, proto: Protocol) -> Verdict {
+        let s = sets(batch);
+        let dst = crate::addr::normalize_ip(dst);
+        let f = if dst.is_ipv4() { "4" } else { "6" };
+        let a = crate::addr::to_u128(dst);
+        let p = scalar(&Value::String(proto.nft_name(dst.is_ipv4()).to_owned()));
+        let port = u128::from(port);
+        let net = &rs.net;
+        if dst.is_ipv6() && net.guest6.is_none() {
+            return Verdict::Deny;
+        }
+        if proto != Protocol::Icmp && port == 53 {
+            return Verdict::Resolver;
+        }
+        if net.is_gateway(dst) {
+            return Verdict::Deny;
+        }
+        if hit(&s, &format!("reserved{f}"), &[a])
+            || hit(&s, &format!("deny_addr{f}"), &[a])
+            || hit(&s, &format!("deny{f}"), &[a, p, port])
+        {
+            return Verdict::Deny;
+        }
+        if hit(&s, &format!("allow_named{f}"), &[a, p, port]) {
+            return Verdict::Allow;
+        }
+        if hit(&s, &format!("named{f}"), &[a]) {
+            return Verdict::Deny;
+        }
+        if hit(&s, &format!("allow{f}"), &[a, p, port]) {
+            return Verdict::Allow;
+        }
+        for k in 0..rs.pin_classes() {
+            if hit(&s, &format!("pinned{f}_{k}"), &[a]) && hit(&s, &format!("svc_{k}"), &[p, port]) {
+                return Verdict::Allow;
+            }
+        }
+        match rs.policy.default_action() {
+            DefaultAction::Deny => Verdict::Deny,
+            _ => Verdict::Allow,
+        }
+    }
+
+    /// No two elements of an interval set overlap (the kernel refuses that).
+    fn assert_disjoint(batch: &Value) {
+        for (name, elems) in sets(batch) {
+            if name.starts_with("pinned") {
+                continue;
+            }
+            for (i, x) in elems.iter().enumerate() {
+                for y in &elems[i + 1..] {
+                    let overlap = x.len() == y.len()
+                        && x.iter().zip(y).all(|((a, b), (c, d))| a <= d && c <= b);
+                    assert!(!overlap, "{name}: {x:?} overlaps {y:?}");
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn compiled_sets_agree_with_the_oracle(cfg in test_utils::policy_config(),
+                     pins in test_utils::pins(),
+                     probes in proptest::collection::vec(
+                         (test_utils::destination(), test_utils::port(), test_utils::protocol()), 1..24)) {
+            let p = Policy::try_from(cfg).expect("generated policies are valid");
+            let net = net46();
+            let rs = Ruleset::compile(&p, &net);
+            let batch: Value = serde_json::from_str(&rs.to_json(&pins)).expect("json");
+            assert_disjoint(&batch);
+            let o = Oracle::new(&p, &net, &pins);
+            for (dst, port, proto) in probes {
+                let want = o.decide(dst, port, proto, None);
+                prop_assert_eq!(model(&rs, &batch, dst, port, proto), want.verdict,
+                    "{} {} {:?}: oracle {:?}", dst, port, proto, want);
+            }
+        }
     }
 
     #[test]
-    fn dump() {
+    fn golden_example() {
         let p = Policy::from_toml(EXAMPLE).expect("valid");
         let rs = Ruleset::compile(&p, &net46());
         let mut pins = Pins::new();
-        pins.insert("pypi.org", "203.0.113.10".parse().expect("ip")).expect("name");
-        std::fs::write("/tmp/ex.json", rs.to_json(&pins)).expect("write");
+        pins.insert("pypi.org", ip("203.0.113.10")).expect("name");
+        pins.insert("uploads.example.com", ip("203.0.113.11")).expect("name");
+        let got: Value = serde_json::from_str(&rs.to_json(&pins)).expect("json");
+        let want: Value =
+            serde_json::from_str(include_str!("../testdata/example.nft.json")).expect("golden json");
+        if got != want {
+            panic!(
+                "compiled ruleset differs from testdata/example.nft.json; got:\n{}",
+                serde_json::to_string_pretty(&got).expect("json")
+            );
+        }
+    }
+
+    #[test]
+    fn golden_learn_v4_only() {
+        let p = Policy::from_toml(
+            "default = \"learn\"\n[[allow]]\ncidr = \"203.0.113.0/24\"\nports = [443]\nprotocol = \"tcp\"\n\
+             [[allow]]\ncidr = \"203.0.113.0/25\"\nports = [\"400-500\"]\nprotocol = \"tcp\"\n\
+             [[allow]]\ncidr = \"10.1.0.0/16\"\nprotocol = \"icmp\"\n\
+             [[deny]]\ncidr = \"203.0.113.128/26\"\n",
+        )
+        .expect("valid");
+        let net = NetParams::new("tap0", "172.30.0.2".parse().expect("ip"), "172.30.0.1".parse().expect("ip"));
+        let rs = Ruleset::compile(&p, &net);
+        let got: Value = serde_json::from_str(&rs.to_json(&Pins::new())).expect("json");
+        let s = sets(&got);
+        // Overlapping allow rules become disjoint boxes.
+        let want_allow: Vec<Key> = vec![
+            vec![(0xcb00_7100, 0xcb00_717f), (6, 6), (400, 500)],
+            vec![(0xcb00_7180, 0xcb00_71ff), (6, 6), (443, 443)],
+        ];
+        assert_eq!(s["allow4"], want_allow);
+        assert_eq!(s["deny_addr4"], vec![vec![(0xcb00_7180, 0xcb00_71bf)]]);
+        assert_eq!(s["allow_named4"], vec![vec![(0x0a01_0000, 0x0a01_ffff), (1, 1), (0, 65535)]]);
+        assert_eq!(s["named4"], vec![vec![(0x0a01_0000, 0x0a01_ffff)]]);
+        let last_forward = got["nftables"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|c| c.get("add").and_then(|a| a.get("rule")))
+            .filter(|r| r["chain"] == "forward")
+            .last()
+            .expect("forward rules")
+            .clone();
+        assert_eq!(last_forward["expr"], serde_json::json!([{"goto": {"target": "learn"}}]));
+        // No IPv6: every IPv6 packet from the guest is refused as spoofed.
+        assert!(got.to_string().contains(r#"{"match":{"left":{"meta":{"key":"nfproto"}},"op":"==","right":"ipv6"}},{"goto":{"target":"deny_spoof"}}"#));
+    }
+
+    #[test]
+    fn pin_batch_pins_allowed_public_answers_only() {
+        let p = Policy::from_toml(EXAMPLE).expect("valid");
+        let rs = Ruleset::compile(&p, &net46());
+        let answers = [ip("203.0.113.10"), ip("::ffff:10.0.0.1"), ip("2001:db8::10"), ip("2001:db8::7")];
+        let b = rs.pin_batch("PyPI.org.", &answers, 600);
+        assert_eq!(b.pinned, vec![ip("203.0.113.10"), ip("2001:db8::7")]);
+        assert_eq!(b.refused, vec![ip("10.0.0.1"), ip("2001:db8::10")]);
+        let json = serde_json::to_value(b.batch.expect("something pinned")).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"nftables": [
+                {"add": {"element": {"family": "inet", "table": "sandbox", "name": "pinned4_0",
+                    "elem": [{"elem": {"val": "203.0.113.10", "timeout": 600, "expires": null, "comment": null, "counter": null}}]}}},
+                {"add": {"element": {"family": "inet", "table": "sandbox", "name": "pinned6_0",
+                    "elem": [{"elem": {"val": "2001:db8::7", "timeout": 600, "expires": null, "comment": null, "counter": null}}]}}}
+            ]})
+        );
+        assert!(rs.pin_batch("uploads.example.com", &answers, 600).batch.is_none());
+        assert!(rs.pin_batch("example.org", &answers, 600).batch.is_none());
+    }
+
+    #[test]
+    fn swap_carries_only_pins_the_new_policy_allows() {
+        let mut pins = Pins::new();
+        pins.insert_with_timeout("pypi.org", ip("203.0.113.10"), 120).expect("name");
+        pins.insert_with_timeout("raw.githubusercontent.com", ip("203.0.113.20"), 90).expect("name");
+        let tighter = Policy::from_toml("[[allow]]\ndomain = \"pypi.org\"\nports = [443]\nprotocol = \"tcp\"\n")
+            .expect("valid");
+        let rs = Ruleset::compile(&tighter, &net46());
+        let batch: Value = serde_json::from_str(&rs.to_json(&pins)).expect("json");
+        let cmds = batch["nftables"].as_array().expect("array");
+        // Atomic replace: add, delete, then the new table.
+        assert_eq!(cmds[0], serde_json::json!({"add": {"table": {"family": "inet", "name": "sandbox"}}}));
+        assert_eq!(cmds[1], serde_json::json!({"delete": {"table": {"family": "inet", "name": "sandbox"}}}));
+        let s = sets(&batch);
+        assert_eq!(s["pinned4_0"], vec![vec![(0xcb00_710a, 0xcb00_710a)]]);
+        assert!(batch.to_string().contains(r#""timeout":120"#));
+        assert!(!batch.to_string().contains("203.0.113.20"));
+    }
+
+    #[test]
+    fn log_prefixes_round_trip() {
+        for c in LogClass::ALL {
+            assert_eq!(LogClass::from_prefix(c.prefix()), Some(c));
+            assert_eq!(LogClass::from_prefix(&format!("{}\0", c.prefix().trim_end())), Some(c));
+        }
+        assert_eq!(LogClass::from_prefix("other"), None);
+    }
+
+    /// Installs the example table twice (install, then swap) and a pin batch in a throwaway
+    /// network namespace, and reads the pinned set back. Needs root and `nft`.
+    #[cfg(sandbox_privileged)]
+    #[test]
+    fn kernel_accepts_install_swap_and_pins() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let p = Policy::from_toml(EXAMPLE).expect("valid");
+        let rs = Ruleset::compile(&p, &net46());
+        let overlapping = Policy::from_toml(
+            "default = \"learn\"\n[[allow]]\ncidr = \"203.0.113.0/24\"\nports = [443]\n\
+             [[allow]]\ncidr = \"203.0.113.0/25\"\nports = [\"400-500\"]\n\
+             [[allow]]\ncidr = \"10.1.0.0/16\"\n[[allow]]\ndomain = \"a.test\"\nprotocol = \"icmp\"\n",
+        )
+        .expect("valid");
+        let rs2 = Ruleset::compile(&overlapping, &net46());
+        let pin = rs.pin_batch("pypi.org", &[ip("203.0.113.10")], 300).batch.expect("pinned");
+        let script = format!(
+            "set -e\nnft -j -f /dev/stdin <<'A'\n{}\nA\nnft -j -f /dev/stdin <<'B'\n{}\nB\nnft -j -f /dev/stdin <<'C'\n{}\nC\nnft -j -f /dev/stdin <<'D'\n{}\nD\nnft -j list set inet sandbox pinned4_0\n",
+            rs.to_json(&Pins::new()),
+            rs2.to_json(&Pins::new()),
+            rs.to_json(&Pins::new()),
+            serde_json::to_string(&pin).expect("json"),
+        );
+        let mut child = Command::new("unshare")
+            .args(["-n", "sh", "-s"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("unshare and nft are installed");
+        child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write");
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "nft failed: {}", String::from_utf8_lossy(&out.stderr));
+        let listed = String::from_utf8_lossy(&out.stdout);
+        assert!(listed.contains("203.0.113.10"), "{listed}");
     }
 }

@@ -342,6 +342,11 @@ impl Rule {
         })
     }
 
+    /// Whether this is a `domain` rule matching the normalised `name`.
+    pub fn destination_matches_name(&self, name: &str) -> bool {
+        matches!(&self.destination, Destination::Domain(d) if d.matches(name))
+    }
+
     /// The rule in file form (normalised).
     pub fn to_config(&self) -> RuleConfig {
         let (domain, cidr) = match &self.destination {
@@ -394,6 +399,11 @@ pub struct Policy {
     deny: Vec<Rule>,
     allow_names: DomainMatcher,
     deny_names: DomainMatcher,
+    /// Reserved addresses an allow `cidr` rule names explicitly (minus metadata).
+    holes: IntervalSet,
+    /// For each allow rule: whether it is a `cidr` rule inside one reserved block (it names
+    /// reserved addresses, and only such rules allow traffic to them).
+    names_reserved: Vec<bool>,
     /// Reserved ranges minus `holes`, plus metadata.
     closed: IntervalSet,
     reserved: IntervalSet,
@@ -581,6 +591,18 @@ impl Policy {
     pub(crate) fn closed(&self) -> &IntervalSet {
         &self.closed
     }
+
+    /// Whether allow rule `index` is a `cidr` rule lying inside one reserved block: it names
+    /// those reserved addresses, and only such rules allow traffic to them.
+    pub fn names_reserved(&self, index: usize) -> bool {
+        self.names_reserved.get(index).copied().unwrap_or(false)
+    }
+
+    /// Reserved addresses named by allow `cidr` rules: only those rules' traffic reaches them
+    /// (the `named4`/`named6` sets).
+    pub(crate) fn holes(&self) -> &IntervalSet {
+        &self.holes
+    }
 }
 
 impl TryFrom<PolicyConfig> for Policy {
@@ -620,6 +642,7 @@ impl TryFrom<PolicyConfig> for Policy {
         let metadata = IntervalSet::from_intervals(addr::metadata_blocks().iter().map(Cidr::interval));
         let mut warnings = Vec::new();
         let mut hole_items: Vec<Interval> = Vec::new();
+        let mut names_reserved = vec![false; allow.len()];
         for (index, r) in allow.iter().enumerate() {
             let Destination::Cidr(c) = &r.destination else {
                 continue;
@@ -627,6 +650,7 @@ impl TryFrom<PolicyConfig> for Policy {
             let iv = c.interval();
             if blocks.iter().any(|b| b.interval().covers(&iv)) {
                 hole_items.push(iv);
+                names_reserved[index] = true;
             }
             if metadata.intervals().iter().any(|m| m.overlaps(&iv)) {
                 warnings.push(PolicyWarning {
@@ -652,6 +676,8 @@ impl TryFrom<PolicyConfig> for Policy {
             deny,
             allow_names,
             deny_names,
+            holes,
+            names_reserved,
             closed,
             reserved,
             metadata,
