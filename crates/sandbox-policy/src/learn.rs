@@ -173,3 +173,132 @@ impl LearnLog {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::{Oracle, Pins, Verdict};
+    use crate::test_utils::{self, ip, net46};
+    use proptest::prelude::*;
+
+    #[test]
+    fn suggestion_text() {
+        let base = Policy::from_toml("default = \"learn\"\n[[allow]]\ndomain = \"pypi.org\"\nports = [443]\n")
+            .expect("valid");
+        let net = net46();
+        let mut pins = Pins::new();
+        pins.insert("files.example.net", ip("203.0.113.7")).expect("name");
+        let o = Oracle::new(&base, &net, &pins);
+        let mut log = LearnLog::new(16);
+        for (dst, port, proto, name) in [
+            ("203.0.113.7", 443, Protocol::Tcp, Some("files.example.net")),
+            ("203.0.113.7", 443, Protocol::Tcp, Some("FILES.example.net.")), // duplicate
+            ("203.0.113.7", 80, Protocol::Tcp, Some("files.example.net")),
+            ("198.51.100.9", 0, Protocol::Icmp, None),
+            ("10.0.0.1", 443, Protocol::Tcp, None), // reserved: denied, not learned
+        ] {
+            let d = o.decide(ip(dst), port, proto, name);
+            log.observe(&d, ip(dst), port, proto, name);
+        }
+        assert!(log.observe_name(&base.decide_name("never-used.example"), "never-used.example"));
+        assert!(!log.observe_name(&base.decide_name("pypi.org"), "pypi.org"));
+        assert_eq!(log.flows().count(), 3);
+        let text = log.suggest_toml(&base);
+        assert_eq!(
+            text,
+            "# Suggested by learn mode: allows exactly the traffic seen.\n\
+             # Resolved but never connected to (not allowed):\n\
+             #   never-used.example\n\
+             default = \"deny\"\n\n\
+             [[allow]]\ndomain = \"pypi.org\"\nports = [443]\n\n\
+             [[allow]]\ndomain = \"files.example.net\"\nports = [80, 443]\nprotocol = \"tcp\"\n\n\
+             [[allow]]\ncidr = \"198.51.100.9/32\"\nprotocol = \"icmp\"\n"
+        );
+    }
+
+    #[test]
+    fn log_is_bounded() {
+        let base = Policy::from_toml("default = \"learn\"\n").expect("valid");
+        let net = net46();
+        let pins = Pins::new();
+        let o = Oracle::new(&base, &net, &pins);
+        let mut log = LearnLog::new(2);
+        for port in 1..=5u16 {
+            let d = o.decide(ip("203.0.113.1"), port, Protocol::Tcp, None);
+            log.observe(&d, ip("203.0.113.1"), port, Protocol::Tcp, None);
+        }
+        assert_eq!(log.flows().count(), 2);
+        assert_eq!(log.dropped(), 3);
+        assert!(log.suggest_toml(&base).contains("# 3 observations were dropped"));
+    }
+
+    proptest! {
+        /// The suggestion parses and allows exactly what the base policy allowed in deny mode
+        /// plus the observed (name or address, protocol, port) traffic.
+        #[test]
+        fn suggestion_allows_exactly_the_observed_traffic(
+            mut cfg in test_utils::policy_config(),
+            pins in test_utils::pins(),
+            picks in proptest::collection::vec((any::<proptest::sample::Index>(), any::<bool>(),
+                test_utils::destination(), test_utils::port(), test_utils::protocol()), 0..12),
+            probes in proptest::collection::vec((test_utils::destination(), test_utils::port(),
+                test_utils::protocol()), 1..24),
+        ) {
+            cfg.default = DefaultAction::Learn;
+            let learn = Policy::try_from(cfg.clone()).expect("valid");
+            cfg.default = DefaultAction::Deny;
+            let base_deny = Policy::try_from(cfg).expect("valid");
+            let net = net46();
+            // The resolver pins only names it answers.
+            let mut live = Pins::new();
+            for (addr, name, _) in pins.iter() {
+                if learn.decide_name(name).verdict == crate::NameVerdict::Allowed {
+                    live.insert(name, addr).expect("name");
+                }
+            }
+            let entries: Vec<(IpAddr, String)> = live.iter().map(|(a, n, _)| (a, n.to_owned())).collect();
+            let o = Oracle::new(&learn, &net, &live);
+            let mut log = LearnLog::new(64);
+            for (idx, via_name, dst, port, proto) in picks {
+                let (dst, name) = match (via_name, entries.is_empty()) {
+                    (true, false) => {
+                        let (a, n) = &entries[idx.index(entries.len())];
+                        (*a, Some(n.as_str()))
+                    }
+                    _ => (dst, None),
+                };
+                let d = o.decide(dst, port, proto, name);
+                log.observe(&d, dst, port, proto, name);
+            }
+            let text = log.suggest_toml(&learn);
+            let suggested = Policy::from_toml(&text).expect("the suggestion parses");
+            let so = Oracle::new(&suggested, &net, &live);
+            let bo = Oracle::new(&base_deny, &net, &live);
+            let mut all_probes = probes;
+            all_probes.extend(log.flows().map(|f| (f.destination, f.port, f.protocol)));
+            for (dst, port, proto) in all_probes {
+                let dst = crate::addr::normalize_ip(dst);
+                let covered = log.flows().any(|f| {
+                    f.protocol == proto
+                        && (proto == Protocol::Icmp || f.port == port)
+                        && match &f.name {
+                            None => f.destination == dst,
+                            Some(n) => !learn.is_reserved(dst)
+                                && !net.host_addrs.contains(&dst)
+                                && !net.is_gateway(dst)
+                                && live.names(dst).any(|(m, _)| m == n),
+                        }
+                });
+                let base = bo.decide(dst, port, proto, None).verdict;
+                let want = match base {
+                    Verdict::Resolver => Verdict::Resolver,
+                    Verdict::Allow => Verdict::Allow,
+                    Verdict::Deny if covered => Verdict::Allow,
+                    Verdict::Deny => Verdict::Deny,
+                };
+                let got = so.decide(dst, port, proto, None);
+                prop_assert_eq!(got.verdict, want, "{} {} {:?} {:?}\n{}", dst, port, proto, got, text);
+            }
+        }
+    }
+}
