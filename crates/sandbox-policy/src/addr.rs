@@ -217,7 +217,13 @@ impl Interval {
             } else {
                 lo.trailing_zeros().min(u32::from(bits))
             };
-            while k > 0 && (if k >= 128 { span != u128::MAX } else { (1u128 << k) - 1 > span }) {
+            while k > 0
+                && (if k >= 128 {
+                    span != u128::MAX
+                } else {
+                    (1u128 << k) - 1 > span
+                })
+            {
                 k -= 1;
             }
             // `k <= bits <= 128`, so it fits in u8.
@@ -226,7 +232,11 @@ impl Interval {
                 addr: from_u128(lo, self.v4),
                 prefix,
             });
-            let last = if k >= 128 { u128::MAX } else { lo + ((1u128 << k) - 1) };
+            let last = if k >= 128 {
+                u128::MAX
+            } else {
+                lo + ((1u128 << k) - 1)
+            };
             if last >= self.hi {
                 break;
             }
@@ -411,7 +421,10 @@ mod tests {
 
     #[test]
     fn reserved_lists_parse() {
-        assert_eq!(reserved_blocks().len(), RESERVED_V4.len() + RESERVED_V6.len());
+        assert_eq!(
+            reserved_blocks().len(),
+            RESERVED_V4.len() + RESERVED_V6.len()
+        );
         assert_eq!(metadata_blocks().len(), METADATA.len());
     }
 
@@ -431,7 +444,10 @@ mod tests {
         );
         assert_eq!(
             Cidr::parse("1.2.3.0/33"),
-            Err(CidrError::Prefix { prefix: 33, max: 32 })
+            Err(CidrError::Prefix {
+                prefix: 33,
+                max: 32
+            })
         );
         assert_eq!(Cidr::parse("nope"), Err(CidrError::Syntax));
         assert_eq!(Cidr::parse("1.2.3.0/"), Err(CidrError::Syntax));
@@ -476,5 +492,33 @@ mod tests {
         };
         assert_eq!(all6.to_cidrs().len(), 1);
         assert_eq!(all6.to_cidrs()[0].to_string(), "::/0");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn cidrs_cover_the_interval_exactly(a in proptest::prelude::any::<u32>(), b in proptest::prelude::any::<u32>()) {
+            let (lo, hi) = (u128::from(a.min(b)), u128::from(a.max(b)));
+            let cidrs = Interval { v4: true, lo, hi }.to_cidrs();
+            let mut next = lo;
+            for c in &cidrs {
+                let i = c.interval();
+                proptest::prop_assert_eq!(i.lo, next);
+                next = i.hi + 1;
+            }
+            proptest::prop_assert_eq!(next, hi + 1);
+            proptest::prop_assert!(cidrs.len() <= 62);
+        }
+
+        #[test]
+        fn cidr_display_parses_back(v in proptest::prelude::any::<u128>(), len in 0u8..=128) {
+            let c = Cidr::truncated(IpAddr::V6(Ipv6Addr::from(v)), len).expect("len <= 128");
+            let back = Cidr::parse(&c.to_string()).expect("display parses");
+            // IPv4-mapped blocks come back as IPv4; everything else is identical.
+            if back.is_ipv4() {
+                proptest::prop_assert!(len >= 96);
+            } else {
+                proptest::prop_assert_eq!(back, c);
+            }
+        }
     }
 }

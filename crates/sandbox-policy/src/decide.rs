@@ -312,9 +312,8 @@ impl<'a> Oracle<'a> {
         }
         if self.policy.is_reserved(dst) {
             // Named reserved addresses: only the rules naming them allow traffic there.
-            let named = (0..self.policy.allow_rules().len()).find(|&i| {
-                self.policy.names_reserved(i) && covers(&self.policy.allow_rules()[i])
-            });
+            let named = (0..self.policy.allow_rules().len())
+                .find(|&i| self.policy.names_reserved(i) && covers(&self.policy.allow_rules()[i]));
             return match named {
                 Some(i) => allow(Reason::AllowRule(i)),
                 None => deny(Reason::Reserved(ReservedKind::Range)),
@@ -330,11 +329,11 @@ impl<'a> Oracle<'a> {
                 if self.policy.decide_normalized_name(pinned).verdict != NameVerdict::Allowed {
                     continue;
                 }
-                let first = self.policy.pinning_rules(pinned).into_iter().find(|&i| {
-                    self.policy.allow_rules()[i]
-                        .service
-                        .matches(protocol, port)
-                });
+                let first = self
+                    .policy
+                    .pinning_rules(pinned)
+                    .into_iter()
+                    .find(|&i| self.policy.allow_rules()[i].service.matches(protocol, port));
                 if let Some(i) = first {
                     // Prefer the rule reached through the name the guest used.
                     let key = (wanted.as_deref() != Some(pinned), i);
@@ -386,19 +385,39 @@ mod tests {
         let p = policy(crate::nft::tests::EXAMPLE);
         let net = net46();
         let mut pins = Pins::new();
-        pins.insert("raw.githubusercontent.com", ip("203.0.113.20")).expect("name");
-        pins.insert("uploads.example.com", ip("203.0.113.30")).expect("name");
+        pins.insert("raw.githubusercontent.com", ip("203.0.113.20"))
+            .expect("name");
+        pins.insert("uploads.example.com", ip("203.0.113.30"))
+            .expect("name");
         let o = Oracle::new(&p, &net, &pins);
         let d = |a: &str, port, proto| o.decide(ip(a), port, proto, None);
-        assert_eq!(d("203.0.113.20", 443, Protocol::Tcp).reason, Reason::AllowRule(1));
-        assert_eq!(d("203.0.113.20", 443, Protocol::Udp).reason, Reason::AllowRule(1));
-        assert_eq!(d("203.0.113.20", 80, Protocol::Tcp).reason, Reason::Default(DefaultAction::Deny));
+        assert_eq!(
+            d("203.0.113.20", 443, Protocol::Tcp).reason,
+            Reason::AllowRule(1)
+        );
+        assert_eq!(
+            d("203.0.113.20", 443, Protocol::Udp).reason,
+            Reason::AllowRule(1)
+        );
+        assert_eq!(
+            d("203.0.113.20", 80, Protocol::Tcp).reason,
+            Reason::Default(DefaultAction::Deny)
+        );
         assert_eq!(d("203.0.113.20", 0, Protocol::Icmp).verdict, Verdict::Deny);
         // A pin under a refused name does not count.
         assert_eq!(d("203.0.113.30", 443, Protocol::Tcp).verdict, Verdict::Deny);
-        assert_eq!(d("198.51.100.9", 8099, Protocol::Tcp).reason, Reason::AllowRule(2));
-        assert_eq!(d("198.51.100.9", 8099, Protocol::Udp).verdict, Verdict::Deny);
-        assert_eq!(d("198.51.100.9", 53, Protocol::Udp).verdict, Verdict::Resolver);
+        assert_eq!(
+            d("198.51.100.9", 8099, Protocol::Tcp).reason,
+            Reason::AllowRule(2)
+        );
+        assert_eq!(
+            d("198.51.100.9", 8099, Protocol::Udp).verdict,
+            Verdict::Deny
+        );
+        assert_eq!(
+            d("198.51.100.9", 53, Protocol::Udp).verdict,
+            Verdict::Resolver
+        );
         assert_eq!(d("172.30.0.1", 22, Protocol::Tcp).reason, Reason::Gateway);
         assert_eq!(
             d("192.0.2.10", 443, Protocol::Tcp).reason,
@@ -408,7 +427,10 @@ mod tests {
             d("fd00:ec2::254", 80, Protocol::Tcp).reason,
             Reason::Reserved(ReservedKind::Metadata)
         );
-        assert_eq!(d("10.0.0.1", 443, Protocol::Tcp).reason, Reason::Reserved(ReservedKind::Range));
+        assert_eq!(
+            d("10.0.0.1", 443, Protocol::Tcp).reason,
+            Reason::Reserved(ReservedKind::Range)
+        );
         let v4only = NetParams::new("tap0", ip("172.30.0.2").to_v4(), ip("172.30.0.1").to_v4());
         let o4 = Oracle::new(&p, &v4only, &pins);
         assert_eq!(
@@ -427,34 +449,65 @@ mod tests {
         let net = net46();
         let pins = Pins::new();
         let o = Oracle::new(&p, &net, &pins);
-        assert_eq!(o.decide(ip("10.1.2.3"), 5432, Protocol::Tcp, None).reason, Reason::AllowRule(0));
-        assert_eq!(o.decide(ip("10.2.0.1"), 5432, Protocol::Tcp, None).verdict, Verdict::Deny);
-        assert_eq!(o.decide(ip("169.254.1.1"), 80, Protocol::Tcp, None).reason, Reason::AllowRule(1));
         assert_eq!(
-            o.decide(ip("169.254.169.254"), 80, Protocol::Tcp, None).reason,
+            o.decide(ip("10.1.2.3"), 5432, Protocol::Tcp, None).reason,
+            Reason::AllowRule(0)
+        );
+        assert_eq!(
+            o.decide(ip("10.2.0.1"), 5432, Protocol::Tcp, None).verdict,
+            Verdict::Deny
+        );
+        assert_eq!(
+            o.decide(ip("169.254.1.1"), 80, Protocol::Tcp, None).reason,
+            Reason::AllowRule(1)
+        );
+        assert_eq!(
+            o.decide(ip("169.254.169.254"), 80, Protocol::Tcp, None)
+                .reason,
             Reason::Reserved(ReservedKind::Metadata)
         );
-        assert_eq!(o.decide(ip("8.8.8.8"), 80, Protocol::Tcp, None).reason, Reason::AllowRule(2));
+        assert_eq!(
+            o.decide(ip("8.8.8.8"), 80, Protocol::Tcp, None).reason,
+            Reason::AllowRule(2)
+        );
     }
 
     #[test]
     fn pins_prefer_the_name_used_and_skip_reserved() {
-        let p = policy("[[allow]]\ndomain = \"a.test\"\nports = [443]\n[[allow]]\ndomain = \"b.test\"\n");
+        let p = policy(
+            "[[allow]]\ndomain = \"a.test\"\nports = [443]\n[[allow]]\ndomain = \"b.test\"\n",
+        );
         let net = net46();
         let mut pins = Pins::new();
         pins.insert("a.test", ip("203.0.113.1")).expect("name");
         pins.insert("b.test", ip("203.0.113.1")).expect("name");
         pins.insert("a.test", ip("10.0.0.1")).expect("name");
         let o = Oracle::new(&p, &net, &pins);
-        assert_eq!(o.decide(ip("203.0.113.1"), 443, Protocol::Tcp, Some("b.test")).reason, Reason::AllowRule(1));
-        assert_eq!(o.decide(ip("203.0.113.1"), 443, Protocol::Tcp, None).reason, Reason::AllowRule(0));
+        assert_eq!(
+            o.decide(ip("203.0.113.1"), 443, Protocol::Tcp, Some("b.test"))
+                .reason,
+            Reason::AllowRule(1)
+        );
+        assert_eq!(
+            o.decide(ip("203.0.113.1"), 443, Protocol::Tcp, None).reason,
+            Reason::AllowRule(0)
+        );
         // Same address, another name's rule: the kernel cannot tell names apart (documented).
-        assert_eq!(o.decide(ip("203.0.113.1"), 22, Protocol::Tcp, Some("a.test")).reason, Reason::AllowRule(1));
-        assert_eq!(o.decide(ip("10.0.0.1"), 443, Protocol::Tcp, Some("a.test")).verdict, Verdict::Deny);
+        assert_eq!(
+            o.decide(ip("203.0.113.1"), 22, Protocol::Tcp, Some("a.test"))
+                .reason,
+            Reason::AllowRule(1)
+        );
+        assert_eq!(
+            o.decide(ip("10.0.0.1"), 443, Protocol::Tcp, Some("a.test"))
+                .verdict,
+            Verdict::Deny
+        );
     }
 
     fn cidr_rule_covers(r: &Rule, dst: IpAddr, proto: Protocol, port: u16) -> bool {
-        matches!(&r.destination, Destination::Cidr(c) if c.contains(dst)) && r.service.matches(proto, port)
+        matches!(&r.destination, Destination::Cidr(c) if c.contains(dst))
+            && r.service.matches(proto, port)
     }
 
     proptest! {

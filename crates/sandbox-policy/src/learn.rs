@@ -124,14 +124,39 @@ impl LearnLog {
         let mut by_addr: BTreeMap<(IpAddr, Protocol), BTreeSet<u16>> = BTreeMap::new();
         for f in &self.flows {
             match &f.name {
-                Some(n) => by_name.entry((n.clone(), f.protocol)).or_default().insert(f.port),
-                None => by_addr.entry((f.destination, f.protocol)).or_default().insert(f.port),
+                Some(n) => by_name
+                    .entry((n.clone(), f.protocol))
+                    .or_default()
+                    .insert(f.port),
+                None => by_addr
+                    .entry((f.destination, f.protocol))
+                    .or_default()
+                    .insert(f.port),
             };
         }
-        let rule = |domain: Option<String>, cidr: Option<String>, proto: Protocol, ports: &BTreeSet<u16>| {
+        let rule = |domain: Option<String>,
+                    cidr: Option<String>,
+                    proto: Protocol,
+                    ports: &BTreeSet<u16>| {
             let (protocol, ports) = match proto {
-                Protocol::Tcp => (ProtocolConfig::Tcp, Some(ports.iter().map(|p| PortConfig::Number(i64::from(*p))).collect())),
-                Protocol::Udp => (ProtocolConfig::Udp, Some(ports.iter().map(|p| PortConfig::Number(i64::from(*p))).collect())),
+                Protocol::Tcp => (
+                    ProtocolConfig::Tcp,
+                    Some(
+                        ports
+                            .iter()
+                            .map(|p| PortConfig::Number(i64::from(*p)))
+                            .collect(),
+                    ),
+                ),
+                Protocol::Udp => (
+                    ProtocolConfig::Udp,
+                    Some(
+                        ports
+                            .iter()
+                            .map(|p| PortConfig::Number(i64::from(*p)))
+                            .collect(),
+                    ),
+                ),
                 Protocol::Icmp => (ProtocolConfig::Icmp, None),
             };
             RuleConfig {
@@ -142,10 +167,16 @@ impl LearnLog {
             }
         };
         for ((name, proto), ports) in &by_name {
-            cfg.allow.push(rule(Some(name.clone()), None, *proto, ports));
+            cfg.allow
+                .push(rule(Some(name.clone()), None, *proto, ports));
         }
         for ((addr, proto), ports) in &by_addr {
-            cfg.allow.push(rule(None, Some(Cidr::host(*addr).to_string()), *proto, ports));
+            cfg.allow.push(rule(
+                None,
+                Some(Cidr::host(*addr).to_string()),
+                *proto,
+                ports,
+            ));
         }
         cfg
     }
@@ -154,7 +185,11 @@ impl LearnLog {
     /// resolved but never connected to (they are not allowed by the suggestion).
     pub fn suggest_toml(&self, base: &Policy) -> String {
         let cfg = self.suggest_config(base);
-        let used: BTreeSet<&str> = self.flows.iter().filter_map(|f| f.name.as_deref()).collect();
+        let used: BTreeSet<&str> = self
+            .flows
+            .iter()
+            .filter_map(|f| f.name.as_deref())
+            .collect();
         let mut out = String::from("# Suggested by learn mode: allows exactly the traffic seen.\n");
         let unused: Vec<&str> = self.names().filter(|n| !used.contains(n)).collect();
         if !unused.is_empty() {
@@ -166,7 +201,10 @@ impl LearnLog {
             }
         }
         if self.dropped > 0 {
-            out.push_str(&format!("# {} observations were dropped (log full).\n", self.dropped));
+            out.push_str(&format!(
+                "# {} observations were dropped (log full).\n",
+                self.dropped
+            ));
         }
         // A model of strings, integers and enums always serialises to TOML.
         out.push_str(&toml::to_string(&cfg).expect("policy model serialises to TOML"));
@@ -183,16 +221,24 @@ mod tests {
 
     #[test]
     fn suggestion_text() {
-        let base = Policy::from_toml("default = \"learn\"\n[[allow]]\ndomain = \"pypi.org\"\nports = [443]\n")
-            .expect("valid");
+        let base = Policy::from_toml(
+            "default = \"learn\"\n[[allow]]\ndomain = \"pypi.org\"\nports = [443]\n",
+        )
+        .expect("valid");
         let net = net46();
         let mut pins = Pins::new();
-        pins.insert("files.example.net", ip("203.0.113.7")).expect("name");
+        pins.insert("files.example.net", ip("203.0.113.7"))
+            .expect("name");
         let o = Oracle::new(&base, &net, &pins);
         let mut log = LearnLog::new(16);
         for (dst, port, proto, name) in [
             ("203.0.113.7", 443, Protocol::Tcp, Some("files.example.net")),
-            ("203.0.113.7", 443, Protocol::Tcp, Some("FILES.example.net.")), // duplicate
+            (
+                "203.0.113.7",
+                443,
+                Protocol::Tcp,
+                Some("FILES.example.net."),
+            ), // duplicate
             ("203.0.113.7", 80, Protocol::Tcp, Some("files.example.net")),
             ("198.51.100.9", 0, Protocol::Icmp, None),
             ("10.0.0.1", 443, Protocol::Tcp, None), // reserved: denied, not learned
@@ -200,7 +246,10 @@ mod tests {
             let d = o.decide(ip(dst), port, proto, name);
             log.observe(&d, ip(dst), port, proto, name);
         }
-        assert!(log.observe_name(&base.decide_name("never-used.example"), "never-used.example"));
+        assert!(log.observe_name(
+            &base.decide_name("never-used.example"),
+            "never-used.example"
+        ));
         assert!(!log.observe_name(&base.decide_name("pypi.org"), "pypi.org"));
         assert_eq!(log.flows().count(), 3);
         let text = log.suggest_toml(&base);
@@ -229,7 +278,9 @@ mod tests {
         }
         assert_eq!(log.flows().count(), 2);
         assert_eq!(log.dropped(), 3);
-        assert!(log.suggest_toml(&base).contains("# 3 observations were dropped"));
+        assert!(log
+            .suggest_toml(&base)
+            .contains("# 3 observations were dropped"));
     }
 
     proptest! {

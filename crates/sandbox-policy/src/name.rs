@@ -197,15 +197,30 @@ mod tests {
             normalize_name("Bücher.example").as_deref(),
             Ok("xn--bcher-kva.example")
         );
-        assert_eq!(normalize_name("_dmarc.x.org").as_deref(), Ok("_dmarc.x.org"));
+        assert_eq!(
+            normalize_name("_dmarc.x.org").as_deref(),
+            Ok("_dmarc.x.org")
+        );
         assert_eq!(normalize_name(""), Err(NameError::Empty));
         assert_eq!(normalize_name("."), Err(NameError::Empty));
-        assert!(matches!(normalize_name("a..b"), Err(_)));
-        assert!(matches!(normalize_name("-a.b"), Err(NameError::LabelChars { .. })));
-        assert!(matches!(normalize_name("1.2.3.4"), Err(NameError::Address(_))));
-        assert!(matches!(normalize_name(&"a".repeat(64)), Err(NameError::LabelLength { .. })));
+        assert!(normalize_name("a..b").is_err());
+        assert!(matches!(
+            normalize_name("-a.b"),
+            Err(NameError::LabelChars { .. })
+        ));
+        assert!(matches!(
+            normalize_name("1.2.3.4"),
+            Err(NameError::Address(_))
+        ));
+        assert!(matches!(
+            normalize_name(&"a".repeat(64)),
+            Err(NameError::LabelLength { .. })
+        ));
         let long = vec!["abcdefghi"; 30].join(".");
-        assert!(matches!(normalize_name(&long), Err(NameError::TooLong { .. })));
+        assert!(matches!(
+            normalize_name(&long),
+            Err(NameError::TooLong { .. })
+        ));
     }
 
     #[test]
@@ -231,5 +246,16 @@ mod tests {
         assert_eq!(m.matches("b.example.com"), vec![1, 2]);
         assert_eq!(m.matches("example.com"), vec![2]);
         assert_eq!(m.matches("com"), Vec::<usize>::new());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn normalisation_is_idempotent(raw in "[a-zA-Z0-9ßü_.-]{1,40}\\.?") {
+            if let Ok(n) = normalize_name(&raw) {
+                proptest::prop_assert_eq!(normalize_name(&n), Ok(n.clone()));
+                proptest::prop_assert_eq!(normalize_name(&n.to_uppercase()), Ok(n.clone()));
+                proptest::prop_assert_eq!(normalize_name(&format!("{n}.")), Ok(n));
+            }
+        }
     }
 }

@@ -77,9 +77,7 @@ impl LogClass {
     /// The class of an NFLOG prefix (trailing spaces and NULs ignored).
     pub fn from_prefix(prefix: &str) -> Option<Self> {
         let p = prefix.trim_end_matches(['\0', ' ']);
-        Self::ALL
-            .into_iter()
-            .find(|c| c.prefix().trim_end() == p)
+        Self::ALL.into_iter().find(|c| c.prefix().trim_end() == p)
     }
 
     /// The reason this class stands for when it names one without the packet's details
@@ -242,15 +240,16 @@ impl Ruleset {
                 } else {
                     format!("pinned6_{k}")
                 };
-                by_set.entry(set).or_default().push(Expression::Named(NamedExpression::Elem(
-                    Elem {
+                by_set
+                    .entry(set)
+                    .or_default()
+                    .push(Expression::Named(NamedExpression::Elem(Elem {
                         val: Box::new(s(ip.to_string())),
                         timeout: Some(timeout_secs),
                         expires: None,
                         comment: None,
                         counter: None,
-                    },
-                )));
+                    })));
             }
         }
         let objects: Vec<NfObject<'static>> = by_set
@@ -295,14 +294,23 @@ impl Ruleset {
         );
         for fam4 in [true, false] {
             let f = if fam4 { "4" } else { "6" };
-            let addr_t = if fam4 { SetType::Ipv4Addr } else { SetType::Ipv6Addr };
+            let addr_t = if fam4 {
+                SetType::Ipv4Addr
+            } else {
+                SetType::Ipv6Addr
+            };
             let reserved_elems: Vec<Expression<'static>> = reserved
                 .intervals()
                 .iter()
                 .filter(|i| i.v4 == fam4)
                 .map(interval_expr)
                 .collect();
-            o.push(self.set(&format!("reserved{f}"), vec![addr_t], SetFlag::Interval, reserved_elems));
+            o.push(self.set(
+                &format!("reserved{f}"),
+                vec![addr_t],
+                SetFlag::Interval,
+                reserved_elems,
+            ));
             let named_elems: Vec<Expression<'static>> = self
                 .policy
                 .holes()
@@ -312,16 +320,41 @@ impl Ruleset {
                 .filter(|i| i.v4 == fam4)
                 .map(interval_expr)
                 .collect();
-            o.push(self.set(&format!("named{f}"), vec![addr_t], SetFlag::Interval, named_elems));
+            o.push(self.set(
+                &format!("named{f}"),
+                vec![addr_t],
+                SetFlag::Interval,
+                named_elems,
+            ));
             let (deny_addr, deny_boxes) = self.cidr_rules(self.policy.deny_rules(), fam4, true);
-            o.push(self.set(&format!("deny_addr{f}"), vec![addr_t], SetFlag::Interval, deny_addr));
+            o.push(self.set(
+                &format!("deny_addr{f}"),
+                vec![addr_t],
+                SetFlag::Interval,
+                deny_addr,
+            ));
             let concat = vec![addr_t, SetType::InetProto, SetType::InetService];
-            o.push(self.set(&format!("deny{f}"), concat.clone(), SetFlag::Interval, deny_boxes));
+            o.push(self.set(
+                &format!("deny{f}"),
+                concat.clone(),
+                SetFlag::Interval,
+                deny_boxes,
+            ));
             let allow = self.policy.allow_rules();
-            let (named, wide): (Vec<_>, Vec<_>) = (0..allow.len()).partition(|&i| self.policy.names_reserved(i));
-            let pick = |idx: Vec<usize>| idx.into_iter().map(|i| allow[i].clone()).collect::<Vec<_>>();
+            let (named, wide): (Vec<_>, Vec<_>) =
+                (0..allow.len()).partition(|&i| self.policy.names_reserved(i));
+            let pick = |idx: Vec<usize>| {
+                idx.into_iter()
+                    .map(|i| allow[i].clone())
+                    .collect::<Vec<_>>()
+            };
             let (_, named_boxes) = self.cidr_rules(&pick(named), fam4, false);
-            o.push(self.set(&format!("allow_named{f}"), concat.clone(), SetFlag::Interval, named_boxes));
+            o.push(self.set(
+                &format!("allow_named{f}"),
+                concat.clone(),
+                SetFlag::Interval,
+                named_boxes,
+            ));
             let (_, allow_boxes) = self.cidr_rules(&pick(wide), fam4, false);
             o.push(self.set(&format!("allow{f}"), concat, SetFlag::Interval, allow_boxes));
         }
@@ -333,7 +366,12 @@ impl Ruleset {
                 service_elems(svc),
             ));
             for (f, t) in [("4", SetType::Ipv4Addr), ("6", SetType::Ipv6Addr)] {
-                o.push(self.set(&format!("pinned{f}_{k}"), vec![t], SetFlag::Timeout, Vec::new()));
+                o.push(self.set(
+                    &format!("pinned{f}_{k}"),
+                    vec![t],
+                    SetFlag::Timeout,
+                    Vec::new(),
+                ));
             }
         }
 
@@ -350,10 +388,34 @@ impl Ruleset {
                 ..Chain::default()
             }))
         };
-        o.push(base("prerouting", NfChainType::NAT, NfHook::Prerouting, -100, NfChainPolicy::Accept));
-        o.push(base("input", NfChainType::Filter, NfHook::Input, 0, NfChainPolicy::Drop));
-        o.push(base("forward", NfChainType::Filter, NfHook::Forward, 0, NfChainPolicy::Drop));
-        o.push(base("postrouting", NfChainType::NAT, NfHook::Postrouting, 100, NfChainPolicy::Accept));
+        o.push(base(
+            "prerouting",
+            NfChainType::NAT,
+            NfHook::Prerouting,
+            -100,
+            NfChainPolicy::Accept,
+        ));
+        o.push(base(
+            "input",
+            NfChainType::Filter,
+            NfHook::Input,
+            0,
+            NfChainPolicy::Drop,
+        ));
+        o.push(base(
+            "forward",
+            NfChainType::Filter,
+            NfHook::Forward,
+            0,
+            NfChainPolicy::Drop,
+        ));
+        o.push(base(
+            "postrouting",
+            NfChainType::NAT,
+            NfHook::Postrouting,
+            100,
+            NfChainPolicy::Accept,
+        ));
         let regular = |name: &str| {
             add(NfListObject::Chain(Chain {
                 family: NfFamily::INet,
@@ -397,7 +459,10 @@ impl Ruleset {
         }
 
         // input: only DNS to the gateway (and IPv6 neighbour discovery) from the guest.
-        o.push(self.rule("input", vec![ct_state(&["established", "related"]), accept()]));
+        o.push(self.rule(
+            "input",
+            vec![ct_state(&["established", "related"]), accept()],
+        ));
         o.push(self.rule("input", vec![ct_state(&["invalid"]), drop()]));
         o.push(self.rule("input", vec![eq(meta(MetaKey::Iifname), s("lo")), accept()]));
         let mut r = dns();
@@ -415,7 +480,11 @@ impl Ruleset {
                     eq(meta(MetaKey::Iifname), s(net.tap.clone())),
                     eq(
                         payload("icmpv6", "type"),
-                        anon_set(&["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]),
+                        anon_set(&[
+                            "nd-router-solicit",
+                            "nd-neighbor-solicit",
+                            "nd-neighbor-advert",
+                        ]),
                     ),
                     accept(),
                 ],
@@ -423,11 +492,17 @@ impl Ruleset {
         }
         o.push(self.rule(
             "input",
-            vec![eq(meta(MetaKey::Iifname), s(net.tap.clone())), goto(LogClass::Gateway.chain())],
+            vec![
+                eq(meta(MetaKey::Iifname), s(net.tap.clone())),
+                goto(LogClass::Gateway.chain()),
+            ],
         ));
 
         // forward.
-        o.push(self.rule("forward", vec![ct_state(&["established", "related"]), accept()]));
+        o.push(self.rule(
+            "forward",
+            vec![ct_state(&["established", "related"]), accept()],
+        ));
         o.push(self.rule("forward", vec![ct_state(&["invalid"]), drop()]));
         o.push(self.rule(
             "forward",
@@ -435,16 +510,25 @@ impl Ruleset {
         ));
         o.push(self.rule(
             "forward",
-            vec![neq(payload("ip", "saddr"), s(net.guest4.to_string())), goto(LogClass::Spoof.chain())],
+            vec![
+                neq(payload("ip", "saddr"), s(net.guest4.to_string())),
+                goto(LogClass::Spoof.chain()),
+            ],
         ));
         match net.guest6 {
             Some(g6) => o.push(self.rule(
                 "forward",
-                vec![neq(payload("ip6", "saddr"), s(g6.to_string())), goto(LogClass::Spoof.chain())],
+                vec![
+                    neq(payload("ip6", "saddr"), s(g6.to_string())),
+                    goto(LogClass::Spoof.chain()),
+                ],
             )),
             None => o.push(self.rule(
                 "forward",
-                vec![eq(meta(MetaKey::Nfproto), s("ipv6")), goto(LogClass::Spoof.chain())],
+                vec![
+                    eq(meta(MetaKey::Nfproto), s("ipv6")),
+                    goto(LogClass::Spoof.chain()),
+                ],
             )),
         }
         let tuple = |ip: &'static str| {
@@ -454,34 +538,56 @@ impl Ruleset {
                 payload("th", "dport"),
             ]))
         };
-        let fams: &[(&str, &str)] = if v6 { &[("ip", "4"), ("ip6", "6")] } else { &[("ip", "4")] };
+        let fams: &[(&str, &str)] = if v6 {
+            &[("ip", "4"), ("ip6", "6")]
+        } else {
+            &[("ip", "4")]
+        };
         for (ip, f) in fams {
             o.push(self.rule(
                 "forward",
-                vec![eq(payload(ip, "daddr"), set_ref(&format!("reserved{f}"))), goto(LogClass::Reserved.chain())],
+                vec![
+                    eq(payload(ip, "daddr"), set_ref(&format!("reserved{f}"))),
+                    goto(LogClass::Reserved.chain()),
+                ],
             ));
         }
         for (ip, f) in fams {
             o.push(self.rule(
                 "forward",
-                vec![eq(payload(ip, "daddr"), set_ref(&format!("deny_addr{f}"))), goto(LogClass::Rule.chain())],
+                vec![
+                    eq(payload(ip, "daddr"), set_ref(&format!("deny_addr{f}"))),
+                    goto(LogClass::Rule.chain()),
+                ],
             ));
             o.push(self.rule(
                 "forward",
-                vec![eq(tuple(ip), set_ref(&format!("deny{f}"))), goto(LogClass::Rule.chain())],
+                vec![
+                    eq(tuple(ip), set_ref(&format!("deny{f}"))),
+                    goto(LogClass::Rule.chain()),
+                ],
             ));
-        }
-        for (ip, f) in fams {
-            o.push(self.rule("forward", vec![eq(tuple(ip), set_ref(&format!("allow_named{f}"))), accept()]));
         }
         for (ip, f) in fams {
             o.push(self.rule(
                 "forward",
-                vec![eq(payload(ip, "daddr"), set_ref(&format!("named{f}"))), goto(LogClass::Reserved.chain())],
+                vec![eq(tuple(ip), set_ref(&format!("allow_named{f}"))), accept()],
             ));
         }
         for (ip, f) in fams {
-            o.push(self.rule("forward", vec![eq(tuple(ip), set_ref(&format!("allow{f}"))), accept()]));
+            o.push(self.rule(
+                "forward",
+                vec![
+                    eq(payload(ip, "daddr"), set_ref(&format!("named{f}"))),
+                    goto(LogClass::Reserved.chain()),
+                ],
+            ));
+        }
+        for (ip, f) in fams {
+            o.push(self.rule(
+                "forward",
+                vec![eq(tuple(ip), set_ref(&format!("allow{f}"))), accept()],
+            ));
         }
         for k in 0..self.classes.len() {
             for (ip, f) in fams {
@@ -552,14 +658,21 @@ impl Ruleset {
             ));
             o.push(self.rule(
                 c.chain(),
-                vec![if c == LogClass::Learn { accept() } else { goto("reject") }],
+                vec![if c == LogClass::Learn {
+                    accept()
+                } else {
+                    goto("reject")
+                }],
             ));
         }
         o.push(self.rule(
             "reject",
             vec![
                 eq(meta(MetaKey::L4proto), s("tcp")),
-                Statement::Reject(Some(Reject::new(Some(nftables::stmt::RejectType::TCPReset), None))),
+                Statement::Reject(Some(Reject::new(
+                    Some(nftables::stmt::RejectType::TCPReset),
+                    None,
+                ))),
             ],
         ));
         o.push(self.rule(
@@ -582,9 +695,11 @@ impl Ruleset {
         addr_only: bool,
     ) -> (Vec<Expression<'static>>, Vec<Expression<'static>>) {
         let mut whole: Vec<Interval> = Vec::new();
-        let mut boxes: BTreeMap<Protocol, Vec<(Interval, Vec<(u16, u16)>)>> = BTreeMap::new();
+        let mut boxes: BTreeMap<Protocol, Vec<PortBox>> = BTreeMap::new();
         for r in rules {
-            let Destination::Cidr(c) = &r.destination else { continue };
+            let Destination::Cidr(c) = &r.destination else {
+                continue;
+            };
             if c.is_ipv4() != fam4 {
                 continue;
             }
@@ -593,7 +708,10 @@ impl Ruleset {
                 continue;
             }
             for p in r.service.protocols() {
-                boxes.entry(p).or_default().push((c.interval(), ports_of(&r.service, p)));
+                boxes
+                    .entry(p)
+                    .or_default()
+                    .push((c.interval(), ports_of(&r.service, p)));
             }
         }
         let whole_set = IntervalSet::from_intervals(whole);
@@ -654,6 +772,9 @@ impl Ruleset {
     }
 }
 
+/// An address interval with its port ranges.
+type PortBox = (Interval, Vec<(u16, u16)>);
+
 /// Port ranges of `service` for `proto`: the given ranges, every port, or (ICMP) the whole
 /// 16-bit field `th dport` reads there.
 fn ports_of(service: &Service, proto: Protocol) -> Vec<(u16, u16)> {
@@ -673,7 +794,10 @@ fn service_elems(svc: &Service) -> Vec<Expression<'static>> {
         };
         for name in names {
             for (lo, hi) in ports_of(svc, p) {
-                out.push(Expression::Named(NamedExpression::Concat(vec![s(*name), port_expr(lo, hi)])));
+                out.push(Expression::Named(NamedExpression::Concat(vec![
+                    s(*name),
+                    port_expr(lo, hi),
+                ])));
             }
         }
     }
@@ -682,8 +806,12 @@ fn service_elems(svc: &Service) -> Vec<Expression<'static>> {
 
 /// Splits possibly overlapping (address interval, port ranges) items into disjoint boxes:
 /// pipapo interval sets refuse elements that partially overlap one already in the set.
-fn disjoint_boxes(items: &[(Interval, Vec<(u16, u16)>)], fam4: bool) -> Vec<(Interval, Vec<(u16, u16)>)> {
-    let top: u128 = if fam4 { u128::from(u32::MAX) } else { u128::MAX };
+fn disjoint_boxes(items: &[PortBox], fam4: bool) -> Vec<PortBox> {
+    let top: u128 = if fam4 {
+        u128::from(u32::MAX)
+    } else {
+        u128::MAX
+    };
     let mut points: BTreeSet<u128> = BTreeSet::new();
     for (iv, _) in items {
         points.insert(iv.lo);
@@ -692,7 +820,7 @@ fn disjoint_boxes(items: &[(Interval, Vec<(u16, u16)>)], fam4: bool) -> Vec<(Int
         }
     }
     let points: Vec<u128> = points.into_iter().collect();
-    let mut out: Vec<(Interval, Vec<(u16, u16)>)> = Vec::new();
+    let mut out: Vec<PortBox> = Vec::new();
     for (i, &lo) in points.iter().enumerate() {
         let hi = points.get(i + 1).map_or(top, |n| n - 1);
         let seg = Interval { v4: fam4, lo, hi };
@@ -737,10 +865,12 @@ fn meta(key: MetaKey) -> Expression<'static> {
 }
 
 fn payload(protocol: &str, field: &str) -> Expression<'static> {
-    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
-        protocol: Cow::Owned(protocol.to_owned()),
-        field: Cow::Owned(field.to_owned()),
-    })))
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: Cow::Owned(protocol.to_owned()),
+            field: Cow::Owned(field.to_owned()),
+        },
+    )))
 }
 
 fn anon_set(items: &[&str]) -> Expression<'static> {
@@ -817,11 +947,13 @@ fn port_expr(lo: u16, hi: u16) -> Expression<'static> {
         Expression::Number(u32::from(lo))
     } else {
         Expression::Range(Box::new(Range {
-            range: [Expression::Number(u32::from(lo)), Expression::Number(u32::from(hi))],
+            range: [
+                Expression::Number(u32::from(lo)),
+                Expression::Number(u32::from(hi)),
+            ],
         }))
     }
 }
-
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -866,8 +998,11 @@ domain = "uploads.example.com"
 
     fn field(v: &Value) -> (u128, u128) {
         if let Some(p) = v.get("prefix") {
-            let c = Cidr::new(p["addr"].as_str().expect("addr").parse().expect("ip"),
-                u8::try_from(p["len"].as_u64().expect("len")).expect("len")).expect("clean prefix");
+            let c = Cidr::new(
+                p["addr"].as_str().expect("addr").parse().expect("ip"),
+                u8::try_from(p["len"].as_u64().expect("len")).expect("len"),
+            )
+            .expect("clean prefix");
             let i = c.interval();
             return (i.lo, i.hi);
         }
@@ -900,7 +1035,9 @@ domain = "uploads.example.com"
             } else {
                 continue;
             };
-            let entry = out.entry(obj["name"].as_str().expect("name").to_owned()).or_default();
+            let entry = out
+                .entry(obj["name"].as_str().expect("name").to_owned())
+                .or_default();
             if let Some(Value::Array(elems)) = obj.get(list) {
                 entry.extend(elems.iter().map(key));
             }
@@ -948,7 +1085,8 @@ domain = "uploads.example.com"
             return Verdict::Allow;
         }
         for k in 0..rs.pin_classes() {
-            if hit(&s, &format!("pinned{f}_{k}"), &[a]) && hit(&s, &format!("svc_{k}"), &[p, port]) {
+            if hit(&s, &format!("pinned{f}_{k}"), &[a]) && hit(&s, &format!("svc_{k}"), &[p, port])
+            {
                 return Verdict::Allow;
             }
         }
@@ -1000,10 +1138,11 @@ domain = "uploads.example.com"
         let rs = Ruleset::compile(&p, &net46());
         let mut pins = Pins::new();
         pins.insert("pypi.org", ip("203.0.113.10")).expect("name");
-        pins.insert("uploads.example.com", ip("203.0.113.11")).expect("name");
+        pins.insert("uploads.example.com", ip("203.0.113.11"))
+            .expect("name");
         let got: Value = serde_json::from_str(&rs.to_json(&pins)).expect("json");
-        let want: Value =
-            serde_json::from_str(include_str!("../testdata/example.nft.json")).expect("golden json");
+        let want: Value = serde_json::from_str(include_str!("../testdata/example.nft.json"))
+            .expect("golden json");
         if got != want {
             panic!(
                 "compiled ruleset differs from testdata/example.nft.json; got:\n{}",
@@ -1021,7 +1160,11 @@ domain = "uploads.example.com"
              [[deny]]\ncidr = \"203.0.113.128/26\"\n",
         )
         .expect("valid");
-        let net = NetParams::new("tap0", "172.30.0.2".parse().expect("ip"), "172.30.0.1".parse().expect("ip"));
+        let net = NetParams::new(
+            "tap0",
+            "172.30.0.2".parse().expect("ip"),
+            "172.30.0.1".parse().expect("ip"),
+        );
         let rs = Ruleset::compile(&p, &net);
         let got: Value = serde_json::from_str(&rs.to_json(&Pins::new())).expect("json");
         let s = sets(&got);
@@ -1032,18 +1175,23 @@ domain = "uploads.example.com"
         ];
         assert_eq!(s["allow4"], want_allow);
         assert_eq!(s["deny_addr4"], vec![vec![(0xcb00_7180, 0xcb00_71bf)]]);
-        assert_eq!(s["allow_named4"], vec![vec![(0x0a01_0000, 0x0a01_ffff), (1, 1), (0, 65535)]]);
+        assert_eq!(
+            s["allow_named4"],
+            vec![vec![(0x0a01_0000, 0x0a01_ffff), (1, 1), (0, 65535)]]
+        );
         assert_eq!(s["named4"], vec![vec![(0x0a01_0000, 0x0a01_ffff)]]);
         let last_forward = got["nftables"]
             .as_array()
             .expect("array")
             .iter()
             .filter_map(|c| c.get("add").and_then(|a| a.get("rule")))
-            .filter(|r| r["chain"] == "forward")
-            .last()
+            .rfind(|r| r["chain"] == "forward")
             .expect("forward rules")
             .clone();
-        assert_eq!(last_forward["expr"], serde_json::json!([{"goto": {"target": "learn"}}]));
+        assert_eq!(
+            last_forward["expr"],
+            serde_json::json!([{"goto": {"target": "learn"}}])
+        );
         // No IPv6: every IPv6 packet from the guest is refused as spoofed.
         assert!(got.to_string().contains(r#"{"match":{"left":{"meta":{"key":"nfproto"}},"op":"==","right":"ipv6"}},{"goto":{"target":"deny_spoof"}}"#));
     }
@@ -1052,7 +1200,12 @@ domain = "uploads.example.com"
     fn pin_batch_pins_allowed_public_answers_only() {
         let p = Policy::from_toml(EXAMPLE).expect("valid");
         let rs = Ruleset::compile(&p, &net46());
-        let answers = [ip("203.0.113.10"), ip("::ffff:10.0.0.1"), ip("2001:db8::10"), ip("2001:db8::7")];
+        let answers = [
+            ip("203.0.113.10"),
+            ip("::ffff:10.0.0.1"),
+            ip("2001:db8::10"),
+            ip("2001:db8::7"),
+        ];
         let b = rs.pin_batch("PyPI.org.", &answers, 600);
         assert_eq!(b.pinned, vec![ip("203.0.113.10"), ip("2001:db8::7")]);
         assert_eq!(b.refused, vec![ip("10.0.0.1"), ip("2001:db8::10")]);
@@ -1066,23 +1219,36 @@ domain = "uploads.example.com"
                     "elem": [{"elem": {"val": "2001:db8::7", "timeout": 600, "expires": null, "comment": null, "counter": null}}]}}}
             ]})
         );
-        assert!(rs.pin_batch("uploads.example.com", &answers, 600).batch.is_none());
+        assert!(rs
+            .pin_batch("uploads.example.com", &answers, 600)
+            .batch
+            .is_none());
         assert!(rs.pin_batch("example.org", &answers, 600).batch.is_none());
     }
 
     #[test]
     fn swap_carries_only_pins_the_new_policy_allows() {
         let mut pins = Pins::new();
-        pins.insert_with_timeout("pypi.org", ip("203.0.113.10"), 120).expect("name");
-        pins.insert_with_timeout("raw.githubusercontent.com", ip("203.0.113.20"), 90).expect("name");
-        let tighter = Policy::from_toml("[[allow]]\ndomain = \"pypi.org\"\nports = [443]\nprotocol = \"tcp\"\n")
-            .expect("valid");
+        pins.insert_with_timeout("pypi.org", ip("203.0.113.10"), 120)
+            .expect("name");
+        pins.insert_with_timeout("raw.githubusercontent.com", ip("203.0.113.20"), 90)
+            .expect("name");
+        let tighter = Policy::from_toml(
+            "[[allow]]\ndomain = \"pypi.org\"\nports = [443]\nprotocol = \"tcp\"\n",
+        )
+        .expect("valid");
         let rs = Ruleset::compile(&tighter, &net46());
         let batch: Value = serde_json::from_str(&rs.to_json(&pins)).expect("json");
         let cmds = batch["nftables"].as_array().expect("array");
         // Atomic replace: add, delete, then the new table.
-        assert_eq!(cmds[0], serde_json::json!({"add": {"table": {"family": "inet", "name": "sandbox"}}}));
-        assert_eq!(cmds[1], serde_json::json!({"delete": {"table": {"family": "inet", "name": "sandbox"}}}));
+        assert_eq!(
+            cmds[0],
+            serde_json::json!({"add": {"table": {"family": "inet", "name": "sandbox"}}})
+        );
+        assert_eq!(
+            cmds[1],
+            serde_json::json!({"delete": {"table": {"family": "inet", "name": "sandbox"}}})
+        );
         let s = sets(&batch);
         assert_eq!(s["pinned4_0"], vec![vec![(0xcb00_710a, 0xcb00_710a)]]);
         assert!(batch.to_string().contains(r#""timeout":120"#));
@@ -1093,7 +1259,10 @@ domain = "uploads.example.com"
     fn log_prefixes_round_trip() {
         for c in LogClass::ALL {
             assert_eq!(LogClass::from_prefix(c.prefix()), Some(c));
-            assert_eq!(LogClass::from_prefix(&format!("{}\0", c.prefix().trim_end())), Some(c));
+            assert_eq!(
+                LogClass::from_prefix(&format!("{}\0", c.prefix().trim_end())),
+                Some(c)
+            );
         }
         assert_eq!(LogClass::from_prefix("other"), None);
     }
@@ -1114,7 +1283,10 @@ domain = "uploads.example.com"
         )
         .expect("valid");
         let rs2 = Ruleset::compile(&overlapping, &net46());
-        let pin = rs.pin_batch("pypi.org", &[ip("203.0.113.10")], 300).batch.expect("pinned");
+        let pin = rs
+            .pin_batch("pypi.org", &[ip("203.0.113.10")], 300)
+            .batch
+            .expect("pinned");
         let script = format!(
             "set -e\nnft -j -f /dev/stdin <<'A'\n{}\nA\nnft -j -f /dev/stdin <<'B'\n{}\nB\nnft -j -f /dev/stdin <<'C'\n{}\nC\nnft -j -f /dev/stdin <<'D'\n{}\nD\nnft -j list set inet sandbox pinned4_0\n",
             rs.to_json(&Pins::new()),
@@ -1129,9 +1301,18 @@ domain = "uploads.example.com"
             .stderr(Stdio::piped())
             .spawn()
             .expect("unshare and nft are installed");
-        child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("write");
         let out = child.wait_with_output().expect("wait");
-        assert!(out.status.success(), "nft failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "nft failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let listed = String::from_utf8_lossy(&out.stdout);
         assert!(listed.contains("203.0.113.10"), "{listed}");
     }

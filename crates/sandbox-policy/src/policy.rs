@@ -6,8 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::addr::{self, Cidr, CidrError, Interval, IntervalSet, ReservedKind};
 use crate::config::{
-    self, DefaultAction, Format, PolicyConfig, PortConfig, ProtocolConfig, RuleConfig,
-    SyntaxError,
+    self, DefaultAction, Format, PolicyConfig, PortConfig, ProtocolConfig, RuleConfig, SyntaxError,
 };
 use crate::decide::{Protocol, Reason};
 use crate::name::{normalize_name, DomainMatcher, DomainPattern, NameError};
@@ -259,16 +258,6 @@ impl Service {
             (ProtocolConfig::Any, false) => vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp],
         }
     }
-
-    /// Port ranges for `protocol` (every port when none are given; `None` for ICMP).
-    pub fn port_ranges(&self) -> Option<Vec<PortRange>> {
-        Some(self.ports.clone().unwrap_or_else(|| {
-            vec![PortRange {
-                start: 0,
-                end: u16::MAX,
-            }]
-        }))
-    }
 }
 
 /// A validated rule.
@@ -287,14 +276,12 @@ impl Rule {
         let destination = match (&c.domain, &c.cidr) {
             (None, None) => return Err(RuleError::NoDestination),
             (Some(_), Some(_)) => return Err(RuleError::TwoDestinations),
-            (Some(d), None) => {
-                Destination::Domain(DomainPattern::parse(d).map_err(|source| {
-                    RuleError::Domain {
-                        value: d.clone(),
-                        source,
-                    }
-                })?)
-            }
+            (Some(d), None) => Destination::Domain(DomainPattern::parse(d).map_err(|source| {
+                RuleError::Domain {
+                    value: d.clone(),
+                    source,
+                }
+            })?),
             (None, Some(s)) => {
                 let cidr = Cidr::parse(s).map_err(|source| RuleError::Cidr {
                     value: s.clone(),
@@ -418,11 +405,14 @@ impl Policy {
     /// [`PolicyError::Syntax`] for text the format's parser refuses (with its line),
     /// [`PolicyError::Rule`] for the first invalid rule (with the line of the offending field).
     pub fn parse(text: &str, format: Format) -> Result<Self, PolicyError> {
-        let cfg = config::read(text, format).map_err(|error| PolicyError::Syntax { format, error })?;
+        let cfg =
+            config::read(text, format).map_err(|error| PolicyError::Syntax { format, error })?;
         match Self::try_from(cfg) {
             Ok(mut p) => {
-                for (list, rules) in [(RuleList::Allow, &mut p.allow), (RuleList::Deny, &mut p.deny)]
-                {
+                for (list, rules) in [
+                    (RuleList::Allow, &mut p.allow),
+                    (RuleList::Deny, &mut p.deny),
+                ] {
                     for (i, r) in rules.iter_mut().enumerate() {
                         r.line = config::locate(text, format, list.key(), i, None);
                     }
@@ -639,7 +629,8 @@ impl TryFrom<PolicyConfig> for Policy {
         }
         let blocks = addr::reserved_blocks();
         let reserved = IntervalSet::from_intervals(blocks.iter().map(Cidr::interval));
-        let metadata = IntervalSet::from_intervals(addr::metadata_blocks().iter().map(Cidr::interval));
+        let metadata =
+            IntervalSet::from_intervals(addr::metadata_blocks().iter().map(Cidr::interval));
         let mut warnings = Vec::new();
         let mut hole_items: Vec<Interval> = Vec::new();
         let mut names_reserved = vec![false; allow.len()];
@@ -706,18 +697,59 @@ mod tests {
 
     #[test]
     fn each_rule_error_has_its_line_toml() {
-        let cases: &[(&str, usize, fn(&RuleError) -> bool)] = &[
-            ("[[allow]]\nports = [1]\n", 5, |e| *e == RuleError::NoDestination),
-            ("[[allow]]\ndomain = \"a.b\"\ncidr = \"1.2.3.4\"\n", 5, |e| *e == RuleError::TwoDestinations),
-            ("[[allow]]\nports = [1]\ndomain = \"a..b\"\n", 7, |e| matches!(e, RuleError::Domain { .. })),
-            ("[[allow]]\ndomain = \"a.*.b\"\n", 6, |e| matches!(e, RuleError::Domain { source: NameError::Wildcard, .. })),
-            ("[[allow]]\n\ncidr = \"10.0.0.1/8\"\n", 7, |e| matches!(e, RuleError::Cidr { source: CidrError::HostBits { .. }, .. })),
-            ("[[allow]]\ncidr = \"1.2.3.4\"\nports = [0]\n", 7, |e| matches!(e, RuleError::Port { .. })),
-            ("[[allow]]\ncidr = \"1.2.3.4\"\nports = [\"9-1\"]\n", 7, |e| matches!(e, RuleError::Port { .. })),
-            ("[[allow]]\ncidr = \"1.2.3.4\"\nports = [70000]\n", 7, |e| matches!(e, RuleError::Port { .. })),
-            ("[[allow]]\ncidr = \"1.2.3.4\"\nports = []\n", 7, |e| *e == RuleError::EmptyPorts),
-            ("[[allow]]\ncidr = \"1.2.3.4\"\nprotocol = \"icmp\"\nports = [1]\n", 8, |e| *e == RuleError::IcmpPorts),
-            ("[[allow]]\ncidr = \"169.254.169.254\"\n", 6, |e| matches!(e, RuleError::MetadataOnly { .. })),
+        type Case = (&'static str, usize, fn(&RuleError) -> bool);
+        let cases: &[Case] = &[
+            ("[[allow]]\nports = [1]\n", 5, |e| {
+                *e == RuleError::NoDestination
+            }),
+            (
+                "[[allow]]\ndomain = \"a.b\"\ncidr = \"1.2.3.4\"\n",
+                5,
+                |e| *e == RuleError::TwoDestinations,
+            ),
+            ("[[allow]]\nports = [1]\ndomain = \"a..b\"\n", 7, |e| {
+                matches!(e, RuleError::Domain { .. })
+            }),
+            ("[[allow]]\ndomain = \"a.*.b\"\n", 6, |e| {
+                matches!(
+                    e,
+                    RuleError::Domain {
+                        source: NameError::Wildcard,
+                        ..
+                    }
+                )
+            }),
+            ("[[allow]]\n\ncidr = \"10.0.0.1/8\"\n", 7, |e| {
+                matches!(
+                    e,
+                    RuleError::Cidr {
+                        source: CidrError::HostBits { .. },
+                        ..
+                    }
+                )
+            }),
+            ("[[allow]]\ncidr = \"1.2.3.4\"\nports = [0]\n", 7, |e| {
+                matches!(e, RuleError::Port { .. })
+            }),
+            (
+                "[[allow]]\ncidr = \"1.2.3.4\"\nports = [\"9-1\"]\n",
+                7,
+                |e| matches!(e, RuleError::Port { .. }),
+            ),
+            ("[[allow]]\ncidr = \"1.2.3.4\"\nports = [70000]\n", 7, |e| {
+                matches!(e, RuleError::Port { .. })
+            }),
+            ("[[allow]]\ncidr = \"1.2.3.4\"\nports = []\n", 7, |e| {
+                *e == RuleError::EmptyPorts
+            }),
+            (
+                "[[allow]]\ncidr = \"1.2.3.4\"\nprotocol = \"icmp\"\nports = [1]\n",
+                8,
+                |e| *e == RuleError::IcmpPorts,
+            ),
+            ("[[allow]]\ncidr = \"169.254.169.254\"\n", 6, |e| {
+                matches!(e, RuleError::MetadataOnly { .. })
+            }),
         ];
         for (tail, line, pred) in cases {
             let text = format!("{HEAD}{tail}");
@@ -742,7 +774,8 @@ mod tests {
         let json = "{\n  \"allow\": [\n    {\"domain\": \"a.org\"},\n    {\n      \"cidr\": \"1.2.3.4\",\n      \"ports\": [\"x\"]\n    }\n  ]\n}\n";
         let (_, index, line, err) = rule_err(json, Format::Json);
         assert_eq!((index, line), (1, Some(6)), "{err}");
-        let yaml = "default: deny\nallow:\n  - domain: a.org\n  - cidr: 1.2.3.4\n    ports: [\"x\"]\n";
+        let yaml =
+            "default: deny\nallow:\n  - domain: a.org\n  - cidr: 1.2.3.4\n    ports: [\"x\"]\n";
         let (_, index, line, err) = rule_err(yaml, Format::Yaml);
         assert_eq!((index, line), (1, Some(5)), "{err}");
         let yaml = "allow:\n  - domain: a.org\n  - ports: [1]\n";
@@ -753,11 +786,23 @@ mod tests {
     #[test]
     fn syntax_errors_have_lines() {
         let cases = [
-            ("default = \"deny\"\n[[allow]]\nport = [443]\n", Format::Toml, 3),
+            (
+                "default = \"deny\"\n[[allow]]\nport = [443]\n",
+                Format::Toml,
+                3,
+            ),
             ("default = \"maybe\"\n", Format::Toml, 1),
             ("default = \"deny\"\n[[allow]\n", Format::Toml, 2),
-            ("{\n \"default\": \"deny\",\n \"allow\": [{\"domian\": \"x\"}]\n}", Format::Json, 3),
-            ("default: deny\nallow:\n  - domain: a\n    prots: 1\n", Format::Yaml, 4),
+            (
+                "{\n \"default\": \"deny\",\n \"allow\": [{\"domian\": \"x\"}]\n}",
+                Format::Json,
+                3,
+            ),
+            (
+                "default: deny\nallow:\n  - domain: a\n    prots: 1\n",
+                Format::Yaml,
+                4,
+            ),
         ];
         for (text, format, line) in cases {
             match Policy::parse(text, format) {
@@ -785,13 +830,17 @@ mod tests {
 
     #[test]
     fn rule_lines_are_recorded_and_ports_merged() {
-        let p = Policy::from_toml("\n[[allow]]\ndomain = \"a.org\"\nports = [\"10-20\", 15, 21, 5]\n")
-            .expect("valid");
+        let p =
+            Policy::from_toml("\n[[allow]]\ndomain = \"a.org\"\nports = [\"10-20\", 15, 21, 5]\n")
+                .expect("valid");
         let r = &p.allow_rules()[0];
         assert_eq!(r.line, Some(2));
         assert_eq!(
             r.service.ports,
-            Some(vec![PortRange { start: 5, end: 5 }, PortRange { start: 10, end: 21 }])
+            Some(vec![
+                PortRange { start: 5, end: 5 },
+                PortRange { start: 10, end: 21 }
+            ])
         );
     }
 
@@ -816,11 +865,31 @@ mod tests {
         assert_eq!(d("a.example.com").reason, Reason::AllowRule(0));
         assert_eq!(d("A.Example.COM.").verdict, NameVerdict::Allowed);
         assert_eq!(d("uploads.example.com").reason, Reason::DenyRule(0));
-        assert_eq!(d("example.com").reason, Reason::Default(DefaultAction::Deny));
+        assert_eq!(
+            d("example.com").reason,
+            Reason::Default(DefaultAction::Deny)
+        );
         assert_eq!(d("bad..name").reason, Reason::InvalidName);
         let learn = Policy::from_toml("default = \"learn\"\n[[deny]]\ndomain = \"x.org\"\n")
             .expect("valid");
         assert_eq!(learn.decide_name("y.org").verdict, NameVerdict::Allowed);
         assert_eq!(learn.decide_name("x.org").verdict, NameVerdict::Refused);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics(text in "[\\[\\]a-z =\"*./0-9\n{}:,-]{0,200}") {
+            for format in [Format::Toml, Format::Json, Format::Yaml] {
+                let _ = Policy::parse(&text, format);
+            }
+        }
+
+        #[test]
+        fn normalised_config_reparses_to_itself(cfg in crate::test_utils::policy_config()) {
+            let p = Policy::try_from(cfg).expect("valid");
+            let text = toml::to_string(&p.to_config()).expect("serialises");
+            let q = Policy::from_toml(&text).expect("reparses");
+            proptest::prop_assert_eq!(p.to_config(), q.to_config());
+        }
     }
 }

@@ -8,7 +8,9 @@ use crate::config::{DefaultAction, PolicyConfig, PortConfig, ProtocolConfig, Rul
 use crate::decide::{NetParams, Pins, Protocol};
 
 pub(crate) const NAMES: &[&str] = &["a.test", "b.a.test", "c.b.a.test", "c.test", "x.other"];
-const PATTERNS: &[&str] = &["a.test", "b.a.test", "*.a.test", "*.test", "c.test", "*.other"];
+const PATTERNS: &[&str] = &[
+    "a.test", "b.a.test", "*.a.test", "*.test", "c.test", "*.other",
+];
 const CIDRS: &[&str] = &[
     "203.0.113.0/24",
     "203.0.113.0/28",
@@ -82,12 +84,14 @@ fn rule() -> impl Strategy<Value = RuleConfig> {
         proptest::sample::select(PATTERNS).prop_map(|d| (Some(d.to_owned()), None)),
         proptest::sample::select(CIDRS).prop_map(|c| (None, Some(c.to_owned()))),
     ];
-    let proto = proptest::sample::select(&[
-        ProtocolConfig::Any,
-        ProtocolConfig::Tcp,
-        ProtocolConfig::Udp,
-        ProtocolConfig::Icmp,
-    ][..]);
+    let proto = proptest::sample::select(
+        &[
+            ProtocolConfig::Any,
+            ProtocolConfig::Tcp,
+            ProtocolConfig::Udp,
+            ProtocolConfig::Icmp,
+        ][..],
+    );
     let ports = proptest::option::of(proptest::sample::subsequence(PORTS, 1..3));
     (dest, proto, ports).prop_map(|((domain, cidr), protocol, ports)| RuleConfig {
         domain,
@@ -114,7 +118,13 @@ fn rule() -> impl Strategy<Value = RuleConfig> {
 /// Random valid policies over the fixed pools above.
 pub(crate) fn policy_config() -> impl Strategy<Value = PolicyConfig> {
     (
-        proptest::sample::select(&[DefaultAction::Deny, DefaultAction::Allow, DefaultAction::Learn][..]),
+        proptest::sample::select(
+            &[
+                DefaultAction::Deny,
+                DefaultAction::Allow,
+                DefaultAction::Learn,
+            ][..],
+        ),
         proptest::collection::vec(rule(), 0..6),
         proptest::collection::vec(rule(), 0..3),
     )
@@ -148,7 +158,10 @@ pub(crate) fn protocol() -> impl Strategy<Value = Protocol> {
 /// Random pins of pool names to pool destinations.
 pub(crate) fn pins() -> impl Strategy<Value = Pins> {
     proptest::collection::vec(
-        (proptest::sample::select(NAMES), proptest::sample::select(DESTS)),
+        (
+            proptest::sample::select(NAMES),
+            proptest::sample::select(DESTS),
+        ),
         0..6,
     )
     .prop_map(|v| {
