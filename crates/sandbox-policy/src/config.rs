@@ -48,6 +48,7 @@ pub enum PortConfig {
 /// One rule as written. Exactly one of `domain` and `cidr` is set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RuleConfig {
     /// `name` (exactly that name) or `*.suffix` (any name strictly below `suffix`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,6 +67,7 @@ pub struct RuleConfig {
 /// A whole policy file as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct PolicyConfig {
     /// What happens to traffic no rule allows; `deny` when absent.
     #[serde(default)]

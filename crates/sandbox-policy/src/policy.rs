@@ -267,8 +267,6 @@ pub struct Rule {
     pub destination: Destination,
     /// Protocols and ports.
     pub service: Service,
-    /// 1-based line of the rule in the source text, when known.
-    pub line: Option<usize>,
 }
 
 impl Rule {
@@ -325,7 +323,6 @@ impl Rule {
         Ok(Self {
             destination,
             service: Service { protocol, ports },
-            line: None,
         })
     }
 
@@ -396,7 +393,12 @@ pub struct Policy {
     reserved: IntervalSet,
     metadata: IntervalSet,
     warnings: Vec<PolicyWarning>,
+    /// The text the policy was read from, to find rule lines on demand.
+    source: Option<(std::sync::Arc<str>, Format)>,
 }
+
+/// Warnings get their line filled in up to this many (each lookup re-reads the text once).
+const MAX_LOCATED_WARNINGS: usize = 32;
 
 impl Policy {
     /// Parses, validates and normalises a policy text.
@@ -409,18 +411,12 @@ impl Policy {
             config::read(text, format).map_err(|error| PolicyError::Syntax { format, error })?;
         match Self::try_from(cfg) {
             Ok(mut p) => {
-                for (list, rules) in [
-                    (RuleList::Allow, &mut p.allow),
-                    (RuleList::Deny, &mut p.deny),
-                ] {
-                    for (i, r) in rules.iter_mut().enumerate() {
-                        r.line = config::locate(text, format, list.key(), i, None);
-                    }
-                }
+                p.source = Some((std::sync::Arc::from(text), format));
                 let lines: Vec<Option<usize>> = p
                     .warnings
                     .iter()
-                    .map(|w| p.rule(w.list, w.index).and_then(|r| r.line))
+                    .take(MAX_LOCATED_WARNINGS)
+                    .map(|w| p.rule_line(w.list, w.index))
                     .collect();
                 for (w, line) in p.warnings.iter_mut().zip(lines) {
                     w.line = line;
@@ -476,23 +472,36 @@ impl Policy {
         }
     }
 
+    /// The 1-based line where rule `index` of `list` starts in the text it was read from;
+    /// `None` for a policy built from a model. Each call reads the text once more (O(size)).
+    pub fn rule_line(&self, list: RuleList, index: usize) -> Option<usize> {
+        let (text, format) = self.source.as_ref()?;
+        self.rule(list, index)?;
+        config::locate(text, *format, list.key(), index, None)
+    }
+
     /// Warnings found while validating (host addresses are checked by
-    /// [`Policy::host_warnings`]).
+    /// [`Policy::host_warnings`]). The first 32 carry their line.
     pub fn warnings(&self) -> &[PolicyWarning] {
         &self.warnings
     }
 
     /// Warnings for allow rules that cover one of `host` (the host's own addresses, which stay
-    /// denied).
+    /// denied). The first 32 carry their line.
     pub fn host_warnings(&self, host: &[IpAddr]) -> Vec<PolicyWarning> {
         let mut out = Vec::new();
         for (index, r) in self.allow.iter().enumerate() {
             if let Destination::Cidr(c) = &r.destination {
                 if host.iter().any(|h| c.contains(*h)) {
+                    let line = if out.len() < MAX_LOCATED_WARNINGS {
+                        self.rule_line(RuleList::Allow, index)
+                    } else {
+                        None
+                    };
                     out.push(PolicyWarning {
                         list: RuleList::Allow,
                         index,
-                        line: r.line,
+                        line,
                         kind: WarningKind::CoversHost,
                     });
                 }
@@ -673,6 +682,7 @@ impl TryFrom<PolicyConfig> for Policy {
             reserved,
             metadata,
             warnings,
+            source: None,
         })
     }
 }
@@ -834,7 +844,8 @@ mod tests {
             Policy::from_toml("\n[[allow]]\ndomain = \"a.org\"\nports = [\"10-20\", 15, 21, 5]\n")
                 .expect("valid");
         let r = &p.allow_rules()[0];
-        assert_eq!(r.line, Some(2));
+        assert_eq!(p.rule_line(RuleList::Allow, 0), Some(2));
+        assert_eq!(p.rule_line(RuleList::Allow, 1), None);
         assert_eq!(
             r.service.ports,
             Some(vec![
@@ -853,6 +864,7 @@ mod tests {
         let w = p.host_warnings(&["169.254.1.1".parse().expect("ip")]);
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].kind, WarningKind::CoversHost);
+        assert_eq!(w[0].line, Some(1));
     }
 
     #[test]
