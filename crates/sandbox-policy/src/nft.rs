@@ -161,6 +161,16 @@ impl Ruleset {
         rs
     }
 
+    /// The policy this was compiled from.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The network parameters this was compiled for.
+    pub fn net(&self) -> &NetParams {
+        &self.net
+    }
+
     /// Warnings about the policy on this host (allow rules covering host addresses).
     pub fn warnings(&self) -> &[PolicyWarning] {
         &self.warnings
