@@ -136,6 +136,46 @@ impl From<SpecError> for crate::Error {
     }
 }
 
+/// A sandbox's network (`SandboxSpec::network`): without one the guest has only `lo`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct NetworkSpec {
+    /// What may leave the sandbox.
+    #[serde(default)]
+    pub egress: Egress,
+}
+
+impl NetworkSpec {
+    /// A network whose guest may reach anything outside the host (the host itself and other
+    /// sandboxes stay unreachable).
+    pub fn allow_egress() -> Self {
+        NetworkSpec {
+            egress: Egress::Allow,
+        }
+    }
+
+    /// A network with no egress: the guest reaches its gateway's DNS port and exposed ports
+    /// reach it, nothing else.
+    pub fn deny_egress() -> Self {
+        NetworkSpec {
+            egress: Egress::Deny,
+        }
+    }
+}
+
+/// What may leave a sandbox's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Egress {
+    /// Nothing leaves.
+    #[default]
+    Deny,
+    /// Everything outside the host and the other sandboxes may be reached.
+    Allow,
+}
+
 /// Whether the guest's root file system may be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -186,6 +226,9 @@ pub struct SandboxSpecConfig {
     /// Past it the guest's writes fail with an I/O error. `None`: no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_cap_mib: Option<u64>,
+    /// The sandbox's network. `None` (the default): no network device at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
 }
 
 fn default_vcpus() -> u8 {
@@ -210,6 +253,7 @@ impl SandboxSpecConfig {
             image: None,
             disk_size_mib: None,
             disk_cap_mib: None,
+            network: None,
         }
     }
 }
@@ -231,6 +275,7 @@ pub struct SandboxSpec {
     image: Option<String>,
     disk_size_mib: Option<u64>,
     disk_cap_mib: Option<u64>,
+    network: Option<NetworkSpec>,
 }
 
 impl SandboxSpec {
@@ -284,6 +329,10 @@ impl SandboxSpec {
     /// The cap on host disk space for the sandbox's writes, MiB, if set.
     pub fn disk_cap_mib(&self) -> Option<u64> {
         self.disk_cap_mib
+    }
+    /// The sandbox's network, if it has one.
+    pub fn network(&self) -> Option<&NetworkSpec> {
+        self.network.as_ref()
     }
 }
 
@@ -359,6 +408,7 @@ impl TryFrom<SandboxSpecConfig> for SandboxSpec {
             image: c.image,
             disk_size_mib: c.disk_size_mib,
             disk_cap_mib: c.disk_cap_mib,
+            network: c.network,
         })
     }
 }
@@ -391,6 +441,7 @@ impl From<SandboxSpec> for SandboxSpecConfig {
             image: s.image,
             disk_size_mib: s.disk_size_mib,
             disk_cap_mib: s.disk_cap_mib,
+            network: s.network,
         }
     }
 }
@@ -512,6 +563,11 @@ impl SandboxSpecBuilder {
     /// The most host disk space, MiB, the sandbox's writes may take.
     pub fn disk_cap_mib(mut self, mib: u64) -> Self {
         self.config.disk_cap_mib = Some(mib);
+        self
+    }
+    /// Gives the sandbox a network.
+    pub fn network(mut self, network: NetworkSpec) -> Self {
+        self.config.network = Some(network);
         self
     }
     /// Validates and builds.

@@ -193,7 +193,7 @@ impl HostNetns {
 }
 
 /// Configuration of a [`Network`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NetConfig {
     /// Name prefixes (netns, links, host table).

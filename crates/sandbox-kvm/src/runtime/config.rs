@@ -66,6 +66,10 @@ pub struct KvmRuntimeConfig {
     /// `$SANDBOX_IMAGE_STORE`, else `$XDG_CACHE_HOME/sandbox-sdk/images`, else
     /// `$HOME/.cache/sandbox-sdk/images`, else `<state_dir>/images`.
     pub image_store: Option<PathBuf>,
+    /// How sandbox networks are made (docs/network.md): the veth address pool, the guest's
+    /// addressing, the exposed-port bind address. Default: `NetConfig::default()` with name
+    /// prefixes unique to the state directory. Set up the first time a spec asks for a network.
+    pub network: Option<sandbox_net::NetConfig>,
 }
 
 /// How a sandbox's writable root disk is made from its base image.
@@ -97,6 +101,7 @@ impl Default for KvmRuntimeConfig {
             jail: JailConfig::default(),
             disk_mode: DiskMode::default(),
             image_store: None,
+            network: None,
         }
     }
 }
@@ -209,6 +214,12 @@ impl KvmRuntimeConfigBuilder {
         self
     }
 
+    /// How sandbox networks are made.
+    pub fn network(mut self, config: sandbox_net::NetConfig) -> Self {
+        self.config.network = Some(config);
+        self
+    }
+
     /// How writable root disks are made ([`DiskMode::Overlay`] by default).
     pub fn disk_mode(mut self, mode: DiskMode) -> Self {
         self.config.disk_mode = mode;
@@ -240,6 +251,7 @@ pub(crate) struct Resolved {
     pub jail: JailConfig,
     pub disk_mode: DiskMode,
     pub image_store: PathBuf,
+    pub network: sandbox_net::NetConfig,
     /// What the host provides of `jail`: nothing until `KvmRuntime::new` probes it.
     pub jail_support: JailSupport,
 }
@@ -304,6 +316,7 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         })
         .or_else(|| (env.var)("HOME").map(|d| PathBuf::from(d).join(".cache/sandbox-sdk/images")))
         .unwrap_or_else(|| state_dir.join("images"));
+    let network = super::net::scoped_config(c.network.clone(), &state_dir);
     Ok(Resolved {
         vmm,
         kernel,
@@ -317,6 +330,7 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         jail: c.jail.clone(),
         disk_mode: c.disk_mode,
         image_store,
+        network,
         jail_support: JailSupport::default(),
     })
 }

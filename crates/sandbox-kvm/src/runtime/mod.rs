@@ -32,6 +32,7 @@ mod config;
 mod copy;
 mod dirfd;
 pub mod jail;
+mod net;
 mod process;
 mod reconcile;
 mod sandbox;
@@ -179,6 +180,16 @@ pub enum RuntimeError {
         #[source]
         source: sandbox_fs::StoreError,
     },
+    /// The sandbox's network could not be set up (`HostSetup` when the host lacks something
+    /// the message names: root, `/dev/net/tun`, the `nft` binary, free addresses; else `Io`).
+    #[error("The sandbox network could not be set up: {problem}.")]
+    Network {
+        /// What went wrong, with the fix when there is one.
+        problem: String,
+        /// The cause.
+        #[source]
+        source: Option<Box<sandbox_net::NetError>>,
+    },
     /// The sandbox's copy-on-write disk could not be created (`Io`).
     #[error("Could not create the disk overlay {path} over {base}.")]
     Overlay {
@@ -284,6 +295,15 @@ impl RuntimeError {
                 sandbox_fs::StoreError::NotFound { .. }
                 | sandbox_fs::StoreError::InvalidDigest { .. }
                 | sandbox_fs::StoreError::InvalidTag { .. } => ErrorKind::InvalidSpec,
+                _ => ErrorKind::Io,
+            },
+            RuntimeError::Network { source, .. } => match source.as_deref() {
+                Some(
+                    sandbox_net::NetError::NotPermitted { .. }
+                    | sandbox_net::NetError::Tap(_)
+                    | sandbox_net::NetError::NftMissing
+                    | sandbox_net::NetError::Pool(_),
+                ) => ErrorKind::HostSetup,
                 _ => ErrorKind::Io,
             },
             RuntimeError::Io { .. } | RuntimeError::Overlay { .. } => ErrorKind::Io,

@@ -25,10 +25,11 @@ use super::config::{check_socket_path, resolve, Env, KvmRuntimeConfig, Resolved}
 use super::copy::{copy_image, CopyMethod};
 use super::dirfd::{OpenError, SandboxDir, StateDir};
 use super::jail::{self, CgroupLimits, PreparedJail, SandboxCgroup};
+use super::net::{NetLease, Networks, Plumbing, GUEST_MAC};
 use super::process::{names, vmm_command, write_pid_file, VmmExit, VmmProcess};
 use super::reconcile::reconcile;
 use super::{sys, Result, RuntimeError};
-use sandbox_vmm::vmm::{DiskConfig, VmConfig, VmResources, VsockDeviceConfig};
+use sandbox_vmm::vmm::{DiskConfig, NetDeviceConfig, VmConfig, VmResources, VsockDeviceConfig};
 
 /// The guest CID of every sandbox. Each VMM has its own vsock device and no host kernel vsock is
 /// involved, so the CIDs of different sandboxes never meet.
@@ -96,6 +97,7 @@ struct CreateGuard {
     dir: Option<SandboxDir>,
     lock: Option<File>,
     proc: Option<Arc<VmmProcess>>,
+    net: Option<NetLease>,
 }
 
 impl CreateGuard {
@@ -106,6 +108,9 @@ impl CreateGuard {
             p.kill();
             p.wait_blocking();
         }
+        if let Some(n) = self.net.take() {
+            n.teardown_blocking();
+        }
         if let Some(d) = self.dir.take() {
             if let Err(e) = d.remove_all() {
                 tracing::warn!(dir = %d.path().display(), error = %e, "cannot remove a sandbox directory");
@@ -115,20 +120,31 @@ impl CreateGuard {
     }
 
     /// The pieces, for a sandbox that came up; the guard is then inert.
-    fn disarm(mut self) -> Option<(LiveSlot, SandboxDir, File, Arc<VmmProcess>)> {
-        Some((
-            self.slot.take()?,
-            self.dir.take()?,
-            self.lock.take()?,
-            self.proc.take()?,
-        ))
+    fn disarm(mut self) -> Option<Made> {
+        let net = self.net.take();
+        Some(Made {
+            slot: self.slot.take()?,
+            dir: self.dir.take()?,
+            lock: self.lock.take()?,
+            proc: self.proc.take()?,
+            net,
+        })
     }
+}
+
+/// What a successful create made, out of its guard.
+struct Made {
+    slot: LiveSlot,
+    dir: SandboxDir,
+    lock: File,
+    proc: Arc<VmmProcess>,
+    net: Option<NetLease>,
 }
 
 impl Drop for CreateGuard {
     fn drop(&mut self) {
         let slot = self.slot.take();
-        if self.proc.is_none() && self.dir.is_none() && self.lock.is_none() {
+        if self.proc.is_none() && self.dir.is_none() && self.lock.is_none() && self.net.is_none() {
             drop(slot);
             return;
         }
@@ -138,6 +154,7 @@ impl Drop for CreateGuard {
             dir: self.dir.take(),
             lock: self.lock.take(),
             proc: self.proc.take(),
+            net: self.net.take(),
         };
         self.cleaner.run(Box::new(move || {
             rest.undo_blocking();
@@ -172,6 +189,7 @@ pub struct KvmRuntime {
     state: Arc<StateDir>,
     live: Arc<AtomicUsize>,
     cleaner: Cleaner,
+    nets: Arc<Networks>,
 }
 
 impl KvmRuntime {
@@ -239,11 +257,15 @@ impl KvmRuntime {
             path: cfg.state_dir.clone(),
             source,
         })?;
+        // Networks of sandboxes whose directory reconciliation just removed (docs/network.md).
+        let nets = Arc::new(Networks::new(cfg.network.clone()));
+        nets.reconcile_blocking(&cfg.state_dir);
         Ok(Self {
             cfg,
             state,
             live: Arc::new(AtomicUsize::new(0)),
             cleaner,
+            nets,
         })
     }
 
@@ -306,6 +328,7 @@ impl KvmRuntime {
             dir: None,
             lock: None,
             proc: None,
+            net: None,
         };
         let started = Instant::now();
         let id = SandboxId::new(new_id().map_err(|source| RuntimeError::Io {
@@ -314,6 +337,15 @@ impl KvmRuntime {
             source,
         })?);
         check_socket_path(&self.sandbox_dir(&id).join(names::VSOCK))?;
+        // The network first (docs/network.md): its tap goes to the VMM.
+        let plumbing = match spec.network() {
+            Some(n) => {
+                let (lease, plumbing) = self.nets.create(id.as_str(), n).await?;
+                guard.net = Some(lease);
+                Some(plumbing)
+            }
+            None => None,
+        };
         // The blocking half owns the guard while it runs and hands it back armed with what it
         // made; if this future is gone by then, dropping the unsent guard cleans up.
         let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
@@ -326,7 +358,17 @@ impl KvmRuntime {
             id.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let r = prepare(&cfg, &spec2, &state, &id2, &mut guard, &cancelled);
+            // `plumbing` (the tap) stays open until the VMM inherited it, then closes here.
+            let r = prepare(
+                &cfg,
+                &spec2,
+                &state,
+                &id2,
+                &mut guard,
+                &cancelled,
+                plumbing.as_ref(),
+            );
+            drop(plumbing);
             if r.is_err() {
                 // Undo here, already on a blocking thread, so the error returns clean.
                 guard.undo_blocking();
@@ -359,7 +401,14 @@ impl KvmRuntime {
         };
         let failure = match outcome {
             Ok(Ok(client)) => {
-                let Some((slot, dir, lock, proc)) = guard.disarm() else {
+                let Some(Made {
+                    slot,
+                    dir,
+                    lock,
+                    proc,
+                    net,
+                }) = guard.disarm()
+                else {
                     return Err(Error::new(
                         ErrorKind::Internal,
                         "create: the guard lost a piece of the sandbox.",
@@ -379,6 +428,7 @@ impl KvmRuntime {
                     slot: Mutex::new(Some(slot)),
                     torn_down: AtomicBool::new(false),
                     teardown_lock: Mutex::new(()),
+                    net,
                 });
                 let ttl_task = spec.ttl().map(|ttl| {
                     let shared = shared.clone();
@@ -473,6 +523,7 @@ fn prepare(
     id: &SandboxId,
     guard: &mut CreateGuard,
     cancelled: &AtomicBool,
+    plumbing: Option<&Plumbing>,
 ) -> Result<Option<CopyMethod>> {
     let path = state.path().join(id.as_str());
     let io = |action: &'static str, name: &str| {
@@ -554,8 +605,9 @@ fn prepare(
     check()?;
     // Validate here, with the typed error and the paths as the VMM will see them from inside
     // the directory, rather than in the child.
-    VmResources::try_from(vm_config(cfg, spec, &kernel, dir.path(), disk_checked))?;
-    let vm = vm_config(cfg, spec, &kernel, Path::new(""), disk_named);
+    let net = plumbing.map(|p| (std::os::fd::AsRawFd::as_raw_fd(&p.tap), p.ip_param.as_str()));
+    VmResources::try_from(vm_config(cfg, spec, &kernel, dir.path(), disk_checked, net))?;
+    let vm = vm_config(cfg, spec, &kernel, Path::new(""), disk_named, net);
     let json = serde_json::to_vec_pretty(&vm)
         .map_err(|e| io("serialize", names::CONFIG)(std::io::Error::other(e)))?;
     dir.create_file(names::CONFIG, 0o600)
@@ -579,7 +631,7 @@ fn prepare(
         namespaces: cfg.jail_support.namespaces,
         restrict: cfg.jail.restrict_process,
         fsize: jail_fsize(cfg, disk.virtual_size),
-        inherit: [-1; jail::MAX_INHERITED_FDS],
+        inherit: [net.map_or(-1, |(fd, _)| fd), -1],
     };
     let cmd = vmm_command(&cfg.vmm, dir, log, prepared);
     // `cgroup` (and its procs fd) lives until the spawn returned, then goes to the watcher.
@@ -677,14 +729,19 @@ fn vm_config(
     kernel: &Path,
     dir: &Path,
     disk: DiskConfig,
+    net: Option<(std::os::fd::RawFd, &str)>,
 ) -> VmConfig {
     let mode = if disk.read_only { "ro" } else { "rw" };
     let mut cmdline = format!("root=/dev/vda {mode}");
+    if let Some((_, ip)) = net {
+        cmdline.push(' ');
+        cmdline.push_str(ip);
+    }
     for p in spec.extra_cmdline() {
         cmdline.push(' ');
         cmdline.push_str(p);
     }
-    VmConfig::new(kernel)
+    let vm = VmConfig::new(kernel)
         .vcpus(spec.vcpus())
         .memory_mib(spec.memory_mib())
         .disk(disk)
@@ -692,7 +749,11 @@ fn vm_config(
         .console_file(dir.join(names::CONSOLE), cfg.console_cap_bytes)
         .vsock(VsockDeviceConfig::new(GUEST_CID, dir.join(names::VSOCK)))
         .seccomp(cfg.jail.seccomp)
-        .debug_forbidden_syscall(cfg.jail.debug_forbidden_syscall)
+        .debug_forbidden_syscall(cfg.jail.debug_forbidden_syscall);
+    match net {
+        Some((tap_fd, _)) => vm.net(NetDeviceConfig::new(tap_fd, GUEST_MAC)),
+        None => vm,
+    }
 }
 
 /// The last `n` lines of the console log and of the VMM's log, formatted for an error message
@@ -806,6 +867,8 @@ struct SandboxShared {
     slot: Mutex<Option<LiveSlot>>,
     torn_down: AtomicBool,
     teardown_lock: Mutex<()>,
+    /// The sandbox's network, deleted at teardown.
+    net: Option<NetLease>,
 }
 
 impl SandboxShared {
@@ -920,6 +983,9 @@ impl SandboxShared {
         }
         self.proc.kill();
         self.proc.wait_blocking();
+        if let Some(net) = &self.net {
+            net.teardown_blocking();
+        }
         let r = self.dir.remove_all();
         if r.is_ok() {
             self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -954,6 +1020,33 @@ impl KvmSandbox {
     /// The VMM's vsock Unix socket (host side of virtio-vsock; speak `CONNECT <port>\n` first).
     pub fn vsock_path(&self) -> PathBuf {
         self.shared.dir.join(names::VSOCK)
+    }
+
+    /// Forwards a host TCP port to `guest_port` inside a sandbox that has a network, until
+    /// [`KvmSandbox::unexpose`] or destroy; returns the host address to connect to
+    /// (`127.0.0.1:<ephemeral>` by default, `KvmRuntimeConfig::network`'s bind address).
+    ///
+    /// # Errors
+    /// `InvalidState` when the sandbox has no network; `Io` when the port cannot be opened.
+    pub async fn expose(&self, guest_port: u16) -> sandbox_core::Result<std::net::SocketAddr> {
+        let Some(net) = &self.shared.net else {
+            return Err(Error::new(
+                ErrorKind::InvalidState,
+                format!(
+                    "Sandbox {} has no network; fix: create it with SandboxSpec::network.",
+                    self.shared.id
+                ),
+            ));
+        };
+        Ok(net.expose(guest_port).await?)
+    }
+
+    /// Stops forwarding to `guest_port`; whether it was forwarded.
+    pub fn unexpose(&self, guest_port: u16) -> bool {
+        self.shared
+            .net
+            .as_ref()
+            .is_some_and(|n| n.unexpose(guest_port))
     }
 
     /// The pid of the `sandbox-vmm` process.
@@ -1239,6 +1332,7 @@ mod tests {
             jail: jail::JailConfig::off(),
             disk_mode: DiskMode::Overlay,
             image_store: dir.join("images"),
+            network: sandbox_net::NetConfig::default(),
             jail_support: jail::JailSupport::default(),
         }
     }
@@ -1251,6 +1345,7 @@ mod tests {
             dir: None,
             lock: None,
             proc: None,
+            net: None,
         }
     }
 
@@ -1280,6 +1375,7 @@ mod tests {
             kernel,
             Path::new(""),
             DiskConfig::new(names::ROOTFS, false),
+            None,
         );
         let json = serde_json::to_value(&vm).expect("json");
         assert_eq!(json["kernel"], "/k/vmlinux");
@@ -1299,6 +1395,7 @@ mod tests {
             kernel,
             Path::new("/s/sbx-00"),
             DiskConfig::new("/k/rootfs.ext4", true),
+            None,
         );
         assert_eq!(abs.cmdline_extra, "root=/dev/vda ro quiet");
         let json = serde_json::to_value(&abs).expect("json");
@@ -1324,6 +1421,7 @@ mod tests {
             &id,
             &mut guard,
             &AtomicBool::new(false),
+            None,
         )
         .expect_err("no rootfs");
         assert!(
@@ -1341,9 +1439,10 @@ mod tests {
         // A base whose name cannot be an overlay's backing file name (a ':' reads as a protocol
         // in qcow2 tools): the overlay fails after the directory and lock were made.
         std::fs::write(dir.path().join("root:fs.ext4"), vec![0u8; 4096]).expect("base");
-        let spec = SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("root:fs.ext4"))
-            .build()
-            .expect("spec");
+        let spec =
+            SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("root:fs.ext4"))
+                .build()
+                .expect("spec");
         let err = prepare(
             &cfg,
             &spec,
@@ -1351,6 +1450,7 @@ mod tests {
             &id,
             &mut guard,
             &AtomicBool::new(false),
+            None,
         )
         .expect_err("no overlay");
         assert!(matches!(err, RuntimeError::Overlay { .. }), "{err}");
@@ -1359,8 +1459,16 @@ mod tests {
         assert!(!cfg.state_dir.join("sbx-01").exists());
         // Cancelled before it starts: nothing is made at all.
         let mut guard = test_guard();
-        let err = prepare(&cfg, &spec, &state, &id, &mut guard, &AtomicBool::new(true))
-            .expect_err("cancelled");
+        let err = prepare(
+            &cfg,
+            &spec,
+            &state,
+            &id,
+            &mut guard,
+            &AtomicBool::new(true),
+            None,
+        )
+        .expect_err("cancelled");
         assert!(
             matches!(&err, RuntimeError::Io { source, .. } if source.kind() == std::io::ErrorKind::Interrupted),
             "{err}"
@@ -1389,6 +1497,7 @@ mod tests {
             dir: Some(sb),
             lock: None,
             proc: Some(proc),
+            net: None,
         };
         drop(guard);
         wait_until(|| live.load(Ordering::SeqCst) == 0);
