@@ -6,7 +6,7 @@
 //!   plus what device register writes do on a vCPU thread (a virtio-mmio `QueueNotify` or
 //!   `Status` write runs the device there);
 //! - [`ThreadKind::Devices`]: the event loop: epoll, eventfds, disk and tap I/O, the vsock Unix
-//!   sockets; no `ioctl` at all;
+//!   sockets; of `ioctl`, only `FIONBIO` (std's `set_nonblocking`);
 //! - [`ThreadKind::Main`]: waiting for the VM to end and tearing it down.
 //!
 //! Nothing after start opens a file or a socket, creates a process or a thread, or changes
@@ -87,6 +87,9 @@ mod ioctls {
 }
 use ioctls::{KVM_GET_REGS, KVM_GET_SREGS, KVM_RUN, KVM_TRANSLATE};
 
+/// `FIONBIO` (`asm-generic/ioctls.h`): set or clear `O_NONBLOCK` on a socket.
+const FIONBIO: u64 = 0x5421;
+
 /// Calls every thread makes: memory, locks, time, signals, logging, thread exit.
 const COMMON: &[libc::c_long] = &[
     libc::SYS_read,
@@ -161,29 +164,27 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     // Device code runs on every thread kind (a register write runs it on a vCPU thread, and
     // teardown on the main thread drops devices, which flushes their images).
     plain(&mut map, DEVICES);
+    let ioctl = |request: u64| -> Result<SeccompRule, seccompiler::BackendError> {
+        SeccompRule::new(vec![SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            request,
+        )?])
+    };
+    // Every thread may make a socket non-blocking: std's `set_nonblocking` is `ioctl(FIONBIO)`
+    // (the vsock muxer does it to each accepted connection, and device code runs on any thread).
+    let mut ioctls = vec![ioctl(FIONBIO)?];
     match kind {
         ThreadKind::Vcpu => {
-            let ioctl = |request: u64| -> Result<SeccompRule, seccompiler::BackendError> {
-                SeccompRule::new(vec![SeccompCondition::new(
-                    1,
-                    SeccompCmpArgLen::Dword,
-                    SeccompCmpOp::Eq,
-                    request,
-                )?])
-            };
-            map.insert(
-                libc::SYS_ioctl,
-                vec![
-                    ioctl(KVM_RUN())?,
-                    ioctl(KVM_GET_REGS())?,
-                    ioctl(KVM_GET_SREGS())?,
-                    ioctl(KVM_TRANSLATE())?,
-                ],
-            );
+            for request in [KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS(), KVM_TRANSLATE()] {
+                ioctls.push(ioctl(request)?);
+            }
         }
         ThreadKind::Main => plain(&mut map, MAIN),
         ThreadKind::Devices => {}
     }
+    map.insert(libc::SYS_ioctl, ioctls);
     Ok(map)
 }
 
@@ -280,16 +281,11 @@ mod tests {
                 assert!(!map.contains_key(&nr), "{kind:?} allows syscall {nr}");
             }
         }
-        assert!(!rules(ThreadKind::Devices)
-            .expect("rules")
-            .contains_key(&libc::SYS_ioctl));
-        assert!(!rules(ThreadKind::Main)
-            .expect("rules")
-            .contains_key(&libc::SYS_ioctl));
-        assert_eq!(
-            rules(ThreadKind::Vcpu).expect("rules")[&libc::SYS_ioctl].len(),
-            4
-        );
+        // Devices and main: only FIONBIO; vCPU: FIONBIO and the four KVM requests.
+        let ioctls = |kind| rules(kind).expect("rules")[&libc::SYS_ioctl].len();
+        assert_eq!(ioctls(ThreadKind::Devices), 1);
+        assert_eq!(ioctls(ThreadKind::Main), 1);
+        assert_eq!(ioctls(ThreadKind::Vcpu), 5);
     }
 
     #[test]

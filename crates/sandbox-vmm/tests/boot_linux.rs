@@ -239,6 +239,10 @@ fn overlay() -> (tempfile::TempDir, PathBuf) {
     let base = rootfs_ro();
     let size = std::fs::metadata(&base).expect("base").len();
     sandbox_fs::create_overlay(&path, &base, size).expect("create the overlay");
+    // qemu-img finds the backing file by the name in the header, next to the overlay; the VMM
+    // is given the base's path instead and never looks there.
+    let name = base.file_name().expect("the base has a file name");
+    std::os::unix::fs::symlink(&base, dir.path().join(name)).expect("symlink for qemu-img");
     (dir, path)
 }
 
