@@ -1341,9 +1341,10 @@ mod tests {
         // A base whose name cannot be an overlay's backing file name (a ':' reads as a protocol
         // in qcow2 tools): the overlay fails after the directory and lock were made.
         std::fs::write(dir.path().join("root:fs.ext4"), vec![0u8; 4096]).expect("base");
-        let spec = SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("root:fs.ext4"))
-            .build()
-            .expect("spec");
+        let spec =
+            SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("root:fs.ext4"))
+                .build()
+                .expect("spec");
         let err = prepare(
             &cfg,
             &spec,
