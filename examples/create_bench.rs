@@ -344,7 +344,20 @@ async fn main() -> Result<()> {
 
     // The report.
     let mut md = String::new();
-    let _ = writeln!(md, "Where: {machine}.\n");
+    let vmm = std::env::var("SANDBOX_VMM").unwrap_or_default();
+    let build = |debug: bool| if debug { "debug" } else { "release" };
+    let _ = writeln!(
+        md,
+        "Where: {machine}. Builds: this program {}, sandbox-vmm {}.\n",
+        build(cfg!(debug_assertions)),
+        if vmm.contains("/debug/") {
+            "debug"
+        } else if vmm.contains("/release/") {
+            "release"
+        } else {
+            "of unknown profile"
+        }
+    );
     let _ = writeln!(
         md,
         "**create → first exec** (writable root, {MEMORY_MIB} MiB guest, 1 vCPU; `create()` \
