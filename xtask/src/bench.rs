@@ -11,7 +11,10 @@
 //! 4. The report ([`report`]): raw runs into `target/bench/boot-<date>.json`, medians and the
 //!    ours/QEMU ratios against the promise into `docs/SPEC.md`. Nothing asserts on time: the
 //!    command fails only if the runs themselves fail.
+//!
+//! `cargo xtask bench create` (writable roots: overlay against copy) is in [`create`].
 
+mod create;
 mod measure;
 mod report;
 
@@ -36,6 +39,9 @@ type Environment = Vec<(String, String)>;
 pub enum BenchCmd {
     /// Boot time and VMM memory: sandbox-vmm against QEMU -M microvm (docs/bench.md).
     Boot(BootArgs),
+    /// Create time of a writable root: qcow2 overlay against a full copy, overlay creation
+    /// alone, and the warm exec round trip (examples/create_bench.rs; docs/bench.md).
+    Create(create::CreateArgs),
 }
 
 /// Where the VMs run.
@@ -100,6 +106,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             Some(out) => inner(&args, &out),
             None => boot(&args),
         },
+        BenchCmd::Create(args) => create::run(args),
     }
 }
 

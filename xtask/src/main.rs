@@ -43,7 +43,8 @@ enum Cmd {
     /// the caller at random points, the host inventory checked after each (examples/soak.rs);
     /// the summary goes into docs/SPEC.md.
     Soak(soak::SoakArgs),
-    /// Benchmarks (docs/bench.md): `bench boot` runs our VMM and QEMU microvm side by side.
+    /// Benchmarks (docs/bench.md): `bench boot` runs our VMM and QEMU microvm side by side;
+    /// `bench create` measures overlay against copy create times and the exec round trip.
     Bench {
         #[command(subcommand)]
         what: bench::BenchCmd,

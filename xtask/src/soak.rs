@@ -66,48 +66,15 @@ pub fn run(mut args: SoakArgs) -> Result<()> {
         let section = format!(
             "{BEGIN}\n\nLast `cargo xtask soak` ({where_}, {} min budget, at commit {}):\n\n{}\n{END}",
             args.minutes,
-            util::output(
-                std::process::Command::new("git")
-                    .args(["describe", "--always", "--dirty"])
-                    .current_dir(&root)
-            )
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into()),
+            util::git_describe(),
             util::portable_paths(summary.trim_end()),
         );
-        fs::write(&spec_path, replace_section(&spec, &section))?;
+        fs::write(
+            &spec_path,
+            util::replace_section(&spec, BEGIN, END, "Soak", &section),
+        )?;
         println!("xtask soak: wrote the summary into docs/SPEC.md");
     }
     let _ = fs::remove_dir_all(&scratch);
     result.map(|_| ())
-}
-
-/// `spec` with the soak section replaced, or appended if it has none.
-fn replace_section(spec: &str, section: &str) -> String {
-    match (spec.find(BEGIN), spec.find(END)) {
-        (Some(a), Some(b)) if a < b => {
-            format!("{}{section}{}", &spec[..a], &spec[b + END.len()..])
-        }
-        _ => format!("{}\n\n## Soak\n\n{section}\n", spec.trim_end()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_section_is_replaced_or_appended() {
-        let first = replace_section("# Spec\n", &format!("{BEGIN}\none\n{END}"));
-        assert!(
-            first.ends_with(&format!("## Soak\n\n{BEGIN}\none\n{END}\n")),
-            "{first}"
-        );
-        let second = replace_section(&first, &format!("{BEGIN}\ntwo\n{END}"));
-        assert!(
-            second.contains("two") && !second.contains("one"),
-            "{second}"
-        );
-        assert_eq!(second.matches("## Soak").count(), 1);
-    }
 }

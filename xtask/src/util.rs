@@ -61,6 +61,30 @@ fn replace_path(text: &str, from: &str, to: &str) -> String {
     out
 }
 
+/// `doc` (a markdown file) with the text from `begin` through `end` replaced by `section`
+/// (which carries the markers itself), or, if `doc` has no such pair, `section` appended under a
+/// new `## {heading}`.
+pub fn replace_section(doc: &str, begin: &str, end: &str, heading: &str, section: &str) -> String {
+    if let Some(a) = doc.find(begin) {
+        if let Some(b) = doc[a..].find(end) {
+            let b = a + b + end.len();
+            return format!("{}{section}{}", &doc[..a], &doc[b..]);
+        }
+    }
+    format!("{}\n\n## {heading}\n\n{section}\n", doc.trim_end())
+}
+
+/// The output of `git describe --always --dirty` in the workspace, or `unknown`.
+pub fn git_describe() -> String {
+    output(
+        Command::new("git")
+            .args(["describe", "--always", "--dirty"])
+            .current_dir(workspace_root()),
+    )
+    .map(|s| s.trim().to_string())
+    .unwrap_or_else(|_| "unknown".into())
+}
+
 /// Hex SHA-256 of a sequence of byte strings, each length-prefixed so that the parts cannot run
 /// into each other.
 pub fn hash_parts<I, B>(parts: I) -> String
@@ -265,6 +289,43 @@ pub fn sha256_file(path: &Path) -> Result<String> {
             "unexpected sha256sum output for {}: {out:?}",
             path.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod section_tests {
+    use super::replace_section;
+
+    const B: &str = "<!-- x: begin -->";
+    const E: &str = "<!-- x: end -->";
+
+    #[test]
+    fn the_section_is_appended_then_replaced_in_place() {
+        let first = replace_section("# Spec\n", B, E, "X", &format!("{B}\none\n{E}"));
+        assert_eq!(first, format!("# Spec\n\n## X\n\n{B}\none\n{E}\n"));
+        let doc = format!("{first}\n## After\n\ntail\n");
+        let second = replace_section(&doc, B, E, "X", &format!("{B}\ntwo\n{E}"));
+        assert_eq!(
+            second,
+            format!("# Spec\n\n## X\n\n{B}\ntwo\n{E}\n\n## After\n\ntail\n")
+        );
+        assert_eq!(second.matches("## X").count(), 1);
+    }
+
+    #[test]
+    fn other_sections_and_stray_markers_are_kept() {
+        // Another section's markers are left alone.
+        let doc = format!("a\n<!-- y: begin -->\ny\n<!-- y: end -->\n{B}\nold\n{E}\nz\n");
+        let out = replace_section(&doc, B, E, "X", &format!("{B}\nnew\n{E}"));
+        assert_eq!(
+            out,
+            format!("a\n<!-- y: begin -->\ny\n<!-- y: end -->\n{B}\nnew\n{E}\nz\n")
+        );
+        // An end marker before the begin marker does not count; a begin without an end appends.
+        let stray = format!("{E}\n{B}\nno end\n");
+        let out = replace_section(&stray, B, E, "X", &format!("{B}\nnew\n{E}"));
+        assert!(out.starts_with(&stray.trim_end().to_string()), "{out}");
+        assert!(out.ends_with(&format!("## X\n\n{B}\nnew\n{E}\n")), "{out}");
     }
 }
 

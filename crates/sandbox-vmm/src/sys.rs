@@ -155,6 +155,19 @@ const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 /// `TUNGETVNETHDRSZ` (`_IOR('T', 215, int)`).
 const TUNGETVNETHDRSZ: libc::c_ulong = 0x8004_54d7;
 
+/// Makes `fd` non-blocking with `fcntl(F_SETFL)`. Not std's `set_nonblocking`: that is
+/// `ioctl(FIONBIO)`, which the devices thread's seccomp filter forbids (it allows no `ioctl`).
+///
+/// # Errors
+/// The `fcntl` error.
+pub fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
 /// The `ifr_flags` of the tun/tap device behind `fd` (`IFF_TAP`, `IFF_NO_PI`, `IFF_VNET_HDR`…).
 ///
 /// # Errors

@@ -460,7 +460,8 @@ impl Muxer {
                 );
                 continue;
             }
-            if let Err(err) = stream.set_nonblocking(true) {
+            // On the devices thread: fcntl, not std's ioctl(FIONBIO), which seccomp forbids.
+            if let Err(err) = crate::sys::set_nonblocking(std::os::fd::AsFd::as_fd(&stream)) {
                 warn!(error = %err, "vsock: cannot make a stream non-blocking");
                 continue;
             }
