@@ -322,12 +322,13 @@ fn an_overlay_keeps_writes_across_boots_and_the_base_never_changes() {
 #[test]
 fn the_host_bytes_cap_gives_the_guest_an_io_error_and_the_vm_goes_on() {
     let base = rootfs_ro();
-    let (_dir, disk) = overlay();
+    let (dir, disk) = overlay();
+    let count = dir.path().join("full.count");
     let cap = 16u64 << 20;
     // dd must fail part-way (EIO from the device); the shell goes on, writes a small file that
     // still fits, and the VM powers off normally.
     let run = boot_disk(
-        DiskConfig::qcow2_overlay(&disk, &base, Some(cap)),
+        DiskConfig::qcow2_overlay(&disk, &base, Some(cap)).with_full_report(&count),
         1,
         r#"sandbox_run="dd if=/dev/zero of=/root/big bs=1M count=64 oflag=direct; echo dd-status=$?; rm -f /root/big; echo still-here""#,
     );
@@ -358,6 +359,12 @@ fn the_host_bytes_cap_gives_the_guest_an_io_error_and_the_vm_goes_on() {
         len <= cap + (256 << 10),
         "the overlay grew to {len} bytes past its cap of {cap}"
     );
+    let refused = u64::from_le_bytes(
+        std::fs::read(&count).expect("the count file")[..8]
+            .try_into()
+            .expect("8 bytes"),
+    );
+    assert!(refused > 0, "the VMM counted no refused write");
     qemu_img_check(&disk);
 }
 

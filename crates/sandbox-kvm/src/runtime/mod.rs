@@ -47,7 +47,7 @@ pub use config::{
     ENV_VMM,
 };
 pub use copy::CopyMethod;
-pub use sandbox::{KvmRuntime, KvmSandbox, HOST_EXEC_GRACE};
+pub use sandbox::{DiskUsage, KvmRuntime, KvmSandbox, HOST_EXEC_GRACE};
 
 use sandbox_core::{Error, ErrorKind};
 

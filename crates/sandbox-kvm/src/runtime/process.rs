@@ -404,6 +404,8 @@ pub(crate) mod names {
     pub const ROOTFS: &str = "rootfs.ext4";
     /// The root disk's qcow2 overlay (`DiskMode::Overlay`).
     pub const OVERLAY: &str = "disk.qcow2";
+    /// The VMM's count of guest writes the overlay refused for space (8 bytes, `u64` LE).
+    pub const DISK_FULL: &str = "disk-full.count";
     /// The VM config.
     pub const CONFIG: &str = "vm.json";
     /// The VMM's vsock Unix socket.

@@ -429,6 +429,7 @@ impl KvmRuntime {
                     torn_down: AtomicBool::new(false),
                     teardown_lock: Mutex::new(()),
                     net,
+                    disk_cap: spec.disk_cap_mib().map(|m| m << 20),
                 });
                 let ttl_task = spec.ttl().map(|ttl| {
                     let shared = shared.clone();
@@ -579,8 +580,10 @@ fn prepare(
                 }
             })?;
             (
-                DiskConfig::qcow2_overlay(&at, &base, disk.cap),
-                DiskConfig::qcow2_overlay(names::OVERLAY, &base, disk.cap),
+                DiskConfig::qcow2_overlay(&at, &base, disk.cap)
+                    .with_full_report(dir.join(names::DISK_FULL)),
+                DiskConfig::qcow2_overlay(names::OVERLAY, &base, disk.cap)
+                    .with_full_report(names::DISK_FULL),
                 None,
             )
         }
@@ -869,6 +872,8 @@ struct SandboxShared {
     teardown_lock: Mutex<()>,
     /// The sandbox's network, deleted at teardown.
     net: Option<NetLease>,
+    /// The root disk's cap, bytes.
+    disk_cap: Option<u64>,
 }
 
 impl SandboxShared {
@@ -1003,6 +1008,20 @@ impl SandboxShared {
     }
 }
 
+/// A sandbox's root disk use of host space ([`KvmSandbox::disk_usage`]). Bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DiskUsage {
+    /// The overlay file's length.
+    pub file_bytes: u64,
+    /// Host blocks the overlay file holds.
+    pub allocated_bytes: u64,
+    /// The spec's cap (`disk_cap_mib`), if any.
+    pub cap_bytes: Option<u64>,
+    /// Guest writes refused for lack of space so far (each an I/O error in the guest).
+    pub refused_writes: u64,
+}
+
 /// One sandbox: a `sandbox-vmm` process and its directory. Dropping it without `destroy()`
 /// kills the VMM and removes the directory (synchronously, best effort).
 #[derive(Debug)]
@@ -1039,6 +1058,42 @@ impl KvmSandbox {
             ));
         };
         Ok(net.expose(guest_port).await?)
+    }
+
+    /// The root disk's use of host space, for an overlay root (`DiskMode::Overlay`, a writable
+    /// root); `None` otherwise. `refused_writes` counts guest writes that failed because the
+    /// spec's `disk_cap_mib` (or the host file system) was full: the guest saw an I/O error for
+    /// each, and the sandbox goes on.
+    ///
+    /// # Errors
+    /// `Io` if the overlay cannot be read.
+    pub fn disk_usage(&self) -> sandbox_core::Result<Option<DiskUsage>> {
+        let overlay = self.shared.dir.fd_path(names::OVERLAY);
+        let meta = match std::fs::symlink_metadata(&overlay) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(RuntimeError::Io {
+                    action: "read the size of",
+                    path: self.shared.dir.join(names::OVERLAY),
+                    source,
+                }
+                .into())
+            }
+        };
+        let refused_writes = std::fs::read(self.shared.dir.fd_path(names::DISK_FULL))
+            .ok()
+            .and_then(|b| {
+                b.get(..8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+            })
+            .unwrap_or(0);
+        Ok(Some(DiskUsage {
+            file_bytes: meta.len(),
+            allocated_bytes: std::os::unix::fs::MetadataExt::blocks(&meta) * 512,
+            cap_bytes: self.shared.disk_cap,
+            refused_writes,
+        }))
     }
 
     /// Stops forwarding to `guest_port`; whether it was forwarded.

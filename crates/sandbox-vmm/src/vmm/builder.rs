@@ -578,7 +578,21 @@ impl VmBuilder {
                     return Err(fail("a qcow2 disk needs its backing file".into()))
                 }
             };
-            let block: Block<GuestMemoryMmap> = Block::new(backend, &config);
+            let mut block: Block<GuestMemoryMmap> = Block::new(backend, &config);
+            if let Some(path) = &disk.full_report {
+                let file = full_report_file(path).map_err(|e| {
+                    fail(format!(
+                        "cannot create the report file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                block = block.with_full_report(Box::new(move |count| {
+                    use std::os::unix::fs::FileExt;
+                    if let Err(err) = file.write_all_at(&count.to_le_bytes(), 0) {
+                        tracing::warn!(%err, "cannot update the disk-full count");
+                    }
+                }));
+            }
             let (slot, _) = self.attach_virtio(block)?;
             tracing::info!(
                 path = %disk.path.display(),
@@ -853,6 +867,21 @@ impl VmBuilder {
             self.ram,
         ))
     }
+}
+
+/// Creates (or truncates) the disk-full count file and writes a count of 0.
+fn full_report_file(path: &std::path::Path) -> io::Result<std::fs::File> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    file.write_all(&0u64.to_le_bytes())?;
+    Ok(file)
 }
 
 /// `err`'s sources, `: `-separated (the disk error is a string in [`BuildError::Disk`]).

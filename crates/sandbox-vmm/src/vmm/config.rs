@@ -93,6 +93,11 @@ pub struct DiskConfig {
     /// past it fails with VIRTIO_BLK_S_IOERR (the guest sees an I/O error) and the VM goes on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_bytes_cap: Option<u64>,
+    /// A file (created or truncated at start) where the VMM keeps the count of guest writes the
+    /// disk refused for lack of space (the cap, or a full host file system): 8 bytes, a
+    /// little-endian `u64`, rewritten in place after each queue pass that added some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_report: Option<PathBuf>,
 }
 
 impl DiskConfig {
@@ -104,7 +109,15 @@ impl DiskConfig {
             format: DiskFormat::Raw,
             backing: None,
             host_bytes_cap: None,
+            full_report: None,
         }
+    }
+
+    /// Keeps the count of writes refused for space in `path` (see [`DiskConfig::full_report`]).
+    #[must_use]
+    pub fn with_full_report(mut self, path: impl Into<PathBuf>) -> Self {
+        self.full_report = Some(path.into());
+        self
     }
 
     /// A writable qcow2 overlay at `path` over the raw image `backing`, its file capped at
@@ -120,6 +133,7 @@ impl DiskConfig {
             format: DiskFormat::Qcow2,
             backing: Some(backing.into()),
             host_bytes_cap,
+            full_report: None,
         }
     }
 }

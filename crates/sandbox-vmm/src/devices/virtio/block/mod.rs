@@ -108,6 +108,10 @@ pub struct Block<M> {
     active: Option<Active<M>>,
     descs: Vec<ChainDesc>,
     bounce: Box<[u8]>,
+    /// Writes the backend refused with `StorageFull` (a cap or a full host disk).
+    full_writes: u64,
+    /// Told the new count whenever `full_writes` grows.
+    on_full: Option<Box<dyn FnMut(u64) + Send>>,
 }
 
 impl<M> std::fmt::Debug for Block<M> {
@@ -157,7 +161,24 @@ impl<M: GuestMemory> Block<M> {
             active: None,
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             bounce: vec![0u8; CHUNK].into_boxed_slice(),
+            full_writes: 0,
+            on_full: None,
         }
+    }
+
+    /// Calls `report` with the running count of writes the backend refused with
+    /// [`std::io::ErrorKind::StorageFull`] (the disk's host-space cap, or a full host file
+    /// system), after each queue pass that added some. The guest got VIRTIO_BLK_S_IOERR for
+    /// each.
+    #[must_use]
+    pub fn with_full_report(mut self, report: Box<dyn FnMut(u64) + Send>) -> Self {
+        self.on_full = Some(report);
+        self
+    }
+
+    /// Writes refused with `StorageFull` so far.
+    pub fn full_writes(&self) -> u64 {
+        self.full_writes
     }
 
     /// The disk size in 512-byte sectors.
@@ -225,6 +246,7 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
         if index != 0 {
             return Ok(());
         }
+        let full_before = self.full_writes;
         let mut used = 0usize;
         // One pass over at most `size` chains; later chains come with a new notification.
         for _ in 0..active.queue.size() {
@@ -237,11 +259,14 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
                 Ok(()) => execute(
                     &active.mem,
                     &self.descs,
-                    self.backend.as_mut(),
-                    &mut self.bounce,
-                    self.capacity,
-                    self.read_only,
-                    &self.id,
+                    Target {
+                        backend: self.backend.as_mut(),
+                        bounce: &mut self.bounce,
+                        capacity: self.capacity,
+                        read_only: self.read_only,
+                        id: &self.id,
+                        full_writes: &mut self.full_writes,
+                    },
                 ),
                 Err(err) => {
                     // The true last descriptor is unknown, so no status can be written safely.
@@ -256,6 +281,11 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
         if used > 0 {
             active.interrupt.signal_used_queue()?;
         }
+        if self.full_writes != full_before {
+            if let Some(report) = self.on_full.as_mut() {
+                report(self.full_writes);
+            }
+        }
         Ok(())
     }
 
@@ -264,16 +294,26 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
     }
 }
 
-/// Parses and executes one request; returns the used length (bytes written to the chain).
-fn execute<M: GuestMemory>(
-    mem: &M,
-    descs: &[ChainDesc],
-    backend: &mut dyn BlockBackend,
-    bounce: &mut [u8],
+/// What one request acts on: the device's disk state, borrowed for the request.
+struct Target<'a> {
+    backend: &'a mut dyn BlockBackend,
+    bounce: &'a mut [u8],
     capacity: u64,
     read_only: bool,
-    id: &[u8; ID_LEN],
-) -> u32 {
+    id: &'a [u8; ID_LEN],
+    full_writes: &'a mut u64,
+}
+
+/// Parses and executes one request; returns the used length (bytes written to the chain).
+fn execute<M: GuestMemory>(mem: &M, descs: &[ChainDesc], t: Target<'_>) -> u32 {
+    let Target {
+        backend,
+        bounce,
+        capacity,
+        read_only,
+        id,
+        full_writes,
+    } = t;
     let req = match request::parse(mem, descs, capacity) {
         Parsed::Request(req) => req,
         Parsed::Malformed { status, reason } => {
@@ -292,11 +332,16 @@ fn execute<M: GuestMemory>(
         RequestKind::Out if read_only => (S_IOERR, 0),
         RequestKind::Out => match do_out(mem, descs, &req, backend, bounce) {
             Ok(()) => (S_OK, 0),
-            Err(()) => (S_IOERR, 0),
+            Err(full) => {
+                *full_writes += u64::from(full);
+                (S_IOERR, 0)
+            }
         },
         RequestKind::Discard | RequestKind::WriteZeroes if read_only => (S_IOERR, 0),
         RequestKind::Discard | RequestKind::WriteZeroes => {
-            (do_segments(mem, descs, &req, backend, capacity), 0)
+            let (status, full) = do_segments(mem, descs, &req, backend, capacity);
+            *full_writes += u64::from(full);
+            (status, 0)
         }
         RequestKind::Flush => match backend.flush() {
             Ok(()) => (S_OK, 0),
@@ -352,14 +397,15 @@ fn do_in<M: GuestMemory>(
 }
 
 /// DISCARD / WRITE_ZEROES: reads and checks every segment first (so a bad one fails the
-/// request before any range is touched), then applies them in order. Returns the status.
+/// request before any range is touched), then applies them in order. Returns the status and
+/// whether the backend refused with `StorageFull`.
 fn do_segments<M: GuestMemory>(
     mem: &M,
     descs: &[ChainDesc],
     req: &Request,
     backend: &mut dyn BlockBackend,
     capacity: u64,
-) -> u8 {
+) -> (u8, bool) {
     let readable = &descs[..req.split];
     let mut segments = [request::Segment {
         offset: 0,
@@ -375,7 +421,7 @@ fn do_segments<M: GuestMemory>(
         let at = req.data_offset + i as u64 * SEGMENT_LEN;
         match chain::read_at(mem, readable, at, &mut raw) {
             Ok(n) if n == raw.len() => {}
-            _ => return S_IOERR,
+            _ => return (S_IOERR, false),
         }
         match request::parse_segment(&raw, req.kind, capacity) {
             Ok(seg) => *slot = seg,
@@ -385,7 +431,7 @@ fn do_segments<M: GuestMemory>(
                     status,
                     "virtio-blk: bad discard/write-zeroes segment"
                 );
-                return status;
+                return (status, false);
             }
         }
     }
@@ -397,20 +443,21 @@ fn do_segments<M: GuestMemory>(
         };
         if let Err(err) = result {
             guest_log!(warn, error = %err, offset = seg.offset, "virtio-blk: discard/write-zeroes failed");
-            return S_IOERR;
+            return (S_IOERR, err.kind() == std::io::ErrorKind::StorageFull);
         }
     }
-    S_OK
+    (S_OK, false)
 }
 
-/// Guest → disk, in bounce-buffer-sized chunks.
+/// Guest → disk, in bounce-buffer-sized chunks. The error says whether the backend refused
+/// the write with `StorageFull`.
 fn do_out<M: GuestMemory>(
     mem: &M,
     descs: &[ChainDesc],
     req: &Request,
     backend: &mut dyn BlockBackend,
     bounce: &mut [u8],
-) -> std::result::Result<(), ()> {
+) -> std::result::Result<(), bool> {
     let readable = &descs[..req.split];
     let mut done = 0u64;
     while done < req.data_len {
@@ -419,12 +466,13 @@ fn do_out<M: GuestMemory>(
             .min(bounce.len());
         match chain::read_at(mem, readable, req.data_offset + done, &mut bounce[..n]) {
             Ok(r) if r == n => {}
-            _ => return Err(()),
+            _ => return Err(false),
         }
         let disk_off = req.sector * SECTOR_SIZE + done;
-        backend
-            .write_at(disk_off, &bounce[..n])
-            .map_err(|err| guest_log!(warn, error = %err, disk_off, "virtio-blk: write failed"))?;
+        backend.write_at(disk_off, &bounce[..n]).map_err(|err| {
+            guest_log!(warn, error = %err, disk_off, "virtio-blk: write failed");
+            err.kind() == std::io::ErrorKind::StorageFull
+        })?;
         done += n as u64;
     }
     Ok(())
@@ -824,6 +872,80 @@ mod tests {
         let feats = rw.dev.avail_features();
         assert_ne!(feats & feature(VIRTIO_BLK_F_DISCARD), 0);
         assert_ne!(feats & feature(VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    }
+
+    /// A disk whose host space is used up: reads work, writes fail with `StorageFull`.
+    struct FullDisk;
+
+    impl BlockBackend for FullDisk {
+        fn size(&self) -> u64 {
+            DISK as u64
+        }
+        fn read_at(&mut self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
+            Err(io::Error::from(io::ErrorKind::StorageFull))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&mut self, _offset: u64, _len: u64, _unmap: bool) -> io::Result<()> {
+            Err(io::Error::from(io::ErrorKind::StorageFull))
+        }
+    }
+
+    #[test]
+    fn writes_refused_for_space_are_ioerr_counted_and_reported() {
+        let m = mem();
+        let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = reports.clone();
+        let mut dev: Block<GuestMemoryMmap> =
+            Block::new(Box::new(FullDisk), &BlockConfig::new(false))
+                .with_full_report(Box::new(move |n| seen.lock().expect("lock").push(n)));
+        let mut q = TestQueue::new(&m, 0x1000, 16);
+        dev.activate(
+            m.clone(),
+            feature(VIRTIO_F_VERSION_1),
+            vec![q.queue()],
+            Arc::new(VirtioInterrupt::new(irq())),
+        )
+        .expect("activate");
+        header(&m, T_OUT, 0);
+        q.add_chain(
+            &m,
+            &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+        );
+        dev.process_queue(0).expect("process");
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(STATUS)).expect("status"),
+            S_IOERR
+        );
+        header(&m, T_WRITE_ZEROES, 0);
+        let len = segments(&m, &[(0, 1, 0)]);
+        q.add_chain(
+            &m,
+            &[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)],
+        );
+        dev.process_queue(0).expect("process");
+        // A read still works and is not counted.
+        header(&m, T_IN, 0);
+        q.add_chain(
+            &m,
+            &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+        );
+        dev.process_queue(0).expect("process");
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(STATUS)).expect("status"),
+            S_OK
+        );
+        assert_eq!(dev.full_writes(), 2);
+        assert_eq!(
+            *reports.lock().expect("lock"),
+            vec![1, 2],
+            "one report per pass that added"
+        );
     }
 
     #[test]
