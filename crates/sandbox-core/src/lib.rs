@@ -48,5 +48,8 @@ pub use file::{DirEntry, FileKind, FileOptions, Listing};
 pub use protocol::AGENT_VSOCK_PORT;
 #[cfg(feature = "host")]
 pub use sandbox::{exec_channel, ExecEventSender, ExecStream, Runtime, Sandbox, SandboxId};
-pub use spec::{Egress, NetworkSpec, RootMode, SandboxSpec, SandboxSpecBuilder, SandboxSpecConfig};
+pub use spec::{
+    Egress, NetworkSpec, PolicyDocument, PolicyFormat, RootMode, SandboxSpec, SandboxSpecBuilder,
+    SandboxSpecConfig,
+};
 pub use state::SandboxState;

@@ -141,9 +141,62 @@ impl From<SpecError> for crate::Error {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NetworkSpec {
-    /// What may leave the sandbox.
+    /// What may leave the sandbox when no policy is given.
     #[serde(default)]
     pub egress: Egress,
+    /// A declarative egress policy (docs/policy.md), enforced on the host: when set it decides
+    /// what leaves, names and addresses alike, and `egress` is not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyDocument>,
+}
+
+/// An egress policy document as written (docs/policy.md); the runtime parses and validates it
+/// at create, an invalid one failing with kind `InvalidSpec` and the offending line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PolicyDocument {
+    /// The document's syntax.
+    pub format: PolicyFormat,
+    /// The document.
+    pub text: String,
+}
+
+impl PolicyDocument {
+    /// A TOML policy document.
+    pub fn toml(text: impl Into<String>) -> Self {
+        PolicyDocument {
+            format: PolicyFormat::Toml,
+            text: text.into(),
+        }
+    }
+    /// A JSON policy document.
+    pub fn json(text: impl Into<String>) -> Self {
+        PolicyDocument {
+            format: PolicyFormat::Json,
+            text: text.into(),
+        }
+    }
+    /// A YAML policy document.
+    pub fn yaml(text: impl Into<String>) -> Self {
+        PolicyDocument {
+            format: PolicyFormat::Yaml,
+            text: text.into(),
+        }
+    }
+}
+
+/// The syntax of a [`PolicyDocument`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum PolicyFormat {
+    /// TOML.
+    Toml,
+    /// JSON.
+    Json,
+    /// YAML.
+    Yaml,
 }
 
 impl NetworkSpec {
@@ -152,6 +205,7 @@ impl NetworkSpec {
     pub fn allow_egress() -> Self {
         NetworkSpec {
             egress: Egress::Allow,
+            policy: None,
         }
     }
 
@@ -160,6 +214,15 @@ impl NetworkSpec {
     pub fn deny_egress() -> Self {
         NetworkSpec {
             egress: Egress::Deny,
+            policy: None,
+        }
+    }
+
+    /// A network whose egress the policy `document` decides.
+    pub fn with_policy(document: PolicyDocument) -> Self {
+        NetworkSpec {
+            egress: Egress::Deny,
+            policy: Some(document),
         }
     }
 }
