@@ -37,10 +37,13 @@
 
 mod addressing;
 mod cleanup;
+mod dns;
+mod enforce;
 mod expose;
 pub mod names;
 mod netns;
 mod network;
+mod nflog;
 mod nft;
 mod pool;
 mod sys;
@@ -49,6 +52,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 pub use addressing::{AddressingError, GuestAddressing};
+pub use enforce::{PolicyHandle, PolicyOptions, PolicyStats};
 pub use names::{NameError, NamePrefixes, Names};
 pub use netns::{netns_path, NETNS_DIR};
 pub use network::{Network, ReconcileReport, SandboxNet};
@@ -229,6 +233,10 @@ impl Default for NetConfig {
 }
 
 impl NetConfig {
+    pub(crate) fn host_netns_path(&self) -> Option<PathBuf> {
+        self.host_netns.path()
+    }
+
     /// Sets the name prefixes.
     pub fn with_names(mut self, names: NamePrefixes) -> Self {
         self.names = names;
