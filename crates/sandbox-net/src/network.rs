@@ -810,6 +810,8 @@ mod tests {
         assert_send(&net.expose("a", 80));
         assert_send(&net.install_host());
         assert_send(&net.run_in_netns("a", || Ok(())));
+        let policy = sandbox_policy::Policy::from_toml("").expect("empty policy is valid");
+        assert_send(&net.apply_policy("a", &policy, crate::PolicyOptions::default()));
     }
 
     #[test]
