@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hickory_proto::op::{Message, Query, ResponseCode};
+use nftables::schema::{NfObject, Nftables};
 use sandbox_policy::{
     DenyEvent, LogClass, NameVerdict, NetParams, Oracle, Pins, Policy, Protocol, Reason,
     ReservedKind, Ruleset, Verdict,
@@ -58,6 +59,9 @@ pub struct PolicyOptions {
     pub pin_min_secs: u32,
     /// See [`Self::pin_min_secs`].
     pub pin_max_secs: u32,
+    /// Most (address, name) pins held at once; an answer that would pin more is answered
+    /// SERVFAIL until pins expire. Default 4096.
+    pub max_pins: usize,
 }
 
 impl Default for PolicyOptions {
@@ -71,6 +75,7 @@ impl Default for PolicyOptions {
             log_group: 1,
             pin_min_secs: 300,
             pin_max_secs: 3600,
+            max_pins: 4096,
         }
     }
 }
@@ -101,6 +106,11 @@ impl PolicyOptions {
         self.events_per_second = n;
         self
     }
+    /// Sets the pin limit.
+    pub fn with_max_pins(mut self, n: usize) -> Self {
+        self.max_pins = n;
+        self
+    }
     /// Sets the pin timeout clamp, in seconds.
     pub fn with_pin_secs(mut self, min: u32, max: u32) -> Self {
         self.pin_min_secs = min;
@@ -114,8 +124,14 @@ impl PolicyOptions {
                 why: why.to_string(),
             })
         };
-        if self.max_in_flight == 0 || self.events_capacity == 0 || self.events_per_second == 0 {
-            return bad("max_in_flight, events_capacity and events_per_second must be at least 1");
+        if self.max_in_flight == 0
+            || self.events_capacity == 0
+            || self.events_per_second == 0
+            || self.max_pins == 0
+        {
+            return bad(
+                "max_in_flight, events_capacity, events_per_second and max_pins must be at least 1",
+            );
         }
         if self.pin_min_secs == 0 || self.pin_min_secs > self.pin_max_secs {
             return bad("pin timeouts need 1 <= pin_min_secs <= pin_max_secs");
@@ -234,6 +250,8 @@ pub(crate) struct Enforcer {
     upstream: SocketAddr,
     opts: PolicyOptions,
     net: NetParams,
+    /// The veth pool, never reachable from the guest.
+    pool: (Ipv4Addr, u8),
     /// Serialises table swaps and pin batches (so a pin never lands in a table being
     /// replaced, and carried pins are exact).
     state: tokio::sync::Mutex<State>,
@@ -366,6 +384,38 @@ fn name_key(qname: &str) -> String {
     qname.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// The rule of ours added at the head of `forward` after every install or swap: the guest
+/// never reaches the veth pool (other sandboxes' links), even through an allow rule naming a
+/// block around it; such packets are reported as reserved.
+fn pool_rule(rs: &Ruleset, pool: (Ipv4Addr, u8)) -> NfObject<'static> {
+    let rule = serde_json::json!({"insert": {"rule": {
+    "family": "inet", "table": rs.net().table, "chain": "forward",
+    "expr": [
+        {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": rs.net().tap}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+            "right": {"prefix": {"addr": pool.0.to_string(), "len": pool.1}}}},
+        {"goto": {"target": LogClass::Reserved.chain()}},
+    ]}}});
+    serde_json::from_value(rule).expect("the pool rule matches the nftables schema (tested)")
+}
+
+/// The batch installing `rs` (replacing the base table whole), or, with `previous`, swapping
+/// the running table to it in place ([`Ruleset::swap_batch`]: the base chains stay
+/// registered, so NAT never misses a new connection during the swap); plus [`pool_rule`].
+fn table_batch(
+    rs: &Ruleset,
+    previous: Option<&Ruleset>,
+    carry: &Pins,
+    pool: (Ipv4Addr, u8),
+) -> Nftables<'static> {
+    let mut b = match previous {
+        None => rs.batch(carry),
+        Some(prev) => rs.swap_batch(prev, carry),
+    };
+    b.objects.to_mut().push(pool_rule(rs, pool));
+    b
+}
+
 impl Enforcer {
     fn policy(&self) -> Arc<Policy> {
         self.policy
@@ -420,7 +470,11 @@ impl Enforcer {
         let mut st = self.state.lock().await;
         let rs = Ruleset::compile(policy, &self.net);
         let carry = st.live_pins(Instant::now());
-        nft::apply_in(Some(self.netns.clone()), rs.batch(&carry)).await?;
+        nft::apply_in(
+            Some(self.netns.clone()),
+            table_batch(&rs, Some(&st.ruleset), &carry, self.pool),
+        )
+        .await?;
         st.pins
             .retain(|(ip, name), _| !rs.pin_batch(name, &[*ip], 1).pinned.is_empty());
         st.ruleset = rs;
@@ -576,6 +630,9 @@ impl Enforcer {
         let key = name_key(&qname);
         let pinned_now;
         let refused;
+        // The answer's TTLs never exceed what is left of its pins, so a guest's cache never
+        // outlives them.
+        let ttl_cap;
         {
             let mut st = self.state.lock().await;
             // The policy may have been replaced while upstream answered.
@@ -588,6 +645,8 @@ impl Enforcer {
             }
             let pb = st.ruleset.pin_batch(&qname, &addrs, timeout);
             let now = Instant::now();
+            // Forget expired pins so the map stays bounded by what the kernel holds.
+            st.pins.retain(|_, d| *d > now);
             let fresh_until = now + Duration::from_secs(u64::from(timeout / 2));
             let stale = pb.pinned.iter().any(|ip| {
                 st.pins
@@ -595,6 +654,15 @@ impl Enforcer {
                     .is_none_or(|deadline| *deadline < fresh_until)
             });
             if let (true, Some(batch)) = (stale, pb.batch) {
+                let new = pb
+                    .pinned
+                    .iter()
+                    .filter(|ip| !st.pins.contains_key(&(**ip, key.clone())))
+                    .count();
+                if st.pins.len().saturating_add(new) > self.opts.max_pins {
+                    tracing::warn!(sandbox = %self.id, name = %qname, "pin limit reached");
+                    return fail(ResponseCode::ServFail);
+                }
                 if let Err(e) = nft::apply_in(Some(self.netns.clone()), batch).await {
                     // Never answer with addresses the table does not allow.
                     tracing::warn!(sandbox = %self.id, error = %e, "pin batch failed");
@@ -606,8 +674,15 @@ impl Enforcer {
                     st.pins.insert((*ip, key.clone()), deadline);
                 }
             }
-            // Forget expired pins so the map stays bounded by what the kernel holds.
-            st.pins.retain(|_, d| *d > now);
+            ttl_cap = pb
+                .pinned
+                .iter()
+                .filter_map(|ip| st.pins.get(&(*ip, key.clone())))
+                .map(|d| d.saturating_duration_since(now).as_secs())
+                .min()
+                .map_or(timeout, |s| {
+                    u32::try_from(s).unwrap_or(timeout).min(timeout)
+                });
             pinned_now = pb.pinned;
             refused = pb.refused;
         }
@@ -616,10 +691,10 @@ impl Enforcer {
         self.stats
             .stripped
             .fetch_add(stripped as u64, Ordering::Relaxed);
-        tracing::debug!(sandbox = %self.id, name = %qname, pinned = ?pinned_now, stripped, timeout, "DNS answer");
+        tracing::debug!(sandbox = %self.id, name = %qname, pinned = ?pinned_now, stripped, ttl_cap, "DNS answer");
         dns::encode(
             Some(&request),
-            &dns::answer(&request, &reply, &keep, timeout),
+            &dns::answer(&request, &reply, &keep, ttl_cap),
             udp,
         )
     }
@@ -857,7 +932,8 @@ impl Network {
         let group = opts.log_group;
         let (udp, tcp, nflog_sock) = in_netns(Some(netns.clone()), move || {
             let io = |what| move |source| NetError::Io { what, source };
-            let nflog_sock = open_nflog(group).map_err(io("open the NFLOG socket"))?;
+            let nflog_sock = open_nflog(group)
+                .map_err(io("open the NFLOG socket (needs the nfnetlink_log module)"))?;
             let udp = std::net::UdpSocket::bind(gw).map_err(io("bind the resolver (UDP)"))?;
             udp.set_nonblocking(true)
                 .map_err(io("bind the resolver (UDP)"))?;
@@ -875,7 +951,12 @@ impl Network {
         for w in ruleset.warnings() {
             tracing::warn!(sandbox = id, warning = ?w, "egress policy warning");
         }
-        nft::apply_in(Some(netns.clone()), ruleset.batch(&Pins::new())).await?;
+        let pool = (cfg.pool.network, cfg.pool.prefix_len);
+        nft::apply_in(
+            Some(netns.clone()),
+            table_batch(&ruleset, None, &Pins::new(), pool),
+        )
+        .await?;
         let (tx, rx) = mpsc::channel(opts.events_capacity);
         let enforcer = Arc::new(Enforcer {
             id: id.to_string(),
@@ -883,6 +964,7 @@ impl Network {
             host_netns: cfg.host_netns_path(),
             upstream,
             net,
+            pool,
             state: tokio::sync::Mutex::new(State {
                 ruleset,
                 pins: HashMap::new(),
@@ -935,6 +1017,35 @@ mod tests {
             b.take(t0 + Duration::from_millis(150)),
             "refills at the rate"
         );
+    }
+
+    #[test]
+    fn pool_rule_heads_forward() {
+        let p = Policy::from_toml("[[allow]]\ncidr = \"10.0.0.0/8\"\n").expect("valid");
+        let net = NetParams::new(GUEST_LINK, [172, 30, 0, 2].into(), [172, 30, 0, 1].into());
+        let rs = Ruleset::compile(&p, &net);
+        let pool = ([10, 200, 0, 0].into(), 16);
+        let b = table_batch(&rs, None, &Pins::new(), pool);
+        let j = serde_json::to_value(&b).expect("json");
+        let last = j["nftables"]
+            .as_array()
+            .expect("array")
+            .last()
+            .expect("rule")
+            .clone();
+        let swap =
+            serde_json::to_value(table_batch(&rs, Some(&rs), &Pins::new(), pool)).expect("json");
+        assert_eq!(
+            swap["nftables"].as_array().expect("array").last(),
+            Some(&last)
+        );
+        assert_eq!(swap["nftables"][1]["flush"]["table"]["name"], "sandbox");
+        assert_eq!(last["insert"]["rule"]["chain"], "forward");
+        assert_eq!(
+            last["insert"]["rule"]["expr"][2],
+            serde_json::json!({"goto": {"target": "deny_reserved"}})
+        );
+        assert!(last.to_string().contains(r#""addr":"10.200.0.0","len":16"#));
     }
 
     #[test]

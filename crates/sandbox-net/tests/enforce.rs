@@ -375,7 +375,10 @@ async fn world(tag: &str, opts: PolicyOptions) -> World {
         .apply_policy(
             "p",
             &policy,
-            opts.with_upstream(UPSTREAM.parse().expect("addr")),
+            match opts.upstream {
+                Some(_) => opts,
+                None => opts.with_upstream(UPSTREAM.parse().expect("addr")),
+            },
         )
         .await
         .expect("apply policy");
@@ -776,4 +779,50 @@ async fn policy_swap_during_traffic() {
     w.net.teardown("p").await.expect("teardown");
     assert_guest_link_gone(&g);
     w.lab.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolver_concurrency_is_bounded() {
+    // An upstream that never answers (no host has that address), one query at a time.
+    let opts = PolicyOptions::default()
+        .with_upstream("198.51.100.99:53".parse().expect("addr"))
+        .with_upstream_timeout(Duration::from_millis(1500))
+        .with_max_in_flight(1);
+    let w = world("cb", opts).await;
+    let answers = in_ns(&w.guest, || {
+        let gw: SocketAddr = GATEWAY_DNS.parse().expect("addr");
+        let socks: Vec<UdpSocket> = (0..4)
+            .map(|i| {
+                let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                let mut m = Message::new();
+                m.set_id(i)
+                    .set_message_type(MessageType::Query)
+                    .set_op_code(OpCode::Query)
+                    .set_recursion_desired(true)
+                    .add_query(Query::query(
+                        Name::from_ascii(format!("c{i}.wild.test.")).expect("name"),
+                        RecordType::A,
+                    ));
+                s.send_to(&m.to_vec().expect("encode"), gw).expect("send");
+                s
+            })
+            .collect();
+        socks
+            .iter()
+            .map(|s| {
+                s.set_read_timeout(Some(Duration::from_secs(3)))
+                    .expect("timeout");
+                let mut buf = [0u8; 512];
+                s.recv(&mut buf)
+                    .ok()
+                    .and_then(|n| Message::from_vec(&buf[..n]).ok())
+                    .map(|m| m.response_code())
+            })
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(answers[0], Some(ResponseCode::ServFail), "{answers:?}");
+    assert!(answers[1..].iter().all(Option::is_none), "{answers:?}");
+    let s = w.handle.stats();
+    assert_eq!((s.busy, s.upstream_failures), (3, 1), "{s:?}");
+    w.net.teardown("p").await.expect("teardown");
 }
