@@ -664,9 +664,8 @@ impl Network {
     }
 
     /// Applies an nftables JSON document atomically (`nft -j -f -`, one transaction) inside
-    /// sandbox `id`'s netns. This is the egress policy's hook: the base table is `inet sandbox`
-    /// and the policy owns its `egress` chain (`flush chain inet sandbox egress` + its rules in
-    /// one document). Errors: [`NetError::NetnsOpen`] if the sandbox has no netns,
+    /// sandbox `id`'s netns: the raw hook under [`Self::apply_policy`] (which replaces the base
+    /// table `inet sandbox` whole with a compiled policy). Errors: [`NetError::NetnsOpen`] if the sandbox has no netns,
     /// [`NetError::NftFailed`] if `nft` refuses the document (then nothing changed).
     pub async fn apply_ruleset(
         &self,
