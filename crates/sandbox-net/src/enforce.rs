@@ -224,22 +224,95 @@ impl Bucket {
 #[derive(Debug)]
 struct State {
     ruleset: Ruleset,
+    /// (address, name) → the earliest expiry of its set elements: what the oracle and a swap
+    /// carry.
     pins: HashMap<(IpAddr, String), Instant>,
+    /// (pin set, address) → when the kernel's element expires. Exact whatever the kernel's
+    /// behaviour on re-adding an element (6.18 refreshes its timeout, older kernels may not):
+    /// elements are only ever added when absent, or deleted and re-added in one batch.
+    kernel: HashMap<(String, IpAddr), Instant>,
+}
+
+/// Seconds left until `deadline`, as an element timeout (0 when past).
+fn secs_left(deadline: Instant, now: Instant) -> u32 {
+    u32::try_from(deadline.saturating_duration_since(now).as_secs()).unwrap_or(u32::MAX)
 }
 
 impl State {
     fn live_pins(&self, now: Instant) -> Pins {
         let mut p = Pins::new();
         for ((ip, name), deadline) in &self.pins {
-            let left = deadline.saturating_duration_since(now).as_secs();
+            let left = secs_left(*deadline, now);
             if left >= 1 {
-                // Names were normalised when pinned; the timeout fits u32 (≤ pin_max_secs).
-                let _ = p.insert_with_timeout(name, *ip, u32::try_from(left).unwrap_or(u32::MAX));
+                // Names were normalised when pinned.
+                let _ = p.insert_with_timeout(name, *ip, left);
             }
         }
         p
     }
+
+    /// The pins to carry over a swap: every (address, name) with the smallest remaining time
+    /// among the names of that address, so that repeated elements in the batch agree and the
+    /// kernel's timeout is known exactly.
+    fn carry(&self, now: Instant) -> (Pins, HashMap<IpAddr, u32>) {
+        let mut per_ip: HashMap<IpAddr, u32> = HashMap::new();
+        for ((ip, _), d) in &self.pins {
+            let left = secs_left(*d, now);
+            if left >= 1 {
+                per_ip
+                    .entry(*ip)
+                    .and_modify(|t| *t = (*t).min(left))
+                    .or_insert(left);
+            }
+        }
+        let mut p = Pins::new();
+        for (ip, name) in self.pins.keys() {
+            if let Some(t) = per_ip.get(ip) {
+                let _ = p.insert_with_timeout(name, *ip, *t);
+            }
+        }
+        (p, per_ip)
+    }
 }
+
+/// The pin elements `(set, address, timeout)` added by a batch.
+fn pin_elements(b: &Nftables<'_>) -> Vec<(String, IpAddr, u32)> {
+    let Ok(v) = serde_json::to_value(b) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for cmd in v["nftables"].as_array().into_iter().flatten() {
+        let e = &cmd["add"]["element"];
+        let Some(set) = e["name"].as_str().filter(|n| n.starts_with("pinned")) else {
+            continue;
+        };
+        for el in e["elem"].as_array().into_iter().flatten() {
+            let ip = el["elem"]["val"].as_str().and_then(|a| a.parse().ok());
+            let t = el["elem"]["timeout"]
+                .as_u64()
+                .and_then(|t| u32::try_from(t).ok());
+            if let (Some(ip), Some(t)) = (ip, t) {
+                out.push((set.to_string(), ip, t));
+            }
+        }
+    }
+    out
+}
+
+/// `add element` (with `timeout`) or `delete element` (without) of one address in `set`.
+fn element_cmd(table: &str, set: &str, ip: IpAddr, timeout: Option<u32>) -> NfObject<'static> {
+    let v = match timeout {
+        Some(t) => serde_json::json!({"add": {"element": {"family": "inet", "table": table,
+            "name": set, "elem": [{"elem": {"val": ip.to_string(), "timeout": t}}]}}}),
+        None => serde_json::json!({"delete": {"element": {"family": "inet", "table": table,
+            "name": set, "elem": [ip.to_string()]}}}),
+    };
+    serde_json::from_value(v).expect("element commands match the nftables schema (tested)")
+}
+
+/// An element this close to its expiry is left to expire before it is added again (a delete
+/// racing the expiry would fail the batch).
+const PIN_MARGIN: Duration = Duration::from_secs(2);
 
 /// One sandbox's enforcement state, shared by its tasks and its [`PolicyHandle`]s.
 #[derive(Debug)]
@@ -469,14 +542,23 @@ impl Enforcer {
     async fn replace(&self, policy: &Policy) -> Result<()> {
         let mut st = self.state.lock().await;
         let rs = Ruleset::compile(policy, &self.net);
-        let carry = st.live_pins(Instant::now());
-        nft::apply_in(
-            Some(self.netns.clone()),
-            table_batch(&rs, Some(&st.ruleset), &carry, self.pool),
-        )
-        .await?;
-        st.pins
-            .retain(|(ip, name), _| !rs.pin_batch(name, &[*ip], 1).pinned.is_empty());
+        let now = Instant::now();
+        let (carry, per_ip) = st.carry(now);
+        let batch = table_batch(&rs, Some(&st.ruleset), &carry, self.pool);
+        let elements = pin_elements(&batch);
+        nft::apply_in(Some(self.netns.clone()), batch).await?;
+        st.pins.retain(|(ip, name), _| {
+            per_ip.contains_key(ip) && !rs.pin_batch(name, &[*ip], 1).pinned.is_empty()
+        });
+        for ((ip, _), d) in st.pins.iter_mut() {
+            if let Some(t) = per_ip.get(ip) {
+                *d = now + Duration::from_secs(u64::from(*t));
+            }
+        }
+        st.kernel = elements
+            .into_iter()
+            .map(|(set, ip, t)| ((set, ip), now + Duration::from_secs(u64::from(t))))
+            .collect();
         st.ruleset = rs;
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy.clone());
         tracing::info!(sandbox = %self.id, "egress policy replaced");
@@ -644,25 +726,53 @@ impl Enforcer {
                 return fail(ResponseCode::Refused);
             }
             let pb = st.ruleset.pin_batch(&qname, &addrs, timeout);
-            let now = Instant::now();
-            // Forget expired pins so the map stays bounded by what the kernel holds.
+            let elements = pb.batch.as_ref().map(pin_elements).unwrap_or_default();
+            let mut now = Instant::now();
+            // Elements in their last moments expire first (bounded wait: PIN_MARGIN).
+            let dying = elements
+                .iter()
+                .filter_map(|(set, ip, _)| st.kernel.get(&(set.clone(), *ip)).copied())
+                .filter(|d| *d <= now + PIN_MARGIN)
+                .max();
+            if let Some(d) = dying {
+                tokio::time::sleep_until((d + Duration::from_millis(50)).into()).await;
+                now = Instant::now();
+            }
+            // Forget expired pins so the maps stay bounded by what the kernel holds.
             st.pins.retain(|_, d| *d > now);
+            st.kernel.retain(|_, d| *d > now);
             let fresh_until = now + Duration::from_secs(u64::from(timeout / 2));
-            let stale = pb.pinned.iter().any(|ip| {
-                st.pins
-                    .get(&(*ip, key.clone()))
-                    .is_none_or(|deadline| *deadline < fresh_until)
-            });
-            if let (true, Some(batch)) = (stale, pb.batch) {
-                let new = pb
-                    .pinned
+            let table = self.net.table.clone();
+            let mut cmds = Vec::new();
+            let mut touched = Vec::new();
+            for (set, ip, t) in &elements {
+                match st.kernel.get(&(set.clone(), *ip)) {
+                    Some(d) if *d >= fresh_until => {}
+                    Some(_) => {
+                        // Refresh: delete and add in one batch, so the timeout is exact on
+                        // every kernel and the address is never out of the set.
+                        cmds.push(element_cmd(&table, set, *ip, None));
+                        cmds.push(element_cmd(&table, set, *ip, Some(*t)));
+                        touched.push((set.clone(), *ip));
+                    }
+                    None => {
+                        cmds.push(element_cmd(&table, set, *ip, Some(*t)));
+                        touched.push((set.clone(), *ip));
+                    }
+                }
+            }
+            if !cmds.is_empty() {
+                let new = touched
                     .iter()
-                    .filter(|ip| !st.pins.contains_key(&(**ip, key.clone())))
+                    .filter(|k| !st.kernel.contains_key(*k))
                     .count();
-                if st.pins.len().saturating_add(new) > self.opts.max_pins {
+                if st.kernel.len().saturating_add(new) > self.opts.max_pins {
                     tracing::warn!(sandbox = %self.id, name = %qname, "pin limit reached");
                     return fail(ResponseCode::ServFail);
                 }
+                let batch = Nftables {
+                    objects: cmds.into(),
+                };
                 if let Err(e) = nft::apply_in(Some(self.netns.clone()), batch).await {
                     // Never answer with addresses the table does not allow.
                     tracing::warn!(sandbox = %self.id, error = %e, "pin batch failed");
@@ -670,19 +780,28 @@ impl Enforcer {
                 }
                 bump(&self.stats.pin_batches);
                 let deadline = now + Duration::from_secs(u64::from(timeout));
-                for ip in &pb.pinned {
-                    st.pins.insert((*ip, key.clone()), deadline);
+                for k in touched {
+                    st.kernel.insert(k, deadline);
+                }
+            }
+            // Each pinned address lives as long as its shortest-lived element.
+            for ip in &pb.pinned {
+                let d = elements
+                    .iter()
+                    .filter(|(_, a, _)| a == ip)
+                    .filter_map(|(set, a, _)| st.kernel.get(&(set.clone(), *a)).copied())
+                    .min();
+                if let Some(d) = d {
+                    st.pins.insert((*ip, key.clone()), d);
                 }
             }
             ttl_cap = pb
                 .pinned
                 .iter()
                 .filter_map(|ip| st.pins.get(&(*ip, key.clone())))
-                .map(|d| d.saturating_duration_since(now).as_secs())
+                .map(|d| secs_left(*d, now))
                 .min()
-                .map_or(timeout, |s| {
-                    u32::try_from(s).unwrap_or(timeout).min(timeout)
-                });
+                .map_or(timeout, |s| s.min(timeout));
             pinned_now = pb.pinned;
             refused = pb.refused;
         }
@@ -968,6 +1087,7 @@ impl Network {
             state: tokio::sync::Mutex::new(State {
                 ruleset,
                 pins: HashMap::new(),
+                kernel: HashMap::new(),
             }),
             policy: RwLock::new(Arc::new(policy.clone())),
             tx,
@@ -1046,6 +1166,63 @@ mod tests {
             serde_json::json!({"goto": {"target": "deny_reserved"}})
         );
         assert!(last.to_string().contains(r#""addr":"10.200.0.0","len":16"#));
+    }
+
+    #[test]
+    fn pin_elements_and_element_commands() {
+        let p = Policy::from_toml(
+            "[[allow]]\ndomain = \"a.test\"\nports = [443]\n[[allow]]\ndomain = \"a.test\"\nports = [80]\n",
+        )
+        .expect("valid");
+        let net = NetParams::new(GUEST_LINK, [172, 30, 0, 2].into(), [172, 30, 0, 1].into());
+        let rs = Ruleset::compile(&p, &net);
+        let ip: IpAddr = "203.0.113.10".parse().expect("ip");
+        let b = rs.pin_batch("a.test", &[ip], 300).batch.expect("pinned");
+        let mut got = pin_elements(&b);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("pinned4_0".to_string(), ip, 300),
+                ("pinned4_1".to_string(), ip, 300)
+            ]
+        );
+        let doc = Nftables {
+            objects: vec![
+                element_cmd("sandbox", "pinned4_0", ip, None),
+                element_cmd("sandbox", "pinned4_0", ip, Some(60)),
+            ]
+            .into(),
+        };
+        assert_eq!(pin_elements(&doc), vec![("pinned4_0".to_string(), ip, 60)]);
+        let j = serde_json::to_string(&doc).expect("json");
+        assert!(j.contains(r#"{"delete":{"element":{"family":"inet","table":"sandbox","name":"pinned4_0","elem":["203.0.113.10"]}}}"#), "{j}");
+    }
+
+    #[test]
+    fn carry_uses_the_shortest_time_per_address() {
+        let p = Policy::from_toml("[[allow]]\ndomain = \"*.test\"\n").expect("valid");
+        let net = NetParams::new(GUEST_LINK, [172, 30, 0, 2].into(), [172, 30, 0, 1].into());
+        let now = Instant::now();
+        let ip: IpAddr = "203.0.113.10".parse().expect("ip");
+        let mut st = State {
+            ruleset: Ruleset::compile(&p, &net),
+            pins: HashMap::new(),
+            kernel: HashMap::new(),
+        };
+        st.pins
+            .insert((ip, "a.test".into()), now + Duration::from_secs(100));
+        st.pins
+            .insert((ip, "b.test".into()), now + Duration::from_secs(50));
+        st.pins.insert(
+            ("203.0.113.11".parse().expect("ip"), "c.test".into()),
+            now - Duration::from_secs(1),
+        );
+        let (carry, per_ip) = st.carry(now);
+        assert_eq!(per_ip.len(), 1);
+        let t: Vec<u32> = carry.names(ip).map(|(_, t)| t).collect();
+        assert_eq!(t.len(), 2);
+        assert!(t.iter().all(|t| (49..=50).contains(t)), "{t:?}");
     }
 
     #[test]

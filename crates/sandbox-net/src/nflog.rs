@@ -28,6 +28,8 @@ const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
 const NFULA_CFG_CMD: u16 = 1;
 const NFULA_CFG_MODE: u16 = 2;
+const NFULA_CFG_TIMEOUT: u16 = 4;
+const NFULA_CFG_QTHRESH: u16 = 5;
 const NFULNL_CFG_CMD_BIND: u8 = 1;
 const NFULNL_COPY_PACKET: u8 = 2;
 const NFULA_PAYLOAD: u16 = 9;
@@ -49,7 +51,9 @@ pub(crate) struct LoggedPacket {
     pub(crate) port: u16,
 }
 
-/// The config request binding `group` in copy-packet mode, as one netlink message.
+/// The config request binding `group` in copy-packet mode, as one netlink message. The
+/// kernel's batching is turned off (queue threshold 1, flush timeout 0.1 s): without it, an
+/// entry may wait up to a second for others to fill the buffer.
 pub(crate) fn bind_request(group: u16, seq: u32) -> Vec<u8> {
     let mut attrs = Vec::new();
     push_attr(&mut attrs, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
@@ -58,6 +62,8 @@ pub(crate) fn bind_request(group: u16, seq: u32) -> Vec<u8> {
     mode.push(NFULNL_COPY_PACKET);
     mode.push(0);
     push_attr(&mut attrs, NFULA_CFG_MODE, &mode);
+    push_attr(&mut attrs, NFULA_CFG_TIMEOUT, &10u32.to_be_bytes());
+    push_attr(&mut attrs, NFULA_CFG_QTHRESH, &1u32.to_be_bytes());
     let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
     let mut m = Vec::with_capacity(len);
     // `len` is a few dozen bytes.
@@ -322,7 +328,7 @@ mod tests {
     #[test]
     fn bind_request_layout() {
         let m = bind_request(7, 1);
-        assert_eq!(m.len(), 16 + 4 + 8 + 12);
+        assert_eq!(m.len(), 16 + 4 + 8 + 12 + 8 + 8);
         assert_eq!(u32_at(&m, 0), Some(m.len() as u32));
         assert_eq!(u16_at(&m, 4), Some(0x0401));
         assert_eq!(&m[18..20], &7u16.to_be_bytes());

@@ -831,3 +831,43 @@ async fn resolver_concurrency_is_bounded() {
     assert_eq!((s.busy, s.upstream_failures), (3, 1), "{s:?}");
     w.net.teardown("p").await.expect("teardown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_expire_and_refresh() {
+    // 6 s pins: a second answer past half of that refreshes the pin (delete + add).
+    let w = world("px", PolicyOptions::default().with_pin_secs(6, 6)).await;
+    let g = w.guest.clone();
+    let mut rx = w.handle.events().expect("receiver");
+    let target: SocketAddr = "203.0.113.10:443".parse().expect("addr");
+    let resolve = |g: &str| {
+        in_ns(g, || {
+            query(GATEWAY_DNS, "a.wild.test.", RecordType::A, false)
+        })
+        .expect("answer")
+    };
+    let t0 = Instant::now();
+    assert_eq!(resolve(&g).1, vec![target.ip()]);
+    let batches = w.handle.stats().pin_batches;
+    // A second answer while the pin is fresh changes nothing in the kernel.
+    assert_eq!(resolve(&g).1, vec![target.ip()]);
+    assert_eq!(w.handle.stats().pin_batches, batches);
+    tokio::time::sleep_until((t0 + Duration::from_millis(3500)).into()).await;
+    assert_eq!(resolve(&g).1, vec![target.ip()]);
+    assert_eq!(w.handle.stats().pin_batches, batches + 1, "refreshed");
+    // Past the first pin's expiry, inside the refreshed one's.
+    tokio::time::sleep_until((t0 + Duration::from_millis(7000)).into()).await;
+    assert_eq!(in_ns(&g, || connect(target)), Ok(()));
+    // Past the refreshed expiry: denied again until the next answer.
+    tokio::time::sleep_until((t0 + Duration::from_millis(10_500)).into()).await;
+    refused_fast(&g, "203.0.113.10:443");
+    assert!(w.handle.pins().await.is_empty());
+    let events = drain(&mut rx, Duration::from_millis(500)).await;
+    ev(
+        &events,
+        Protocol::Tcp,
+        "203.0.113.10",
+        443,
+        Reason::Default(DefaultAction::Deny),
+    );
+    w.net.teardown("p").await.expect("teardown");
+}
