@@ -335,6 +335,9 @@ pub(crate) struct Enforcer {
     bucket: Mutex<Bucket>,
     limit: Arc<Semaphore>,
     stats: Counters,
+    /// Set when the sandbox's enforcement stops (teardown): a handle that outlives it must
+    /// not touch a later sandbox with the same id.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 /// The running tasks of an [`Enforcer`]; dropping this stops them (and closes their sockets).
@@ -352,6 +355,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        self.enforcer.stopped.store(true, Ordering::SeqCst);
         for t in &self.tasks {
             t.abort();
         }
@@ -374,7 +378,8 @@ impl PolicyHandle {
     /// Replaces the policy: one `nft` transaction swaps the whole table (with the pins the new
     /// policy still allows, with their remaining timeouts), so no packet sees more than either
     /// policy allows. The resolver uses the new policy for every answer it has not yet pinned.
-    /// Errors: [`NetError::NftFailed`] (nothing changed).
+    /// Errors: [`NetError::NftFailed`] (nothing changed), [`NetError::NotFound`] after the
+    /// sandbox's teardown.
     pub async fn replace(&self, policy: &Policy) -> Result<()> {
         self.enforcer.replace(policy).await
     }
@@ -541,6 +546,11 @@ impl Enforcer {
 
     async fn replace(&self, policy: &Policy) -> Result<()> {
         let mut st = self.state.lock().await;
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(NetError::NotFound {
+                id: self.id.clone(),
+            });
+        }
         let rs = Ruleset::compile(policy, &self.net);
         let now = Instant::now();
         let (carry, per_ip) = st.carry(now);
@@ -1095,6 +1105,7 @@ impl Network {
             bucket: Mutex::new(Bucket::new(opts.events_per_second)),
             limit: Arc::new(Semaphore::new(opts.max_in_flight)),
             stats: Counters::default(),
+            stopped: Default::default(),
             opts,
         });
         let tasks = vec![

@@ -635,6 +635,15 @@ async fn bypass_matrix() {
     // Teardown stops the resolver and leaves nothing; its sockets do not pin the netns.
     w.net.teardown("p").await.expect("teardown");
     assert_guest_link_gone(&g);
+    assert!(
+        matches!(
+            w.handle
+                .replace(&Policy::from_toml(POLICY).expect("valid"))
+                .await,
+            Err(sandbox_net::NetError::NotFound { .. })
+        ),
+        "a handle outliving its sandbox is inert"
+    );
     drop(w.handle);
     w.lab.assert_clean();
 }
