@@ -374,6 +374,56 @@ mod tests {
         assert!(enc.len() <= 512);
     }
 
+    proptest::proptest! {
+        /// Guest bytes never panic the screening, and whatever it answers fits the limits.
+        #[test]
+        fn screening_hostile_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..700)) {
+            match screen(&bytes, &policy()) {
+                Step::Reply { msg, .. } => {
+                    let enc = encode(Some(&msg), &msg, true);
+                    proptest::prop_assert!(enc.is_none_or(|e| e.len() <= usize::from(MAX_UDP_ANSWER)));
+                }
+                Step::Forward { qname, .. } => {
+                    proptest::prop_assert_eq!(
+                        policy().decide_name(&qname).verdict,
+                        NameVerdict::Allowed
+                    );
+                }
+                Step::Drop => {}
+            }
+        }
+
+        /// A mutated valid query is screened without panicking, and never forwarded for a
+        /// name the policy refuses.
+        #[test]
+        fn screening_mutated_queries(flips in proptest::collection::vec((0usize..64, proptest::prelude::any::<u8>()), 0..6)) {
+            let mut b = bytes(&query("x.wild.test.", RecordType::A));
+            for (at, v) in flips {
+                if let Some(x) = b.get_mut(at) {
+                    *x ^= v;
+                }
+            }
+            if let Step::Forward { qname, .. } = screen(&b, &policy()) {
+                proptest::prop_assert_eq!(
+                    policy().decide_name(&qname).verdict,
+                    NameVerdict::Allowed
+                );
+            }
+        }
+
+        /// Hostile upstream bytes never panic the answer path.
+        #[test]
+        fn hostile_upstream_answers(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..700)) {
+            let req = query("a.wild.test.", RecordType::A);
+            if let Ok(up) = Message::from_vec(&bytes) {
+                let _ = matches_request(&up, 9, req.query().expect("q"));
+                let _ = addresses(&up);
+                let a = answer(&req, &up, &|_| true, 300);
+                let _ = encode(Some(&req), &a, true);
+            }
+        }
+    }
+
     #[test]
     fn big_udp_answers_are_truncated() {
         let req = query("a.wild.test.", RecordType::TXT);
