@@ -636,15 +636,18 @@ impl Enforcer {
         query: &Query,
     ) -> std::io::Result<Message> {
         let up = self.upstream;
-        let t = self.opts.upstream_timeout;
-        let std_stream = self
+        // The socket is made in the host netns (never blocking: no connect there) and
+        // connected by tokio; the caller's timeout bounds the connect.
+        let socket = self
             .in_host(move || {
-                let s = std::net::TcpStream::connect_timeout(&up, t)?;
-                s.set_nonblocking(true)?;
-                Ok(s)
+                if up.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                }
             })
             .await?;
-        let mut s = tokio::net::TcpStream::from_std(std_stream)?;
+        let mut s = socket.connect(up).await?;
         let len = u16::try_from(request.len()).map_err(std::io::Error::other)?;
         let mut framed = Vec::with_capacity(request.len() + 2);
         framed.extend_from_slice(&len.to_be_bytes());

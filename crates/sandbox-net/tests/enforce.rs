@@ -62,7 +62,7 @@ const GATEWAY_DNS: &str = "172.30.0.1:53";
 fn zone(name: &str, ty: RecordType) -> Vec<IpAddr> {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     let v4: Option<Vec<IpAddr>> = match name.as_str() {
-        "a.wild.test" | "wild.test" => Some(vec![[203, 0, 113, 10].into()]),
+        "a.wild.test" | "wild.test" | "big.wild.test" => Some(vec![[203, 0, 113, 10].into()]),
         "meta.wild.test" => Some(vec![[169, 254, 169, 254].into(), [203, 0, 113, 10].into()]),
         "denied.test" => Some(vec![[203, 0, 113, 66].into()]),
         n => n
@@ -88,10 +88,20 @@ fn loop_addr(i: usize) -> IpAddr {
     }
 }
 
-fn zone_answer(req: &Message) -> Message {
+/// The answer from [`zone`]; over UDP, `big.wild.test` is answered truncated (TC, no records),
+/// so the resolver must ask again over TCP.
+fn zone_answer(req: &Message, udp: bool) -> Message {
     let mut m = Message::error_msg(req.id(), OpCode::Query, ResponseCode::NoError);
     m.add_queries(req.queries().iter().cloned());
     m.set_recursion_available(true);
+    if udp
+        && req
+            .query()
+            .is_some_and(|q| q.name().to_ascii() == "big.wild.test.")
+    {
+        m.set_truncated(true);
+        return m;
+    }
     if let Some(q) = req.query() {
         for ip in zone(&q.name().to_ascii(), q.query_type()) {
             let rdata = match ip {
@@ -140,7 +150,7 @@ impl DnsServer {
                     continue;
                 };
                 record(&s1, &req);
-                let out = zone_answer(&req).to_vec().expect("encode");
+                let out = zone_answer(&req, true).to_vec().expect("encode");
                 let _ = udp.send_to(&out, peer);
             }
         });
@@ -166,7 +176,7 @@ impl DnsServer {
                     continue;
                 };
                 record(&s2, &req);
-                let out = zone_answer(&req).to_vec().expect("encode");
+                let out = zone_answer(&req, false).to_vec().expect("encode");
                 let mut framed = (out.len() as u16).to_be_bytes().to_vec();
                 framed.extend_from_slice(&out);
                 let _ = c.write_all(&framed);
@@ -481,6 +491,16 @@ async fn bypass_matrix() {
     })
     .expect("AAAA answers");
     assert_eq!((code, addrs), (ResponseCode::NoError, vec![]));
+    // A truncated upstream answer is asked again over TCP.
+    let (code, addrs) = in_ns(&g, || {
+        query(GATEWAY_DNS, "big.wild.test.", RecordType::A, false)
+    })
+    .expect("big.wild.test answers");
+    assert_eq!(
+        (code, addrs),
+        (ResponseCode::NoError, vec![IpAddr::from([203, 0, 113, 10])])
+    );
+    assert_eq!(w.dns.saw("big.wild.test"), 2, "UDP, then TCP");
     // Other port, other protocol on the pinned address.
     refused_fast(&g, "203.0.113.10:80");
     let udp_sink = in_ns(&w.lab.name("in"), || {
