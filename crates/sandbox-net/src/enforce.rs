@@ -1021,12 +1021,30 @@ impl Network {
     /// reader. The host's addresses (every address in the host netns, read now) are always
     /// denied. Calling it again for the same sandbox replaces the policy
     /// ([`PolicyHandle::replace`]) and returns a handle to the same enforcement (options are
-    /// kept). [`Network::teardown`] stops everything.
+    /// kept). [`Network::teardown`] stops everything. The work runs on its own task: dropping
+    /// this future never leaves the table installed without its resolver.
     ///
     /// Errors: [`NetError::NotFound`] (no such sandbox), [`NetError::Config`] (bad options,
     /// or no usable `nameserver` in `/etc/resolv.conf`), [`NetError::Io`] (sockets, e.g. port
     /// 53 taken), [`NetError::NftFailed`].
     pub async fn apply_policy(
+        &self,
+        id: &str,
+        policy: &Policy,
+        opts: PolicyOptions,
+    ) -> Result<PolicyHandle> {
+        // On its own task, like `create`: dropping this future never leaves a table installed
+        // without its resolver.
+        let (this, id, policy) = (self.clone(), id.to_string(), policy.clone());
+        tokio::spawn(async move { this.start_policy(&id, &policy, opts).await })
+            .await
+            .map_err(|_| NetError::Io {
+                what: "apply the egress policy",
+                source: std::io::Error::other("the policy task panicked"),
+            })?
+    }
+
+    async fn start_policy(
         &self,
         id: &str,
         policy: &Policy,
