@@ -13,8 +13,14 @@
 //! 4. [`Network::create`] builds one sandbox's netns, tap, veth pair, addresses, routes and base
 //!    ruleset, each step armed for cleanup; it returns a [`SandboxNet`] holding the tap fd for
 //!    the VMM and the kernel `ip=` parameter for the guest.
-//! 5. [`Network::apply_ruleset`] is the egress policy's hook; [`Network::expose`] forwards a
-//!    host TCP port to a guest port; [`Network::teardown`] deletes everything, idempotently.
+//! 5. [`Network::apply_policy`] enforces an egress policy (`sandbox-policy`, `docs/policy.md`
+//!    "Enforcement"): the compiled table replaces the base one, a DNS resolver for the sandbox
+//!    answers only allowed names and pins their addresses before answering, and an NFLOG
+//!    reader turns denied packets into [`sandbox_policy::DenyEvent`]s ([`PolicyHandle::events`]);
+//!    [`PolicyHandle::replace`] swaps the policy in one transaction.
+//!    [`Network::apply_ruleset`] is the raw hook (any nftables document).
+//! 6. [`Network::expose`] forwards a host TCP port to a guest port; [`Network::teardown`]
+//!    deletes everything (stopping the resolver), idempotently.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), sandbox_net::NetError> {
@@ -27,9 +33,15 @@
 //!     .await?;
 //! let tap = sbx.take_tap(); // handed to the VMM
 //! let cmdline_ip = sbx.kernel_ip_param(); // "ip=172.30.0.2::172.30.0.1:255.255.255.252::eth0:off:172.30.0.1"
+//! let policy = sandbox_policy::Policy::from_toml("[[allow]]\ndomain = \"pypi.org\"\nports = [443]\n")
+//!     .expect("valid policy");
+//! let handle = net
+//!     .apply_policy("sbx-0123456789abcdef", &policy, sandbox_net::PolicyOptions::default())
+//!     .await?;
+//! let mut denials = handle.events().expect("first call"); // DenyEvents, rate-limited
 //! let addr = net.expose("sbx-0123456789abcdef", 8080).await?; // 127.0.0.1:<ephemeral>
 //! net.teardown("sbx-0123456789abcdef").await?;
-//! # let _ = (tap, cmdline_ip, addr);
+//! # let _ = (tap, cmdline_ip, addr, denials.try_recv());
 //! # Ok(()) }
 //! ```
 #![deny(unsafe_code)]
@@ -37,10 +49,13 @@
 
 mod addressing;
 mod cleanup;
+mod dns;
+mod enforce;
 mod expose;
 pub mod names;
 mod netns;
 mod network;
+mod nflog;
 mod nft;
 mod pool;
 mod sys;
@@ -49,6 +64,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 pub use addressing::{AddressingError, GuestAddressing};
+pub use enforce::{PolicyHandle, PolicyOptions, PolicyStats};
 pub use names::{NameError, NamePrefixes, Names};
 pub use netns::{netns_path, NETNS_DIR};
 pub use network::{Network, ReconcileReport, SandboxNet};
@@ -229,6 +245,10 @@ impl Default for NetConfig {
 }
 
 impl NetConfig {
+    pub(crate) fn host_netns_path(&self) -> Option<PathBuf> {
+        self.host_netns.path()
+    }
+
     /// Sets the name prefixes.
     pub fn with_names(mut self, names: NamePrefixes) -> Self {
         self.names = names;

@@ -28,7 +28,8 @@ pub const GUEST_LINK: &str = "tap0";
 pub const SANDBOX_UPLINK: &str = "uplink0";
 /// Name of the `inet` nft table inside every sandbox netns.
 pub const SANDBOX_TABLE: &str = "sandbox";
-/// Name of the regular chain the egress policy owns inside [`SANDBOX_TABLE`].
+/// Name of the regular chain of the base table that holds the [`crate::Egress`] rule (an
+/// egress policy replaces the whole table instead).
 pub const EGRESS_CHAIN: &str = "egress";
 
 /// Errors of naming.

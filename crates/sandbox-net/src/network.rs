@@ -67,6 +67,8 @@ pub struct ReconcileReport {
 struct Record {
     slot: Slot,
     exposures: HashMap<u16, Exposure>,
+    /// The enforced egress policy (resolver and NFLOG reader tasks), if any.
+    policy: Option<crate::enforce::Running>,
 }
 
 #[derive(Debug)]
@@ -378,6 +380,7 @@ impl Network {
                 Record {
                     slot,
                     exposures: HashMap::new(),
+                    policy: None,
                 },
             );
             slot
@@ -530,6 +533,8 @@ impl Network {
             let mut st = self.inner.lock();
             st.sandboxes.get_mut(id).map(|r| {
                 r.exposures.clear();
+                // Stops the resolver and the NFLOG reader, closing their sockets.
+                r.policy = None;
                 r.slot.index
             })
         };
@@ -642,6 +647,7 @@ impl Network {
                     Record {
                         slot,
                         exposures: HashMap::new(),
+                        policy: None,
                     },
                 );
                 report.adopted.push(id.clone());
@@ -658,9 +664,8 @@ impl Network {
     }
 
     /// Applies an nftables JSON document atomically (`nft -j -f -`, one transaction) inside
-    /// sandbox `id`'s netns. This is the egress policy's hook: the base table is `inet sandbox`
-    /// and the policy owns its `egress` chain (`flush chain inet sandbox egress` + its rules in
-    /// one document). Errors: [`NetError::NetnsOpen`] if the sandbox has no netns,
+    /// sandbox `id`'s netns: the raw hook under [`Self::apply_policy`] (which replaces the base
+    /// table `inet sandbox` whole with a compiled policy). Errors: [`NetError::NetnsOpen`] if the sandbox has no netns,
     /// [`NetError::NftFailed`] if `nft` refuses the document (then nothing changed).
     pub async fn apply_ruleset(
         &self,
@@ -723,6 +728,58 @@ impl Network {
         .await
     }
 
+    /// The veth slot of tracked sandbox `id`.
+    pub(crate) fn slot_of(&self, id: &str) -> Result<Slot> {
+        self.inner
+            .lock()
+            .sandboxes
+            .get(id)
+            .map(|r| r.slot)
+            .ok_or_else(|| NetError::NotFound { id: id.to_string() })
+    }
+
+    /// The enforcer of sandbox `id`, if a policy is enforced.
+    pub(crate) fn enforcer_of(&self, id: &str) -> Result<Option<Arc<crate::enforce::Enforcer>>> {
+        let st = self.inner.lock();
+        let rec = st
+            .sandboxes
+            .get(id)
+            .ok_or_else(|| NetError::NotFound { id: id.to_string() })?;
+        Ok(rec.policy.as_ref().map(|r| r.enforcer()))
+    }
+
+    /// Records `running` as sandbox `id`'s enforcement; if one is there already (a concurrent
+    /// apply won), `running` is stopped and the existing enforcer returned.
+    pub(crate) fn set_running(
+        &self,
+        id: &str,
+        running: crate::enforce::Running,
+    ) -> Result<Arc<crate::enforce::Enforcer>> {
+        let mut st = self.inner.lock();
+        let rec = st
+            .sandboxes
+            .get_mut(id)
+            .ok_or_else(|| NetError::NotFound { id: id.to_string() })?;
+        Ok(rec.policy.get_or_insert(running).enforcer())
+    }
+
+    /// Every address of every link in the host netns (what a sandbox must never reach).
+    pub(crate) async fn host_addresses(&self) -> Result<Vec<IpAddr>> {
+        let h = rtnl(self.inner.cfg.host_netns.path()).await?;
+        let mut out = Vec::new();
+        let mut addrs = h.address().get().execute();
+        while let Some(m) = addrs.try_next().await.map_err(nl("list addresses"))? {
+            for a in &m.attributes {
+                if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a {
+                    out.push(*ip);
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     /// Stops forwarding `guest_port` of sandbox `id`; open connections are closed. Returns
     /// whether the port was exposed.
     pub fn unexpose(&self, id: &str, guest_port: u16) -> bool {
@@ -752,6 +809,8 @@ mod tests {
         assert_send(&net.expose("a", 80));
         assert_send(&net.install_host());
         assert_send(&net.run_in_netns("a", || Ok(())));
+        let policy = sandbox_policy::Policy::from_toml("").expect("empty policy is valid");
+        assert_send(&net.apply_policy("a", &policy, crate::PolicyOptions::default()));
     }
 
     #[test]

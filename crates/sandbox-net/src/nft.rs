@@ -96,8 +96,9 @@ pub(crate) struct SandboxRules {
 /// - `forward` (policy drop): established/related accept, invalid drop; from the guest:
 ///   a source other than the guest's address is dropped (anti-spoofing), IPv6 is dropped,
 ///   the veth pool (other sandboxes) is rejected, then `jump egress`, then reject.
-/// - `egress` (regular chain, the policy's hook): `accept` with [`Egress::Allow`], empty with
-///   [`Egress::Deny`]. An egress policy replaces this chain's rules in one transaction.
+/// - `egress` (regular chain): `accept` with [`Egress::Allow`], empty with [`Egress::Deny`].
+///   An egress policy (`Network::apply_policy`) replaces the whole table with its compiled
+///   one (same name, one transaction), which keeps these guarantees and adds its own.
 /// - `postrouting` (nat): masquerade out of `uplink0`.
 pub(crate) fn sandbox_ruleset(r: &SandboxRules) -> Nftables<'static> {
     let t = SANDBOX_TABLE;

@@ -15,7 +15,8 @@
 //!    rules allow an address only through a pin: the address was a DNS answer for an allowed
 //!    name.
 //! 4. **Compile** with [`Ruleset::compile`]: [`Ruleset::batch`] is the nftables JSON batch that
-//!    installs the sandbox's `inet` table or atomically swaps a running one;
+//!    installs the sandbox's `inet` table (replacing any table of that name),
+//!    [`Ruleset::swap_batch`] swaps a running one in place, atomically;
 //!    [`Ruleset::pin_batch`] is what the resolver applies before it answers.
 //! 5. **Report** refusals as [`DenyEvent`]s; in learn mode feed decisions to a [`LearnLog`]
 //!    and turn it into a suggested policy with [`LearnLog::suggest_toml`].

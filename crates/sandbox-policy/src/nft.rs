@@ -15,8 +15,8 @@ use nftables::expr::{
     SetItem, CT,
 };
 use nftables::schema::{
-    Chain, Element, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType,
-    SetTypeValue, Table,
+    Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag,
+    SetType, SetTypeValue, Table,
 };
 use nftables::stmt::{JumpTarget, Limit, Log, Match, NATFamily, Operator, Reject, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
@@ -92,7 +92,9 @@ impl LogClass {
         }
     }
 
-    fn chain(self) -> &'static str {
+    /// The regular chain of this class in the compiled table (`deny_<class>`, or `learn`):
+    /// what an enforcement layer jumps to when it adds a rule of its own.
+    pub fn chain(self) -> &'static str {
         match self {
             Self::Spoof => "deny_spoof",
             Self::Reserved => "deny_reserved",
@@ -197,6 +199,63 @@ impl Ruleset {
         Nftables {
             objects: Cow::Owned(objects),
         }
+    }
+
+    /// The batch that replaces the running table compiled as `previous` (same
+    /// [`NetParams`]) with this policy **without deleting the table**: `flush table` (every
+    /// rule), `flush set` of each of `previous`'s sets, `delete set` of its pin classes this
+    /// policy does not have, then this policy's sets (new ones are created, existing ones
+    /// kept), chains (kept: same types, hooks and priorities), rules and elements, and the
+    /// pins of `carry` this policy allows.
+    ///
+    /// Like [`Ruleset::batch`] it is one transaction, so packets see one policy or the other;
+    /// unlike it, the base chains stay registered throughout. Deleting and re-adding a table
+    /// unregisters its `nat` hooks for a moment inside the commit, and a connection whose
+    /// first packet falls in that moment gets no NAT binding (no masquerade) and fails:
+    /// never more than either policy allows, but less. Use this for every swap after the
+    /// first install.
+    pub fn swap_batch(&self, previous: &Ruleset, carry: &Pins) -> Nftables<'static> {
+        let mut objects = vec![
+            add(NfListObject::Table(self.table())),
+            NfObject::CmdObject(NfCmd::Flush(FlushObject::Table(self.table()))),
+        ];
+        let mine = self.set_names();
+        for name in previous.set_names() {
+            let set = Box::new(Set {
+                family: NfFamily::INet,
+                table: Cow::Owned(self.net.table.clone()),
+                name: Cow::Owned(name.clone()),
+                ..Set::default()
+            });
+            objects.push(NfObject::CmdObject(if mine.contains(&name) {
+                NfCmd::Flush(FlushObject::Set(set))
+            } else {
+                NfCmd::Delete(NfListObject::Set(set))
+            }));
+        }
+        // Skip the install prologue (add table, delete table, add table).
+        objects.extend(self.objects.iter().skip(3).cloned());
+        for (ip, name, timeout) in carry.iter() {
+            if let Some(b) = self.pin_objects(name, &[ip], timeout).batch {
+                objects.extend(b.objects.into_owned());
+            }
+        }
+        Nftables {
+            objects: Cow::Owned(objects),
+        }
+    }
+
+    /// Names of the sets this ruleset creates.
+    fn set_names(&self) -> Vec<String> {
+        self.objects
+            .iter()
+            .filter_map(|o| match o {
+                NfObject::CmdObject(NfCmd::Add(NfListObject::Set(s))) => {
+                    Some(s.name.clone().into_owned())
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// [`Ruleset::batch`] as the JSON text `nft -j -f -` reads.
@@ -1266,6 +1325,47 @@ domain = "uploads.example.com"
     }
 
     #[test]
+    fn swap_batch_keeps_the_table_and_drops_extra_classes() {
+        let wide = Policy::from_toml(
+            "[[allow]]\ndomain = \"a.test\"\nports = [443]\n[[allow]]\ndomain = \"b.test\"\nports = [80]\n",
+        )
+        .expect("valid");
+        let narrow =
+            Policy::from_toml("[[allow]]\ndomain = \"a.test\"\nports = [443]\n").expect("valid");
+        let (old, new) = (
+            Ruleset::compile(&wide, &net46()),
+            Ruleset::compile(&narrow, &net46()),
+        );
+        let mut pins = Pins::new();
+        pins.insert_with_timeout("a.test", ip("203.0.113.10"), 60)
+            .expect("name");
+        let j = serde_json::to_value(new.swap_batch(&old, &pins)).expect("json");
+        let cmds = j["nftables"].as_array().expect("array");
+        assert!(!j.to_string().contains(r#"{"delete":{"table""#));
+        assert_eq!(
+            cmds[1],
+            serde_json::json!({"flush": {"table": {"family": "inet", "name": "sandbox"}}})
+        );
+        let deleted: Vec<&str> = cmds
+            .iter()
+            .filter_map(|c| c.get("delete")?.get("set")?.get("name")?.as_str())
+            .collect();
+        assert_eq!(deleted, vec!["svc_1", "pinned4_1", "pinned6_1"]);
+        assert!(cmds
+            .iter()
+            .any(|c| c["flush"]["set"]["name"] == "pinned4_0"));
+        // The same sets as the install batch, and the carried pin.
+        assert_eq!(
+            sets(&j).keys().collect::<Vec<_>>().len(),
+            new.set_names().len()
+        );
+        assert_eq!(
+            sets(&j)["pinned4_0"],
+            vec![vec![(0xcb00_710a, 0xcb00_710a)]]
+        );
+    }
+
+    #[test]
     fn log_prefixes_round_trip() {
         for c in LogClass::ALL {
             assert_eq!(LogClass::from_prefix(c.prefix()), Some(c));
@@ -1297,11 +1397,14 @@ domain = "uploads.example.com"
             .pin_batch("pypi.org", &[ip("203.0.113.10")], 300)
             .batch
             .expect("pinned");
+        let json = |b: &Nftables<'_>| serde_json::to_string(b).expect("json");
         let script = format!(
-            "set -e\nnft -j -f /dev/stdin <<'A'\n{}\nA\nnft -j -f /dev/stdin <<'B'\n{}\nB\nnft -j -f /dev/stdin <<'C'\n{}\nC\nnft -j -f /dev/stdin <<'D'\n{}\nD\nnft -j list set inet sandbox pinned4_0\n",
+            "set -e\nnft -j -f /dev/stdin <<'A'\n{}\nA\nnft -j -f /dev/stdin <<'B'\n{}\nB\nnft -j -f /dev/stdin <<'C'\n{}\nC\nnft -j -f /dev/stdin <<'D'\n{}\nD\nnft -j -f /dev/stdin <<'E'\n{}\nE\nnft -j -f /dev/stdin <<'F'\n{}\nF\nnft -j list set inet sandbox pinned4_0\n",
             rs.to_json(&Pins::new()),
             rs2.to_json(&Pins::new()),
             rs.to_json(&Pins::new()),
+            json(&rs2.swap_batch(&rs, &Pins::new())),
+            json(&rs.swap_batch(&rs2, &Pins::new())),
             serde_json::to_string(&pin).expect("json"),
         );
         let mut child = Command::new("unshare")
