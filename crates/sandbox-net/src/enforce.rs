@@ -34,7 +34,7 @@ use crate::nft;
 use crate::{NetError, Network, Result};
 
 /// Options of [`Network::apply_policy`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PolicyOptions {
     /// The upstream resolver, reached from the host netns. `None`: the first `nameserver` of

@@ -70,6 +70,9 @@ pub struct KvmRuntimeConfig {
     /// addressing, the exposed-port bind address. Default: `NetConfig::default()` with name
     /// prefixes unique to the state directory. Set up the first time a spec asks for a network.
     pub network: Option<sandbox_net::NetConfig>,
+    /// How egress policies are enforced (docs/policy.md): the upstream DNS resolver (default:
+    /// the host's `/etc/resolv.conf`), resolver limits, the deny-event rate.
+    pub policy: sandbox_net::PolicyOptions,
 }
 
 /// How a sandbox's writable root disk is made from its base image.
@@ -102,6 +105,7 @@ impl Default for KvmRuntimeConfig {
             disk_mode: DiskMode::default(),
             image_store: None,
             network: None,
+            policy: sandbox_net::PolicyOptions::default(),
         }
     }
 }
@@ -220,6 +224,12 @@ impl KvmRuntimeConfigBuilder {
         self
     }
 
+    /// How egress policies are enforced.
+    pub fn policy(mut self, options: sandbox_net::PolicyOptions) -> Self {
+        self.config.policy = options;
+        self
+    }
+
     /// How writable root disks are made ([`DiskMode::Overlay`] by default).
     pub fn disk_mode(mut self, mode: DiskMode) -> Self {
         self.config.disk_mode = mode;
@@ -252,6 +262,7 @@ pub(crate) struct Resolved {
     pub disk_mode: DiskMode,
     pub image_store: PathBuf,
     pub network: sandbox_net::NetConfig,
+    pub policy: sandbox_net::PolicyOptions,
     /// What the host provides of `jail`: nothing until `KvmRuntime::new` probes it.
     pub jail_support: JailSupport,
 }
@@ -331,6 +342,7 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         disk_mode: c.disk_mode,
         image_store,
         network,
+        policy: c.policy.clone(),
         jail_support: JailSupport::default(),
     })
 }

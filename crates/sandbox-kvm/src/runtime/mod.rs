@@ -190,6 +190,14 @@ pub enum RuntimeError {
         #[source]
         source: Option<Box<sandbox_net::NetError>>,
     },
+    /// The spec's egress policy document is invalid (`InvalidSpec`): the message names the
+    /// rule and its line.
+    #[error("The spec's egress policy is invalid: {source}")]
+    Policy {
+        /// The parser's or validator's error.
+        #[source]
+        source: sandbox_policy::PolicyError,
+    },
     /// The sandbox's copy-on-write disk could not be created (`Io`).
     #[error("Could not create the disk overlay {path} over {base}.")]
     Overlay {
@@ -279,7 +287,8 @@ impl RuntimeError {
             RuntimeError::Config { .. }
             | RuntimeError::VmConfig(_)
             | RuntimeError::SpecFile { .. }
-            | RuntimeError::DiskSpec { .. } => ErrorKind::InvalidSpec,
+            | RuntimeError::DiskSpec { .. }
+            | RuntimeError::Policy { .. } => ErrorKind::InvalidSpec,
             RuntimeError::VmmNotFound
             | RuntimeError::ArtifactUnset { .. }
             | RuntimeError::ArtifactUnreadable { .. }

@@ -9,8 +9,11 @@
 //! Teardown runs on a thread of its own with its own tokio runtime, so it works from any
 //! context: a `Drop`, the cleanup thread, or while the caller's runtime shuts down.
 
-use sandbox_core::{Egress, NetworkSpec};
-use sandbox_net::{NamePrefixes, NetConfig, Network, SandboxNetConfig};
+use sandbox_core::{Egress, NetworkSpec, PolicyDocument, PolicyFormat};
+use sandbox_net::{
+    NamePrefixes, NetConfig, Network, PolicyHandle, PolicyOptions, SandboxNetConfig,
+};
+use sandbox_policy::{DenyEvent, Format, Policy};
 use std::path::Path;
 use tokio::sync::OnceCell;
 
@@ -42,13 +45,25 @@ pub(crate) fn scoped_config(config: Option<NetConfig>, state_dir: &Path) -> NetC
 #[derive(Debug)]
 pub(crate) struct Networks {
     config: NetConfig,
+    policy: PolicyOptions,
     network: OnceCell<Network>,
 }
 
+/// Parses and validates a spec's policy document.
+pub(crate) fn parse_policy(doc: &PolicyDocument) -> Result<Policy> {
+    let format = match doc.format {
+        PolicyFormat::Json => Format::Json,
+        PolicyFormat::Yaml => Format::Yaml,
+        _ => Format::Toml,
+    };
+    Policy::parse(&doc.text, format).map_err(|source| RuntimeError::Policy { source })
+}
+
 impl Networks {
-    pub fn new(config: NetConfig) -> Self {
+    pub fn new(config: NetConfig, policy: PolicyOptions) -> Self {
         Networks {
             config,
+            policy,
             network: OnceCell::new(),
         }
     }
@@ -65,20 +80,38 @@ impl Networks {
     }
 
     /// Creates sandbox `id`'s network: its netns, tap, veth pair and base rules.
+    /// With a policy, the base rules deny everything and the policy's table (and its DNS
+    /// resolver) replaces them before the VMM exists.
     pub async fn create(&self, id: &str, spec: &NetworkSpec) -> Result<(NetLease, Plumbing)> {
+        // A bad document fails before anything is made.
+        let policy = spec.policy.as_ref().map(parse_policy).transpose()?;
         let net = self.network().await?.clone();
-        let egress = match spec.egress {
-            Egress::Allow => sandbox_net::Egress::Allow,
+        let egress = match (spec.egress, &policy) {
+            (Egress::Allow, None) => sandbox_net::Egress::Allow,
             _ => sandbox_net::Egress::Deny,
         };
         let mut sbx = net
             .create(id, &SandboxNetConfig::default().with_egress(egress))
             .await
             .map_err(net_error)?;
-        let lease = NetLease {
+        let mut lease = NetLease {
             net,
             id: id.to_string(),
+            policy: None,
         };
+        if let Some(policy) = &policy {
+            match lease
+                .net
+                .apply_policy(id, policy, self.policy.clone())
+                .await
+            {
+                Ok(handle) => lease.policy = Some(handle),
+                Err(e) => {
+                    lease.teardown_blocking();
+                    return Err(net_error(e));
+                }
+            }
+        }
         let Some(tap) = sbx.take_tap() else {
             lease.teardown_blocking();
             return Err(RuntimeError::Network {
@@ -138,9 +171,30 @@ pub(crate) struct Plumbing {
 pub(crate) struct NetLease {
     net: Network,
     id: String,
+    /// The enforced egress policy, if the spec had one.
+    policy: Option<PolicyHandle>,
 }
 
 impl NetLease {
+    /// The enforced policy's deny events (the first call takes the only receiver).
+    pub fn events(&self) -> Option<tokio::sync::mpsc::Receiver<DenyEvent>> {
+        self.policy.as_ref().and_then(PolicyHandle::events)
+    }
+
+    /// Replaces the enforced policy in one nftables transaction.
+    pub async fn replace_policy(&self, doc: &PolicyDocument) -> Result<()> {
+        let policy = parse_policy(doc)?;
+        match &self.policy {
+            Some(h) => h.replace(&policy).await.map_err(net_error),
+            None => Err(RuntimeError::Network {
+                problem: "the sandbox was created without an egress policy; fix: create it with \
+                          NetworkSpec::with_policy"
+                    .into(),
+                source: None,
+            }),
+        }
+    }
+
     /// Forwards a host TCP port to `guest_port`; returns the host address.
     pub async fn expose(&self, guest_port: u16) -> Result<std::net::SocketAddr> {
         self.net
@@ -179,5 +233,34 @@ fn net_error(source: sandbox_net::NetError) -> RuntimeError {
     RuntimeError::Network {
         problem: source.to_string(),
         source: Some(Box::new(source)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_policy_document_is_an_invalid_spec_naming_its_line() {
+        let doc = PolicyDocument::toml("default = \"deny\"\n[[allow]]\ncidr = \"300.0.0.0/8\"\n");
+        let err = parse_policy(&doc).expect_err("a bad CIDR");
+        assert_eq!(err.kind(), sandbox_core::ErrorKind::InvalidSpec);
+        assert!(err.to_string().contains("line"), "{err}");
+        let ok = PolicyDocument::toml("default = \"deny\"\n[[allow]]\ndomain = \"pypi.org\"\nports = [443]\n");
+        parse_policy(&ok).expect("a valid policy");
+    }
+
+    #[test]
+    fn names_are_scoped_to_the_state_directory() {
+        let a = scoped_config(None, Path::new("/run/a"));
+        let b = scoped_config(None, Path::new("/run/b"));
+        assert_ne!(a.names, b.names);
+        assert!(a.names.validate().is_ok(), "{:?}", a.names);
+        assert!(a.names.link.len() <= sandbox_net::names::LINK_PREFIX_MAX);
+        // A caller's own prefixes are kept.
+        let mine = NetConfig::default();
+        let mut custom = mine.clone();
+        custom.names = NamePrefixes::new("mine-", "vmine", "mine_table");
+        assert_eq!(scoped_config(Some(custom.clone()), Path::new("/run/a")).names, custom.names);
     }
 }

@@ -258,7 +258,7 @@ impl KvmRuntime {
             source,
         })?;
         // Networks of sandboxes whose directory reconciliation just removed (docs/network.md).
-        let nets = Arc::new(Networks::new(cfg.network.clone()));
+        let nets = Arc::new(Networks::new(cfg.network.clone(), cfg.policy.clone()));
         nets.reconcile_blocking(&cfg.state_dir);
         Ok(Self {
             cfg,
@@ -1096,6 +1096,35 @@ impl KvmSandbox {
         }))
     }
 
+    /// The deny events of the sandbox's egress policy (docs/policy.md): every refused name and
+    /// denied connection, rate-limited and bounded. The first call takes the stream; later
+    /// calls, and sandboxes without a policy, get `None`.
+    pub fn egress_events(&self) -> Option<tokio::sync::mpsc::Receiver<sandbox_policy::DenyEvent>> {
+        self.shared.net.as_ref().and_then(NetLease::events)
+    }
+
+    /// Replaces the sandbox's egress policy in one nftables transaction: no moment allows more
+    /// than either policy.
+    ///
+    /// # Errors
+    /// `InvalidSpec` for an invalid document (with its line); `Io` when the sandbox has no
+    /// policy or the kernel refused the change.
+    pub async fn replace_egress_policy(
+        &self,
+        document: &sandbox_core::PolicyDocument,
+    ) -> sandbox_core::Result<()> {
+        match &self.shared.net {
+            Some(net) => Ok(net.replace_policy(document).await?),
+            None => Err(Error::new(
+                ErrorKind::InvalidState,
+                format!(
+                    "Sandbox {} has no network; fix: create it with SandboxSpec::network.",
+                    self.shared.id
+                ),
+            )),
+        }
+    }
+
     /// Stops forwarding to `guest_port`; whether it was forwarded.
     pub fn unexpose(&self, guest_port: u16) -> bool {
         self.shared
@@ -1388,6 +1417,7 @@ mod tests {
             disk_mode: DiskMode::Overlay,
             image_store: dir.join("images"),
             network: sandbox_net::NetConfig::default(),
+            policy: sandbox_net::PolicyOptions::default(),
             jail_support: jail::JailSupport::default(),
         }
     }
