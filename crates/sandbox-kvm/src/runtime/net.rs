@@ -246,7 +246,9 @@ mod tests {
         let err = parse_policy(&doc).expect_err("a bad CIDR");
         assert_eq!(err.kind(), sandbox_core::ErrorKind::InvalidSpec);
         assert!(err.to_string().contains("line"), "{err}");
-        let ok = PolicyDocument::toml("default = \"deny\"\n[[allow]]\ndomain = \"pypi.org\"\nports = [443]\n");
+        let ok = PolicyDocument::toml(
+            "default = \"deny\"\n[[allow]]\ndomain = \"pypi.org\"\nports = [443]\n",
+        );
         parse_policy(&ok).expect("a valid policy");
     }
 
@@ -261,6 +263,9 @@ mod tests {
         let mine = NetConfig::default();
         let mut custom = mine.clone();
         custom.names = NamePrefixes::new("mine-", "vmine", "mine_table");
-        assert_eq!(scoped_config(Some(custom.clone()), Path::new("/run/a")).names, custom.names);
+        assert_eq!(
+            scoped_config(Some(custom.clone()), Path::new("/run/a")).names,
+            custom.names
+        );
     }
 }
