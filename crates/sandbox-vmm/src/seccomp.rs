@@ -188,28 +188,43 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     Ok(map)
 }
 
-/// The BPF program for `kind` in `mode` (`None` for [`SeccompMode::Off`]).
+/// Calls that fail with `EACCES` instead of ending the VMM: opening a path. glibc's malloc
+/// opens `/proc/sys/vm/overcommit_memory` once per process when it first trims a thread's heap
+/// (measured: the only open after start), and copes when it cannot; no VMM code opens anything
+/// after start. The allowlist lets these through to a second filter that returns the error
+/// (the kernel applies the most restrictive result of all filters: `ERRNO` over `ALLOW`).
+const REFUSED: &[libc::c_long] = &[libc::SYS_openat, libc::SYS_open];
+
+/// The BPF programs for `kind` in `mode`, to install in order: the filter that refuses
+/// [`REFUSED`] calls with `EACCES`, then the allowlist (last, since installing a filter takes
+/// `prctl` and `seccomp`, which the allowlist forbids). Empty for [`SeccompMode::Off`].
 ///
 /// # Errors
 /// [`SeccompError::Build`].
-pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
+pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Vec<BpfProgram>, SeccompError> {
     let mismatch = match mode {
-        SeccompMode::Off => return Ok(None),
+        SeccompMode::Off => return Ok(Vec::new()),
         SeccompMode::Kill => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
-    let build = || -> Result<BpfProgram, seccompiler::BackendError> {
-        let filter = SeccompFilter::new(
-            rules(kind)?,
-            mismatch,
+    let build = || -> Result<Vec<BpfProgram>, seccompiler::BackendError> {
+        let mut allow = rules(kind)?;
+        let mut refused = BTreeMap::new();
+        for &nr in REFUSED {
+            allow.insert(nr, Vec::new());
+            refused.insert(nr, Vec::new());
+        }
+        let allowlist =
+            SeccompFilter::new(allow, mismatch, SeccompAction::Allow, TargetArch::x86_64)?;
+        let refusals = SeccompFilter::new(
+            refused,
             SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
             TargetArch::x86_64,
         )?;
-        filter.try_into()
+        Ok(vec![refusals.try_into()?, allowlist.try_into()?])
     };
-    build()
-        .map(Some)
-        .map_err(|source| SeccompError::Build { kind, source })
+    build().map_err(|source| SeccompError::Build { kind, source })
 }
 
 /// Installs the filter of `kind` on the calling thread (and the `SIGSYS` reporter, once per
@@ -218,14 +233,18 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>,
 /// # Errors
 /// [`SeccompError`].
 pub fn apply(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
-    let Some(program) = filter(kind, mode)? else {
+    let programs = filter(kind, mode)?;
+    if programs.is_empty() {
         return Ok(());
-    };
+    }
     if mode == SeccompMode::Kill {
         crate::sys::install_sigsys_reporter().map_err(SeccompError::Handler)?;
     }
     crate::sys::set_thread_kind(kind.name());
-    seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install { kind, source })?;
+    for program in &programs {
+        seccompiler::apply_filter(program)
+            .map_err(|source| SeccompError::Install { kind, source })?;
+    }
     tracing::debug!(?kind, ?mode, "seccomp filter installed");
     Ok(())
 }
@@ -249,18 +268,17 @@ mod tests {
     fn every_kind_builds_and_off_builds_nothing() {
         for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Devices] {
             for mode in [SeccompMode::Kill, SeccompMode::Log] {
-                let prog = filter(kind, mode).expect("builds").expect("a program");
-                assert!(!prog.is_empty());
+                let progs = filter(kind, mode).expect("builds");
+                assert_eq!(progs.len(), 2);
+                assert!(progs.iter().all(|p| !p.is_empty()));
             }
-            assert!(filter(kind, SeccompMode::Off).expect("off").is_none());
+            assert!(filter(kind, SeccompMode::Off).expect("off").is_empty());
         }
     }
 
     #[test]
     fn the_lists_refuse_what_a_jailed_vmm_never_needs() {
         let forbidden = [
-            libc::SYS_openat,
-            libc::SYS_open,
             libc::SYS_socket,
             libc::SYS_connect,
             libc::SYS_execve,
