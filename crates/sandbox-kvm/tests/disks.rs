@@ -72,6 +72,8 @@ async fn overlays_through_the_runtime() {
         .expect("state");
     let store = tempfile::tempdir().expect("store");
     let rt = runtime(state.path(), store.path());
+    let started = std::time::Instant::now();
+    let step = |what: &str| println!("disks: {what} at {:.1} s", started.elapsed().as_secs_f64());
     let writable = || rt.spec_builder().memory_mib(256).root(RootMode::Writable);
 
     // Two sandboxes from one base: neither sees the other's writes.
@@ -90,6 +92,7 @@ async fn overlays_through_the_runtime() {
     a.destroy().await.expect("destroy");
     b.destroy().await.expect("destroy");
 
+    step("two sandboxes from one base done");
     // The disk size and the cap from the spec.
     let sb = rt
         .create_sandbox(
@@ -123,12 +126,14 @@ async fn overlays_through_the_runtime() {
     assert_eq!((code, out.trim()), (Some(0), "still-answering"));
     sb.destroy().await.expect("destroy");
 
+    step("size and cap done");
     // A base from the image store, named by tag.
     let images = sandbox_fs::ImageStore::open(store.path()).expect("store");
     let image = images
         .import_raw(&env_path("SANDBOX_ROOTFS"))
         .expect("import the rootfs");
     images.tag("test-base", &image.digest).expect("tag");
+    step("rootfs imported into the store");
     let sb = rt
         .create_sandbox(writable().image("test-base").build().expect("spec"))
         .await
@@ -142,6 +147,7 @@ async fn overlays_through_the_runtime() {
         .expect_err("an unknown tag");
     assert_eq!(err.kind(), sandbox_core::ErrorKind::InvalidSpec, "{err}");
 
+    step("store image done");
     // kill -9 in the middle of writes: no corruption (leaked clusters at most, docs/disks.md).
     let sb = rt
         .create_sandbox(writable().build().expect("spec"))
@@ -170,4 +176,5 @@ async fn overlays_through_the_runtime() {
         "{report}"
     );
     sb.destroy().await.expect("destroy after kill -9");
+    step("kill -9 done");
 }
