@@ -520,6 +520,8 @@ impl Enforcer {
             bump(&self.stats.events_dropped);
             return;
         }
+        // Names as the policy writes them: lowercase, without the root's trailing dot.
+        let name = name.map(|n| n.trim_end_matches('.').to_ascii_lowercase());
         let ev = DenyEvent::new(
             self.id.clone(),
             now_ms(),
