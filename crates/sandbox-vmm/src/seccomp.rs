@@ -196,7 +196,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
 const REFUSED: &[libc::c_long] = &[libc::SYS_openat, libc::SYS_open];
 
 /// The BPF programs for `kind` in `mode`, to install in order: the filter that refuses
-/// [`REFUSED`] calls with `EACCES`, then the allowlist (last, since installing a filter takes
+/// `openat`/`open` with `EACCES`, then the allowlist (last, since installing a filter takes
 /// `prctl` and `seccomp`, which the allowlist forbids). Empty for [`SeccompMode::Off`].
 ///
 /// # Errors
