@@ -36,7 +36,10 @@ fn runtime(state: &Path, store: &Path) -> KvmRuntime {
 
 async fn sh(sb: &impl Sandbox, cmd: &str) -> (Option<i32>, String) {
     let out = sb.exec(ExecRequest::shell(cmd)).await.expect("exec");
-    (out.status.code, format!("{}{}", out.stdout_str(), out.stderr_str()))
+    (
+        out.status.code,
+        format!("{}{}", out.stdout_str(), out.stderr_str()),
+    )
 }
 
 /// `qemu-img check` of `overlay` over `base`, given explicitly (the header only names the
@@ -63,14 +66,23 @@ fn qemu_img_check(overlay: &Path, base: &Path) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlays_through_the_runtime() {
-    let state = tempfile::Builder::new().prefix("sbx-disks-").tempdir().expect("state");
+    let state = tempfile::Builder::new()
+        .prefix("sbx-disks-")
+        .tempdir()
+        .expect("state");
     let store = tempfile::tempdir().expect("store");
     let rt = runtime(state.path(), store.path());
     let writable = || rt.spec_builder().memory_mib(256).root(RootMode::Writable);
 
     // Two sandboxes from one base: neither sees the other's writes.
-    let a = rt.create_sandbox(writable().build().expect("spec")).await.expect("create a");
-    let b = rt.create_sandbox(writable().build().expect("spec")).await.expect("create b");
+    let a = rt
+        .create_sandbox(writable().build().expect("spec"))
+        .await
+        .expect("create a");
+    let b = rt
+        .create_sandbox(writable().build().expect("spec"))
+        .await
+        .expect("create b");
     assert_eq!(sh(&a, "echo from-a > /root/mine && sync").await.0, Some(0));
     assert_eq!(sh(&b, "echo from-b > /root/mine && sync").await.0, Some(0));
     assert_eq!(sh(&a, "cat /root/mine").await.1.trim(), "from-a");
@@ -90,11 +102,19 @@ async fn overlays_through_the_runtime() {
         .await
         .expect("create with a size and a cap");
     let (_, sectors) = sh(&sb, "cat /sys/block/vda/size").await;
-    assert_eq!(sectors.trim(), (2048u64 * 2048).to_string(), "the guest's disk size");
+    assert_eq!(
+        sectors.trim(),
+        (2048u64 * 2048).to_string(),
+        "the guest's disk size"
+    );
     let before = sb.disk_usage().expect("usage").expect("an overlay");
     assert_eq!(before.cap_bytes, Some(16 << 20));
     assert_eq!(before.refused_writes, 0);
-    let (code, out) = sh(&sb, "dd if=/dev/urandom of=/root/big bs=1M count=64 oflag=direct").await;
+    let (code, out) = sh(
+        &sb,
+        "dd if=/dev/urandom of=/root/big bs=1M count=64 oflag=direct",
+    )
+    .await;
     assert_ne!(code, Some(0), "dd must fail at the cap: {out}");
     let after = sb.disk_usage().expect("usage").expect("an overlay");
     assert!(after.refused_writes > 0, "{after:?}");
@@ -123,7 +143,10 @@ async fn overlays_through_the_runtime() {
     assert_eq!(err.kind(), sandbox_core::ErrorKind::InvalidSpec, "{err}");
 
     // kill -9 in the middle of writes: no corruption (leaked clusters at most, docs/disks.md).
-    let sb = rt.create_sandbox(writable().build().expect("spec")).await.expect("create");
+    let sb = rt
+        .create_sandbox(writable().build().expect("spec"))
+        .await
+        .expect("create");
     let overlay = sb.dir().join("disk.qcow2");
     let writer = sb.exec(ExecRequest::shell(
         "for i in $(seq 200); do dd if=/dev/urandom of=/root/f$i bs=256k count=4 2>/dev/null; done",
@@ -131,11 +154,20 @@ async fn overlays_through_the_runtime() {
     let pid = sb.vmm_pid();
     let killer = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill");
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill");
     };
     let (_, ()) = tokio::join!(writer, killer);
     let (status, report) = qemu_img_check(&overlay, &env_path("SANDBOX_ROOTFS"));
-    assert!(status == 0 || status == 3, "qemu-img check after kill -9: {status}\n{report}");
-    assert!(report.contains("No errors were found") || !report.contains("ERROR"), "{report}");
+    assert!(
+        status == 0 || status == 3,
+        "qemu-img check after kill -9: {status}\n{report}"
+    );
+    assert!(
+        report.contains("No errors were found") || !report.contains("ERROR"),
+        "{report}"
+    );
     sb.destroy().await.expect("destroy after kill -9");
 }
