@@ -105,6 +105,12 @@ fn inventory(state: &Path) -> Inventory {
     }
 }
 
+/// A progress line on stderr that libtest does not capture (a hang shows where it stopped).
+fn progress(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "network_kill: {what}");
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie still has /proc/<pid>; its state is `Z`.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -124,6 +130,7 @@ async fn kill_9_of_the_runtime_process_then_reconciliation_restores_the_inventor
         .expect("state dir");
     // A runtime once, so that the state directory's own files exist in "before" too.
     drop(runtime(state.path()));
+    progress("first runtime dropped");
     let before = inventory(state.path());
 
     let mut child = Command::new(std::env::current_exe().expect("exe"))
@@ -148,7 +155,9 @@ async fn kill_9_of_the_runtime_process_then_reconciliation_restores_the_inventor
             }
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(900);
+    progress("child spawned");
+    // Well inside the test host's 900 s limit, so that a hung child fails here with a message.
+    let deadline = Instant::now() + Duration::from_secs(420);
     let (id, vmm_pid) = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = match rx.recv_timeout(left) {
@@ -158,6 +167,7 @@ async fn kill_9_of_the_runtime_process_then_reconciliation_restores_the_inventor
                 panic!("the child did not report ready: {e}");
             }
         };
+        progress(&format!("child: {line}"));
         if let Some(rest) = line.strip_prefix("netkill-ready ") {
             let mut it = rest.split_whitespace();
             let id = it.next().expect("id").to_string();
@@ -174,6 +184,7 @@ async fn kill_9_of_the_runtime_process_then_reconciliation_restores_the_inventor
     assert!(alive(vmm_pid), "the VMM {vmm_pid} is not running");
 
     // kill -9 of the holder: no destroy, no drop. The VMM dies with it (PR_SET_PDEATHSIG).
+    progress("killing the child");
     child.kill().expect("SIGKILL");
     child.wait().expect("wait");
     let t = Instant::now();
@@ -190,7 +201,9 @@ async fn kill_9_of_the_runtime_process_then_reconciliation_restores_the_inventor
     assert_eq!(orphaned.netns, during.netns, "{orphaned:?}");
 
     // A new runtime on the same state directory cleans up what the dead one left.
+    progress("VMM gone; starting a new runtime");
     let rt = runtime(state.path());
+    progress("new runtime up");
     let after = inventory(state.path());
     drop(rt);
     assert!(
@@ -207,7 +220,9 @@ async fn child_holds_a_networked_sandbox() {
     let Some(state) = std::env::var_os(CHILD_ENV) else {
         return;
     };
+    progress("child: starting its runtime");
     let rt = runtime(Path::new(&state));
+    progress("child: creating a networked sandbox");
     let spec = rt
         .spec_builder()
         .memory_mib(128)
@@ -216,6 +231,7 @@ async fn child_holds_a_networked_sandbox() {
         .build()
         .expect("spec");
     let sb = rt.create_sandbox(spec).await.expect("create");
+    progress("child: created");
     let _ = sb.expose(8000).await.expect("expose");
     println!("netkill-ready {} {}", sb.id(), sb.vmm_pid());
     use std::io::Write;
