@@ -168,7 +168,8 @@ async fn kill_9_of_the_runtime_process_then_reconciliation_restores_the_inventor
             }
         };
         progress(&format!("child: {line}"));
-        if let Some(rest) = line.strip_prefix("netkill-ready ") {
+        // libtest prints `test <name> ... ` before the test's own output, on the same line.
+        if let Some((_, rest)) = line.split_once("netkill-ready ") {
             let mut it = rest.split_whitespace();
             let id = it.next().expect("id").to_string();
             let pid: u32 = it.next().expect("pid").parse().expect("pid number");
