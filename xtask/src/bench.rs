@@ -12,10 +12,12 @@
 //!    ours/QEMU ratios against the promise into `docs/SPEC.md`. Nothing asserts on time: the
 //!    command fails only if the runs themselves fail.
 //!
-//! `cargo xtask bench create` (writable roots: overlay against copy) is in [`create`].
+//! `cargo xtask bench create` (writable roots: overlay against copy) is in [`create`];
+//! `cargo xtask bench net` (sandbox networks against no VM) in [`net`].
 
 mod create;
 mod measure;
+mod net;
 mod report;
 
 use std::fmt::Write as _;
@@ -42,6 +44,9 @@ pub enum BenchCmd {
     /// Create time of a writable root: qcow2 overlay against a full copy, overlay creation
     /// alone, and the warm exec round trip (examples/create_bench.rs; docs/bench.md).
     Create(create::CreateArgs),
+    /// Sandbox networks: guest throughput, exposed-port round trip and the create time a
+    /// network adds, each against the same without a VM (examples/net_bench.rs; docs/bench.md).
+    Net(net::NetArgs),
 }
 
 /// Where the VMs run.
@@ -107,6 +112,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             None => boot(&args),
         },
         BenchCmd::Create(args) => create::run(args),
+        BenchCmd::Net(args) => net::run(args),
     }
 }
 
