@@ -16,6 +16,7 @@
 //! `cargo xtask bench net` (sandbox networks against no VM) in [`net`].
 
 mod create;
+mod example;
 mod measure;
 mod net;
 mod report;

@@ -3,12 +3,9 @@
 //! directly or in the nested test host through [`crate::run::execute`]; its summary goes into
 //! `docs/SPEC.md`. Nothing asserts on time: the command fails only if the runs fail.
 
-use std::fs;
+use anyhow::{bail, Result};
 
-use anyhow::{bail, Context, Result};
-
-use crate::run::{self, RunnerArgs};
-use crate::util;
+use crate::run::RunnerArgs;
 
 /// `cargo xtask bench create` options.
 #[derive(Debug, clap::Args)]
@@ -65,40 +62,30 @@ impl CreateArgs {
     }
 }
 
-/// The SPEC.md section around the example's summary.
-fn section(command: &str, commit: &str, summary: &str) -> String {
-    format!(
-        "{BEGIN}\n\nLast `{command}` (at commit {commit}):\n\n{}\n{END}",
-        util::portable_paths(summary.trim_end())
-    )
-}
+/// This benchmark's example and report.
+const BENCH: super::example::ExampleBench = super::example::ExampleBench {
+    example: "create_bench",
+    label: "bench-create",
+    summary: "create.md",
+    begin: BEGIN,
+    end: END,
+    heading: HEADING,
+};
 
 /// `cargo xtask bench create`.
 pub fn run(args: CreateArgs) -> Result<()> {
-    let argv = args.example_argv()?;
-    let root = util::workspace_root();
-    let example = run::build_example(&root, "create_bench")?;
-    let commit = util::git_describe();
-    let scratch = run::execute("bench-create", &example, &argv, &args.runner)?;
-    let summary = fs::read_to_string(scratch.join("create.md"))
-        .with_context(|| format!("reading the summary in {}", scratch.display()))?;
-    if !args.no_spec {
-        let spec_path = root.join("docs/SPEC.md");
-        let spec = fs::read_to_string(&spec_path).context("reading docs/SPEC.md")?;
-        let section = section(&args.command(), &commit, &summary);
-        fs::write(
-            &spec_path,
-            util::replace_section(&spec, BEGIN, END, HEADING, &section),
-        )?;
-        println!("xtask bench create: wrote the summary into docs/SPEC.md");
-    }
-    let _ = fs::remove_dir_all(&scratch);
-    Ok(())
+    BENCH.run(
+        &args.example_argv()?,
+        &args.command(),
+        &args.runner,
+        args.no_spec,
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util;
     use clap::Parser;
 
     #[derive(Parser)]
@@ -148,7 +135,7 @@ mod tests {
     #[test]
     fn the_section_carries_markers_commit_and_portable_paths() {
         let home = util::cache_dir();
-        let s = section(
+        let s = BENCH.section(
             "cargo xtask bench create",
             "abc1234",
             &format!("| a | 1 ms |\nbase in {}/guest\n\n", home.display()),

@@ -4,12 +4,9 @@
 //! its summary goes into `docs/SPEC.md`. Nothing asserts on time: the command fails only if the
 //! runs fail.
 
-use std::fs;
+use anyhow::{bail, Result};
 
-use anyhow::{bail, Context, Result};
-
-use crate::run::{self, RunnerArgs};
-use crate::util;
+use crate::run::RunnerArgs;
 
 /// `cargo xtask bench net` options.
 #[derive(Debug, clap::Args)]
@@ -72,40 +69,30 @@ impl NetArgs {
     }
 }
 
-/// The SPEC.md section around the example's summary.
-fn section(command: &str, commit: &str, summary: &str) -> String {
-    format!(
-        "{BEGIN}\n\nLast `{command}` (at commit {commit}):\n\n{}\n{END}",
-        util::portable_paths(summary.trim_end())
-    )
-}
+/// This benchmark's example and report.
+const BENCH: super::example::ExampleBench = super::example::ExampleBench {
+    example: "net_bench",
+    label: "bench-net",
+    summary: "net.md",
+    begin: BEGIN,
+    end: END,
+    heading: HEADING,
+};
 
 /// `cargo xtask bench net`.
 pub fn run(args: NetArgs) -> Result<()> {
-    let argv = args.example_argv()?;
-    let root = util::workspace_root();
-    let example = run::build_example(&root, "net_bench")?;
-    let commit = util::git_describe();
-    let scratch = run::execute("bench-net", &example, &argv, &args.runner)?;
-    let summary = fs::read_to_string(scratch.join("net.md"))
-        .with_context(|| format!("reading the summary in {}", scratch.display()))?;
-    if !args.no_spec {
-        let spec_path = root.join("docs/SPEC.md");
-        let spec = fs::read_to_string(&spec_path).context("reading docs/SPEC.md")?;
-        let section = section(&args.command(), &commit, &summary);
-        fs::write(
-            &spec_path,
-            util::replace_section(&spec, BEGIN, END, HEADING, &section),
-        )?;
-        println!("xtask bench net: wrote the summary into docs/SPEC.md");
-    }
-    let _ = fs::remove_dir_all(&scratch);
-    Ok(())
+    BENCH.run(
+        &args.example_argv()?,
+        &args.command(),
+        &args.runner,
+        args.no_spec,
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util;
     use clap::Parser;
 
     #[derive(Parser)]
@@ -167,7 +154,7 @@ mod tests {
     #[test]
     fn the_section_carries_markers_commit_and_portable_paths() {
         let home = util::cache_dir();
-        let s = section(
+        let s = BENCH.section(
             "cargo xtask bench net",
             "abc1234",
             &format!("| a | 1 MiB/s |\nrootfs in {}/guest\n\n", home.display()),
