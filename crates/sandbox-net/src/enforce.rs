@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 
+use crate::conntrack::{self, Conntrack, ReplyTuple};
 use crate::dns::{self, Step};
 use crate::names::{GUEST_LINK, SANDBOX_TABLE};
 use crate::netns::{in_netns, netns_path};
@@ -416,6 +417,9 @@ pub(crate) struct Enforcer {
     learn: Mutex<LearnState>,
     /// Answer-to-pin times, for the benchmark.
     latencies: Mutex<Latencies>,
+    /// Conntrack lookups in the sandbox netns (the address a refused query was sent to).
+    /// Closed at teardown: an open socket would keep the netns alive while handles exist.
+    conntrack: Mutex<Option<Conntrack>>,
     /// Set when the sandbox's enforcement stops (teardown): a handle that outlives it must
     /// not touch a later sandbox with the same id.
     stopped: std::sync::atomic::AtomicBool,
@@ -440,6 +444,12 @@ impl Drop for Running {
         for t in &self.tasks {
             t.abort();
         }
+        // Closes the socket: nothing of the sandbox's netns stays open.
+        self.enforcer
+            .conntrack
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 }
 
@@ -617,6 +627,19 @@ impl Enforcer {
             .clone()
     }
 
+    /// Whether the rate limit admits one more deny event (counted as dropped if not).
+    fn admit(&self) -> bool {
+        let allowed = self
+            .bucket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(Instant::now());
+        if !allowed {
+            bump(&self.stats.events_dropped);
+        }
+        allowed
+    }
+
     /// Emits a deny event to `tracing` and the channel, within the rate limit.
     fn deny(
         &self,
@@ -626,15 +649,51 @@ impl Enforcer {
         name: Option<String>,
         reason: Reason,
     ) {
-        let allowed = self
-            .bucket
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(Instant::now());
-        if !allowed {
-            bump(&self.stats.events_dropped);
+        if self.admit() {
+            self.emit(protocol, destination, port, name, reason);
+        }
+    }
+
+    /// A refused DNS query's deny event: `name` and `reason`, and as destination the address
+    /// and port the guest sent the query to (conntrack's original tuple of the redirected
+    /// query from `peer`), or the resolver's own address when conntrack does not say.
+    fn deny_dns(&self, protocol: Protocol, peer: SocketAddr, name: Option<String>, reason: Reason) {
+        if !self.admit() {
             return;
         }
+        let resolver = SocketAddrV4::new(self.net.gateway4, 53);
+        let ct = self.conntrack.lock().unwrap_or_else(|p| p.into_inner());
+        let asked = match (peer, ct.as_ref()) {
+            (SocketAddr::V4(client), Some(ct)) => ct.original_destination(&ReplyTuple {
+                proto: if protocol == Protocol::Tcp {
+                    conntrack::IPPROTO_TCP
+                } else {
+                    conntrack::IPPROTO_UDP
+                },
+                resolver,
+                client,
+            }),
+            _ => None,
+        }
+        .unwrap_or(resolver);
+        drop(ct);
+        self.emit(
+            protocol,
+            IpAddr::V4(*asked.ip()),
+            asked.port(),
+            name,
+            reason,
+        );
+    }
+
+    fn emit(
+        &self,
+        protocol: Protocol,
+        destination: IpAddr,
+        port: u16,
+        name: Option<String>,
+        reason: Reason,
+    ) {
         // Names as the policy writes them: lowercase, without the root's trailing dot.
         let name = name.map(|n| n.trim_end_matches('.').to_ascii_lowercase());
         let ev = DenyEvent::new(
@@ -801,17 +860,16 @@ impl Enforcer {
             .map_err(|_| timed_out())?
     }
 
-    /// Answers one guest query (`bytes`); `None` means no answer at all.
-    async fn handle(&self, bytes: &[u8], protocol: Protocol) -> Option<Vec<u8>> {
+    /// Answers one guest query (`bytes`, from `peer`); `None` means no answer at all.
+    async fn handle(&self, bytes: &[u8], protocol: Protocol, peer: SocketAddr) -> Option<Vec<u8>> {
         bump(&self.stats.queries);
         let udp = protocol == Protocol::Udp;
-        let gateway = IpAddr::V4(self.net.gateway4);
         let (request, query, qname) = match dns::screen(bytes, &self.policy()) {
             Step::Drop => return None,
             Step::Reply { msg, denied } => {
                 if let Some((name, reason)) = denied {
                     bump(&self.stats.refused);
-                    self.deny(protocol, gateway, 53, name, reason);
+                    self.deny_dns(protocol, peer, name, reason);
                 }
                 return dns::encode(Some(&msg), &msg, udp);
             }
@@ -862,7 +920,7 @@ impl Enforcer {
             if d.verdict == NameVerdict::Refused {
                 drop(st);
                 bump(&self.stats.refused);
-                self.deny(protocol, gateway, 53, Some(qname), d.reason);
+                self.deny_dns(protocol, peer, Some(qname), d.reason);
                 return fail(ResponseCode::Refused);
             }
             learned = d.reason == Reason::Default(DefaultAction::Learn);
@@ -1058,7 +1116,7 @@ async fn serve_udp(enf: Arc<Enforcer>, sock: tokio::net::UdpSocket) {
         let (enf, sock) = (enf.clone(), sock.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            if let Some(answer) = enf.handle(&bytes, Protocol::Udp).await {
+            if let Some(answer) = enf.handle(&bytes, Protocol::Udp, peer).await {
                 let _ = sock.send_to(&answer, peer).await;
             }
         });
@@ -1093,12 +1151,16 @@ async fn serve_tcp(enf: Arc<Enforcer>, listener: tokio::net::TcpListener) {
         let enf = enf.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            let _ = tcp_connection(&enf, stream).await;
+            let _ = tcp_connection(&enf, stream, peer).await;
         });
     }
 }
 
-async fn tcp_connection(enf: &Enforcer, mut s: tokio::net::TcpStream) -> std::io::Result<()> {
+async fn tcp_connection(
+    enf: &Enforcer,
+    mut s: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; dns::MAX_QUERY_LEN];
     for _ in 0..TCP_QUERIES_PER_CONNECTION {
         let n = match tokio::time::timeout(TCP_IDLE, s.read_u16()).await {
@@ -1111,7 +1173,7 @@ async fn tcp_connection(enf: &Enforcer, mut s: tokio::net::TcpStream) -> std::io
         tokio::time::timeout(TCP_IDLE, s.read_exact(&mut buf[..n]))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        let Some(answer) = enf.handle(&buf[..n], Protocol::Tcp).await else {
+        let Some(answer) = enf.handle(&buf[..n], Protocol::Tcp, peer).await else {
             return Ok(());
         };
         let Ok(len) = u16::try_from(answer.len()) else {
@@ -1244,17 +1306,23 @@ impl Network {
         let netns = netns_path(&names.netns);
         let gw = SocketAddr::new(IpAddr::V4(cfg.guest.gateway), 53);
         let group = opts.log_group;
-        let (udp, tcp, nflog_sock) = in_netns(Some(netns.clone()), move || {
+        let (udp, tcp, nflog_sock, conntrack) = in_netns(Some(netns.clone()), move || {
             let io = |what| move |source| NetError::Io { what, source };
             let nflog_sock = open_nflog(group)
                 .map_err(io("open the NFLOG socket (needs the nfnetlink_log module)"))?;
+            // Optional: without it, DNS deny events name the resolver as the destination.
+            let conntrack = Conntrack::open()
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "no conntrack lookups (nf_conntrack_netlink): DNS deny events name the resolver, not the address asked");
+                })
+                .ok();
             let udp = std::net::UdpSocket::bind(gw).map_err(io("bind the resolver (UDP)"))?;
             udp.set_nonblocking(true)
                 .map_err(io("bind the resolver (UDP)"))?;
             let tcp = std::net::TcpListener::bind(gw).map_err(io("bind the resolver (TCP)"))?;
             tcp.set_nonblocking(true)
                 .map_err(io("bind the resolver (TCP)"))?;
-            Ok((udp, tcp, nflog_sock))
+            Ok((udp, tcp, nflog_sock, conntrack))
         })
         .await?;
         let io = |what| move |source| NetError::Io { what, source };
@@ -1291,6 +1359,7 @@ impl Network {
             limit: Arc::new(Semaphore::new(opts.max_in_flight)),
             stats: Counters::default(),
             learn: Mutex::new(LearnState::new(opts.learn_capacity)),
+            conntrack: Mutex::new(conntrack),
             latencies: Mutex::default(),
             stopped: Default::default(),
             opts,

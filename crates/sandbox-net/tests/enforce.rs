@@ -635,6 +635,29 @@ async fn bypass_matrix() {
             .count()
     };
     assert_eq!(named("denied.test"), 6, "{events:#?}");
+    // Each refusal names the address the guest sent the query to (conntrack's original
+    // destination, before the redirect), the name and the deciding rule.
+    for (proto, dst) in [
+        (Protocol::Udp, "172.30.0.1"),
+        (Protocol::Udp, "198.51.100.2"),
+        (Protocol::Udp, "192.0.2.53"),
+        (Protocol::Udp, "8.8.8.8"),
+        (Protocol::Tcp, "172.30.0.1"),
+        (Protocol::Tcp, "198.51.100.2"),
+    ] {
+        let dst: IpAddr = dst.parse().expect("ip");
+        has(
+            &events,
+            |e| {
+                e.protocol == proto
+                    && e.destination == dst
+                    && e.port == 53
+                    && e.name.as_deref() == Some("denied.test")
+                    && e.reason == deny
+            },
+            &format!("denied.test asked of {dst} over {proto:?}"),
+        );
+    }
     assert!(named("wild.test") >= 1);
     has(
         &events,
