@@ -356,9 +356,8 @@ async fn an_egress_policy_holds_from_inside_a_guest() {
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while seen.len() < 2 && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
-            Ok(Some(e)) => seen.push(e),
-            _ => {}
+        if let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+            seen.push(e);
         }
     }
     assert!(
