@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,13 +19,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hickory_proto::op::{Message, Query, ResponseCode};
 use nftables::schema::{NfObject, Nftables};
 use sandbox_policy::{
-    DenyEvent, LogClass, NameVerdict, NetParams, Oracle, Pins, Policy, Protocol, Reason,
-    ReservedKind, Ruleset, Verdict,
+    DefaultAction, DenyEvent, LearnLog, LogClass, NameVerdict, NetParams, Oracle, Pins, Policy,
+    Protocol, Reason, ReservedKind, Ruleset, Verdict,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 
+use crate::conntrack::{self, Conntrack, ReplyTuple};
 use crate::dns::{self, Step};
 use crate::names::{GUEST_LINK, SANDBOX_TABLE};
 use crate::netns::{in_netns, netns_path};
@@ -62,6 +63,10 @@ pub struct PolicyOptions {
     /// Most (address, name) pins held at once; an answer that would pin more is answered
     /// SERVFAIL until pins expire. Default 4096.
     pub max_pins: usize,
+    /// Learn mode (`default = "learn"`): most flows and most names the learn record holds
+    /// (each; [`LearnLog`]), and most answered addresses it remembers the name of. Beyond
+    /// that, observations are dropped and counted. Default 1024.
+    pub learn_capacity: usize,
 }
 
 impl Default for PolicyOptions {
@@ -76,6 +81,7 @@ impl Default for PolicyOptions {
             pin_min_secs: 300,
             pin_max_secs: 3600,
             max_pins: 4096,
+            learn_capacity: 1024,
         }
     }
 }
@@ -111,6 +117,11 @@ impl PolicyOptions {
         self.max_pins = n;
         self
     }
+    /// Sets the learn-mode record's capacity.
+    pub fn with_learn_capacity(mut self, n: usize) -> Self {
+        self.learn_capacity = n;
+        self
+    }
     /// Sets the pin timeout clamp, in seconds.
     pub fn with_pin_secs(mut self, min: u32, max: u32) -> Self {
         self.pin_min_secs = min;
@@ -128,9 +139,11 @@ impl PolicyOptions {
             || self.events_capacity == 0
             || self.events_per_second == 0
             || self.max_pins == 0
+            || self.learn_capacity == 0
         {
             return bad(
-                "max_in_flight, events_capacity, events_per_second and max_pins must be at least 1",
+                "max_in_flight, events_capacity, events_per_second, max_pins and learn_capacity \
+                 must be at least 1",
             );
         }
         if self.pin_min_secs == 0 || self.pin_min_secs > self.pin_max_secs {
@@ -275,6 +288,71 @@ impl State {
     }
 }
 
+/// Learn mode's record: the [`LearnLog`] and the names of the addresses the resolver answered
+/// for names only learn mode allowed (no allow rule pins them, so [`State::pins`] does not
+/// know them), so that a learn-mode NFLOG entry for such an address is recorded under its name.
+#[derive(Debug)]
+struct LearnState {
+    log: LearnLog,
+    /// address → (the name last answered with it, until when). At most `capacity` entries.
+    names: HashMap<IpAddr, (String, Instant)>,
+    capacity: usize,
+    /// Addresses not remembered because `names` was full of live entries.
+    unnamed: u64,
+}
+
+impl LearnState {
+    fn new(capacity: usize) -> Self {
+        LearnState {
+            log: LearnLog::new(capacity),
+            names: HashMap::new(),
+            capacity,
+            unnamed: 0,
+        }
+    }
+
+    /// Remembers that `name` (normalised) answered with `ip` until `until`; when the map is
+    /// full, expired entries go first, and if none has expired the address is not remembered
+    /// (its flows are then recorded by address).
+    fn remember(&mut self, ip: IpAddr, name: &str, until: Instant, now: Instant) {
+        if !self.names.contains_key(&ip) && self.names.len() >= self.capacity {
+            self.names.retain(|_, (_, d)| *d > now);
+            if self.names.len() >= self.capacity {
+                self.unnamed = self.unnamed.saturating_add(1);
+                return;
+            }
+        }
+        self.names.insert(ip, (name.to_string(), until));
+    }
+
+    /// The name `ip` was last answered for, while that answer is live.
+    fn name_of(&self, ip: IpAddr, now: Instant) -> Option<&str> {
+        self.names
+            .get(&ip)
+            .filter(|(_, d)| *d > now)
+            .map(|(n, _)| n.as_str())
+    }
+}
+
+/// Most pin-latency samples kept (the newest).
+const LATENCY_SAMPLES: usize = 4096;
+
+/// The newest [`LATENCY_SAMPLES`] times from an upstream answer's arrival to the kernel's
+/// acknowledgement of its pin batch.
+#[derive(Debug, Default)]
+struct Latencies {
+    samples: std::collections::VecDeque<Duration>,
+}
+
+impl Latencies {
+    fn push(&mut self, d: Duration) {
+        if self.samples.len() >= LATENCY_SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(d);
+    }
+}
+
 /// The pin elements `(set, address, timeout)` added by a batch.
 fn pin_elements(b: &Nftables<'_>) -> Vec<(String, IpAddr, u32)> {
     let Ok(v) = serde_json::to_value(b) else {
@@ -335,6 +413,13 @@ pub(crate) struct Enforcer {
     bucket: Mutex<Bucket>,
     limit: Arc<Semaphore>,
     stats: Counters,
+    /// Learn mode's record (empty unless the policy is, or was, `default = "learn"`).
+    learn: Mutex<LearnState>,
+    /// Answer-to-pin times, for the benchmark.
+    latencies: Mutex<Latencies>,
+    /// Conntrack lookups in the sandbox netns (the address a refused query was sent to).
+    /// Closed at teardown: an open socket would keep the netns alive while handles exist.
+    conntrack: Mutex<Option<Conntrack>>,
     /// Set when the sandbox's enforcement stops (teardown): a handle that outlives it must
     /// not touch a later sandbox with the same id.
     stopped: std::sync::atomic::AtomicBool,
@@ -359,6 +444,12 @@ impl Drop for Running {
         for t in &self.tasks {
             t.abort();
         }
+        // Closes the socket: nothing of the sandbox's netns stays open.
+        self.enforcer
+            .conntrack
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 }
 
@@ -394,6 +485,36 @@ impl PolicyHandle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+    }
+
+    /// Learn mode's record so far (a copy): the flows a `deny` policy would have refused,
+    /// with the name the guest resolved when known, and the names the resolver answered that
+    /// `deny` would have refused (`docs/policy.md`, "Learn mode"). Bounded by
+    /// [`PolicyOptions::learn_capacity`]; [`LearnLog::dropped`] counts the overflow. Empty
+    /// unless the policy is, or was, `default = "learn"`; kept across [`Self::replace`].
+    pub fn learned(&self) -> LearnLog {
+        self.enforcer.learn_state().log.clone()
+    }
+
+    /// The policy learn mode suggests (TOML text, [`LearnLog::suggest_toml`] over the current
+    /// policy): `default = "deny"`, the current policy's rules, and an allow rule per name
+    /// (or bare address) and protocol seen, with the ports seen.
+    pub fn suggested_policy(&self) -> String {
+        self.learned().suggest_toml(&self.enforcer.policy())
+    }
+
+    /// The newest (at most 4096) times from an upstream DNS answer's arrival to the kernel's
+    /// acknowledgement of the `nft` batch that put its addresses into the pin sets, in the
+    /// order measured. Answers that needed no new element add no sample.
+    pub fn pin_latencies(&self) -> Vec<Duration> {
+        self.enforcer
+            .latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .samples
+            .iter()
+            .copied()
+            .collect()
     }
 
     /// The pins in force now, with their remaining timeouts.
@@ -495,11 +616,28 @@ fn table_batch(
 }
 
 impl Enforcer {
+    fn learn_state(&self) -> std::sync::MutexGuard<'_, LearnState> {
+        self.learn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn policy(&self) -> Arc<Policy> {
         self.policy
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Whether the rate limit admits one more deny event (counted as dropped if not).
+    fn admit(&self) -> bool {
+        let allowed = self
+            .bucket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(Instant::now());
+        if !allowed {
+            bump(&self.stats.events_dropped);
+        }
+        allowed
     }
 
     /// Emits a deny event to `tracing` and the channel, within the rate limit.
@@ -511,15 +649,51 @@ impl Enforcer {
         name: Option<String>,
         reason: Reason,
     ) {
-        let allowed = self
-            .bucket
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(Instant::now());
-        if !allowed {
-            bump(&self.stats.events_dropped);
+        if self.admit() {
+            self.emit(protocol, destination, port, name, reason);
+        }
+    }
+
+    /// A refused DNS query's deny event: `name` and `reason`, and as destination the address
+    /// and port the guest sent the query to (conntrack's original tuple of the redirected
+    /// query from `peer`), or the resolver's own address when conntrack does not say.
+    fn deny_dns(&self, protocol: Protocol, peer: SocketAddr, name: Option<String>, reason: Reason) {
+        if !self.admit() {
             return;
         }
+        let resolver = SocketAddrV4::new(self.net.gateway4, 53);
+        let ct = self.conntrack.lock().unwrap_or_else(|p| p.into_inner());
+        let asked = match (peer, ct.as_ref()) {
+            (SocketAddr::V4(client), Some(ct)) => ct.original_destination(&ReplyTuple {
+                proto: if protocol == Protocol::Tcp {
+                    conntrack::IPPROTO_TCP
+                } else {
+                    conntrack::IPPROTO_UDP
+                },
+                resolver,
+                client,
+            }),
+            _ => None,
+        }
+        .unwrap_or(resolver);
+        drop(ct);
+        self.emit(
+            protocol,
+            IpAddr::V4(*asked.ip()),
+            asked.port(),
+            name,
+            reason,
+        );
+    }
+
+    fn emit(
+        &self,
+        protocol: Protocol,
+        destination: IpAddr,
+        port: u16,
+        name: Option<String>,
+        reason: Reason,
+    ) {
         // Names as the policy writes them: lowercase, without the root's trailing dot.
         let name = name.map(|n| n.trim_end_matches('.').to_ascii_lowercase());
         let ev = DenyEvent::new(
@@ -686,17 +860,16 @@ impl Enforcer {
             .map_err(|_| timed_out())?
     }
 
-    /// Answers one guest query (`bytes`); `None` means no answer at all.
-    async fn handle(&self, bytes: &[u8], protocol: Protocol) -> Option<Vec<u8>> {
+    /// Answers one guest query (`bytes`, from `peer`); `None` means no answer at all.
+    async fn handle(&self, bytes: &[u8], protocol: Protocol, peer: SocketAddr) -> Option<Vec<u8>> {
         bump(&self.stats.queries);
         let udp = protocol == Protocol::Udp;
-        let gateway = IpAddr::V4(self.net.gateway4);
         let (request, query, qname) = match dns::screen(bytes, &self.policy()) {
             Step::Drop => return None,
             Step::Reply { msg, denied } => {
                 if let Some((name, reason)) = denied {
                     bump(&self.stats.refused);
-                    self.deny(protocol, gateway, 53, name, reason);
+                    self.deny_dns(protocol, peer, name, reason);
                 }
                 return dns::encode(Some(&msg), &msg, udp);
             }
@@ -707,13 +880,22 @@ impl Enforcer {
             } => (request, query, qname),
         };
         bump(&self.stats.forwarded);
+        // Learn mode records every name only the default allowed, whatever upstream says.
+        let d = self.policy().decide_name(&qname);
+        if d.reason == Reason::Default(DefaultAction::Learn) {
+            self.learn_state().log.observe_name(&d, &qname);
+        }
+        let answered;
         let fail = |code| {
             let mut m = Message::error_msg(request.id(), request.op_code(), code);
             m.add_query(query.clone());
             dns::encode(Some(&request), &m, udp)
         };
         let reply = match self.ask_upstream(&query).await {
-            Ok(r) => r,
+            Ok(r) => {
+                answered = Instant::now();
+                r
+            }
             Err(e) => {
                 bump(&self.stats.upstream_failures);
                 tracing::debug!(sandbox = %self.id, name = %qname, error = %e, "upstream DNS failed");
@@ -727,6 +909,7 @@ impl Enforcer {
         let key = name_key(&qname);
         let pinned_now;
         let refused;
+        let learned;
         // The answer's TTLs never exceed what is left of its pins, so a guest's cache never
         // outlives them.
         let ttl_cap;
@@ -737,9 +920,10 @@ impl Enforcer {
             if d.verdict == NameVerdict::Refused {
                 drop(st);
                 bump(&self.stats.refused);
-                self.deny(protocol, gateway, 53, Some(qname), d.reason);
+                self.deny_dns(protocol, peer, Some(qname), d.reason);
                 return fail(ResponseCode::Refused);
             }
+            learned = d.reason == Reason::Default(DefaultAction::Learn);
             let pb = st.ruleset.pin_batch(&qname, &addrs, timeout);
             let elements = pb.batch.as_ref().map(pin_elements).unwrap_or_default();
             let mut now = Instant::now();
@@ -794,6 +978,10 @@ impl Enforcer {
                     return fail(ResponseCode::ServFail);
                 }
                 bump(&self.stats.pin_batches);
+                self.latencies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(answered.elapsed());
                 let deadline = now + Duration::from_secs(u64::from(timeout));
                 for k in touched {
                     st.kernel.insert(k, deadline);
@@ -821,6 +1009,15 @@ impl Enforcer {
             refused = pb.refused;
         }
         let keep = |ip: IpAddr| !refused.contains(&ip.to_canonical());
+        if learned {
+            // Before the answer leaves: the guest's first packet to an address finds its name.
+            let now = Instant::now();
+            let until = now + Duration::from_secs(u64::from(timeout));
+            let mut learn = self.learn_state();
+            for ip in addrs.iter().map(|a| a.to_canonical()).filter(|a| keep(*a)) {
+                learn.remember(ip, &key, until, now);
+            }
+        }
         let stripped = addrs.iter().filter(|ip| !keep(**ip)).count();
         self.stats
             .stripped
@@ -833,19 +1030,42 @@ impl Enforcer {
         )
     }
 
+    /// Records one learn-mode NFLOG entry (a new connection that `deny` would have refused)
+    /// in the learn log, under the name the resolver last answered with its address (learn's
+    /// own map, else a pin), decided again against the current policy and pins.
+    async fn learned_packet(&self, destination: IpAddr, port: u16, protocol: Protocol) {
+        let st = self.state.lock().await;
+        let now = Instant::now();
+        let pins = st.live_pins(now);
+        let dst = destination.to_canonical();
+        let mut learn = self.learn_state();
+        let name = learn
+            .name_of(dst, now)
+            .map(str::to_owned)
+            .or_else(|| pins.names(dst).next().map(|(n, _)| n.to_owned()));
+        let d = Oracle::new(st.ruleset.policy(), &self.net, &pins).decide(
+            dst,
+            port,
+            protocol,
+            name.as_deref(),
+        );
+        learn.log.observe(&d, dst, port, protocol, name.as_deref());
+    }
+
     /// Turns one NFLOG entry into a deny event.
     async fn logged(&self, p: nflog::LoggedPacket) {
         bump(&self.stats.logged_packets);
         let Some(class) = LogClass::from_prefix(&p.prefix) else {
             return;
         };
-        if class == LogClass::Learn {
-            return;
-        }
         let Some(protocol) = p.protocol else {
-            tracing::debug!(sandbox = %self.id, destination = %p.destination, "denied packet of an unmodelled protocol");
+            tracing::debug!(sandbox = %self.id, destination = %p.destination, class = ?class, "logged packet of an unmodelled protocol");
             return;
         };
+        if class == LogClass::Learn {
+            self.learned_packet(p.destination, p.port, protocol).await;
+            return;
+        }
         let reason = match class.reason() {
             Some(r) => r,
             None => {
@@ -896,7 +1116,7 @@ async fn serve_udp(enf: Arc<Enforcer>, sock: tokio::net::UdpSocket) {
         let (enf, sock) = (enf.clone(), sock.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            if let Some(answer) = enf.handle(&bytes, Protocol::Udp).await {
+            if let Some(answer) = enf.handle(&bytes, Protocol::Udp, peer).await {
                 let _ = sock.send_to(&answer, peer).await;
             }
         });
@@ -931,12 +1151,16 @@ async fn serve_tcp(enf: Arc<Enforcer>, listener: tokio::net::TcpListener) {
         let enf = enf.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            let _ = tcp_connection(&enf, stream).await;
+            let _ = tcp_connection(&enf, stream, peer).await;
         });
     }
 }
 
-async fn tcp_connection(enf: &Enforcer, mut s: tokio::net::TcpStream) -> std::io::Result<()> {
+async fn tcp_connection(
+    enf: &Enforcer,
+    mut s: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; dns::MAX_QUERY_LEN];
     for _ in 0..TCP_QUERIES_PER_CONNECTION {
         let n = match tokio::time::timeout(TCP_IDLE, s.read_u16()).await {
@@ -949,7 +1173,7 @@ async fn tcp_connection(enf: &Enforcer, mut s: tokio::net::TcpStream) -> std::io
         tokio::time::timeout(TCP_IDLE, s.read_exact(&mut buf[..n]))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        let Some(answer) = enf.handle(&buf[..n], Protocol::Tcp).await else {
+        let Some(answer) = enf.handle(&buf[..n], Protocol::Tcp, peer).await else {
             return Ok(());
         };
         let Ok(len) = u16::try_from(answer.len()) else {
@@ -1082,17 +1306,23 @@ impl Network {
         let netns = netns_path(&names.netns);
         let gw = SocketAddr::new(IpAddr::V4(cfg.guest.gateway), 53);
         let group = opts.log_group;
-        let (udp, tcp, nflog_sock) = in_netns(Some(netns.clone()), move || {
+        let (udp, tcp, nflog_sock, conntrack) = in_netns(Some(netns.clone()), move || {
             let io = |what| move |source| NetError::Io { what, source };
             let nflog_sock = open_nflog(group)
                 .map_err(io("open the NFLOG socket (needs the nfnetlink_log module)"))?;
+            // Optional: without it, DNS deny events name the resolver as the destination.
+            let conntrack = Conntrack::open()
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "no conntrack lookups (nf_conntrack_netlink): DNS deny events name the resolver, not the address asked");
+                })
+                .ok();
             let udp = std::net::UdpSocket::bind(gw).map_err(io("bind the resolver (UDP)"))?;
             udp.set_nonblocking(true)
                 .map_err(io("bind the resolver (UDP)"))?;
             let tcp = std::net::TcpListener::bind(gw).map_err(io("bind the resolver (TCP)"))?;
             tcp.set_nonblocking(true)
                 .map_err(io("bind the resolver (TCP)"))?;
-            Ok((udp, tcp, nflog_sock))
+            Ok((udp, tcp, nflog_sock, conntrack))
         })
         .await?;
         let io = |what| move |source| NetError::Io { what, source };
@@ -1128,6 +1358,9 @@ impl Network {
             bucket: Mutex::new(Bucket::new(opts.events_per_second)),
             limit: Arc::new(Semaphore::new(opts.max_in_flight)),
             stats: Counters::default(),
+            learn: Mutex::new(LearnState::new(opts.learn_capacity)),
+            conntrack: Mutex::new(conntrack),
+            latencies: Mutex::default(),
             stopped: Default::default(),
             opts,
         });
@@ -1260,10 +1493,66 @@ mod tests {
     }
 
     #[test]
+    fn learn_names_are_bounded_and_expire() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(10);
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let mut l = LearnState::new(2);
+        l.remember(
+            ip("203.0.113.1"),
+            "a.test",
+            now + Duration::from_secs(5),
+            now,
+        );
+        l.remember(
+            ip("203.0.113.2"),
+            "b.test",
+            now + Duration::from_secs(60),
+            now,
+        );
+        // Full of live entries: not remembered, counted.
+        l.remember(ip("203.0.113.3"), "c.test", later, now);
+        assert_eq!(l.name_of(ip("203.0.113.3"), now), None);
+        assert_eq!(l.unnamed, 1);
+        // A known address is renamed in place even when full.
+        l.remember(
+            ip("203.0.113.2"),
+            "b2.test",
+            later + Duration::from_secs(60),
+            now,
+        );
+        assert_eq!(l.name_of(ip("203.0.113.2"), now), Some("b2.test"));
+        // Once the first expires, its room is reused.
+        assert_eq!(l.name_of(ip("203.0.113.1"), later), None);
+        l.remember(
+            ip("203.0.113.3"),
+            "c.test",
+            later + Duration::from_secs(60),
+            later,
+        );
+        assert_eq!(l.name_of(ip("203.0.113.3"), later), Some("c.test"));
+        assert_eq!(l.names.len(), 2);
+    }
+
+    #[test]
+    fn latency_samples_keep_the_newest() {
+        let mut l = Latencies::default();
+        for i in 0..(LATENCY_SAMPLES as u64 + 10) {
+            l.push(Duration::from_micros(i));
+        }
+        assert_eq!(l.samples.len(), LATENCY_SAMPLES);
+        assert_eq!(l.samples.front(), Some(&Duration::from_micros(10)));
+    }
+
+    #[test]
     fn options_are_validated() {
         assert!(PolicyOptions::default().validate().is_ok());
         assert!(PolicyOptions::default()
             .with_max_in_flight(0)
+            .validate()
+            .is_err());
+        assert!(PolicyOptions::default()
+            .with_learn_capacity(0)
             .validate()
             .is_err());
         assert!(PolicyOptions::default()

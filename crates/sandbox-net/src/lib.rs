@@ -49,6 +49,7 @@
 
 mod addressing;
 mod cleanup;
+mod conntrack;
 mod dns;
 mod enforce;
 mod expose;

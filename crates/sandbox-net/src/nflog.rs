@@ -79,26 +79,26 @@ pub(crate) fn bind_request(group: u16, seq: u32) -> Vec<u8> {
     m
 }
 
-fn push_attr(out: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+pub(crate) fn push_attr(out: &mut Vec<u8>, ty: u16, payload: &[u8]) {
     let len = 4 + payload.len();
-    // Attribute payloads here are at most 6 bytes.
+    // Attribute payloads here are at most a few dozen bytes.
     out.extend_from_slice(&(len as u16).to_ne_bytes());
     out.extend_from_slice(&ty.to_ne_bytes());
     out.extend_from_slice(payload);
     out.resize(out.len() + (align4(len) - len), 0);
 }
 
-fn align4(n: usize) -> usize {
+pub(crate) fn align4(n: usize) -> usize {
     n.saturating_add(3) & !3
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+pub(crate) fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(
         b.get(at..at.checked_add(2)?)?.try_into().ok()?,
     ))
 }
 
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(
         b.get(at..at.checked_add(4)?)?.try_into().ok()?,
     ))

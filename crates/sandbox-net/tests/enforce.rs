@@ -635,6 +635,29 @@ async fn bypass_matrix() {
             .count()
     };
     assert_eq!(named("denied.test"), 6, "{events:#?}");
+    // Each refusal names the address the guest sent the query to (conntrack's original
+    // destination, before the redirect), the name and the deciding rule.
+    for (proto, dst) in [
+        (Protocol::Udp, "172.30.0.1"),
+        (Protocol::Udp, "198.51.100.2"),
+        (Protocol::Udp, "192.0.2.53"),
+        (Protocol::Udp, "8.8.8.8"),
+        (Protocol::Tcp, "172.30.0.1"),
+        (Protocol::Tcp, "198.51.100.2"),
+    ] {
+        let dst: IpAddr = dst.parse().expect("ip");
+        has(
+            &events,
+            |e| {
+                e.protocol == proto
+                    && e.destination == dst
+                    && e.port == 53
+                    && e.name.as_deref() == Some("denied.test")
+                    && e.reason == deny
+            },
+            &format!("denied.test asked of {dst} over {proto:?}"),
+        );
+    }
     assert!(named("wild.test") >= 1);
     has(
         &events,
@@ -899,4 +922,145 @@ async fn pins_expire_and_refresh() {
         Reason::Default(DefaultAction::Deny),
     );
     w.net.teardown("p").await.expect("teardown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learn_mode_suggests_a_policy_that_allows_exactly_what_was_seen() {
+    let w = world("ln", PolicyOptions::default()).await;
+    let g = w.guest.clone();
+    let mut rx = w.handle.events().expect("receiver");
+    let learn = Policy::from_toml("default = \"learn\"\n[[deny]]\ndomain = \"denied.test\"\n")
+        .expect("valid");
+    w.handle.replace(&learn).await.expect("to learn mode");
+    assert!(w.handle.learned().flows().next().is_none());
+
+    // A name, then its address; a bare address; a name resolved but never used.
+    let (code, addrs) = in_ns(&g, || {
+        query(GATEWAY_DNS, "a.wild.test.", RecordType::A, false)
+    })
+    .expect("a.wild.test answers");
+    assert_eq!(
+        (code, addrs),
+        (ResponseCode::NoError, vec![IpAddr::from([203, 0, 113, 10])])
+    );
+    assert_eq!(
+        in_ns(&g, || connect("203.0.113.10:443".parse().expect("addr"))),
+        Ok(()),
+        "learn mode lets a resolved name through"
+    );
+    assert_eq!(
+        in_ns(&g, || connect("198.51.100.7:80".parse().expect("addr"))),
+        Ok(()),
+        "learn mode lets a bare address through"
+    );
+    let (code, _) = in_ns(&g, || {
+        query(GATEWAY_DNS, "h5.wild.test.", RecordType::A, false)
+    })
+    .expect("h5.wild.test answers");
+    assert_eq!(code, ResponseCode::NoError);
+    // Learn mode is not a hole: a deny rule, the metadata address and the host still fail.
+    let (code, _) = in_ns(&g, || {
+        query(GATEWAY_DNS, "denied.test.", RecordType::A, false)
+    })
+    .expect("answer");
+    assert_eq!(code, ResponseCode::Refused);
+    refused_fast(&g, "169.254.169.254:80");
+    refused_fast(&g, "198.51.100.1:8080");
+    assert_eq!(w.dns.saw("denied.test"), 0);
+
+    // The NFLOG entries arrive asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = w.handle.learned();
+        if log.flows().count() >= 2 || Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let flows: Vec<_> = log
+        .flows()
+        .map(|f| (f.name.clone(), f.protocol, f.destination, f.port))
+        .collect();
+    assert_eq!(
+        flows,
+        vec![
+            (None, Protocol::Tcp, IpAddr::from([198, 51, 100, 7]), 80),
+            (
+                Some("a.wild.test".to_string()),
+                Protocol::Tcp,
+                IpAddr::from([203, 0, 113, 10]),
+                443
+            ),
+        ],
+        "exactly the connections seen, the resolved one under its name"
+    );
+    let names: Vec<&str> = log.names().collect();
+    assert_eq!(names, vec!["a.wild.test", "h5.wild.test"]);
+    assert_eq!(log.dropped(), 0);
+    let events = drain(&mut rx, Duration::from_millis(500)).await;
+    ev(
+        &events,
+        Protocol::Tcp,
+        "169.254.169.254",
+        80,
+        Reason::Reserved(ReservedKind::Metadata),
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e.reason != Reason::Default(DefaultAction::Learn)),
+        "learned flows are not deny events: {events:#?}"
+    );
+
+    // The suggestion, parsed back and enforced.
+    let text = w.handle.suggested_policy();
+    assert!(text.contains("#   h5.wild.test\n"), "{text}");
+    let suggested = Policy::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(suggested.default_action(), DefaultAction::Deny);
+    w.handle
+        .replace(&suggested)
+        .await
+        .expect("enforce the suggestion");
+    // Allowed: the name (resolved again: pins are made by the enforcing policy) on its port,
+    // and the bare address on its port.
+    let (code, addrs) = in_ns(&g, || {
+        query(GATEWAY_DNS, "a.wild.test.", RecordType::A, false)
+    })
+    .expect("answer");
+    assert_eq!(
+        (code, addrs),
+        (ResponseCode::NoError, vec![IpAddr::from([203, 0, 113, 10])])
+    );
+    assert_eq!(
+        in_ns(&g, || connect("203.0.113.10:443".parse().expect("addr"))),
+        Ok(())
+    );
+    assert_eq!(
+        in_ns(&g, || connect("198.51.100.7:80".parse().expect("addr"))),
+        Ok(())
+    );
+    // Denied: other ports, other addresses, the unused name.
+    refused_fast(&g, "203.0.113.10:80");
+    refused_fast(&g, "198.51.100.7:8080");
+    refused_fast(&g, "203.0.113.200:443");
+    let (code, _) = in_ns(&g, || {
+        query(GATEWAY_DNS, "h5.wild.test.", RecordType::A, false)
+    })
+    .expect("answer");
+    assert_eq!(code, ResponseCode::Refused);
+    let events = drain(&mut rx, Duration::from_millis(1000)).await;
+    let deny = Reason::Default(DefaultAction::Deny);
+    ev(&events, Protocol::Tcp, "203.0.113.10", 80, deny);
+    ev(&events, Protocol::Tcp, "198.51.100.7", 8080, deny);
+    ev(&events, Protocol::Tcp, "203.0.113.200", 443, deny);
+    has(
+        &events,
+        |e| e.name.as_deref() == Some("h5.wild.test") && e.reason == deny,
+        "h5.wild.test refused",
+    );
+
+    w.net.teardown("p").await.expect("teardown");
+    assert_guest_link_gone(&g);
+    drop(w.handle);
+    w.lab.assert_clean();
 }

@@ -10,7 +10,8 @@ use crate::decide::{Protocol, Reason};
 ///
 /// Packet denials come from the NFLOG reader (the reason from [`crate::LogClass`] refined by
 /// [`crate::Oracle::decide`]); DNS refusals come from the resolver, with `name` set, `port`
-/// 53 and `destination` the address the guest sent the query to.
+/// 53 and `destination` the address the guest sent the query to (the enforcement layer
+/// documents how it knows it: `docs/policy.md`, "Deny events").
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct DenyEvent {

@@ -1,6 +1,7 @@
 //! `cargo xtask bench net`: `examples/net_bench.rs` (a sandbox network's throughput, the
 //! exposed-port round trip and the create time a network adds, each against the same without a
-//! VM) where KVM boots Linux, directly or in the nested test host through [`crate::run::execute`];
+//! VM; an egress policy's connect and resolve + connect times against no policy, and its DNS
+//! answer → pin-set time) where KVM boots Linux, directly or in the nested test host through [`crate::run::execute`];
 //! its summary goes into `docs/SPEC.md`. Nothing asserts on time: the command fails only if the
 //! runs fail.
 
@@ -17,7 +18,8 @@ pub struct NetArgs {
     /// Measured transfers each way, after one warm-up.
     #[arg(long, default_value_t = 3, value_name = "N")]
     transfers: usize,
-    /// Measured round trips per kind (exposed port and host netns; new and open connection).
+    /// Measured round trips per kind (exposed port and host netns; new and open connection),
+    /// and measured connects and resolve + connects per sandbox in the policy part.
     #[arg(long, default_value_t = 50, value_name = "N")]
     requests: usize,
     /// Measured create rounds (without a network, with egress, without egress), after a warm-up.

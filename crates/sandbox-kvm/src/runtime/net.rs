@@ -181,6 +181,11 @@ impl NetLease {
         self.policy.as_ref().and_then(PolicyHandle::events)
     }
 
+    /// The enforced policy's handle, if the spec had one.
+    pub fn policy(&self) -> Option<&PolicyHandle> {
+        self.policy.as_ref()
+    }
+
     /// Replaces the enforced policy in one nftables transaction.
     pub async fn replace_policy(&self, doc: &PolicyDocument) -> Result<()> {
         let policy = parse_policy(doc)?;

@@ -1103,6 +1103,62 @@ impl KvmSandbox {
         self.shared.net.as_ref().and_then(NetLease::events)
     }
 
+    /// Counters of the sandbox's egress enforcement (DNS queries, refusals, pin batches,
+    /// deny events); `None` for a sandbox without a policy.
+    pub fn egress_stats(&self) -> Option<sandbox_net::PolicyStats> {
+        self.shared
+            .net
+            .as_ref()
+            .and_then(NetLease::policy)
+            .map(sandbox_net::PolicyHandle::stats)
+    }
+
+    /// The newest (at most 4096) times from an upstream DNS answer's arrival at the host
+    /// resolver to the kernel's acknowledgement of the pin batch that let the guest reach the
+    /// answered addresses (the answer leaves for the guest right after). Empty for a sandbox
+    /// without a policy.
+    pub fn egress_pin_latencies(&self) -> Vec<Duration> {
+        self.shared
+            .net
+            .as_ref()
+            .and_then(NetLease::policy)
+            .map(sandbox_net::PolicyHandle::pin_latencies)
+            .unwrap_or_default()
+    }
+
+    /// Learn mode's record of the sandbox's egress (docs/policy.md, "Learn mode"): the flows
+    /// and names a `deny` policy would have refused, bounded (overflow counted in
+    /// `dropped()`). `None` for a sandbox without a policy; empty unless the policy is, or
+    /// was, `default = "learn"`.
+    pub fn learned_egress(&self) -> Option<sandbox_policy::LearnLog> {
+        self.shared
+            .net
+            .as_ref()
+            .and_then(NetLease::policy)
+            .map(sandbox_net::PolicyHandle::learned)
+    }
+
+    /// The policy learn mode suggests for this sandbox, as TOML: `default = "deny"`, the
+    /// current policy's rules, and one allow rule per name (or bare address) and protocol the
+    /// guest used, with the ports it used. Names resolved but never connected to are listed
+    /// in a comment.
+    ///
+    /// # Errors
+    /// `InvalidState` when the sandbox has no network or no egress policy.
+    pub fn learned_policy(&self) -> sandbox_core::Result<String> {
+        match self.shared.net.as_ref().and_then(NetLease::policy) {
+            Some(h) => Ok(h.suggested_policy()),
+            None => Err(Error::new(
+                ErrorKind::InvalidState,
+                format!(
+                    "Sandbox {} has no egress policy; fix: create it with \
+                     NetworkSpec::with_policy (default = \"learn\").",
+                    self.shared.id
+                ),
+            )),
+        }
+    }
+
     /// Replaces the sandbox's egress policy in one nftables transaction: no moment allows more
     /// than either policy.
     ///
