@@ -97,6 +97,7 @@ while True:
 /// - in the root netns, a web server on 198.51.100.1:8081 (the host itself).
 struct Internet {
     name: String,
+    host_if: String,
     children: Vec<std::process::Child>,
     dns_log: PathBuf,
     other_dns_log: PathBuf,
@@ -106,8 +107,12 @@ struct Internet {
 
 impl Internet {
     fn new() -> Self {
-        let name = format!("pinet-{}", std::process::id());
-        let host_if = format!("vp{}", std::process::id() % 100_000);
+        // Unique per instance: a deleted netns's veth goes away asynchronously, so the next
+        // test's names must not depend on it being gone.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("pinet-{}-{n}", std::process::id());
+        let host_if = format!("vp{}x{n}", std::process::id() % 100_000);
         sh(&format!(
             "ip netns add {name} && ip link add {host_if} type veth peer name eth0 netns {name} && \
              ip addr add 198.51.100.1/24 dev {host_if} && ip link set {host_if} up && \
@@ -203,6 +208,7 @@ impl Internet {
         }
         Internet {
             name,
+            host_if,
             children,
             dns_log,
             other_dns_log,
@@ -241,6 +247,11 @@ impl Drop for Internet {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // The host end first: deleting it removes both ends (and their routes) before the
+        // next test adds 198.51.100.1 again; the netns's own teardown is asynchronous.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
@@ -842,7 +853,7 @@ async fn learn_mode_from_inside_a_guest() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let flows: Vec<String> = log
+    let mut flows: Vec<String> = log
         .flows()
         .map(|f| {
             format!(
@@ -854,10 +865,11 @@ async fn learn_mode_from_inside_a_guest() {
             )
         })
         .collect();
+    flows.sort();
     assert_eq!(
         flows,
         [
-            "- Tcp 198.51.100.2:8081",
+            "- Tcp 203.0.113.9:8080",
             "a.wild.test Tcp 198.51.100.2:8080"
         ],
         "the record: {flows:?}"
