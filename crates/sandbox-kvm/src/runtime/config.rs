@@ -250,6 +250,8 @@ impl KvmRuntimeConfigBuilder {
 #[derive(Debug, Clone)]
 pub(crate) struct Resolved {
     pub vmm: PathBuf,
+    /// `/dev/kvm`, opened per sandbox and inherited by its VMM.
+    pub kvm_device: PathBuf,
     pub kernel: PathBuf,
     pub rootfs: PathBuf,
     pub state_dir: PathBuf,
@@ -339,6 +341,7 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         max_sandboxes: c.max_sandboxes,
         agent_port: c.agent_port,
         jail: c.jail.clone(),
+        kvm_device: c.kvm_device.clone(),
         disk_mode: c.disk_mode,
         image_store,
         network,

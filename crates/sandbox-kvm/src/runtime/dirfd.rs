@@ -273,7 +273,8 @@ impl SandboxDir {
 
     /// Empties the directory through its fd, then removes its entry from the state directory
     /// if that entry still is this directory (a swapped-in impostor is left alone and reported).
-    /// The sandbox directory holds only files (the VMM makes no subdirectories).
+    /// A subdirectory (the private root's, docs/jail.md) goes with `remove_dir_all`, which
+    /// does not follow symlinks.
     ///
     /// # Errors
     /// I/O errors; `Other` when the state directory's entry is no longer this directory.
@@ -286,6 +287,14 @@ impl SandboxDir {
         for n in &names {
             match unlinkat(self.fd(), n.as_os_str(), UnlinkatFlags::NoRemoveDir) {
                 Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(nix::errno::Errno::EISDIR) => {
+                    let sub = self.fd_path("").join(n);
+                    match std::fs::remove_dir_all(&sub) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -70,10 +70,17 @@ pub(crate) fn vmm_command(
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .env_remove("RUST_LOG");
+    if let Some(root) = &jail.root {
+        // The private root has no /etc/ld.so.cache: name the libraries' directories.
+        if !root.library_path.is_empty() {
+            cmd.env("LD_LIBRARY_PATH", &root.library_path);
+        }
+    }
     let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
     let cwd = dir.fd().as_raw_fd();
     // SAFETY: the closure runs between fork and exec and calls only async-signal-safe syscalls
-    // (fchdir, prctl, getppid, close_range, then the jail's write, unshare, setrlimit, prctl)
+    // (fchdir, prctl, getppid, close_range, then the jail's write, unshare, mount, pivot_root,
+    // umount2, chdir, setrlimit, prctl, setgroups, setresgid, setresuid, fcntl)
     // without allocating or taking locks; `cwd` and the jail's cgroup fd are open until the
     // spawn returns (documented requirement on the caller).
     unsafe {
