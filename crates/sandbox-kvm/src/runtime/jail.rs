@@ -627,6 +627,34 @@ pub(crate) fn kill_and_remove(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Whether the cgroup `dir`'s OOM killer has killed a process (`memory.events`: `oom_kill` > 0),
+/// with its `memory.max`. Reads at most 4 KiB of each file.
+pub(crate) fn oom_killed(dir: &Path) -> Option<super::process::OomKill> {
+    let read = |name: &str| -> Option<String> {
+        use std::io::Read;
+        let mut text = String::new();
+        fs::File::open(dir.join(name))
+            .ok()?
+            .take(4096)
+            .read_to_string(&mut text)
+            .ok()?;
+        Some(text)
+    };
+    let kills = parse_oom_kills(&read("memory.events")?);
+    (kills > 0).then(|| super::process::OomKill {
+        memory_max: read("memory.max").and_then(|m| m.trim().parse().ok()),
+    })
+}
+
+/// The `oom_kill` count of a `memory.events` file (0 when absent).
+fn parse_oom_kills(events: &str) -> u64 {
+    events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// A short key of a state directory (FNV-1a of its path, 8 hex digits): cgroups of sandboxes
 /// are named `<key>-<sandbox id>`, so runtimes with different state directories on one host
 /// never take each other's cgroups for leftovers.
@@ -1067,5 +1095,25 @@ mod tests {
         let mut want = vec![0, 1, 2, keep_a.as_raw_fd(), keep_b.as_raw_fd()];
         want.sort_unstable();
         assert_eq!(fds, want);
+    }
+
+    #[test]
+    fn an_oom_kill_is_read_from_memory_events() {
+        let dir = tempfile::tempdir().expect("dir");
+        let events = "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(parse_oom_kills(events), 1);
+        assert_eq!(parse_oom_kills("oom 3\noom_kill 0\n"), 0);
+        assert_eq!(parse_oom_kills(""), 0);
+        assert_eq!(oom_killed(dir.path()), None, "no memory.events: no report");
+        fs::write(dir.path().join("memory.events"), "oom_kill 0\n").expect("write");
+        assert_eq!(oom_killed(dir.path()), None);
+        fs::write(dir.path().join("memory.events"), events).expect("write");
+        fs::write(dir.path().join("memory.max"), "335544320\n").expect("write");
+        assert_eq!(
+            oom_killed(dir.path()),
+            Some(super::super::process::OomKill {
+                memory_max: Some(335_544_320)
+            })
+        );
     }
 }

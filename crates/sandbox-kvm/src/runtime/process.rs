@@ -92,9 +92,17 @@ pub(crate) fn vmm_command(
     cmd
 }
 
-/// How a VMM ended.
+/// How a VMM ended: its status, and whether its cgroup's OOM killer ended it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct VmmExit(pub ExitStatus);
+pub(crate) struct VmmExit(pub ExitStatus, pub Option<OomKill>);
+
+/// The kernel's OOM killer ended a process of the VMM's cgroup: `memory.events` counted an
+/// `oom_kill` (cgroup v2, "memory.events").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OomKill {
+    /// The cgroup's `memory.max`, bytes (`None`: unreadable or `max`).
+    pub memory_max: Option<u64>,
+}
 
 impl std::fmt::Display for VmmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -230,7 +238,7 @@ impl VmmProcess {
             }
             if rx.changed().await.is_err() {
                 // The watcher is gone without a status: treat it as killed.
-                return VmmExit(ExitStatus::from_raw(libc::SIGKILL));
+                return VmmExit(ExitStatus::from_raw(libc::SIGKILL), None);
             }
         }
     }
@@ -245,11 +253,15 @@ fn watch_child(
     // Errors other than EINTR mean the child is not waitable: fall through to wait(), which
     // reports the same failure.
     let _ = sys::wait_exited_no_reap(child.id());
+    // While the cgroup still exists: did its OOM killer end the VMM?
+    let oom = cgroup
+        .as_ref()
+        .and_then(|cg| super::jail::oom_killed(cg.dir()));
     let mut guard = reaped.lock().unwrap_or_else(|p| p.into_inner());
     let status = child
         .wait()
         .unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
-    let exit = VmmExit(status);
+    let exit = VmmExit(status, oom);
     guard.exit = Some(exit);
     drop(guard);
     // Before anyone learns of the exit: whoever waited for it finds the cgroup gone too.

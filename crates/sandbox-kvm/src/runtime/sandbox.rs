@@ -878,9 +878,19 @@ fn console_tail(dir: &SandboxDir) -> String {
     out
 }
 
-/// The error for a VMM that ended with `exit`: [`RuntimeError::VmmSeccomp`] for a seccomp
-/// violation (its log line quoted), [`RuntimeError::GuestExited`] otherwise.
+/// The error for a VMM that ended with `exit`: [`RuntimeError::VmmOutOfMemory`] when its
+/// cgroup's OOM killer ended it, [`RuntimeError::VmmSeccomp`] for a seccomp violation (its log
+/// line quoted), [`RuntimeError::GuestExited`] otherwise.
 fn exit_error(id: &str, exit: VmmExit, console: String) -> RuntimeError {
+    if let Some(oom) = exit.1 {
+        return RuntimeError::VmmOutOfMemory {
+            id: id.to_string(),
+            memory_max: oom
+                .memory_max
+                .map_or_else(|| "its limit".to_string(), |b| format!("{b} bytes")),
+            console,
+        };
+    }
     if exit.0.code() == Some(sandbox_vmm::vmm::EXIT_SECCOMP) {
         let report = console
             .lines()
@@ -1465,7 +1475,11 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         use std::process::ExitStatus;
         let console = "\n--- sandbox-vmm log (last lines) ---\nsandbox-vmm: seccomp: forbidden system call 110 on a devices thread; the VMM ends (docs/jail.md)\n".to_string();
-        let e = exit_error("sbx-1", VmmExit(ExitStatus::from_raw(7 << 8)), console);
+        let e = exit_error(
+            "sbx-1",
+            VmmExit(ExitStatus::from_raw(7 << 8), None),
+            console,
+        );
         assert!(
             matches!(&e, RuntimeError::VmmSeccomp { report, .. } if report.starts_with("forbidden system call 110 on a devices thread")),
             "{e:?}"
@@ -1473,13 +1487,32 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::GuestExited);
         let other = exit_error(
             "sbx-1",
-            VmmExit(ExitStatus::from_raw(3 << 8)),
+            VmmExit(ExitStatus::from_raw(3 << 8), None),
             String::new(),
         );
         assert!(
             matches!(other, RuntimeError::GuestExited { .. }),
             "{other:?}"
         );
+        // Killed by its cgroup's OOM killer: a typed error naming the limit and the fix.
+        let oom = exit_error(
+            "sbx-1",
+            VmmExit(
+                ExitStatus::from_raw(libc::SIGKILL),
+                Some(super::super::process::OomKill {
+                    memory_max: Some(335_544_320),
+                }),
+            ),
+            String::new(),
+        );
+        assert!(
+            matches!(&oom, RuntimeError::VmmOutOfMemory { .. }),
+            "{oom:?}"
+        );
+        assert_eq!(oom.kind(), ErrorKind::GuestExited);
+        let text = oom.to_string();
+        assert!(text.contains("335544320 bytes"), "{text}");
+        assert!(text.contains("memory_overhead_mib"), "{text}");
     }
 
     #[test]
