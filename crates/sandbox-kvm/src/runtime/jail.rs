@@ -262,7 +262,7 @@ pub(crate) fn probe(config: &JailConfig, vmm: &Path) -> Result<JailSupport, Jail
 
 /// What a private root holds besides `vm.json`: the files the VMM's exec opens by path.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RootFiles {
+pub(crate) struct RootFiles {
     /// Absolute host paths, bound at the same paths in the root: the binary, its ELF
     /// interpreter and its shared libraries.
     pub files: Vec<PathBuf>,
