@@ -180,6 +180,16 @@ pub enum JailError {
         /// The configured uid.
         uid: u32,
     },
+    /// A VMM user is configured but the private root is not in use.
+    #[error(
+        "The jail is configured to run the VMM as uid {uid}, which needs the private root (the \
+         VMM reads its config there); run as root with the namespaces and private_root layers \
+         on, or unset JailConfig::user."
+    )]
+    UserNeedsPrivateRoot {
+        /// The configured uid.
+        uid: u32,
+    },
     /// A cgroup file could not be created or written.
     #[error("Cannot set up the sandbox cgroup {path}.")]
     Cgroup {
@@ -252,6 +262,11 @@ pub(crate) fn probe(config: &JailConfig, vmm: &Path) -> Result<JailSupport, Jail
         if !super::sys::is_root() {
             return Err(JailError::UserNeedsRoot { uid: user.uid });
         }
+        // Outside a private root the VMM would read vm.json in the sandbox directory, which
+        // only the runtime's user may enter.
+        if private_root.is_none() {
+            return Err(JailError::UserNeedsPrivateRoot { uid: user.uid });
+        }
     }
     Ok(JailSupport {
         cgroup,
@@ -263,8 +278,8 @@ pub(crate) fn probe(config: &JailConfig, vmm: &Path) -> Result<JailSupport, Jail
 /// What a private root holds besides `vm.json`: the files the VMM's exec opens by path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RootFiles {
-    /// Absolute host paths, bound at the same paths in the root: the binary, its ELF
-    /// interpreter and its shared libraries.
+    /// Absolute host paths, bound at the same paths in the root: the binary (first, its
+    /// canonical path), its ELF interpreter and its shared libraries.
     pub files: Vec<PathBuf>,
     /// `LD_LIBRARY_PATH` for the VMM: the libraries' directories (the root has no
     /// `/etc/ld.so.cache`).
@@ -397,6 +412,8 @@ pub(crate) struct PreparedRoot {
     binds: Vec<(CString, CString)>,
     /// `LD_LIBRARY_PATH` for the VMM.
     pub library_path: OsString,
+    /// The binary's canonical path: where the exec finds it inside the root.
+    pub exe: PathBuf,
 }
 
 impl PreparedRoot {
@@ -442,7 +459,11 @@ impl PreparedRoot {
             add(f, rel)?;
         }
         add(Path::new(config), Path::new(config))?;
+        let exe = files.files.first().cloned().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "no binary in the root files")
+        })?;
         Ok(PreparedRoot {
+            exe,
             root: cstr(ROOT_DIR.as_bytes())?,
             binds,
             library_path: files.library_path.clone(),

@@ -64,7 +64,9 @@ pub(crate) fn vmm_command(
     log: std::fs::File,
     jail: PreparedJail,
 ) -> Command {
-    let mut cmd = Command::new(vmm);
+    // With a private root the exec happens inside it, where the binary is at its canonical path.
+    let program = jail.root.as_ref().map_or(vmm, |r| r.exe.as_path());
+    let mut cmd = Command::new(program);
     cmd.args(VMM_ARGS)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -373,10 +375,11 @@ pub(crate) enum NotOurs {
 }
 
 /// Opens a pidfd for `rec.pid` and then checks, while the pidfd pins the process, that it is the
-/// recorded one: same start time, alive, owned by `euid`, same executable (a `(deleted)` suffix
+/// recorded one: same start time, alive, owned by one of `owners` (our euid, and the jail's
+/// VMM user when one is configured), same executable (a `(deleted)` suffix
 /// allowed: the binary may have been rebuilt), and a command line ending in [`VMM_ARGS`].
 /// Signal only through the returned pidfd: it cannot reach a later owner of the pid.
-pub(crate) fn verify_vmm(rec: &PidRecord, euid: u32) -> Result<OwnedFd, NotOurs> {
+pub(crate) fn verify_vmm(rec: &PidRecord, owners: &[u32]) -> Result<OwnedFd, NotOurs> {
     // The pidfd first: if the process dies and the pid is reused after this point, the checks
     // below see the newcomer (different start time) and refuse; the pidfd still names the
     // original, so a signal through it can only ever reach the process that was checked.
@@ -389,7 +392,7 @@ pub(crate) fn verify_vmm(rec: &PidRecord, euid: u32) -> Result<OwnedFd, NotOurs>
     }
     let proc = PathBuf::from(format!("/proc/{}", rec.pid));
     match std::fs::metadata(&proc) {
-        Ok(m) if m.uid() == euid => {}
+        Ok(m) if owners.contains(&m.uid()) => {}
         Ok(_) => return Err(NotOurs::Owner),
         Err(_) => return Err(NotOurs::Gone),
     }
@@ -559,11 +562,13 @@ mod tests {
         assert_eq!(rec.pid, p.pid());
         assert_eq!(PidRecord::parse(&rec.encode()), Some(rec.clone()));
         let euid = sys::euid();
-        assert!(verify_vmm(&rec, euid).is_ok());
+        assert!(verify_vmm(&rec, &[euid]).is_ok());
+        // A VMM that runs as the jail's user (JailConfig::user) is ours too.
+        assert!(verify_vmm(&rec, &[euid.wrapping_add(1), euid]).is_ok());
         let wrong = |f: &dyn Fn(&mut PidRecord)| {
             let mut r = rec.clone();
             f(&mut r);
-            verify_vmm(&r, euid).err()
+            verify_vmm(&r, &[euid]).err()
         };
         assert_eq!(wrong(&|r| r.start += 1), Some(NotOurs::StartTime));
         assert_eq!(
@@ -571,15 +576,15 @@ mod tests {
             Some(NotOurs::Exe)
         );
         assert!(matches!(
-            verify_vmm(&rec, euid.wrapping_add(1)),
+            verify_vmm(&rec, &[euid.wrapping_add(1)]),
             Err(NotOurs::Owner)
         ));
         // The test process itself: right start time and exe, but not a VMM's command line.
         let me = PidRecord::of(std::process::id()).expect("me");
-        assert_eq!(verify_vmm(&me, euid).err(), Some(NotOurs::Cmdline));
+        assert_eq!(verify_vmm(&me, &[euid]).err(), Some(NotOurs::Cmdline));
         p.kill();
         p.wait_blocking();
-        assert_eq!(verify_vmm(&rec, euid).err(), Some(NotOurs::Gone));
+        assert_eq!(verify_vmm(&rec, &[euid]).err(), Some(NotOurs::Gone));
         // Malformed and old-format files name nothing.
         for bad in [
             &b"123 456\n"[..],

@@ -233,7 +233,11 @@ impl KvmRuntime {
             },
         })?;
         let state = Arc::new(state);
-        let cleaned = reconcile(&state, env.uid).map_err(|source| RuntimeError::StateDir {
+        // A VMM left by an earlier run may run as the jail's user.
+        let owners: Vec<u32> = std::iter::once(env.uid)
+            .chain(cfg.jail.user.map(|u| u.uid))
+            .collect();
+        let cleaned = reconcile(&state, &owners).map_err(|source| RuntimeError::StateDir {
             path: cfg.state_dir.clone(),
             source,
         })?;
