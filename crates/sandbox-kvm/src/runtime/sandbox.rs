@@ -220,6 +220,9 @@ impl KvmRuntime {
         let mut cfg = resolve(config, env)?;
         if check_kvm {
             drop(sandbox_vmm::kvm::open_kvm_at(&config.kvm_device)?);
+        } else {
+            // A stand-in VMM: no /dev/kvm to pass (the host may have none).
+            cfg.kvm_device = None;
         }
         let state = StateDir::open(&cfg.state_dir, env.uid).map_err(|e| match e {
             OpenError::Distrust(d) => RuntimeError::StateDirUntrusted {
@@ -575,16 +578,21 @@ fn prepare(
     // Every file the VMM uses is opened here and inherited, named by number in its config
     // (docs/jail.md): it opens nothing by path, so its root can be an empty directory.
     let mut files = InheritedFiles::default();
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&cfg.kvm_device)
-        .map_err(|source| RuntimeError::Io {
-            action: "open",
-            path: cfg.kvm_device.clone(),
-            source,
-        })?;
-    let kvm = files.add(kvm);
+    let kvm = match &cfg.kvm_device {
+        Some(path) => {
+            let kvm = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|source| RuntimeError::Io {
+                    action: "open",
+                    path: path.clone(),
+                    source,
+                })?;
+            Some(files.add(kvm))
+        }
+        None => None,
+    };
     let kernel = File::open(spec.kernel()).map_err(|source| RuntimeError::SpecFile {
         field: "kernel",
         path: spec.kernel().to_path_buf(),
@@ -822,7 +830,8 @@ impl DiskPlan {
 
 /// The files of a sandbox's VM config besides its disk.
 struct VmFiles {
-    kvm: FileSource,
+    /// `None`: the VMM opens `/dev/kvm` (tests with a stand-in VMM only).
+    kvm: Option<FileSource>,
     kernel: FileSource,
     console: FileSource,
     vsock: FileSource,
@@ -847,8 +856,9 @@ fn vm_config(
         cmdline.push(' ');
         cmdline.push_str(p);
     }
-    let vm = VmConfig::new(files.kernel)
-        .kvm(files.kvm)
+    let mut vm = VmConfig::new(files.kernel);
+    vm.kvm = files.kvm;
+    let vm = vm
         .vcpus(spec.vcpus())
         .memory_mib(spec.memory_mib())
         .disk(disk)
@@ -1542,7 +1552,7 @@ mod tests {
     fn resolved(dir: &Path) -> Resolved {
         Resolved {
             vmm: dir.join("sandbox-vmm"),
-            kvm_device: dir.join("kvm"),
+            kvm_device: Some(dir.join("kvm")),
             kernel: dir.join("vmlinux"),
             rootfs: dir.join("rootfs.ext4"),
             state_dir: dir.join("state"),
@@ -1592,7 +1602,7 @@ mod tests {
             .build()
             .expect("spec");
         let files = || VmFiles {
-            kvm: FileSource::fd(3),
+            kvm: Some(FileSource::fd(3)),
             kernel: FileSource::fd(4),
             console: FileSource::fd(5),
             vsock: FileSource::fd(6),
