@@ -518,6 +518,27 @@ async fn vmm_runs_as_the_configured_user(_h: &KvmHarness) {
     sb.destroy().await.expect("destroy");
 }
 
+/// A guest command that exhausts guest RAM is ended by the guest kernel's OOM killer, and the
+/// exec result says so (`signal` 9, `oom_killed`); the sandbox keeps running. The VMM stays
+/// within its cgroup (guest RAM plus the overhead).
+async fn a_guest_out_of_memory_is_reported_in_the_exec_result(h: &KvmHarness) {
+    let sb = h.runtime.create_sandbox(h.spec()).await.expect("create");
+    let hog = "python3 -c 'import mmap\nchunks=[]\nwhile True:\n m=mmap.mmap(-1,1<<20)\n \
+               [m.__setitem__(i,1) for i in range(0,1<<20,4096)]\n chunks.append(m)'";
+    let out = sb.exec(ExecRequest::shell(hog)).await.expect("exec");
+    assert_eq!(out.status.signal, Some(9), "{:?}", out.status);
+    assert!(out.status.oom_killed, "{:?}", out.status);
+    assert!(!out.status.timed_out);
+    // A plain exit is not an OOM kill; the sandbox still works.
+    let after = sb
+        .exec(ExecRequest::shell("echo alive"))
+        .await
+        .expect("exec after the OOM kill");
+    assert_eq!(after.stdout_str(), "alive\n");
+    assert!(!after.status.oom_killed);
+    sb.destroy().await.expect("destroy");
+}
+
 /// A VMM whose cgroup allows no memory beyond guest RAM (`memory_overhead_mib` 0) and whose
 /// guest touches all of its RAM is ended by the cgroup's OOM killer: the exec fails with kind
 /// `GuestExited` and a message that says the VMM ran out of memory, not "connection closed".
@@ -657,6 +678,10 @@ fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
         suite.trial("vmm_runs_as_the_configured_user", |h| async move {
             vmm_runs_as_the_configured_user(&h).await
         }),
+        suite.trial(
+            "a_guest_out_of_memory_is_reported_in_the_exec_result",
+            |h| async move { a_guest_out_of_memory_is_reported_in_the_exec_result(&h).await },
+        ),
         suite.trial("a_vmm_out_of_memory_is_reported_as_such", |h| async move {
             a_vmm_out_of_memory_is_reported_as_such(&h).await
         }),
