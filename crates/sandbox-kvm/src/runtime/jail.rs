@@ -5,8 +5,8 @@
 //! 1. a cgroup v2 leaf per sandbox, `<cgroup_root>/<sandbox id>`, with `memory.max` (guest RAM
 //!    plus a fixed overhead), `pids.max` and `cpu.max` (one CPU per vCPU plus one for the device
 //!    thread); the child joins it before exec, and teardown goes through `cgroup.kill`;
-//! 2. new mount, IPC, UTS and network namespaces (the VMM needs no network: the vsock socket is a
-//!    path in the sandbox directory);
+//! 2. new mount, IPC, UTS and network namespaces (the VMM needs no network: it accepts on an
+//!    inherited Unix listener, and the tap is an inherited fd);
 //! 3. rlimits: open files, and file size (the largest file the VMM writes, plus room for its log);
 //! 4. an empty capability bounding set, so the exec'd VMM has no capability even as root;
 //! 5. `PR_SET_NO_NEW_PRIVS`;
