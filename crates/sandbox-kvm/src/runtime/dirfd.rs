@@ -350,6 +350,18 @@ mod tests {
     }
 
     #[test]
+    fn remove_all_takes_the_private_root_tree_too() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let sb = SandboxDir::create(state(root.path()), "sbx-0a").expect("dir");
+        sb.create_file("vm.json", 0o600).expect("file");
+        let tree = sb.fd_path("root").join("usr/lib");
+        std::fs::create_dir_all(&tree).expect("tree");
+        std::fs::write(tree.join("libc.so.6"), b"").expect("mount point");
+        sb.remove_all().expect("remove");
+        assert!(!root.path().join("state").join("sbx-0a").exists());
+    }
+
+    #[test]
     fn a_new_state_dir_is_made_private() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = state(dir.path());
