@@ -204,9 +204,14 @@ pub enum JailError {
 /// The cgroup v2 controllers a sandbox leaf uses.
 const CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 
-/// Probes what the host supports for `config` and the VMM binary `vmm`; a `Required` layer that
-/// is missing is an error.
-pub(crate) fn probe(config: &JailConfig, vmm: &Path) -> Result<JailSupport, JailError> {
+/// Probes what the host supports for `config` and the VMM binary `vmm` (the private root by
+/// running `vmm --version` in one, in a scratch directory made under `scratch`); a `Required`
+/// layer that is missing is an error.
+pub(crate) fn probe(
+    config: &JailConfig,
+    vmm: &Path,
+    scratch: &Path,
+) -> Result<JailSupport, JailError> {
     let cgroup = match config.cgroup {
         JailMode::Off => None,
         mode => match prepare_cgroup_root(&config.cgroup_root) {
@@ -242,7 +247,10 @@ pub(crate) fn probe(config: &JailConfig, vmm: &Path) -> Result<JailSupport, Jail
         JailMode::Off => None,
         mode => {
             let found = if namespaces {
-                RootFiles::for_vmm(vmm)
+                RootFiles::for_vmm(vmm).and_then(|files| {
+                    probe_private_root(&files, scratch)?;
+                    Ok(files)
+                })
             } else {
                 Err("it needs the namespaces layer (a mount namespace of its own)".to_string())
             };
@@ -284,6 +292,55 @@ pub(crate) struct RootFiles {
     /// `LD_LIBRARY_PATH` for the VMM: the libraries' directories (the root has no
     /// `/etc/ld.so.cache`).
     pub library_path: OsString,
+}
+
+/// Runs `<vmm> --version` in a private root made of `files` in a scratch directory under
+/// `scratch` (removed after), the way a sandbox's VMM is started: whether this host's mounts,
+/// `pivot_root` and the exec inside the root all work.
+fn probe_private_root(files: &RootFiles, scratch: &Path) -> Result<(), String> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = scratch.join(format!(".jail-probe-{}-{nanos}", std::process::id()));
+    let result = (|| {
+        fs::create_dir(&dir).map_err(|e| format!("cannot create {} ({e})", dir.display()))?;
+        fs::write(dir.join("vm.json"), b"{}").map_err(|e| e.to_string())?;
+        let root = PreparedRoot::create(&dir, files, "vm.json").map_err(|e| e.to_string())?;
+        let cwd = fs::File::open(&dir).map_err(|e| e.to_string())?;
+        let cwd_fd = cwd.as_raw_fd();
+        let mut cmd = std::process::Command::new(&root.exe);
+        cmd.arg("--version")
+            .env_clear()
+            .env("LD_LIBRARY_PATH", &root.library_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: the closure makes only async-signal-safe syscalls (fchdir, unshare, mount,
+        // pivot_root, umount2, chdir) on integers and C strings built before the fork; `cwd`
+        // is open until the spawn returns.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                super::sys::enter_dir(cwd_fd)?;
+                super::sys::unshare_namespaces()?;
+                root.enter()
+            });
+        }
+        let out = cmd
+            .output()
+            .map_err(|e| format!("a VMM in a private root did not start: {e}"))?;
+        drop(cwd);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "a VMM in a private root failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    })();
+    let _ = fs::remove_dir_all(&dir);
+    result
 }
 
 /// Longest ELF interpreter path read, bytes.
@@ -823,7 +880,8 @@ mod tests {
             private_root: JailMode::Off,
             ..JailConfig::default()
         };
-        let err = probe(&config, Path::new("/bin/true")).expect_err("not a cgroup v2 directory");
+        let err = probe(&config, Path::new("/bin/true"), dir.path())
+            .expect_err("not a cgroup v2 directory");
         assert!(matches!(err, JailError::NoCgroup { .. }), "{err}");
         assert!(err.to_string().contains("best_effort"), "{err}");
         let best = JailConfig {
@@ -831,7 +889,7 @@ mod tests {
             ..config
         };
         assert_eq!(
-            probe(&best, Path::new("/bin/true"))
+            probe(&best, Path::new("/bin/true"), dir.path())
                 .expect("best effort")
                 .cgroup,
             None
@@ -840,7 +898,12 @@ mod tests {
 
     #[test]
     fn off_probes_nothing() {
-        let s = probe(&JailConfig::off(), Path::new("/bin/true")).expect("off");
+        let s = probe(
+            &JailConfig::off(),
+            Path::new("/bin/true"),
+            Path::new("/nonexistent"),
+        )
+        .expect("off");
         assert_eq!(
             s,
             JailSupport {
@@ -1136,5 +1199,35 @@ mod tests {
                 memory_max: Some(335_544_320)
             })
         );
+    }
+
+    #[test]
+    fn the_private_root_is_probed_by_running_the_binary_in_one() {
+        if !super::super::sys::is_root() {
+            eprintln!("skipped: the private root needs root (CAP_SYS_ADMIN)");
+            return;
+        }
+        let scratch = tempfile::tempdir().expect("scratch");
+        let config = JailConfig {
+            cgroup: JailMode::Off,
+            namespaces: JailMode::Required,
+            private_root: JailMode::Required,
+            ..JailConfig::default()
+        };
+        // GNU true answers --version with status 0 from inside the root.
+        let s = probe(&config, Path::new("/bin/true"), scratch.path()).expect("probe");
+        assert!(s.private_root.is_some());
+        // GNU false fails even for --version: the probe sees a VMM that does not run there.
+        let err = probe(&config, Path::new("/bin/false"), scratch.path()).expect_err("fails");
+        assert!(matches!(err, JailError::NoPrivateRoot(_)), "{err}");
+        let best = JailConfig {
+            private_root: JailMode::BestEffort,
+            ..config
+        };
+        let s = probe(&best, Path::new("/bin/false"), scratch.path()).expect("best effort");
+        assert_eq!(s.private_root, None);
+        assert!(s.namespaces);
+        let left: Vec<_> = fs::read_dir(scratch.path()).expect("ls").collect();
+        assert!(left.is_empty(), "the probe left {left:?}");
     }
 }

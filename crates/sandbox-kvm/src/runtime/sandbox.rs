@@ -252,7 +252,7 @@ impl KvmRuntime {
             );
         }
         // The jail (docs/jail.md): what this host provides; a required layer it lacks fails here.
-        cfg.jail_support = jail::probe(&cfg.jail, &cfg.vmm)?;
+        cfg.jail_support = jail::probe(&cfg.jail, &cfg.vmm, &cfg.state_dir)?;
         if let Some(root) = &cfg.jail_support.cgroup {
             // Cgroups of this state directory's sandboxes whose directory is gone were left by
             // runtimes that died (their VMMs were killed by reconciliation above, or died with

@@ -167,6 +167,18 @@ pub fn child_setup(parent: libc::pid_t, cwd: Option<RawFd>) -> io::Result<()> {
     Ok(())
 }
 
+/// `fchdir(fd)`: enters the directory `fd` names (async-signal-safe).
+///
+/// # Errors
+/// The `fchdir` error.
+pub fn enter_dir(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fchdir takes an integer and touches no memory.
+    if unsafe { libc::fchdir(fd) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Clears `FD_CLOEXEC` on `fd`, so it survives exec (async-signal-safe).
 ///
 /// # Errors
