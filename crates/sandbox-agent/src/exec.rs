@@ -193,6 +193,8 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
             return Next::Continue;
         }
     };
+    // The guest's OOM kill count before the command, to tell an OOM kill from another SIGKILL.
+    let oom_before = oom_kills();
     let started = Instant::now();
     let spawned = ctx.reaper.spawn_registered(ctx.tx.clone(), || {
         sys::spawn(
@@ -318,13 +320,37 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
                 s
             }
             Some((WaitStatus::Signaled(_, sig, _), d)) => {
-                ExitStatus::signaled(sig as i32, timed_out, d)
+                let mut s = ExitStatus::signaled(sig as i32, timed_out, d);
+                s.oom_killed = sig == Signal::SIGKILL
+                    && !timed_out
+                    && matches!((oom_before, oom_kills()), (Some(a), Some(b)) if b > a);
+                s
             }
             _ => ExitStatus::signaled(Signal::SIGKILL as i32, timed_out, started.elapsed()),
         };
         ctx.writer.send(id, AgentMessage::Exited(exit));
     }
     next
+}
+
+/// The guest kernel's count of OOM kills (`oom_kill` in `/proc/vmstat`, Linux 4.13), or `None`
+/// when it cannot be read. Reads at most 64 KiB.
+fn oom_kills() -> Option<u64> {
+    let mut text = String::new();
+    std::fs::File::open("/proc/vmstat")
+        .ok()?
+        .take(64 * 1024)
+        .read_to_string(&mut text)
+        .ok()?;
+    parse_oom_kills(&text)
+}
+
+/// The `oom_kill` line of a `/proc/vmstat` text.
+fn parse_oom_kills(vmstat: &str) -> Option<u64> {
+    vmstat
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// After the client left: waits (at most [`EXIT_WAIT_CAP`]) for the reaper to report `pid`.
@@ -399,6 +425,21 @@ fn pump(ctx: &Ctx, id: u64, fd: OwnedFd, wrap: fn(Bytes) -> AgentMessage) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oom_kill_count_is_read_from_vmstat() {
+        let vmstat = "pgfault 10\noom_kill 3\nnuma_hit 0\n";
+        assert_eq!(parse_oom_kills(vmstat), Some(3));
+        assert_eq!(parse_oom_kills("pgfault 10\n"), None);
+        assert_eq!(parse_oom_kills("oom_kill x\n"), None);
+        // This host's own file, when there is one, has the line (Linux 4.13 and later).
+        if let Ok(text) = std::fs::read_to_string("/proc/vmstat") {
+            assert!(
+                parse_oom_kills(&text).is_some(),
+                "no oom_kill in /proc/vmstat"
+            );
+        }
+    }
 
     #[test]
     fn resolve_searches_path_like_execvp() {

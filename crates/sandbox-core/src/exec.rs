@@ -214,6 +214,11 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
     /// The agent killed the process group because the timeout expired.
     pub timed_out: bool,
+    /// The guest kernel's OOM killer ended it: it died of `SIGKILL` while the guest's
+    /// `oom_kill` count (`/proc/vmstat`) grew. The guest ran out of memory (its RAM is the
+    /// spec's `memory_mib`). When commands run concurrently, one that was `SIGKILL`ed for
+    /// another reason during another's OOM kill may be marked too.
+    pub oom_killed: bool,
     /// From spawn to reaping the process, measured in the guest.
     pub duration: Duration,
 }
@@ -225,6 +230,7 @@ impl ExitStatus {
             code: Some(code),
             signal: None,
             timed_out: false,
+            oom_killed: false,
             duration,
         }
     }
@@ -234,6 +240,7 @@ impl ExitStatus {
             code: None,
             signal: Some(signal),
             timed_out,
+            oom_killed: false,
             duration,
         }
     }

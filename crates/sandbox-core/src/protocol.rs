@@ -27,8 +27,9 @@ use crate::file::{FileOptions, Listing};
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// First four bytes of each [`Hello`]: "SBXA" (sandbox agent).
 pub const MAGIC: [u8; 4] = *b"SBXA";
-/// The protocol version both sides must speak. Bumped on any incompatible message change.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version both sides must speak. Bumped on any incompatible message change
+/// (2: `ExitStatus::oom_killed`).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of a [`Hello`] on the wire, in bytes.
 pub const HELLO_BYTES: usize = 8;
 /// Size of the frame length prefix, in bytes.
@@ -922,17 +923,19 @@ mod tests {
                 proptest::option::of(any::<i32>()),
                 proptest::option::of(any::<i32>()),
                 any::<bool>(),
+                any::<bool>(),
                 any::<u64>(),
                 0u32..1_000_000_000
             )
-                .prop_map(|(code, signal, timed_out, s, n)| AgentMessage::Exited(
-                    ExitStatus {
+                .prop_map(|(code, signal, timed_out, oom_killed, s, n)| {
+                    AgentMessage::Exited(ExitStatus {
                         code,
                         signal,
                         timed_out,
-                        duration: Duration::new(s, n)
-                    }
-                )),
+                        oom_killed,
+                        duration: Duration::new(s, n),
+                    })
+                }),
             any::<u64>().prop_map(|size| AgentMessage::FileStart { size }),
             arb_bytes(4096).prop_map(AgentMessage::FileData),
             Just(AgentMessage::Ready),

@@ -133,6 +133,28 @@ impl RawFile {
             .len();
         Ok(Self { file, size })
     }
+
+    /// A raw disk on a file already open (the jailed VMM's inherited fd); `label` names it in
+    /// errors. Whether it is writable is how it was opened.
+    ///
+    /// # Errors
+    /// [`BackendError::Metadata`].
+    pub fn from_file(file: File, label: &Path) -> Result<Self, BackendError> {
+        use std::io::Seek;
+        use std::os::unix::fs::FileTypeExt;
+        let err = |source| BackendError::Metadata {
+            path: label.to_owned(),
+            source,
+        };
+        let meta = file.metadata().map_err(err)?;
+        // A block device's size is where its end is, not its inode's length.
+        let size = if meta.file_type().is_block_device() {
+            (&file).seek(io::SeekFrom::End(0)).map_err(err)?
+        } else {
+            meta.len()
+        };
+        Ok(Self { file, size })
+    }
 }
 
 impl BlockBackend for RawFile {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use sandbox_core::conformance::{self, Harness, RawStream, Suite, Trial};
 use sandbox_core::{ErrorKind, ExecRequest, RootMode, Runtime, Sandbox, SandboxSpec, SandboxState};
-use sandbox_kvm::runtime::jail::JailConfig;
+use sandbox_kvm::runtime::jail::{JailConfig, VmmUser};
 use sandbox_kvm::runtime::{KvmRuntime, KvmRuntimeConfig};
 
 /// The handshake deadline of the runtime whose agent never answers: `create` must fail with
@@ -338,6 +338,115 @@ async fn vmm_runs_jailed(h: &KvmHarness) {
     } else {
         println!("vmm_runs_jailed: no cgroup v2 on this host; cgroup checks skipped");
     }
+    // Every VMM thread runs under its seccomp filter, without new privileges.
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("VMM tasks");
+    let mut threads = 0;
+    for task in tasks.filter_map(Result::ok) {
+        let status = std::fs::read_to_string(task.path().join("status")).expect("task status");
+        let get = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_string()
+        };
+        let name = get("Name:");
+        assert_eq!(get("Seccomp:"), "2", "thread {name} has no seccomp filter");
+        assert_eq!(get("NoNewPrivs:"), "1", "thread {name}");
+        threads += 1;
+    }
+    assert!(threads >= 3, "main, device and vCPU threads: {threads}");
+    // Its fds: stdio, and exactly the files its config names (the rest are what it made
+    // itself: KVM, eventfd, epoll and timer anon inodes, and sockets: the vsock listener
+    // and its connections).
+    let dir = sb
+        .vsock_path()
+        .parent()
+        .expect("the sandbox directory")
+        .to_path_buf();
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let allowed: BTreeSet<PathBuf> = [
+        PathBuf::from("/dev/null"),
+        PathBuf::from("/dev/kvm"),
+        // A sandbox with a network holds its tap (this spec has none).
+        PathBuf::from("/dev/net/tun"),
+        canon(&env_path("SANDBOX_ROOTFS")),
+    ]
+    .into_iter()
+    .chain(
+        [
+            "vmm.log",
+            "console.log",
+            "disk.qcow2",
+            "rootfs.ext4",
+            "disk-full.count",
+        ]
+        .iter()
+        .map(|n| canon(&dir.join(n))),
+    )
+    .collect();
+    let mut files = BTreeSet::new();
+    let mut sockets = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("VMM fds")
+        .filter_map(Result::ok)
+    {
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        let text = target.to_string_lossy().into_owned();
+        if text.starts_with("socket:") {
+            sockets += 1;
+        } else if text.starts_with('/') {
+            assert!(
+                allowed.contains(&target),
+                "VMM holds an undeclared file: {text}"
+            );
+            files.insert(target);
+        } else {
+            assert!(text.starts_with("anon_inode:"), "VMM holds {text}");
+        }
+    }
+    for must in ["/dev/kvm", "/dev/null"] {
+        assert!(files.contains(Path::new(must)), "no {must}: {files:?}");
+    }
+    for must in ["vmm.log", "console.log"] {
+        assert!(
+            files.contains(&canon(&dir.join(must))),
+            "no {must}: {files:?}"
+        );
+    }
+    assert!(sockets >= 1, "no vsock listener");
+    // Its root: an empty directory with only the binary, its libraries and vm.json, when the
+    // private root is in effect (root with namespaces).
+    if root {
+        let vroot = PathBuf::from(format!("/proc/{pid}/root"));
+        assert!(
+            vroot.join("vm.json").exists(),
+            "no /vm.json in the VMM's root"
+        );
+        for host in [
+            "etc/passwd",
+            "proc/self",
+            "console.log",
+            "vsock.sock",
+            "home",
+            "tmp",
+            "var",
+        ] {
+            assert!(
+                !vroot.join(host).exists(),
+                "the VMM sees /{host} in its root"
+            );
+        }
+        let top: Vec<String> = std::fs::read_dir(&vroot)
+            .expect("VMM root")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        println!("vmm_runs_jailed: the VMM's root holds {top:?}; fds {files:?}");
+    }
     let out = sb
         .exec(ExecRequest::shell("echo jailed"))
         .await
@@ -347,6 +456,120 @@ async fn vmm_runs_jailed(h: &KvmHarness) {
     if let Some(dir) = cgroup {
         assert!(!dir.exists(), "destroy left {}", dir.display());
     }
+}
+
+/// A runtime of its own on a fresh state directory with `jail`.
+fn runtime_with(jail: JailConfig, prefix: &str) -> (KvmRuntime, tempfile::TempDir) {
+    let state = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("state dir");
+    let runtime = KvmRuntime::new(
+        KvmRuntimeConfig::builder()
+            .vmm(env_path("SANDBOX_VMM"))
+            .kernel(env_path("SANDBOX_KERNEL"))
+            .rootfs(env_path("SANDBOX_ROOTFS"))
+            .state_dir(state.path())
+            .create_deadline(Duration::from_secs(600))
+            .jail(jail)
+            .build()
+            .expect("config"),
+    )
+    .expect("KvmRuntime::new");
+    (runtime, state)
+}
+
+/// With `JailConfig::user` set, the VMM runs as that uid/gid with no supplementary groups, and
+/// the guest still boots and runs commands (its files are inherited fds).
+async fn vmm_runs_as_the_configured_user(_h: &KvmHarness) {
+    if !nix_is_root() {
+        println!("vmm_runs_as_the_configured_user: not root; skipped");
+        return;
+    }
+    let mut jail = JailConfig::default();
+    jail.user = Some(VmmUser {
+        uid: 65534,
+        gid: 65534,
+    });
+    let (runtime, _state) = runtime_with(jail, "sbx-user-");
+    let spec = runtime
+        .spec_builder()
+        .memory_mib(128)
+        .build()
+        .expect("spec");
+    let sb = runtime
+        .create_sandbox(spec)
+        .await
+        .expect("create as uid 65534");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", sb.vmm_pid())).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid:"), "65534 65534 65534 65534", "{status}");
+    assert_eq!(field("Gid:"), "65534 65534 65534 65534", "{status}");
+    assert_eq!(field("Groups:"), "", "{status}");
+    let out = sb
+        .exec(ExecRequest::shell("echo unprivileged"))
+        .await
+        .expect("exec");
+    assert_eq!(out.stdout_str(), "unprivileged\n");
+    sb.destroy().await.expect("destroy");
+}
+
+/// A guest command that exhausts guest RAM is ended by the guest kernel's OOM killer, and the
+/// exec result says so (`signal` 9, `oom_killed`); the sandbox keeps running. The VMM stays
+/// within its cgroup (guest RAM plus the overhead).
+async fn a_guest_out_of_memory_is_reported_in_the_exec_result(h: &KvmHarness) {
+    let sb = h.runtime.create_sandbox(h.spec()).await.expect("create");
+    let hog = "python3 -c 'import mmap\nchunks=[]\nwhile True:\n m=mmap.mmap(-1,1<<20)\n \
+               [m.__setitem__(i,1) for i in range(0,1<<20,4096)]\n chunks.append(m)'";
+    let out = sb.exec(ExecRequest::shell(hog)).await.expect("exec");
+    assert_eq!(out.status.signal, Some(9), "{:?}", out.status);
+    assert!(out.status.oom_killed, "{:?}", out.status);
+    assert!(!out.status.timed_out);
+    // A plain exit is not an OOM kill; the sandbox still works.
+    let after = sb
+        .exec(ExecRequest::shell("echo alive"))
+        .await
+        .expect("exec after the OOM kill");
+    assert_eq!(after.stdout_str(), "alive\n");
+    assert!(!after.status.oom_killed);
+    sb.destroy().await.expect("destroy");
+}
+
+/// A VMM whose cgroup allows no memory beyond guest RAM (`memory_overhead_mib` 0) and whose
+/// guest touches all of its RAM is ended by the cgroup's OOM killer: the exec fails with kind
+/// `GuestExited` and a message that says the VMM ran out of memory, not "connection closed".
+async fn a_vmm_out_of_memory_is_reported_as_such(_h: &KvmHarness) {
+    if !cgroup_v2() || !nix_is_root() {
+        println!("a_vmm_out_of_memory_is_reported_as_such: no cgroup v2 or not root; skipped");
+        return;
+    }
+    let mut jail = JailConfig::default();
+    jail.memory_overhead_mib = 0;
+    let (runtime, _state) = runtime_with(jail, "sbx-oom-");
+    let spec = runtime
+        .spec_builder()
+        .memory_mib(128)
+        .build()
+        .expect("spec");
+    let sb = runtime.create_sandbox(spec).await.expect("create");
+    // Touches guest RAM a page at a time, 1 MiB per step, until something gives: the VMM's
+    // RSS (guest pages touched plus its own heap) passes memory.max = guest RAM before the
+    // guest itself runs out.
+    let hog = "python3 -c 'import mmap\nchunks=[]\nwhile True:\n m=mmap.mmap(-1,1<<20)\n                [m.__setitem__(i,1) for i in range(0,1<<20,4096)]\n chunks.append(m)'";
+    let err = sb
+        .exec(ExecRequest::shell(hog))
+        .await
+        .expect_err("the VMM must be OOM-killed");
+    assert_eq!(err.kind(), ErrorKind::GuestExited, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("ran out of memory"), "{text}");
+    sb.destroy().await.expect("destroy");
 }
 
 fn nix_is_root() -> bool {
@@ -454,6 +677,16 @@ fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
             "vmm_runs_jailed",
             |h| async move { vmm_runs_jailed(&h).await },
         ),
+        suite.trial("vmm_runs_as_the_configured_user", |h| async move {
+            vmm_runs_as_the_configured_user(&h).await
+        }),
+        suite.trial(
+            "a_guest_out_of_memory_is_reported_in_the_exec_result",
+            |h| async move { a_guest_out_of_memory_is_reported_in_the_exec_result(&h).await },
+        ),
+        suite.trial("a_vmm_out_of_memory_is_reported_as_such", |h| async move {
+            a_vmm_out_of_memory_is_reported_as_such(&h).await
+        }),
         suite.trial(
             "exec_after_the_vmm_was_killed_is_guest_exited",
             |h| async move { exec_after_the_vmm_was_killed_is_guest_exited(&h).await },

@@ -76,6 +76,24 @@ pub fn open_kvm() -> Result<Kvm> {
     open_kvm_at(Path::new(KVM_DEVICE))
 }
 
+/// [`open_kvm`] on an already open `/dev/kvm` fd (the jailed VMM's inherited fd): the same
+/// API version and capability checks.
+///
+/// # Errors
+/// [`KvmError::ApiVersion`], [`KvmError::MissingCapability`].
+pub fn kvm_from_fd(fd: std::os::fd::OwnedFd) -> Result<Kvm> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: `fd` is an open fd we own (an `OwnedFd`); `into_raw_fd` gives up that ownership,
+    // so the `Kvm` is its only owner and closes it.
+    let kvm = unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) };
+    let found = kvm.get_api_version();
+    if found != KVM_API_VERSION {
+        return Err(KvmError::ApiVersion { found });
+    }
+    check_caps(|cap| kvm.check_extension(cap))?;
+    Ok(kvm)
+}
+
 /// [`open_kvm`] for another device path (tests).
 ///
 /// # Errors

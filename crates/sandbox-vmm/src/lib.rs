@@ -47,7 +47,6 @@ pub mod logging;
 pub mod memory;
 #[cfg(feature = "vmm")]
 pub mod seccomp;
-#[cfg(feature = "vmm")]
 pub mod sys;
 #[cfg(feature = "vmm")]
 pub mod vcpu;

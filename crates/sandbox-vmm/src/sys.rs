@@ -1,5 +1,5 @@
 //! Raw syscalls of the VMM: the signal plumbing that kicks a vCPU thread out of `KVM_RUN`, and the
-//! guest RAM mappings (`crate::memory`).
+//! guest RAM mappings (`crate::memory`), and the checks of inherited fds (`crate::vmm::config`).
 //!
 //! Kicks: a kicker sends [`kick_signal`] to the vCPU thread with `pthread_kill`. The handler sets
 //! `kvm_run.immediate_exit` of the vCPU that thread runs (found through a thread-local pointer):
@@ -155,6 +155,7 @@ const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 /// `TUNGETVNETHDRSZ` (`_IOR('T', 215, int)`).
 const TUNGETVNETHDRSZ: libc::c_ulong = 0x8004_54d7;
 
+#[cfg(feature = "vmm")]
 /// Makes `fd` non-blocking with `fcntl(F_SETFL)`. Not std's `set_nonblocking`: that is
 /// `ioctl(FIONBIO)`, which the devices thread's seccomp filter forbids (it allows no `ioctl`).
 ///
@@ -232,6 +233,87 @@ pub unsafe fn claim_inherited_fd(fd: c_int) -> io::Result<std::os::fd::OwnedFd> 
     Ok(owned)
 }
 
+/// What an inherited fd is, as far as a VM config entry cares ([`fd_info`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdInfo {
+    /// The file type bits of `st_mode` (`S_IFREG`, `S_IFBLK`, `S_IFCHR`, `S_IFSOCK`...).
+    pub file_type: u32,
+    /// Opened for writing (`O_WRONLY` or `O_RDWR`).
+    pub writable: bool,
+    /// Opened for reading (`O_RDONLY` or `O_RDWR`).
+    pub readable: bool,
+}
+
+/// The type and access mode of open fd `fd` (`fstat` and `fcntl(F_GETFL)`), without taking
+/// ownership of it.
+///
+/// # Errors
+/// `EBADF` when `fd` is not open.
+pub fn fd_info(fd: c_int) -> io::Result<FdInfo> {
+    // SAFETY: F_GETFL only reads the fd table; an invalid fd yields EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: an all-zero `stat` is a valid value (plain C data).
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable `stat` for the duration of the call; fstat writes only
+    // into it.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let access = flags & libc::O_ACCMODE;
+    Ok(FdInfo {
+        file_type: st.st_mode & libc::S_IFMT,
+        writable: access == libc::O_WRONLY || access == libc::O_RDWR,
+        readable: access == libc::O_RDONLY || access == libc::O_RDWR,
+    })
+}
+
+/// `KVM_GET_API_VERSION` (`_IO(0xAE, 0x00)`) on `fd`: 12 for a `/dev/kvm` fd.
+///
+/// # Errors
+/// `ENOTTY`/`EINVAL` for an fd that is not `/dev/kvm`, `EBADF` when it is not open.
+pub fn kvm_api_version(fd: c_int) -> io::Result<i32> {
+    const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+    // SAFETY: KVM_GET_API_VERSION takes no argument and writes no memory of ours; callers
+    // check first that `fd` is a character device, and ioctl type 0xAE is KVM's alone.
+    let r = unsafe { libc::ioctl(fd, KVM_GET_API_VERSION, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// Whether `fd` is a listening (`SO_ACCEPTCONN`) stream socket of the Unix domain.
+///
+/// # Errors
+/// `ENOTSOCK` for a non-socket, `EBADF` when it is not open.
+pub fn is_unix_listener(fd: c_int) -> io::Result<bool> {
+    let opt = |name: c_int| -> io::Result<c_int> {
+        let mut value: c_int = 0;
+        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+        // SAFETY: `value` and `len` are valid for writes of an int and a socklen_t; the kernel
+        // writes at most `len` bytes into `value`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                std::ptr::from_mut(&mut value).cast::<c_void>(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(value)
+    };
+    Ok(opt(libc::SO_DOMAIN)? == libc::AF_UNIX
+        && opt(libc::SO_TYPE)? == libc::SOCK_STREAM
+        && opt(libc::SO_ACCEPTCONN)? != 0)
+}
+
 thread_local! {
     /// The seccomp thread kind of this thread, for the SIGSYS report.
     static THREAD_KIND: Cell<&'static [u8]> = const { Cell::new(b"unfiltered") };
@@ -243,6 +325,7 @@ pub fn set_thread_kind(kind: &'static [u8]) {
 }
 
 /// Writes `n` in decimal into `buf`; returns the digits.
+#[cfg(feature = "vmm")]
 fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut at = buf.len();
     loop {
@@ -255,6 +338,7 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
+#[cfg(feature = "vmm")]
 extern "C" fn on_sigsys(_num: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void) {
     // struct siginfo_t on x86_64: si_signo, si_errno, si_code, padding (16 bytes), then the
     // SIGSYS fields: void *_call_addr at 16, int _syscall at 24, unsigned _arch at 28.
@@ -283,6 +367,7 @@ extern "C" fn on_sigsys(_num: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_vo
     unsafe { libc::_exit(crate::seccomp::EXIT_SECCOMP) };
 }
 
+#[cfg(feature = "vmm")]
 /// Installs, once per process, the `SIGSYS` handler that reports a forbidden system call (its
 /// number and the thread's kind) on stderr and ends the process with
 /// [`crate::seccomp::EXIT_SECCOMP`].

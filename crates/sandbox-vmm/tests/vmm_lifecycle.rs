@@ -185,3 +185,73 @@ fn virtio_disk_and_vsock_attach_and_release_their_resources() {
     drop(vm);
     assert!(!uds.exists(), "the vsock socket is removed with the VM");
 }
+
+/// The jailed VMM's form of a config: every file an inherited fd (`{"fd": N}`), none opened by
+/// path. The VM builds, boots and powers off; the vsock listener is accepted on and its socket
+/// file left alone (whoever made it removes it); a qcow2 overlay and its base work from fds.
+#[test]
+fn every_file_given_as_an_fd_builds_and_runs() {
+    use sandbox_vmm::vmm::FileSource;
+    use std::os::fd::IntoRawFd;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kernel = write_kernel(dir.path(), &[PRINT_OK, POWEROFF]);
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).expect("raw image");
+    let base = dir.path().join("base.img");
+    std::fs::write(&base, vec![0u8; 1 << 20]).expect("base image");
+    let overlay = dir.path().join("disk.qcow2");
+    sandbox_fs::create_overlay(&overlay, &base, 1 << 20).expect("overlay");
+    let uds = dir.path().join("vm.vsock");
+    let listener = std::os::unix::net::UnixListener::bind(&uds).expect("bind");
+    let rw = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .expect("open rw")
+    };
+    let ro = |p: &Path| std::fs::File::open(p).expect("open ro");
+    // The VM takes ownership of each fd (and closes it when dropped).
+    let fd = |f: std::fs::File| FileSource::fd(f.into_raw_fd());
+    let console_path = dir.path().join("console.log");
+    let config = VmConfig::new(fd(ro(&kernel)))
+        .kvm(fd(rw(Path::new("/dev/kvm"))))
+        .memory_mib(64)
+        .disk(DiskConfig::new(fd(rw(&raw)), false))
+        .disk(DiskConfig::new(fd(ro(&raw)), true))
+        .disk(
+            DiskConfig::qcow2_overlay(fd(rw(&overlay)), fd(ro(&base)), Some(1 << 20))
+                .with_full_report(fd(
+                    std::fs::File::create(dir.path().join("full")).expect("full")
+                )),
+        )
+        .vsock(VsockDeviceConfig::new(
+            3,
+            FileSource::fd(listener.into_raw_fd()),
+        ))
+        .console_file(
+            fd(std::fs::File::create(&console_path).expect("console")),
+            4096,
+        );
+    let text = serde_json::to_string(&config).expect("json");
+    assert!(
+        !text.contains(&*dir.path().to_string_lossy()),
+        "a path in {text}"
+    );
+    let mut vm = build(VmResources::try_from(config).expect("valid config")).expect("build the VM");
+    vm.start().expect("start");
+    assert_eq!(vm.wait_timeout(WAIT), Some(ExitReason::Poweroff));
+    drop(vm);
+    assert_eq!(
+        std::fs::read_to_string(&console_path).expect("console"),
+        "ok\n"
+    );
+    assert!(
+        uds.exists(),
+        "an inherited listener's socket file is not the VMM's to remove"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("full")).expect("full report"),
+        0u64.to_le_bytes()
+    );
+}

@@ -571,6 +571,20 @@ pub fn check_backing(info: &HeaderInfo, expected_name: &str) -> Result<()> {
             expected: expected_name.to_owned(),
         });
     }
+    check_backing_format(info)
+}
+
+/// Checks that the overlay has a backing file and that its format is `raw`, whatever its name.
+///
+/// # Errors
+/// [`HeaderError::BackingMismatch`] (no backing file), [`HeaderError::BackingFormat`].
+pub fn check_backing_format(info: &HeaderInfo) -> Result<()> {
+    if info.backing_name.is_none() {
+        return Err(HeaderError::BackingMismatch {
+            found: None,
+            expected: "a backing file".to_owned(),
+        });
+    }
     if info.backing_format.as_deref() != Some("raw") {
         return Err(HeaderError::BackingFormat {
             found: info.backing_format.clone(),

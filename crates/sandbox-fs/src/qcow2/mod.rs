@@ -299,6 +299,40 @@ impl Qcow2Disk {
         })
     }
 
+    /// [`Qcow2Disk::open`] on files already open (the jailed VMM's inherited fds): `overlay`
+    /// read-write, `base` read-only; `overlay_label` and `base_label` name them in errors. The
+    /// header's backing file name must equal `expected_base_name` when given; without it, any
+    /// valid name is accepted (whoever opened `base` chose it) but the format must still be raw.
+    ///
+    /// # Errors
+    /// As [`Qcow2Disk::open`].
+    pub fn open_files(
+        overlay: (File, &Path),
+        base: (File, &Path),
+        expected_base_name: Option<&str>,
+        config: &Qcow2Config,
+    ) -> Result<Self> {
+        let (image, file, info) = open_image_files(
+            Opened {
+                file: overlay.0,
+                label: overlay.1,
+            },
+            Opened {
+                file: base.0,
+                label: base.1,
+            },
+            expected_base_name,
+            true,
+        )?;
+        Ok(Self {
+            image,
+            file,
+            size: info.virtual_size,
+            cluster_size: info.cluster_size(),
+            quota: Quota::new(config.host_bytes_cap),
+        })
+    }
+
     /// A handle that reads [`Self::quota_hits`] from another thread.
     pub fn quota_handle(&self) -> QuotaHandle {
         self.quota.handle()
@@ -540,6 +574,53 @@ fn open_image(
     base: &Path,
     writable: bool,
 ) -> Result<(FormatAccess<ImagoFile>, File, HeaderInfo)> {
+    let expected = base_name(base)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(overlay)
+        .map_err(|source| Qcow2Error::Open {
+            path: overlay.to_owned(),
+            source,
+        })?;
+    let base_file = File::open(base).map_err(|source| Qcow2Error::Base {
+        path: base.to_owned(),
+        source,
+    })?;
+    open_image_files(
+        Opened {
+            file,
+            label: overlay,
+        },
+        Opened {
+            file: base_file,
+            label: base,
+        },
+        Some(expected),
+        writable,
+    )
+}
+
+/// An open file and the path (or `fd N`) its errors name.
+struct Opened<'a> {
+    file: File,
+    label: &'a Path,
+}
+
+fn open_image_files(
+    overlay: Opened<'_>,
+    base: Opened<'_>,
+    expected: Option<&str>,
+    writable: bool,
+) -> Result<(FormatAccess<ImagoFile>, File, HeaderInfo)> {
+    let Opened {
+        file,
+        label: overlay,
+    } = overlay;
+    let Opened {
+        file: base_file,
+        label: base,
+    } = base;
     let open_err = |source| Qcow2Error::Open {
         path: overlay.to_owned(),
         source,
@@ -552,13 +633,6 @@ fn open_image(
         let path = path.to_owned();
         move |source| Qcow2Error::Imago { path, source }
     };
-    let expected = base_name(base)?;
-
-    let file = OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .open(overlay)
-        .map_err(open_err)?;
     let meta = file.metadata().map_err(open_err)?;
     if !meta.is_file() {
         return Err(open_err(io::Error::new(
@@ -579,13 +653,12 @@ fn open_image(
     file.read_exact_at(&mut first, 0).map_err(open_err)?;
     let info = header::parse_header(&first, file_len).map_err(header_err)?;
     drop(first);
-    header::check_backing(&info, expected).map_err(header_err)?;
+    match expected {
+        Some(name) => header::check_backing(&info, name).map_err(header_err)?,
+        None => header::check_backing_format(&info).map_err(header_err)?,
+    }
     header::scan_tables(&file, &info, file_len).map_err(header_err)?;
 
-    let base_file = File::open(base).map_err(|source| Qcow2Error::Base {
-        path: base.to_owned(),
-        source,
-    })?;
     let base_storage = ImagoFile::from_open_file(
         base_file,
         StorageOpenOptions::new().filename(base).write(false),

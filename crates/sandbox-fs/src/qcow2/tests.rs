@@ -345,6 +345,44 @@ fn backing_name_must_be_the_base_file_name() {
     Qcow2Disk::open(&ov, &sub.join("base.raw"), &Qcow2Config::new()).expect("same name");
 }
 
+#[test]
+fn open_files_takes_open_files_and_checks_the_name_only_when_given() {
+    let fx = Fixture::new(MIB as usize);
+    let ov = fx.overlay(MIB);
+    let files = || {
+        let overlay = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&ov)
+            .expect("overlay");
+        let base = std::fs::File::open(fx.base()).expect("base");
+        (overlay, base)
+    };
+    let label = std::path::Path::new("fd 5");
+    // An inherited base has no name to compare: any valid backing name goes.
+    let (o, b) = files();
+    let mut disk = Qcow2Disk::open_files((o, label), (b, label), None, &Qcow2Config::new())
+        .expect("open from files");
+    disk.write_at(0, &[0x77; 512]).expect("write");
+    let mut buf = [0u8; 512];
+    disk.read_at(0, &mut buf).expect("read");
+    assert_eq!(buf, [0x77; 512]);
+    drop(disk);
+    // Given a name, it must match, as with paths.
+    let (o, b) = files();
+    let err = Qcow2Disk::open_files(
+        (o, label),
+        (b, label),
+        Some("other.raw"),
+        &Qcow2Config::new(),
+    )
+    .expect_err("mismatch");
+    assert!(
+        matches!(&err, Qcow2Error::Header { source: HeaderError::BackingMismatch { .. }, path } if path == label),
+        "{err:?}"
+    );
+}
+
 /// Patches bytes of a freshly created overlay, then expects `open` to refuse it.
 fn refused_after(patch: impl FnOnce(&mut Vec<u8>)) -> HeaderError {
     let fx = Fixture::new(MIB as usize);

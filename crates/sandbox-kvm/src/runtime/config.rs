@@ -250,6 +250,9 @@ impl KvmRuntimeConfigBuilder {
 #[derive(Debug, Clone)]
 pub(crate) struct Resolved {
     pub vmm: PathBuf,
+    /// `/dev/kvm`, opened per sandbox and inherited by its VMM; `None` only for tests with a
+    /// stand-in VMM (which never opens it).
+    pub kvm_device: Option<PathBuf>,
     pub kernel: PathBuf,
     pub rootfs: PathBuf,
     pub state_dir: PathBuf,
@@ -339,6 +342,7 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         max_sandboxes: c.max_sandboxes,
         agent_port: c.agent_port,
         jail: c.jail.clone(),
+        kvm_device: Some(c.kvm_device.clone()),
         disk_mode: c.disk_mode,
         image_store,
         network,

@@ -273,7 +273,8 @@ impl SandboxDir {
 
     /// Empties the directory through its fd, then removes its entry from the state directory
     /// if that entry still is this directory (a swapped-in impostor is left alone and reported).
-    /// The sandbox directory holds only files (the VMM makes no subdirectories).
+    /// A subdirectory (the private root's, docs/jail.md) goes with `remove_dir_all`, which
+    /// does not follow symlinks.
     ///
     /// # Errors
     /// I/O errors; `Other` when the state directory's entry is no longer this directory.
@@ -286,6 +287,14 @@ impl SandboxDir {
         for n in &names {
             match unlinkat(self.fd(), n.as_os_str(), UnlinkatFlags::NoRemoveDir) {
                 Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(nix::errno::Errno::EISDIR) => {
+                    let sub = self.fd_path("").join(n);
+                    match std::fs::remove_dir_all(&sub) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -338,6 +347,18 @@ mod tests {
 
     fn state(dir: &Path) -> Arc<StateDir> {
         Arc::new(StateDir::open(&dir.join("state"), super::super::sys::euid()).expect("state dir"))
+    }
+
+    #[test]
+    fn remove_all_takes_the_private_root_tree_too() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let sb = SandboxDir::create(state(root.path()), "sbx-0a").expect("dir");
+        sb.create_file("vm.json", 0o600).expect("file");
+        let tree = sb.fd_path("root").join("usr/lib");
+        std::fs::create_dir_all(&tree).expect("tree");
+        std::fs::write(tree.join("libc.so.6"), b"").expect("mount point");
+        sb.remove_all().expect("remove");
+        assert!(!root.path().join("state").join("sbx-0a").exists());
     }
 
     #[test]

@@ -255,6 +255,22 @@ pub enum RuntimeError {
         /// The last console and VMM log lines.
         console: String,
     },
+    /// The VMM's cgroup reached `memory.max` and the kernel's OOM killer ended the VMM
+    /// (`GuestExited`): the VMM needed more than guest RAM plus the jail's overhead
+    /// (docs/jail.md). A guest that fills its own RAM meets its own kernel's OOM killer instead.
+    #[error(
+        "Sandbox {id}: sandbox-vmm ran out of memory: its cgroup reached memory.max \
+         ({memory_max}) and the kernel's OOM killer ended it; fix: raise \
+         JailConfig::memory_overhead_mib (or the spec's memory).{console}"
+    )]
+    VmmOutOfMemory {
+        /// The sandbox id.
+        id: String,
+        /// The cgroup's `memory.max`, for people (`"335544320 bytes"`).
+        memory_max: String,
+        /// The last console and VMM log lines.
+        console: String,
+    },
     /// The VMM ended while the sandbox was booting or in use (`GuestExited`).
     #[error("Sandbox {id}: {how}.{console}")]
     GuestExited {
@@ -316,9 +332,9 @@ impl RuntimeError {
                 _ => ErrorKind::Io,
             },
             RuntimeError::Io { .. } | RuntimeError::Overlay { .. } => ErrorKind::Io,
-            RuntimeError::GuestExited { .. } | RuntimeError::VmmSeccomp { .. } => {
-                ErrorKind::GuestExited
-            }
+            RuntimeError::GuestExited { .. }
+            | RuntimeError::VmmSeccomp { .. }
+            | RuntimeError::VmmOutOfMemory { .. } => ErrorKind::GuestExited,
             RuntimeError::AgentUnreachable { .. } => ErrorKind::AgentUnreachable,
         }
     }

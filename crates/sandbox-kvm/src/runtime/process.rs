@@ -64,16 +64,25 @@ pub(crate) fn vmm_command(
     log: std::fs::File,
     jail: PreparedJail,
 ) -> Command {
-    let mut cmd = Command::new(vmm);
+    // With a private root the exec happens inside it, where the binary is at its canonical path.
+    let program = jail.root.as_ref().map_or(vmm, |r| r.exe.as_path());
+    let mut cmd = Command::new(program);
     cmd.args(VMM_ARGS)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .env_remove("RUST_LOG");
+    if let Some(root) = &jail.root {
+        // The private root has no /etc/ld.so.cache: name the libraries' directories.
+        if !root.library_path.is_empty() {
+            cmd.env("LD_LIBRARY_PATH", &root.library_path);
+        }
+    }
     let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
     let cwd = dir.fd().as_raw_fd();
     // SAFETY: the closure runs between fork and exec and calls only async-signal-safe syscalls
-    // (fchdir, prctl, getppid, close_range, then the jail's write, unshare, setrlimit, prctl)
+    // (fchdir, prctl, getppid, close_range, then the jail's write, unshare, mount, pivot_root,
+    // umount2, chdir, setrlimit, prctl, setgroups, setresgid, setresuid, fcntl)
     // without allocating or taking locks; `cwd` and the jail's cgroup fd are open until the
     // spawn returns (documented requirement on the caller).
     unsafe {
@@ -85,9 +94,17 @@ pub(crate) fn vmm_command(
     cmd
 }
 
-/// How a VMM ended.
+/// How a VMM ended: its status, and whether its cgroup's OOM killer ended it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct VmmExit(pub ExitStatus);
+pub(crate) struct VmmExit(pub ExitStatus, pub Option<OomKill>);
+
+/// The kernel's OOM killer ended a process of the VMM's cgroup: `memory.events` counted an
+/// `oom_kill` (cgroup v2, "memory.events").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OomKill {
+    /// The cgroup's `memory.max`, bytes (`None`: unreadable or `max`).
+    pub memory_max: Option<u64>,
+}
 
 impl std::fmt::Display for VmmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,7 +240,7 @@ impl VmmProcess {
             }
             if rx.changed().await.is_err() {
                 // The watcher is gone without a status: treat it as killed.
-                return VmmExit(ExitStatus::from_raw(libc::SIGKILL));
+                return VmmExit(ExitStatus::from_raw(libc::SIGKILL), None);
             }
         }
     }
@@ -238,11 +255,15 @@ fn watch_child(
     // Errors other than EINTR mean the child is not waitable: fall through to wait(), which
     // reports the same failure.
     let _ = sys::wait_exited_no_reap(child.id());
+    // While the cgroup still exists: did its OOM killer end the VMM?
+    let oom = cgroup
+        .as_ref()
+        .and_then(|cg| super::jail::oom_killed(cg.dir()));
     let mut guard = reaped.lock().unwrap_or_else(|p| p.into_inner());
     let status = child
         .wait()
         .unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
-    let exit = VmmExit(status);
+    let exit = VmmExit(status, oom);
     guard.exit = Some(exit);
     drop(guard);
     // Before anyone learns of the exit: whoever waited for it finds the cgroup gone too.
@@ -354,10 +375,11 @@ pub(crate) enum NotOurs {
 }
 
 /// Opens a pidfd for `rec.pid` and then checks, while the pidfd pins the process, that it is the
-/// recorded one: same start time, alive, owned by `euid`, same executable (a `(deleted)` suffix
+/// recorded one: same start time, alive, owned by one of `owners` (our euid, and the jail's
+/// VMM user when one is configured), same executable (a `(deleted)` suffix
 /// allowed: the binary may have been rebuilt), and a command line ending in [`VMM_ARGS`].
 /// Signal only through the returned pidfd: it cannot reach a later owner of the pid.
-pub(crate) fn verify_vmm(rec: &PidRecord, euid: u32) -> Result<OwnedFd, NotOurs> {
+pub(crate) fn verify_vmm(rec: &PidRecord, owners: &[u32]) -> Result<OwnedFd, NotOurs> {
     // The pidfd first: if the process dies and the pid is reused after this point, the checks
     // below see the newcomer (different start time) and refuse; the pidfd still names the
     // original, so a signal through it can only ever reach the process that was checked.
@@ -370,7 +392,7 @@ pub(crate) fn verify_vmm(rec: &PidRecord, euid: u32) -> Result<OwnedFd, NotOurs>
     }
     let proc = PathBuf::from(format!("/proc/{}", rec.pid));
     match std::fs::metadata(&proc) {
-        Ok(m) if m.uid() == euid => {}
+        Ok(m) if owners.contains(&m.uid()) => {}
         Ok(_) => return Err(NotOurs::Owner),
         Err(_) => return Err(NotOurs::Gone),
     }
@@ -540,11 +562,13 @@ mod tests {
         assert_eq!(rec.pid, p.pid());
         assert_eq!(PidRecord::parse(&rec.encode()), Some(rec.clone()));
         let euid = sys::euid();
-        assert!(verify_vmm(&rec, euid).is_ok());
+        assert!(verify_vmm(&rec, &[euid]).is_ok());
+        // A VMM that runs as the jail's user (JailConfig::user) is ours too.
+        assert!(verify_vmm(&rec, &[euid.wrapping_add(1), euid]).is_ok());
         let wrong = |f: &dyn Fn(&mut PidRecord)| {
             let mut r = rec.clone();
             f(&mut r);
-            verify_vmm(&r, euid).err()
+            verify_vmm(&r, &[euid]).err()
         };
         assert_eq!(wrong(&|r| r.start += 1), Some(NotOurs::StartTime));
         assert_eq!(
@@ -552,15 +576,15 @@ mod tests {
             Some(NotOurs::Exe)
         );
         assert!(matches!(
-            verify_vmm(&rec, euid.wrapping_add(1)),
+            verify_vmm(&rec, &[euid.wrapping_add(1)]),
             Err(NotOurs::Owner)
         ));
         // The test process itself: right start time and exe, but not a VMM's command line.
         let me = PidRecord::of(std::process::id()).expect("me");
-        assert_eq!(verify_vmm(&me, euid).err(), Some(NotOurs::Cmdline));
+        assert_eq!(verify_vmm(&me, &[euid]).err(), Some(NotOurs::Cmdline));
         p.kill();
         p.wait_blocking();
-        assert_eq!(verify_vmm(&rec, euid).err(), Some(NotOurs::Gone));
+        assert_eq!(verify_vmm(&rec, &[euid]).err(), Some(NotOurs::Gone));
         // Malformed and old-format files name nothing.
         for bad in [
             &b"123 456\n"[..],

@@ -39,10 +39,10 @@ pub(crate) fn is_sandbox_name(name: &str) -> bool {
 }
 
 /// Removes every stale sandbox directory under `state`, killing leftover VMMs that are verified
-/// to be ours (`euid`). Entries that are in use (locked), being created, or not directories
+/// to be ours (owned by one of `owners`: our euid, and the jail's VMM user if any). Entries that are in use (locked), being created, or not directories
 /// (a symlink named like a sandbox is not followed) are left alone. Failures on one entry are
 /// logged and do not stop the others.
-pub(crate) fn reconcile(state: &Arc<StateDir>, euid: u32) -> std::io::Result<Vec<Cleaned>> {
+pub(crate) fn reconcile(state: &Arc<StateDir>, owners: &[u32]) -> std::io::Result<Vec<Cleaned>> {
     let mut cleaned = Vec::new();
     for entry in std::fs::read_dir(state.path())? {
         let entry = entry?;
@@ -78,7 +78,7 @@ pub(crate) fn reconcile(state: &Arc<StateDir>, euid: u32) -> std::io::Result<Vec
         };
         let (mut killed_pid, mut spared_pid) = (None, None);
         if let Some(rec) = read_pid_file(&dir) {
-            match verify_vmm(&rec, euid) {
+            match verify_vmm(&rec, owners) {
                 Ok(pidfd) => {
                     // The owner is gone (we hold its lock) but its VMM is not: kill it.
                     if sys::pidfd_kill(pidfd.as_fd()).is_ok() {
@@ -211,7 +211,7 @@ mod tests {
         std::fs::write(elsewhere.join(names::LOCK), b"").expect("lock");
         std::os::unix::fs::symlink(&elsewhere, state.path().join("sbx-05")).expect("symlink");
 
-        let mut cleaned = reconcile(&state, sys::euid()).expect("reconcile");
+        let mut cleaned = reconcile(&state, &[sys::euid()]).expect("reconcile");
         cleaned.sort_by(|a, b| a.name.cmp(&b.name));
         assert_eq!(
             cleaned,

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,12 +25,14 @@ use super::config::DiskMode;
 use super::config::{check_socket_path, resolve, Env, KvmRuntimeConfig, Resolved};
 use super::copy::{copy_image, CopyMethod};
 use super::dirfd::{OpenError, SandboxDir, StateDir};
-use super::jail::{self, CgroupLimits, PreparedJail, SandboxCgroup};
+use super::jail::{self, CgroupLimits, PreparedJail, PreparedRoot, SandboxCgroup};
 use super::net::{NetLease, Networks, Plumbing, GUEST_MAC};
 use super::process::{names, vmm_command, write_pid_file, VmmExit, VmmProcess};
 use super::reconcile::reconcile;
 use super::{sys, Result, RuntimeError};
-use sandbox_vmm::vmm::{DiskConfig, NetDeviceConfig, VmConfig, VmResources, VsockDeviceConfig};
+use sandbox_vmm::vmm::{
+    DiskConfig, FileSource, NetDeviceConfig, VmConfig, VmResources, VsockDeviceConfig,
+};
 
 /// The guest CID of every sandbox. Each VMM has its own vsock device and no host kernel vsock is
 /// involved, so the CIDs of different sandboxes never meet.
@@ -217,6 +220,9 @@ impl KvmRuntime {
         let mut cfg = resolve(config, env)?;
         if check_kvm {
             drop(sandbox_vmm::kvm::open_kvm_at(&config.kvm_device)?);
+        } else {
+            // A stand-in VMM: no /dev/kvm to pass (the host may have none).
+            cfg.kvm_device = None;
         }
         let state = StateDir::open(&cfg.state_dir, env.uid).map_err(|e| match e {
             OpenError::Distrust(d) => RuntimeError::StateDirUntrusted {
@@ -230,7 +236,11 @@ impl KvmRuntime {
             },
         })?;
         let state = Arc::new(state);
-        let cleaned = reconcile(&state, env.uid).map_err(|source| RuntimeError::StateDir {
+        // A VMM left by an earlier run may run as the jail's user.
+        let owners: Vec<u32> = std::iter::once(env.uid)
+            .chain(cfg.jail.user.map(|u| u.uid))
+            .collect();
+        let cleaned = reconcile(&state, &owners).map_err(|source| RuntimeError::StateDir {
             path: cfg.state_dir.clone(),
             source,
         })?;
@@ -242,7 +252,7 @@ impl KvmRuntime {
             );
         }
         // The jail (docs/jail.md): what this host provides; a required layer it lacks fails here.
-        cfg.jail_support = jail::probe(&cfg.jail)?;
+        cfg.jail_support = jail::probe(&cfg.jail, &cfg.vmm, &cfg.state_dir)?;
         if let Some(root) = &cfg.jail_support.cgroup {
             // Cgroups of this state directory's sandboxes whose directory is gone were left by
             // runtimes that died (their VMMs were killed by reconciliation above, or died with
@@ -565,12 +575,40 @@ fn prepare(
     sys::try_lock_exclusive(lock.as_fd()).map_err(io("lock", names::LOCK))?;
     guard.lock = Some(lock);
     check()?;
-    // Absolute paths for what lives outside the directory: the VMM runs inside it.
-    let abs = |p: &Path| std::path::absolute(p);
-    let kernel = abs(spec.kernel()).map_err(io("resolve the kernel path for", ""))?;
-    let base = abs(&base).map_err(io("resolve the rootfs path for", ""))?;
-    let (disk_checked, disk_named, copy) = match (spec.root(), disk.mode) {
+    // Every file the VMM uses is opened here and inherited, named by number in its config
+    // (docs/jail.md): it opens nothing by path, so its root can be an empty directory.
+    let mut files = InheritedFiles::default();
+    let kvm = match &cfg.kvm_device {
+        Some(path) => {
+            let kvm = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|source| RuntimeError::Io {
+                    action: "open",
+                    path: path.clone(),
+                    source,
+                })?;
+            Some(files.add(kvm))
+        }
+        None => None,
+    };
+    let kernel = File::open(spec.kernel()).map_err(|source| RuntimeError::SpecFile {
+        field: "kernel",
+        path: spec.kernel().to_path_buf(),
+        source,
+    })?;
+    let kernel = files.add(kernel);
+    let open_base = |base: &Path| {
+        File::open(base).map_err(|source| RuntimeError::SpecFile {
+            field: "rootfs",
+            path: base.to_path_buf(),
+            source,
+        })
+    };
+    let (disk_config, copy) = match (spec.root(), disk.mode) {
         (RootMode::Writable, DiskMode::Overlay) => {
+            let base = std::path::absolute(&base).map_err(io("resolve the rootfs path for", ""))?;
             let at = dir.join(names::OVERLAY);
             sandbox_fs::create_overlay(&at, &base, disk.virtual_size).map_err(|source| {
                 RuntimeError::Overlay {
@@ -579,11 +617,22 @@ fn prepare(
                     source,
                 }
             })?;
+            let overlay = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(dir.fd_path(names::OVERLAY))
+                .map_err(io("open", names::OVERLAY))?;
+            let report = dir
+                .create_file(names::DISK_FULL, 0o600)
+                .map_err(io("create", names::DISK_FULL))?;
             (
-                DiskConfig::qcow2_overlay(&at, &base, disk.cap)
-                    .with_full_report(dir.join(names::DISK_FULL)),
-                DiskConfig::qcow2_overlay(names::OVERLAY, &base, disk.cap)
-                    .with_full_report(names::DISK_FULL),
+                DiskConfig::qcow2_overlay(
+                    files.add(overlay),
+                    files.add(open_base(&base)?),
+                    disk.cap,
+                )
+                .with_full_report(files.add(report)),
                 None,
             )
         }
@@ -593,32 +642,58 @@ fn prepare(
                 .map_err(io("create", names::ROOTFS))?;
             let m = copy_image(&base, &to, cancelled)
                 .map_err(io("copy the rootfs to", names::ROOTFS))?;
-            (
-                DiskConfig::new(dir.join(names::ROOTFS), false),
-                DiskConfig::new(names::ROOTFS, false),
-                Some(m),
-            )
+            (DiskConfig::new(files.add(to), false), Some(m))
         }
-        (RootMode::ReadOnly, _) => (
-            DiskConfig::new(&base, true),
-            DiskConfig::new(&base, true),
-            None,
-        ),
+        (RootMode::ReadOnly, _) => (DiskConfig::new(files.add(open_base(&base)?), true), None),
     };
+    let console = dir
+        .create_file(names::CONSOLE, 0o600)
+        .map_err(io("create", names::CONSOLE))?;
+    let console = files.add(console);
+    // The runtime makes the vsock listener (so the socket file is in place before the VMM
+    // runs) and connects to its path; the VMM only accepts on the inherited fd.
+    let listener = std::os::unix::net::UnixListener::bind(dir.fd_path(names::VSOCK))
+        .map_err(io("create the socket", names::VSOCK))?;
+    let vsock = files.add(OwnedFd::from(listener));
     check()?;
-    // Validate here, with the typed error and the paths as the VMM will see them from inside
-    // the directory, rather than in the child.
     let net = plumbing.map(|p| (std::os::fd::AsRawFd::as_raw_fd(&p.tap), p.ip_param.as_str()));
-    VmResources::try_from(vm_config(cfg, spec, &kernel, dir.path(), disk_checked, net))?;
-    let vm = vm_config(cfg, spec, &kernel, Path::new(""), disk_named, net);
+    let vm = vm_config(
+        cfg,
+        spec,
+        VmFiles {
+            kvm,
+            kernel,
+            console,
+            vsock,
+        },
+        disk_config,
+        net,
+    );
+    // Validate here, with the typed error, rather than in the child: the fds are this
+    // process's, at the numbers the child inherits them under.
+    VmResources::try_from(vm.clone())?;
     let json = serde_json::to_vec_pretty(&vm)
         .map_err(|e| io("serialize", names::CONFIG)(std::io::Error::other(e)))?;
-    dir.create_file(names::CONFIG, 0o600)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, &json))
+    let config = dir
+        .create_file(names::CONFIG, 0o600)
         .map_err(io("write", names::CONFIG))?;
+    std::io::Write::write_all(&mut &config, &json).map_err(io("write", names::CONFIG))?;
+    if let Some(user) = cfg.jail.user {
+        // The VMM reads its config as that user.
+        std::os::unix::fs::fchown(&config, Some(user.uid), Some(user.gid))
+            .map_err(io("change the owner of", names::CONFIG))?;
+    }
+    drop(config);
     let log = dir
         .create_file(names::VMM_LOG, 0o600)
         .map_err(io("create", names::VMM_LOG))?;
+    let root = match &cfg.jail_support.private_root {
+        Some(root_files) => Some(
+            PreparedRoot::create(&dir.fd_path("."), root_files, names::CONFIG)
+                .map_err(io("prepare the private root in", jail::ROOT_DIR))?,
+        ),
+        None => None,
+    };
     check()?;
     // The jail (docs/jail.md): the cgroup exists before the fork, so the child can join it.
     let cgroup = match &cfg.jail_support.cgroup {
@@ -629,23 +704,52 @@ fn prepare(
         )?),
         None => None,
     };
+    let mut inherit = [-1; jail::MAX_INHERITED_FDS];
+    for (slot, fd) in inherit
+        .iter_mut()
+        .zip(files.raw().chain(net.map(|(fd, _)| fd)))
+    {
+        *slot = fd;
+    }
     let prepared = PreparedJail {
         cgroup_procs: cgroup.as_ref().map_or(-1, SandboxCgroup::procs_fd),
         namespaces: cfg.jail_support.namespaces,
         restrict: cfg.jail.restrict_process,
         fsize: jail_fsize(cfg, disk.virtual_size),
-        inherit: [net.map_or(-1, |(fd, _)| fd), -1],
+        inherit,
+        root,
+        user: cfg.jail.user,
     };
     let cmd = vmm_command(&cfg.vmm, dir, log, prepared);
-    // `cgroup` (and its procs fd) lives until the spawn returned, then goes to the watcher.
+    // `cgroup` (and its procs fd) lives until the spawn returned, then goes to the watcher;
+    // `files` until here too, then the VMM holds the only copies.
     let proc = VmmProcess::spawn_jailed(cmd, cgroup).map_err(|source| RuntimeError::Spawn {
         vmm: cfg.vmm.clone(),
         source,
     })?;
+    drop(files);
     let pid = proc.pid();
     guard.proc = Some(proc);
     write_pid_file(dir, pid).map_err(io("write", names::PID))?;
     Ok(copy)
+}
+
+/// The files a VMM inherits, open until it is spawned.
+#[derive(Default)]
+struct InheritedFiles(Vec<OwnedFd>);
+
+impl InheritedFiles {
+    /// Keeps `f` open and returns the config entry naming it.
+    fn add(&mut self, f: impl Into<OwnedFd>) -> FileSource {
+        let f = f.into();
+        let n = f.as_raw_fd();
+        self.0.push(f);
+        FileSource::fd(n)
+    }
+
+    fn raw(&self) -> impl Iterator<Item = std::os::fd::RawFd> + '_ {
+        self.0.iter().map(AsRawFd::as_raw_fd)
+    }
 }
 
 /// `RLIMIT_FSIZE` of a sandbox's VMM: the largest file it writes (its disk, its console log)
@@ -724,13 +828,21 @@ impl DiskPlan {
     }
 }
 
-/// The VM config for one sandbox: the spec's shape, the disk, and the console log and vsock
-/// socket in the sandbox directory `dir` (`""`: named relative to the VMM's working directory).
+/// The files of a sandbox's VM config besides its disk.
+struct VmFiles {
+    /// `None`: the VMM opens `/dev/kvm` (tests with a stand-in VMM only).
+    kvm: Option<FileSource>,
+    kernel: FileSource,
+    console: FileSource,
+    vsock: FileSource,
+}
+
+/// The VM config for one sandbox: the spec's shape, the disk, `/dev/kvm`, the kernel, the
+/// console log and the vsock listener.
 fn vm_config(
     cfg: &Resolved,
     spec: &SandboxSpec,
-    kernel: &Path,
-    dir: &Path,
+    files: VmFiles,
     disk: DiskConfig,
     net: Option<(std::os::fd::RawFd, &str)>,
 ) -> VmConfig {
@@ -744,13 +856,15 @@ fn vm_config(
         cmdline.push(' ');
         cmdline.push_str(p);
     }
-    let vm = VmConfig::new(kernel)
+    let mut vm = VmConfig::new(files.kernel);
+    vm.kvm = files.kvm;
+    let vm = vm
         .vcpus(spec.vcpus())
         .memory_mib(spec.memory_mib())
         .disk(disk)
         .cmdline_extra(cmdline)
-        .console_file(dir.join(names::CONSOLE), cfg.console_cap_bytes)
-        .vsock(VsockDeviceConfig::new(GUEST_CID, dir.join(names::VSOCK)))
+        .console_file(files.console, cfg.console_cap_bytes)
+        .vsock(VsockDeviceConfig::new(GUEST_CID, files.vsock))
         .seccomp(cfg.jail.seccomp)
         .debug_forbidden_syscall(cfg.jail.debug_forbidden_syscall);
     match net {
@@ -778,9 +892,19 @@ fn console_tail(dir: &SandboxDir) -> String {
     out
 }
 
-/// The error for a VMM that ended with `exit`: [`RuntimeError::VmmSeccomp`] for a seccomp
-/// violation (its log line quoted), [`RuntimeError::GuestExited`] otherwise.
+/// The error for a VMM that ended with `exit`: [`RuntimeError::VmmOutOfMemory`] when its
+/// cgroup's OOM killer ended it, [`RuntimeError::VmmSeccomp`] for a seccomp violation (its log
+/// line quoted), [`RuntimeError::GuestExited`] otherwise.
 fn exit_error(id: &str, exit: VmmExit, console: String) -> RuntimeError {
+    if let Some(oom) = exit.1 {
+        return RuntimeError::VmmOutOfMemory {
+            id: id.to_string(),
+            memory_max: oom
+                .memory_max
+                .map_or_else(|| "its limit".to_string(), |b| format!("{b} bytes")),
+            console,
+        };
+    }
     if exit.0.code() == Some(sandbox_vmm::vmm::EXIT_SECCOMP) {
         let report = console
             .lines()
@@ -1421,7 +1545,11 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         use std::process::ExitStatus;
         let console = "\n--- sandbox-vmm log (last lines) ---\nsandbox-vmm: seccomp: forbidden system call 110 on a devices thread; the VMM ends (docs/jail.md)\n".to_string();
-        let e = exit_error("sbx-1", VmmExit(ExitStatus::from_raw(7 << 8)), console);
+        let e = exit_error(
+            "sbx-1",
+            VmmExit(ExitStatus::from_raw(7 << 8), None),
+            console,
+        );
         assert!(
             matches!(&e, RuntimeError::VmmSeccomp { report, .. } if report.starts_with("forbidden system call 110 on a devices thread")),
             "{e:?}"
@@ -1429,13 +1557,32 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::GuestExited);
         let other = exit_error(
             "sbx-1",
-            VmmExit(ExitStatus::from_raw(3 << 8)),
+            VmmExit(ExitStatus::from_raw(3 << 8), None),
             String::new(),
         );
         assert!(
             matches!(other, RuntimeError::GuestExited { .. }),
             "{other:?}"
         );
+        // Killed by its cgroup's OOM killer: a typed error naming the limit and the fix.
+        let oom = exit_error(
+            "sbx-1",
+            VmmExit(
+                ExitStatus::from_raw(libc::SIGKILL),
+                Some(super::super::process::OomKill {
+                    memory_max: Some(335_544_320),
+                }),
+            ),
+            String::new(),
+        );
+        assert!(
+            matches!(&oom, RuntimeError::VmmOutOfMemory { .. }),
+            "{oom:?}"
+        );
+        assert_eq!(oom.kind(), ErrorKind::GuestExited);
+        let text = oom.to_string();
+        assert!(text.contains("335544320 bytes"), "{text}");
+        assert!(text.contains("memory_overhead_mib"), "{text}");
     }
 
     #[test]
@@ -1461,6 +1608,7 @@ mod tests {
     fn resolved(dir: &Path) -> Resolved {
         Resolved {
             vmm: dir.join("sandbox-vmm"),
+            kvm_device: Some(dir.join("kvm")),
             kernel: dir.join("vmlinux"),
             rootfs: dir.join("rootfs.ext4"),
             state_dir: dir.join("state"),
@@ -1500,7 +1648,7 @@ mod tests {
     }
 
     #[test]
-    fn vm_config_names_the_sandbox_files_relative_to_the_vmm() {
+    fn vm_config_names_every_sandbox_file_by_its_inherited_fd() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = resolved(dir.path());
         let spec = SandboxSpec::builder("/k/vmlinux", "/k/rootfs.ext4")
@@ -1509,38 +1657,44 @@ mod tests {
             .cmdline_param("quiet")
             .build()
             .expect("spec");
-        let kernel = Path::new("/k/vmlinux");
+        let files = || VmFiles {
+            kvm: Some(FileSource::fd(3)),
+            kernel: FileSource::fd(4),
+            console: FileSource::fd(5),
+            vsock: FileSource::fd(6),
+        };
         let vm = vm_config(
             &cfg,
             &spec,
-            kernel,
-            Path::new(""),
-            DiskConfig::new(names::ROOTFS, false),
-            None,
+            files(),
+            DiskConfig::new(FileSource::fd(7), false),
+            Some((8, "ip=10.0.0.2")),
         );
         let json = serde_json::to_value(&vm).expect("json");
-        assert_eq!(json["kernel"], "/k/vmlinux");
+        assert_eq!(json["kvm"]["fd"], 3);
+        assert_eq!(json["kernel"]["fd"], 4);
         assert_eq!(
             (json["vcpus"].as_u64(), json["memory_mib"].as_u64()),
             (Some(2), Some(512))
         );
-        assert_eq!(json["cmdline_extra"], "root=/dev/vda rw quiet");
+        assert_eq!(json["cmdline_extra"], "root=/dev/vda rw ip=10.0.0.2 quiet");
         assert_eq!(json["disks"][0]["read_only"], false);
-        assert_eq!(json["disks"][0]["path"], "rootfs.ext4");
-        assert_eq!(json["vsock"]["uds_path"], "vsock.sock");
-        assert_eq!(json["console"]["path"], "console.log");
+        assert_eq!(json["disks"][0]["path"]["fd"], 7);
+        assert_eq!(json["vsock"]["uds_path"]["fd"], 6);
+        assert_eq!(json["console"]["path"]["fd"], 5);
         assert_eq!(json["console"]["cap_bytes"], 4096);
-        let abs = vm_config(
+        assert_eq!(json["net"]["tap_fd"], 8);
+        let text = serde_json::to_string(&vm).expect("json");
+        // No host path anywhere: every string value that starts with '/' would be one.
+        assert!(!text.contains("\":\"/"), "{text}");
+        let ro = vm_config(
             &cfg,
             &spec,
-            kernel,
-            Path::new("/s/sbx-00"),
-            DiskConfig::new("/k/rootfs.ext4", true),
+            files(),
+            DiskConfig::new(FileSource::fd(7), true),
             None,
         );
-        assert_eq!(abs.cmdline_extra, "root=/dev/vda ro quiet");
-        let json = serde_json::to_value(&abs).expect("json");
-        assert_eq!(json["vsock"]["uds_path"], "/s/sbx-00/vsock.sock");
+        assert_eq!(ro.cmdline_extra, "root=/dev/vda ro quiet");
     }
 
     #[test]
@@ -1577,6 +1731,8 @@ mod tests {
         );
         assert_eq!(err.kind(), ErrorKind::InvalidSpec);
         assert!(guard.dir.is_none() && guard.lock.is_none());
+        // A stand-in for /dev/kvm (opened before the disk; checked only with the whole config).
+        std::fs::write(dir.path().join("kvm"), b"").expect("kvm");
         // A base whose name cannot be an overlay's backing file name (a ':' reads as a protocol
         // in qcow2 tools): the overlay fails after the directory and lock were made.
         std::fs::write(dir.path().join("root:fs.ext4"), vec![0u8; 4096]).expect("base");

@@ -167,6 +167,18 @@ pub fn child_setup(parent: libc::pid_t, cwd: Option<RawFd>) -> io::Result<()> {
     Ok(())
 }
 
+/// `fchdir(fd)`: enters the directory `fd` names (async-signal-safe).
+///
+/// # Errors
+/// The `fchdir` error.
+pub fn enter_dir(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fchdir takes an integer and touches no memory.
+    if unsafe { libc::fchdir(fd) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Clears `FD_CLOEXEC` on `fd`, so it survives exec (async-signal-safe).
 ///
 /// # Errors
@@ -310,4 +322,93 @@ pub fn set_no_new_privs() -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+// The private root (`jail.rs`): mount calls between fork and exec, in the child's own mount
+// namespace. Each takes C strings built before the fork.
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes every mount of this (new) mount namespace private, recursively, so nothing the child
+/// mounts or unmounts propagates to the host's namespace (`mount(2)`, `MS_REC | MS_PRIVATE`).
+pub fn make_mounts_private() -> io::Result<()> {
+    // SAFETY: the path is a static NUL-terminated string; the other pointers are null, which
+    // mount(2) allows for a propagation change.
+    check(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// Bind-mounts `src` onto `dst` (a file onto a file or a directory onto a directory), then
+/// remounts the bind with `flags` (`MS_RDONLY`, `MS_NOSUID`, ... ; 0: leave it as it is).
+pub fn bind_mount(
+    src: &std::ffi::CStr,
+    dst: &std::ffi::CStr,
+    flags: libc::c_ulong,
+) -> io::Result<()> {
+    // SAFETY: both paths are NUL-terminated C strings that outlive the call; no data argument.
+    check(unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    })?;
+    if flags == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above; a bind remount changes only the per-mount flags of `dst`.
+    check(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REMOUNT | flags,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// Makes the mount at `root` this process's root: `chdir(root)`, `pivot_root(".", ".")` (the old
+/// root ends up stacked on the new one), `umount2(".", MNT_DETACH)` (off goes the old root, so
+/// no host path stays reachable), `chdir("/")`. `root` must be a mount point.
+pub fn pivot_into(root: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: `root` is a NUL-terminated C string that outlives the call.
+    check(unsafe { libc::chdir(root.as_ptr()) })?;
+    let dot = c".";
+    // SAFETY: pivot_root takes two NUL-terminated paths (static here) and no other memory.
+    let r = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a static path and integer flags.
+    check(unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) })?;
+    // SAFETY: a static path.
+    check(unsafe { libc::chdir(c"/".as_ptr()) })
+}
+
+/// Drops to `uid`/`gid` for good: no supplementary groups (`setgroups(0)`), then real,
+/// effective and saved gid, then uid (the gid first: after the uid change there is no
+/// privilege left to change it). Needs `CAP_SETUID`/`CAP_SETGID`.
+pub fn set_user(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: a zero-length list with a null pointer is allowed by setgroups(2).
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::setresuid(uid, uid, uid) })
 }

@@ -185,11 +185,27 @@ pub struct LoadedKernel {
 /// # Errors
 /// [`BootError::OpenKernel`], [`BootError::KernelImage`], [`BootError::LoadKernel`].
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
+    let file = File::open(path).map_err(|source| BootError::OpenKernel {
+        path: path.into(),
+        source,
+    })?;
+    load_kernel_file(mem, file, path)
+}
+
+/// [`load_kernel`] from a file already open (the jailed VMM's inherited fd); `path` names it
+/// in errors.
+///
+/// # Errors
+/// As [`load_kernel`].
+pub fn load_kernel_file(
+    mem: &GuestMemoryMmap,
+    mut file: File,
+    path: &Path,
+) -> Result<LoadedKernel> {
     let open_err = |source| BootError::OpenKernel {
         path: path.into(),
         source,
     };
-    let mut file = File::open(path).map_err(open_err)?;
     let file_len = file.metadata().map_err(open_err)?.len();
     let format = image::check_kernel_image(&mut file, file_len, mem, &image::ImageLimits::DEFAULT)
         .map_err(|source| BootError::KernelImage {
@@ -266,11 +282,29 @@ pub fn load_initrd(
     kernel: &LoadedKernel,
     mem_bytes: u64,
 ) -> Result<LoadedInitrd> {
+    let file = File::open(path).map_err(|source| BootError::ReadInitrd {
+        path: path.into(),
+        source,
+    })?;
+    load_initrd_file(mem, file, path, kernel, mem_bytes)
+}
+
+/// [`load_initrd`] from a file already open (the jailed VMM's inherited fd); `path` names it
+/// in errors.
+///
+/// # Errors
+/// As [`load_initrd`].
+pub fn load_initrd_file(
+    mem: &GuestMemoryMmap,
+    mut file: File,
+    path: &Path,
+    kernel: &LoadedKernel,
+    mem_bytes: u64,
+) -> Result<LoadedInitrd> {
     let read_err = |source| BootError::ReadInitrd {
         path: path.into(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     if size > MAX_INITRD_BYTES {
         return Err(BootError::InitrdTooLarge {

@@ -37,7 +37,7 @@ use crate::kvm::{self, KvmError};
 use crate::layout;
 use crate::memory::GuestRam;
 use crate::vcpu::Vcpu;
-use crate::vmm::config::DiskFormat;
+use crate::vmm::config::{DiskFormat, FileSource};
 use sandbox_fs::{Qcow2Config, Qcow2Disk};
 
 /// Errors from building a VM.
@@ -217,7 +217,17 @@ impl VmBuilder {
     /// # Errors
     /// [`BuildError::Kvm`], [`BuildError::KvmIoctl`], [`BuildError::Memory`].
     pub fn new(resources: VmResources) -> Result<Self> {
-        let kvm = kvm::open_kvm()?;
+        let kvm = match &resources.kvm {
+            None => kvm::open_kvm()?,
+            Some(FileSource::Path(p)) => kvm::open_kvm_at(p)?,
+            Some(FileSource::Fd(f)) => {
+                // SAFETY: see `open_source`: validation refused configs naming one fd twice,
+                // and this step runs once per VM.
+                let fd = unsafe { crate::sys::claim_inherited_fd(f.fd) }
+                    .map_err(|e| BuildError::Kvm(KvmError::Open(e)))?;
+                kvm::kvm_from_fd(fd)?
+            }
+        };
         let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         // Intel VMX needs three pages for the real-mode TSS; harmless elsewhere.
         vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
@@ -308,7 +318,19 @@ impl VmBuilder {
     /// # Errors
     /// [`BuildError::Boot`].
     pub fn load_kernel(&mut self) -> Result<()> {
-        let kernel = boot::load_kernel(&self.memory, &self.resources.kernel)?;
+        let source = &self.resources.kernel;
+        let kernel = match source {
+            FileSource::Path(p) => boot::load_kernel(&self.memory, p)?,
+            FileSource::Fd(_) => {
+                let file = open_source(source, &read_only()).map_err(|e| {
+                    BuildError::Boot(boot::BootError::OpenKernel {
+                        path: source.label(),
+                        source: e,
+                    })
+                })?;
+                boot::load_kernel_file(&self.memory, file, &source.label())?
+            }
+        };
         tracing::debug!(
             entry = format_args!("{:#x}", kernel.entry.0),
             end = format_args!("{:#x}", kernel.end),
@@ -323,16 +345,23 @@ impl VmBuilder {
     /// # Errors
     /// [`BuildError::Boot`], [`BuildError::Order`].
     pub fn load_initrd(&mut self) -> Result<()> {
-        let Some(path) = self.resources.initrd.clone() else {
+        let Some(source) = self.resources.initrd.clone() else {
             return Ok(());
         };
         let kernel = self.kernel.ok_or(BuildError::Order {
             step: "load_initrd",
             needs: "load_kernel",
         })?;
-        self.initrd = Some(boot::load_initrd(
+        let file = open_source(&source, &read_only()).map_err(|e| {
+            BuildError::Boot(boot::BootError::ReadInitrd {
+                path: source.label(),
+                source: e,
+            })
+        })?;
+        self.initrd = Some(boot::load_initrd_file(
             &self.memory,
-            &path,
+            file,
+            &source.label(),
             &kernel,
             self.resources.memory_bytes,
         )?);
@@ -371,9 +400,11 @@ impl VmBuilder {
         let console = &self.resources.console;
         let mut sinks: Vec<Box<dyn LineSink>> = Vec::new();
         match &console.path {
-            Some(path) => {
-                let file = File::create(path)
-                    .map_err(io_err(format!("creating console log {}", path.display())))?;
+            Some(source) => {
+                let mut create = std::fs::OpenOptions::new();
+                create.write(true).create(true).truncate(true);
+                let file = open_source(source, &create)
+                    .map_err(io_err(format!("creating console log {source}")))?;
                 sinks.push(Box::new(CappedWriter::new(file, console.cap_bytes)));
             }
             None => sinks.push(Box::new(CappedWriter::new(StdoutWriter, console.cap_bytes))),
@@ -556,36 +587,60 @@ impl VmBuilder {
     pub fn attach_disks(&mut self) -> Result<()> {
         for (i, disk) in self.resources.disks.clone().iter().enumerate() {
             let fail = |message: String| BuildError::Disk {
-                path: disk.path.clone(),
+                path: disk.path.label(),
                 message,
             };
+            let mut open = std::fs::OpenOptions::new();
+            open.read(true).write(!disk.read_only);
             let mut config = BlockConfig::new(disk.read_only).with_id(format!("sandbox-disk{i}"));
-            let backend: Box<dyn BlockBackend> = match (disk.format, &disk.backing) {
-                (DiskFormat::Raw, _) => Box::new(
-                    RawFile::open(&disk.path, disk.read_only).map_err(|e| fail(e.to_string()))?,
-                ),
-                (DiskFormat::Qcow2, Some(backing)) => {
+            let backend: Box<dyn BlockBackend> = match (disk.format, &disk.path, &disk.backing) {
+                (DiskFormat::Raw, FileSource::Path(p), _) => {
+                    Box::new(RawFile::open(p, disk.read_only).map_err(|e| fail(e.to_string()))?)
+                }
+                (DiskFormat::Raw, source, _) => {
+                    let file = open_source(source, &open).map_err(|e| fail(e.to_string()))?;
+                    Box::new(
+                        RawFile::from_file(file, &source.label())
+                            .map_err(|e| fail(e.to_string()))?,
+                    )
+                }
+                (DiskFormat::Qcow2, path, Some(backing)) => {
                     let opts = Qcow2Config::new().host_bytes_cap(disk.host_bytes_cap);
-                    let image = Qcow2Disk::open(&disk.path, backing, &opts)
-                        .map_err(|e| fail(format!("{e}: {}", error_chain(&e))))?;
+                    let image = match (path, backing) {
+                        (FileSource::Path(p), FileSource::Path(b)) => Qcow2Disk::open(p, b, &opts),
+                        _ => {
+                            let overlay =
+                                open_source(path, &open).map_err(|e| fail(e.to_string()))?;
+                            let base = open_source(backing, &read_only())
+                                .map_err(|e| fail(e.to_string()))?;
+                            // A base given by path keeps its name check.
+                            let name = backing
+                                .as_path()
+                                .and_then(|b| b.file_name())
+                                .and_then(|n| n.to_str());
+                            Qcow2Disk::open_files(
+                                (overlay, &path.label()),
+                                (base, &backing.label()),
+                                name,
+                                &opts,
+                            )
+                        }
+                    }
+                    .map_err(|e| fail(format!("{e}: {}", error_chain(&e))))?;
                     // Space comes back to the host a whole cluster at a time (at most 2 MiB,
                     // which the header parser enforces).
                     let cluster = u32::try_from(image.cluster_size()).unwrap_or(u32::MAX);
                     config = config.with_discard_alignment(cluster);
                     Box::new(image)
                 }
-                (DiskFormat::Qcow2, None) => {
+                (DiskFormat::Qcow2, _, None) => {
                     return Err(fail("a qcow2 disk needs its backing file".into()))
                 }
             };
             let mut block: Block<GuestMemoryMmap> = Block::new(backend, &config);
             if let Some(path) = &disk.full_report {
-                let file = full_report_file(path).map_err(|e| {
-                    fail(format!(
-                        "cannot create the report file {}: {e}",
-                        path.display()
-                    ))
-                })?;
+                let file = full_report_file(path)
+                    .map_err(|e| fail(format!("cannot create the report file {path}: {e}")))?;
                 block = block.with_full_report(Box::new(move |count| {
                     use std::os::unix::fs::FileExt;
                     if let Err(err) = file.write_all_at(&count.to_le_bytes(), 0) {
@@ -595,7 +650,7 @@ impl VmBuilder {
             }
             let (slot, _) = self.attach_virtio(block)?;
             tracing::info!(
-                path = %disk.path.display(),
+                path = %disk.path,
                 format = ?disk.format,
                 read_only = disk.read_only,
                 cap = ?disk.host_bytes_cap,
@@ -616,11 +671,21 @@ impl VmBuilder {
         let Some(cfg) = self.resources.vsock.clone() else {
             return Ok(());
         };
-        let config = VsockConfig::new(cfg.guest_cid, &cfg.uds_path);
-        let vsock: Vsock<GuestMemoryMmap> = Vsock::new(&config).map_err(|e| BuildError::Vsock {
-            path: cfg.uds_path.clone(),
-            message: e.to_string(),
-        })?;
+        let fail = |message: String| BuildError::Vsock {
+            path: cfg.uds_path.label(),
+            message,
+        };
+        let config = VsockConfig::new(cfg.guest_cid, cfg.uds_path.label());
+        let vsock: Vsock<GuestMemoryMmap> = match &cfg.uds_path {
+            FileSource::Path(_) => Vsock::new(&config),
+            FileSource::Fd(f) => {
+                // SAFETY: see `open_source`.
+                let fd = unsafe { crate::sys::claim_inherited_fd(f.fd) }
+                    .map_err(|e| fail(e.to_string()))?;
+                Vsock::with_listener(&config, std::os::unix::net::UnixListener::from(fd))
+            }
+        }
+        .map_err(|e| fail(e.to_string()))?;
         let backend_fd = vsock.backend_fd();
         let (slot, transport) = self.attach_virtio(vsock)?;
         // The fd belongs to the device inside `transport`, which the handler keeps alive.
@@ -635,7 +700,7 @@ impl VmBuilder {
                 }
             }),
         )?;
-        tracing::info!(cid = cfg.guest_cid, uds = %cfg.uds_path.display(), gsi = slot.gsi, "vsock attached");
+        tracing::info!(cid = cfg.guest_cid, uds = %cfg.uds_path, gsi = slot.gsi, "vsock attached");
         Ok(())
     }
 
@@ -869,19 +934,43 @@ impl VmBuilder {
     }
 }
 
-/// Creates (or truncates) the disk-full count file and writes a count of 0.
-fn full_report_file(path: &std::path::Path) -> io::Result<std::fs::File> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
+/// Creates (or truncates) the disk-full count file, or takes the inherited one, and writes a
+/// count of 0.
+fn full_report_file(source: &FileSource) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let mut create = std::fs::OpenOptions::new();
+    create
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    file.write_all(&0u64.to_le_bytes())?;
+        .custom_flags(libc::O_NOFOLLOW);
+    let file = open_source(source, &create)?;
+    file.write_all_at(&0u64.to_le_bytes(), 0)?;
     Ok(file)
+}
+
+/// Options that open a file read-only.
+fn read_only() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    o
+}
+
+/// Opens `source` with `options` (a path), or takes ownership of the inherited fd it names
+/// (`options` unused: the fd is as its opener made it, which validation checked).
+fn open_source(source: &FileSource, options: &std::fs::OpenOptions) -> io::Result<File> {
+    match source {
+        FileSource::Path(p) => options.open(p),
+        FileSource::Fd(f) => {
+            // SAFETY: validation (`VmResources::try_from`) refused configs that name one fd in
+            // two entries, and each entry is opened by exactly one build step, once per VM (a
+            // `VmResources` naming fds is built once: documented on `FileSource::Fd`); nothing
+            // else in the VMM owns fds by number.
+            let fd = unsafe { crate::sys::claim_inherited_fd(f.fd) }?;
+            Ok(File::from(fd))
+        }
+    }
 }
 
 /// `err`'s sources, `: `-separated (the disk error is a string in [`BuildError::Disk`]).

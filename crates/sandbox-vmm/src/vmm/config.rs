@@ -16,6 +16,12 @@
 //! ```
 //!
 //! Only `kernel` is required. `console.path` absent means standard output (still capped).
+//!
+//! Every file entry (`kvm`, `kernel`, `initrd`, `disks[].path`, `disks[].backing`,
+//! `disks[].full_report`, `console.path`, `vsock.uds_path`) is either a path, which the VMM opens
+//! itself, or `{"fd": N}`, an fd the VMM process inherited already open ([`FileSource`]): the
+//! jailed VMM gets every file that way and opens nothing by path (docs/jail.md). An fd entry is
+//! checked to be open and of the right kind ([`FdProblem`]); no two entries may name one fd.
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +66,187 @@ pub enum SeccompMode {
     Off,
 }
 
+/// A file the VMM uses: a path it opens itself, or an fd it inherited, already open.
+///
+/// JSON: a string (`"/path/to/file"`) or an object (`{"fd": 5}`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FileSource {
+    /// A path the VMM opens (relative paths from its working directory).
+    Path(PathBuf),
+    /// An fd the VMM process inherited, 3 or more. Building a VM takes ownership of it (and
+    /// closes it with the VM), so a [`VmResources`] naming fds is built once.
+    Fd(InheritedFd),
+}
+
+/// An inherited fd's number, as [`FileSource::Fd`] names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InheritedFd {
+    /// The fd number in the VMM process.
+    pub fd: i32,
+}
+
+impl FileSource {
+    /// The inherited fd `fd`.
+    pub fn fd(fd: i32) -> Self {
+        FileSource::Fd(InheritedFd { fd })
+    }
+
+    /// The path, for a path entry.
+    pub fn as_path(&self) -> Option<&Path> {
+        match self {
+            FileSource::Path(p) => Some(p),
+            FileSource::Fd(_) => None,
+        }
+    }
+
+    /// The fd number, for an fd entry.
+    pub fn as_fd(&self) -> Option<i32> {
+        match self {
+            FileSource::Path(_) => None,
+            FileSource::Fd(f) => Some(f.fd),
+        }
+    }
+
+    /// What errors and logs call it: the path, or `fd N`.
+    pub fn label(&self) -> PathBuf {
+        match self {
+            FileSource::Path(p) => p.clone(),
+            FileSource::Fd(f) => PathBuf::from(format!("fd {}", f.fd)),
+        }
+    }
+}
+
+impl std::fmt::Display for FileSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileSource::Path(p) => write!(f, "{}", p.display()),
+            FileSource::Fd(i) => write!(f, "fd {}", i.fd),
+        }
+    }
+}
+
+impl From<PathBuf> for FileSource {
+    fn from(p: PathBuf) -> Self {
+        FileSource::Path(p)
+    }
+}
+
+impl From<&PathBuf> for FileSource {
+    fn from(p: &PathBuf) -> Self {
+        FileSource::Path(p.clone())
+    }
+}
+
+impl From<&Path> for FileSource {
+    fn from(p: &Path) -> Self {
+        FileSource::Path(p.to_path_buf())
+    }
+}
+
+impl From<&str> for FileSource {
+    fn from(p: &str) -> Self {
+        FileSource::Path(PathBuf::from(p))
+    }
+}
+
+impl From<String> for FileSource {
+    fn from(p: String) -> Self {
+        FileSource::Path(PathBuf::from(p))
+    }
+}
+
+/// What an fd entry must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FdKind {
+    /// `/dev/kvm`: a character device answering `KVM_GET_API_VERSION` with 12.
+    Kvm,
+    /// A regular file open for reading (kernel, initrd).
+    ReadFile,
+    /// A regular file or block device, open for reading, and for writing when `writable`.
+    Disk { writable: bool },
+    /// A regular file open for writing (console log, disk-full report).
+    WriteFile,
+    /// A listening Unix stream socket (the vsock device's host side).
+    UnixListener,
+}
+
+/// Why an fd entry of a config was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FdProblem {
+    /// 0-2 are stdio.
+    #[error("is stdio (inherited fds are 3 or more)")]
+    Stdio,
+    /// No such fd is open in this process.
+    #[error("is not open")]
+    NotOpen,
+    /// Not `/dev/kvm`.
+    #[error("is not /dev/kvm (KVM_GET_API_VERSION did not answer 12)")]
+    NotKvm,
+    /// Not a regular file.
+    #[error("is not a regular file")]
+    NotRegularFile,
+    /// Neither a regular file nor a block device.
+    #[error("is neither a regular file nor a block device")]
+    NotDisk,
+    /// Not open for reading.
+    #[error("is not open for reading")]
+    NotReadable,
+    /// Not open for writing, though the entry is written.
+    #[error("is not open for writing")]
+    NotWritable,
+    /// Not a listening Unix stream socket.
+    #[error("is not a listening Unix stream socket")]
+    NotUnixListener,
+    /// Another entry names the same fd (each fd is one file, claimed once).
+    #[error("is named by another entry too")]
+    Duplicate,
+}
+
+/// Checks that fd `fd` is open and of `kind`.
+fn check_fd(field: &'static str, fd: i32, kind: FdKind) -> Result<()> {
+    let fail = |problem| ConfigError::Fd { field, fd, problem };
+    if fd < 3 {
+        return Err(fail(FdProblem::Stdio));
+    }
+    let info = crate::sys::fd_info(fd).map_err(|_| fail(FdProblem::NotOpen))?;
+    let regular = info.file_type == libc::S_IFREG;
+    match kind {
+        FdKind::Kvm => {
+            if info.file_type != libc::S_IFCHR
+                || crate::sys::kvm_api_version(fd).ok() != Some(crate::kvm::KVM_API_VERSION)
+            {
+                return Err(fail(FdProblem::NotKvm));
+            }
+        }
+        FdKind::ReadFile | FdKind::WriteFile if !regular => {
+            return Err(fail(FdProblem::NotRegularFile))
+        }
+        FdKind::ReadFile if !info.readable => return Err(fail(FdProblem::NotReadable)),
+        FdKind::WriteFile if !info.writable => return Err(fail(FdProblem::NotWritable)),
+        FdKind::ReadFile | FdKind::WriteFile => {}
+        FdKind::Disk { writable } => {
+            if !regular && info.file_type != libc::S_IFBLK {
+                return Err(fail(FdProblem::NotDisk));
+            }
+            if !info.readable {
+                return Err(fail(FdProblem::NotReadable));
+            }
+            if writable && !info.writable {
+                return Err(fail(FdProblem::NotWritable));
+            }
+        }
+        FdKind::UnixListener => {
+            if !crate::sys::is_unix_listener(fd).unwrap_or(false) {
+                return Err(fail(FdProblem::NotUnixListener));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The format of a disk image. Always given, never probed from the file's contents.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -76,19 +263,21 @@ pub enum DiskFormat {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct DiskConfig {
-    /// The image file.
-    pub path: PathBuf,
+    /// The image file (a regular file or block device; an fd entry opened read-write unless
+    /// `read_only`).
+    pub path: FileSource,
     /// Expose the disk read-only (writes fail in the guest with an I/O error).
     #[serde(default)]
     pub read_only: bool,
     /// The image's format.
     #[serde(default)]
     pub format: DiskFormat,
-    /// For [`DiskFormat::Qcow2`]: the raw backing file, which the VMM opens itself, read-only.
-    /// The backing file name in the overlay's header must be this file's name; its path is never
+    /// For [`DiskFormat::Qcow2`]: the raw backing file, which the VMM opens itself, read-only
+    /// (or inherits). The backing file name in the overlay's header must be this file's name (for
+    /// a path; an inherited fd has no name to compare, so any valid name goes); its path is never
     /// taken from the header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backing: Option<PathBuf>,
+    pub backing: Option<FileSource>,
     /// For [`DiskFormat::Qcow2`]: the most bytes the overlay file may grow to. A guest write
     /// past it fails with VIRTIO_BLK_S_IOERR (the guest sees an I/O error) and the VM goes on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,13 +285,14 @@ pub struct DiskConfig {
     /// A file (created or truncated at start) where the VMM keeps the count of guest writes the
     /// disk refused for lack of space (the cap, or a full host file system): 8 bytes, a
     /// little-endian `u64`, rewritten in place after each queue pass that added some.
+    /// An fd entry is written from offset 0 and never truncated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub full_report: Option<PathBuf>,
+    pub full_report: Option<FileSource>,
 }
 
 impl DiskConfig {
     /// A raw disk backed by `path`.
-    pub fn new(path: impl Into<PathBuf>, read_only: bool) -> Self {
+    pub fn new(path: impl Into<FileSource>, read_only: bool) -> Self {
         Self {
             path: path.into(),
             read_only,
@@ -115,7 +305,7 @@ impl DiskConfig {
 
     /// Keeps the count of writes refused for space in `path` (see [`DiskConfig::full_report`]).
     #[must_use]
-    pub fn with_full_report(mut self, path: impl Into<PathBuf>) -> Self {
+    pub fn with_full_report(mut self, path: impl Into<FileSource>) -> Self {
         self.full_report = Some(path.into());
         self
     }
@@ -123,8 +313,8 @@ impl DiskConfig {
     /// A writable qcow2 overlay at `path` over the raw image `backing`, its file capped at
     /// `host_bytes_cap` bytes if given.
     pub fn qcow2_overlay(
-        path: impl Into<PathBuf>,
-        backing: impl Into<PathBuf>,
+        path: impl Into<FileSource>,
+        backing: impl Into<FileSource>,
         host_bytes_cap: Option<u64>,
     ) -> Self {
         Self {
@@ -143,9 +333,10 @@ impl DiskConfig {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ConsoleConfig {
-    /// Log file (created or truncated); standard output if absent.
+    /// Log file (created or truncated; an inherited fd is written as it is); standard output
+    /// if absent.
     #[serde(default)]
-    pub path: Option<PathBuf>,
+    pub path: Option<FileSource>,
     /// Most bytes written; the rest is dropped.
     #[serde(default = "default_console_cap")]
     pub cap_bytes: u64,
@@ -171,13 +362,14 @@ impl Default for ConsoleConfig {
 pub struct VsockDeviceConfig {
     /// The guest's CID, 3..=2^32 - 2 (0-2 are reserved, 2^32 - 1 is "any").
     pub guest_cid: u64,
-    /// Where the VMM listens; must not exist yet (the VMM creates it and removes it at exit).
-    pub uds_path: PathBuf,
+    /// Where the VMM listens: a path that must not exist yet (the VMM creates it and removes it
+    /// at exit), or an inherited listening Unix stream socket (whoever made it removes its file).
+    pub uds_path: FileSource,
 }
 
 impl VsockDeviceConfig {
     /// A vsock device with CID `guest_cid` and host socket `uds_path`.
-    pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Self {
+    pub fn new(guest_cid: u64, uds_path: impl Into<FileSource>) -> Self {
         Self {
             guest_cid,
             uds_path: uds_path.into(),
@@ -249,11 +441,14 @@ fn default_memory_mib() -> u32 {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct VmConfig {
+    /// `/dev/kvm`: absent means the VMM opens `/dev/kvm` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm: Option<FileSource>,
     /// Guest kernel: a `vmlinux` ELF or a bzImage.
-    pub kernel: PathBuf,
+    pub kernel: FileSource,
     /// Optional initrd.
     #[serde(default)]
-    pub initrd: Option<PathBuf>,
+    pub initrd: Option<FileSource>,
     /// Appended to [`BASE_CMDLINE`] and the device entries.
     #[serde(default)]
     pub cmdline_extra: String,
@@ -287,8 +482,9 @@ pub struct VmConfig {
 
 impl VmConfig {
     /// A config with defaults (1 vCPU, 256 MiB, no disks, console on stdout) for `kernel`.
-    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+    pub fn new(kernel: impl Into<FileSource>) -> Self {
         Self {
+            kvm: None,
             kernel: kernel.into(),
             initrd: None,
             cmdline_extra: String::new(),
@@ -352,14 +548,20 @@ impl VmConfig {
         self
     }
 
+    /// Uses `kvm` for `/dev/kvm` (an inherited fd, typically).
+    pub fn kvm(mut self, kvm: impl Into<FileSource>) -> Self {
+        self.kvm = Some(kvm.into());
+        self
+    }
+
     /// Sets the initrd.
-    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+    pub fn initrd(mut self, path: impl Into<FileSource>) -> Self {
         self.initrd = Some(path.into());
         self
     }
 
     /// Sends console output to a capped file.
-    pub fn console_file(mut self, path: impl Into<PathBuf>, cap_bytes: u64) -> Self {
+    pub fn console_file(mut self, path: impl Into<FileSource>, cap_bytes: u64) -> Self {
         self.console = ConsoleConfig {
             path: Some(path.into()),
             cap_bytes,
@@ -390,6 +592,16 @@ pub enum ConfigError {
         /// What is wrong, as a sentence fragment.
         problem: String,
     },
+    /// An fd entry is not usable.
+    #[error("invalid VM config: {field} names fd {fd}, which {problem}")]
+    Fd {
+        /// The field name.
+        field: &'static str,
+        /// The fd number.
+        fd: i32,
+        /// What is wrong with it.
+        problem: FdProblem,
+    },
     /// A file the config names is missing or not a regular file.
     #[error("invalid VM config: {field} {path} is not a readable file")]
     MissingFile {
@@ -410,10 +622,12 @@ pub type Result<T> = std::result::Result<T, ConfigError>;
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct VmResources {
-    /// Kernel image path.
-    pub kernel: PathBuf,
-    /// Initrd path.
-    pub initrd: Option<PathBuf>,
+    /// `/dev/kvm` (absent: the VMM opens it).
+    pub kvm: Option<FileSource>,
+    /// Kernel image.
+    pub kernel: FileSource,
+    /// Initrd.
+    pub initrd: Option<FileSource>,
     /// Extra kernel arguments (printable ASCII, at most [`MAX_CMDLINE_EXTRA`] bytes).
     pub cmdline_extra: String,
     /// vCPUs, 1..=[`MAX_VCPUS`].
@@ -471,6 +685,43 @@ fn check_file(field: &'static str, path: &Path) -> Result<()> {
     }
 }
 
+/// The fd entries seen so far, to refuse two entries naming one fd.
+#[derive(Default)]
+struct FdSet(Vec<i32>);
+
+impl FdSet {
+    fn add(&mut self, field: &'static str, fd: i32) -> Result<()> {
+        if self.0.contains(&fd) {
+            return Err(ConfigError::Fd {
+                field,
+                fd,
+                problem: FdProblem::Duplicate,
+            });
+        }
+        self.0.push(fd);
+        Ok(())
+    }
+
+    /// Checks `source`: a path must name a regular file when `must_exist`; an fd must be open,
+    /// of `kind`, and not named before.
+    fn check(
+        &mut self,
+        field: &'static str,
+        source: &FileSource,
+        kind: FdKind,
+        must_exist: bool,
+    ) -> Result<()> {
+        match source {
+            FileSource::Path(p) if must_exist => check_file(field, p),
+            FileSource::Path(_) => Ok(()),
+            FileSource::Fd(f) => {
+                check_fd(field, f.fd, kind)?;
+                self.add(field, f.fd)
+            }
+        }
+    }
+}
+
 impl TryFrom<VmConfig> for VmResources {
     type Error = ConfigError;
 
@@ -515,12 +766,25 @@ impl TryFrom<VmConfig> for VmResources {
                 format!("must be 1..={MAX_CONSOLE_CAP}"),
             ));
         }
-        check_file("kernel", &c.kernel)?;
+        let mut fds = FdSet::default();
+        if let Some(kvm) = &c.kvm {
+            fds.check("kvm", kvm, FdKind::Kvm, false)?;
+        }
+        fds.check("kernel", &c.kernel, FdKind::ReadFile, true)?;
         if let Some(initrd) = &c.initrd {
-            check_file("initrd", initrd)?;
+            fds.check("initrd", initrd, FdKind::ReadFile, true)?;
+        }
+        if let Some(console) = &c.console.path {
+            fds.check("console.path", console, FdKind::WriteFile, false)?;
         }
         for disk in &c.disks {
-            check_file("disks[].path", &disk.path)?;
+            let kind = FdKind::Disk {
+                writable: !disk.read_only,
+            };
+            fds.check("disks[].path", &disk.path, kind, true)?;
+            if let Some(report) = &disk.full_report {
+                fds.check("disks[].full_report", report, FdKind::WriteFile, false)?;
+            }
             match (disk.format, &disk.backing) {
                 (DiskFormat::Raw, None) if disk.host_bytes_cap.is_none() => {}
                 (DiskFormat::Raw, _) => {
@@ -536,7 +800,8 @@ impl TryFrom<VmConfig> for VmResources {
                     ))
                 }
                 (DiskFormat::Qcow2, Some(backing)) => {
-                    check_file("disks[].backing", backing)?;
+                    let kind = FdKind::Disk { writable: false };
+                    fds.check("disks[].backing", backing, kind, true)?;
                     if disk.read_only {
                         return Err(invalid(
                             "disks[].read_only",
@@ -556,22 +821,26 @@ impl TryFrom<VmConfig> for VmResources {
                     format!("must be 3..={}, got {}", u32::MAX - 1, v.guest_cid),
                 ));
             }
-            if v.uds_path.exists() {
-                return Err(invalid(
-                    "vsock.uds_path",
-                    format!("{} already exists", v.uds_path.display()),
-                ));
-            }
-            let parent = v
-                .uds_path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            if !parent.is_dir() {
-                return Err(invalid(
-                    "vsock.uds_path",
-                    format!("directory {} does not exist", parent.display()),
-                ));
+            match &v.uds_path {
+                FileSource::Path(path) => {
+                    if path.exists() {
+                        return Err(invalid(
+                            "vsock.uds_path",
+                            format!("{} already exists", path.display()),
+                        ));
+                    }
+                    let parent = path
+                        .parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(Path::new("."));
+                    if !parent.is_dir() {
+                        return Err(invalid(
+                            "vsock.uds_path",
+                            format!("directory {} does not exist", parent.display()),
+                        ));
+                    }
+                }
+                fd => fds.check("vsock.uds_path", fd, FdKind::UnixListener, false)?,
             }
         }
         let net = match &c.net {
@@ -583,6 +852,7 @@ impl TryFrom<VmConfig> for VmResources {
                         format!("must be 3 or more (0-2 are stdio), got {}", n.tap_fd),
                     ));
                 }
+                fds.add("net.tap_fd", n.tap_fd)?;
                 let mac = parse_mac(&n.mac).ok_or_else(|| {
                     invalid(
                         "net.mac",
@@ -606,6 +876,7 @@ impl TryFrom<VmConfig> for VmResources {
             ));
         }
         Ok(Self {
+            kvm: c.kvm,
             kernel: c.kernel,
             initrd: c.initrd,
             cmdline_extra: c.cmdline_extra,
@@ -832,6 +1103,87 @@ mod tests {
             VmConfig::new(k.path()).vsock(VsockDeviceConfig::new(3, dir.path().join("v"))),
         );
         assert_eq!(ok.map(|r| r.vsock.map(|v| v.guest_cid)).ok(), Some(Some(3)));
+    }
+
+    #[test]
+    fn fd_entries_are_checked_for_kind_and_typed() {
+        use std::os::fd::AsRawFd;
+        let k = kernel_file();
+        let ro = std::fs::File::open(k.path()).expect("open ro");
+        let rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(k.path())
+            .expect("open rw");
+        let dir = tempfile::tempdir().expect("dir");
+        let listener =
+            std::os::unix::net::UnixListener::bind(dir.path().join("l.sock")).expect("bind");
+        let (stream, _peer) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let (ro, rw, l, s) = (
+            ro.as_raw_fd(),
+            rw.as_raw_fd(),
+            listener.as_raw_fd(),
+            stream.as_raw_fd(),
+        );
+        let fd = FileSource::fd;
+        let problem = |c: VmConfig| match VmResources::try_from(c) {
+            Err(ConfigError::Fd { field, problem, .. }) => (field, problem),
+            other => panic!("expected an fd error, got {other:?}"),
+        };
+        assert_eq!(
+            problem(VmConfig::new(fd(999_999))),
+            ("kernel", FdProblem::NotOpen)
+        );
+        assert_eq!(problem(VmConfig::new(fd(0))), ("kernel", FdProblem::Stdio));
+        assert_eq!(
+            problem(VmConfig::new(fd(s))),
+            ("kernel", FdProblem::NotRegularFile)
+        );
+        assert_eq!(
+            problem(VmConfig::new(fd(ro)).kvm(fd(rw))),
+            ("kvm", FdProblem::NotKvm)
+        );
+        assert_eq!(
+            problem(VmConfig::new(k.path()).disk(DiskConfig::new(fd(ro), false))),
+            ("disks[].path", FdProblem::NotWritable)
+        );
+        assert_eq!(
+            problem(VmConfig::new(k.path()).disk(DiskConfig::new(fd(s), true))),
+            ("disks[].path", FdProblem::NotDisk)
+        );
+        assert_eq!(
+            problem(VmConfig::new(k.path()).console_file(fd(ro), 4096)),
+            ("console.path", FdProblem::NotWritable)
+        );
+        assert_eq!(
+            problem(VmConfig::new(k.path()).vsock(VsockDeviceConfig::new(3, fd(s)))),
+            ("vsock.uds_path", FdProblem::NotUnixListener)
+        );
+        assert_eq!(
+            problem(VmConfig::new(fd(ro)).initrd(fd(ro))),
+            ("initrd", FdProblem::Duplicate)
+        );
+        assert_eq!(
+            problem(
+                VmConfig::new(k.path())
+                    .vsock(VsockDeviceConfig::new(3, fd(l)))
+                    .net(NetDeviceConfig::new(l, "02:00:00:00:00:01"))
+            ),
+            ("net.tap_fd", FdProblem::Duplicate)
+        );
+        // The right kinds pass: a read-only kernel, a writable disk, a read-only disk, a
+        // listening socket.
+        let ok = VmConfig::new(fd(ro))
+            .disk(DiskConfig::new(fd(rw), false))
+            .vsock(VsockDeviceConfig::new(3, fd(l)));
+        let r = VmResources::try_from(ok).expect("valid fds");
+        assert_eq!(r.kernel, fd(ro));
+        // JSON: a path is a string, an fd is {"fd": N} and nothing else.
+        let c = VmConfig::from_json(r#"{"kernel": {"fd": 5}, "kvm": {"fd": 4}}"#).expect("json");
+        assert_eq!((c.kernel, c.kvm), (fd(5), Some(fd(4))));
+        assert!(VmConfig::from_json(r#"{"kernel": {"fd": 5, "path": "/k"}}"#).is_err());
+        let text = serde_json::to_string(&VmConfig::new(fd(7))).expect("serialize");
+        assert!(text.contains(r#""kernel":{"fd":7}"#), "{text}");
     }
 
     #[test]

@@ -24,8 +24,9 @@ pub mod handle;
 #[cfg(feature = "vmm")]
 pub use builder::{build, BuildError, MmioSlot, VmBuilder};
 pub use config::{
-    ConfigError, ConsoleConfig, DiskConfig, DiskFormat, NetDeviceConfig, NetResources, SeccompMode,
-    VmConfig, VmResources, VsockDeviceConfig, EXIT_SECCOMP,
+    ConfigError, ConsoleConfig, DiskConfig, DiskFormat, FdProblem, FileSource, InheritedFd,
+    NetDeviceConfig, NetResources, SeccompMode, VmConfig, VmResources, VsockDeviceConfig,
+    EXIT_SECCOMP,
 };
 #[cfg(feature = "vmm")]
 pub use exit::{ExitReason, ExitState, InternalErrorInfo};

@@ -34,6 +34,7 @@ pub mod packet;
 
 use std::io;
 use std::os::unix::io::RawFd;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -198,12 +199,7 @@ impl<M> std::fmt::Debug for Vsock<M> {
 }
 
 impl<M: GuestMemory> Vsock<M> {
-    /// A device for `config`; binds the Unix listener now.
-    ///
-    /// # Errors
-    /// [`VsockError::InvalidCid`], [`VsockError::ZeroLimit`] (`max_pending` or a timeout is
-    /// zero), [`VsockError::Bind`] (e.g. the path exists), or [`VsockError::Epoll`].
-    pub fn new(config: &VsockConfig) -> Result<Self> {
+    fn check(config: &VsockConfig) -> Result<()> {
         let cid = config.guest_cid;
         if cid < 3 || cid >= u64::from(u32::MAX) {
             return Err(VsockError::InvalidCid { cid });
@@ -219,15 +215,41 @@ impl<M: GuestMemory> Vsock<M> {
         if let Some(&(name, _)) = zero.iter().find(|(_, z)| *z) {
             return Err(VsockError::ZeroLimit { name });
         }
+        Ok(())
+    }
+
+    /// A device for `config`; binds the Unix listener now.
+    ///
+    /// # Errors
+    /// [`VsockError::InvalidCid`], [`VsockError::ZeroLimit`] (`max_pending` or a timeout is
+    /// zero), [`VsockError::Bind`] (e.g. the path exists), or [`VsockError::Epoll`].
+    pub fn new(config: &VsockConfig) -> Result<Self> {
+        Self::check(config)?;
         let muxer = Muxer::new(config)?;
-        Ok(Self {
+        Ok(Self::on(config.guest_cid, muxer))
+    }
+
+    /// A device for `config` on `listener`, a listening Unix stream socket someone else made
+    /// (the jailed VMM inherits it); `config.uds_path` only names it in logs, and the socket
+    /// file is left alone on drop.
+    ///
+    /// # Errors
+    /// As [`Vsock::new`], without `Bind`.
+    pub fn with_listener(config: &VsockConfig, listener: UnixListener) -> Result<Self> {
+        Self::check(config)?;
+        let muxer = Muxer::with_listener(config, listener, None)?;
+        Ok(Self::on(config.guest_cid, muxer))
+    }
+
+    fn on(cid: u64, muxer: Muxer) -> Self {
+        Self {
             guest_cid: cid,
             muxer,
             queue_sizes: [QUEUE_SIZE; 3],
             active: None,
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             bounce: vec![0u8; MAX_PAYLOAD].into_boxed_slice(),
-        })
+        }
     }
 
     /// The fd the VMM's event loop watches for `EPOLLIN`; see the module docs.

@@ -279,7 +279,8 @@ fn has_unread_bytes(stream: &UnixStream) -> bool {
 pub struct Muxer {
     epoll: Epoll,
     listener: UnixListener,
-    path: PathBuf,
+    /// The socket file this muxer bound and removes on drop (none for an inherited listener).
+    path: Option<PathBuf>,
     guest_cid: u64,
     max_connections: usize,
     max_pending: usize,
@@ -316,10 +317,23 @@ impl Muxer {
             path: path.to_owned(),
             source,
         })?;
+        Self::with_listener(config, listener, Some(path.to_owned()))
+    }
+
+    /// [`Muxer::new`] on a listening socket made by someone else (the jailed VMM inherits it);
+    /// `remove` is the socket file to remove on drop, if this muxer owns it.
+    ///
+    /// # Errors
+    /// [`VsockError::Epoll`].
+    pub fn with_listener(
+        config: &VsockConfig,
+        listener: UnixListener,
+        remove: Option<PathBuf>,
+    ) -> Result<Self> {
         let muxer = Self {
             epoll: Epoll::new().map_err(VsockError::Epoll)?,
             listener,
-            path: path.to_owned(),
+            path: remove,
             guest_cid: config.guest_cid,
             max_connections: config.max_connections,
             max_pending: config.max_pending,
@@ -1030,8 +1044,10 @@ impl Muxer {
 impl Drop for Muxer {
     fn drop(&mut self) {
         // The socket file is ours: remove it so nothing is left behind.
-        if let Err(err) = std::fs::remove_file(&self.path) {
-            debug!(path = %self.path.display(), error = %err, "vsock: cannot remove the socket file");
+        if let Some(path) = &self.path {
+            if let Err(err) = std::fs::remove_file(path) {
+                debug!(path = %path.display(), error = %err, "vsock: cannot remove the socket file");
+            }
         }
     }
 }
