@@ -36,7 +36,8 @@ const INIT: &str = include_str!("../../resources/testhost/init");
 /// virtio-pci and 9p carry the two shares; kvm-amd gives `/dev/kvm` (it pulls in kvm, irqbypass and
 /// ccp); tun, veth, nf_tables and overlay are for the network and storage tiers; the nft_*
 /// expressions, conntrack and NAT are what a sandbox's netns rules use (masquerade, DNS
-/// redirection, reject, logged denials, rate limits).
+/// redirection, reject, logged denials, rate limits), and conntrack's netlink interface tells a
+/// DNS deny event which address the guest really asked.
 pub const MODULES: &[&str] = &[
     "virtio_pci",
     "9pnet_virtio",
@@ -47,6 +48,7 @@ pub const MODULES: &[&str] = &[
     "nf_tables",
     "overlay",
     "nf_conntrack",
+    "nf_conntrack_netlink",
     "nf_nat",
     "nft_ct",
     "nft_nat",
@@ -61,7 +63,7 @@ pub const MODULES: &[&str] = &[
 ];
 
 /// Bumped whenever the way the initramfs is put together changes, so that cached ones are rebuilt.
-const RECIPE_VERSION: &str = "2";
+const RECIPE_VERSION: &str = "3";
 
 /// Debian packages the test host needs on the build machine.
 const PACKAGES: &[&str] = &[

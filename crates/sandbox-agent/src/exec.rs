@@ -317,6 +317,11 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
             Some((WaitStatus::Exited(_, code), d)) => {
                 let mut s = ExitStatus::exited(code, d);
                 s.timed_out = timed_out;
+                // 137 = 128 + SIGKILL: how a shell reports a child the OOM killer ended (a
+                // `sh -c` command's process is usually not the one that grew).
+                s.oom_killed = code == 128 + Signal::SIGKILL as i32
+                    && !timed_out
+                    && matches!((oom_before, oom_kills()), (Some(a), Some(b)) if b > a);
                 s
             }
             Some((WaitStatus::Signaled(_, sig, _), d)) => {

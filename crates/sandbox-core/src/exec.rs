@@ -214,10 +214,11 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
     /// The agent killed the process group because the timeout expired.
     pub timed_out: bool,
-    /// The guest kernel's OOM killer ended it: it died of `SIGKILL` while the guest's
-    /// `oom_kill` count (`/proc/vmstat`) grew. The guest ran out of memory (its RAM is the
-    /// spec's `memory_mib`). When commands run concurrently, one that was `SIGKILL`ed for
-    /// another reason during another's OOM kill may be marked too.
+    /// The guest kernel's OOM killer ended it: it died of `SIGKILL`, or exited with 137 (a
+    /// shell's report of a child killed by `SIGKILL`), while the guest's `oom_kill` count
+    /// (`/proc/vmstat`) grew. The guest ran out of memory (its RAM is the spec's
+    /// `memory_mib`). When commands run concurrently, one that was `SIGKILL`ed for another
+    /// reason during another's OOM kill may be marked too.
     pub oom_killed: bool,
     /// From spawn to reaping the process, measured in the guest.
     pub duration: Duration,

@@ -901,7 +901,8 @@ async fn learn_mode_from_inside_a_guest() {
         .await
         .expect("exec");
     assert!(out.stdout_str().starts_with("ok allowed page"), "{out:?}");
-    assert!(probe(&sb, "tcp 198.51.100.2 8081").await.starts_with("ok"));
+    let out = probe(&sb, "tcp 203.0.113.9 8080").await;
+    assert!(out.starts_with("ok"), "the learned address: {out}");
     fails(
         &probe(&sb, "tcp 198.51.100.2 80").await,
         "an unlearned port",
