@@ -150,12 +150,39 @@ pub fn execute(label: &str, program: &Path, argv: &[String], opts: &RunnerArgs) 
     let _ = fs::remove_dir_all(&scratch);
     fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let scratch = scratch.canonicalize()?;
-    let env = [
-        ("SANDBOX_KERNEL", artifacts.kernel.clone()),
-        ("SANDBOX_ROOTFS", artifacts.rootfs.clone()),
-        ("SANDBOX_VMM", vmm.clone()),
+    // The caller's own SANDBOX_* variables win over what was built here (said, not silent).
+    let user = |var: &str, built: PathBuf| match std::env::var_os(var) {
+        Some(v) if !v.is_empty() => {
+            println!(
+                "xtask {label}: {var}={} from the environment (instead of {})",
+                v.to_string_lossy(),
+                built.display()
+            );
+            PathBuf::from(v)
+        }
+        _ => built,
+    };
+    let mut env = vec![
+        (
+            "SANDBOX_KERNEL",
+            user("SANDBOX_KERNEL", artifacts.kernel.clone()),
+        ),
+        (
+            "SANDBOX_ROOTFS",
+            user("SANDBOX_ROOTFS", artifacts.rootfs.clone()),
+        ),
+        ("SANDBOX_VMM", user("SANDBOX_VMM", vmm.clone())),
         ("SANDBOX_SCRATCH", scratch.clone()),
     ];
+    for var in ["SANDBOX_STATE_DIR", "SANDBOX_IMAGE_STORE"] {
+        if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            println!(
+                "xtask {label}: {var}={} from the environment",
+                v.to_string_lossy()
+            );
+            env.push((var, PathBuf::from(v)));
+        }
+    }
     let (direct, why) = match opts.runner {
         KvmRunner::Direct => (true, "--runner direct".to_string()),
         KvmRunner::Testhost => (false, "--runner testhost".to_string()),
@@ -191,6 +218,17 @@ pub fn execute(label: &str, program: &Path, argv: &[String], opts: &RunnerArgs) 
     }
 
     println!("xtask {label}: running inside the nested test host ({why})");
+    // The test host's root is this machine's, read-only; its only writable places are tmpfs
+    // (and the scratch share). Unless the caller chose, state and images go to tmpfs there
+    // (the runtime warns that overlays then live in memory: the test host has no disk).
+    for (var, dir) in [
+        ("SANDBOX_STATE_DIR", "/run/sandbox-sdk"),
+        ("SANDBOX_IMAGE_STORE", "/tmp/sandbox-sdk-images"),
+    ] {
+        if !env.iter().any(|(k, _)| *k == var) {
+            env.push((var, PathBuf::from(dir)));
+        }
+    }
     let host = testhost::ensure()?;
     let script = script(label, program, argv, &cwd, &env, &scratch);
     let mut keep = vec![

@@ -586,6 +586,41 @@ async fn a_vmm_out_of_memory_is_reported_as_such(_h: &KvmHarness) {
     sb.destroy().await.expect("destroy");
 }
 
+/// A state directory on a tmpfs holds each sandbox's overlay in memory charged to its VMM's
+/// cgroup: a guest that writes more than the jail's overhead gets its VMM OOM-killed, and the
+/// error names the cause (files in memory) and the fix (a state directory on a disk).
+async fn disk_writes_in_a_tmpfs_state_dir_are_named_in_the_oom_error(_h: &KvmHarness) {
+    let (runtime, state) = runtime_with(JailConfig::default(), "sbx-tmpfs-");
+    let tmpfs = nix::sys::statfs::statfs(state.path())
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    if !cgroup_v2() || !nix_is_root() || !tmpfs {
+        println!(
+            "disk_writes_in_a_tmpfs_state_dir_are_named_in_the_oom_error: needs root, cgroup v2 \
+             and a tmpfs TMPDIR (the nested test host has all three); skipped"
+        );
+        return;
+    }
+    let spec = runtime
+        .spec_builder()
+        .memory_mib(128)
+        .build()
+        .expect("spec");
+    let sb = runtime.create_sandbox(spec).await.expect("create");
+    // 300 MiB through the guest's page cache to its disk: more than the 64 MiB overhead.
+    let err = sb
+        .exec(ExecRequest::shell(
+            "dd if=/dev/zero of=/fill bs=1M count=300 2>&1; sync",
+        ))
+        .await
+        .expect_err("the VMM must be OOM-killed");
+    assert_eq!(err.kind(), ErrorKind::GuestExited, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("ran out of memory"), "{text}");
+    assert!(text.contains("files in memory"), "{text}");
+    assert!(text.contains("SANDBOX_STATE_DIR"), "{text}");
+    sb.destroy().await.expect("destroy");
+}
+
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| {
@@ -701,6 +736,10 @@ fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
         suite.trial("a_vmm_out_of_memory_is_reported_as_such", |h| async move {
             a_vmm_out_of_memory_is_reported_as_such(&h).await
         }),
+        suite.trial(
+            "disk_writes_in_a_tmpfs_state_dir_are_named_in_the_oom_error",
+            |h| async move { disk_writes_in_a_tmpfs_state_dir_are_named_in_the_oom_error(&h).await },
+        ),
         suite.trial(
             "exec_after_the_vmm_was_killed_is_guest_exited",
             |h| async move { exec_after_the_vmm_was_killed_is_guest_exited(&h).await },

@@ -17,6 +17,8 @@ pub const ENV_KERNEL: &str = "SANDBOX_KERNEL";
 pub const ENV_IMAGE_STORE: &str = "SANDBOX_IMAGE_STORE";
 /// Environment variable naming the default guest rootfs (raw ext4).
 pub const ENV_ROOTFS: &str = "SANDBOX_ROOTFS";
+/// Environment variable naming the state directory (the sandboxes' directories and disks).
+pub const ENV_STATE_DIR: &str = "SANDBOX_STATE_DIR";
 /// Default deadline for a new sandbox's agent handshake (generous: nested test hosts are slow).
 pub const DEFAULT_CREATE_DEADLINE: Duration = Duration::from_secs(120);
 /// Default wait for the agent's power-off during `destroy()` before the VMM is killed.
@@ -39,8 +41,11 @@ pub struct KvmRuntimeConfig {
     pub kernel: Option<PathBuf>,
     /// Default guest rootfs. Default: `$SANDBOX_ROOTFS`.
     pub rootfs: Option<PathBuf>,
-    /// Where per-sandbox directories live. Default: `$XDG_RUNTIME_DIR/sandbox-sdk`, else
-    /// `/run/sandbox-sdk` for root, else `$TMPDIR/sandbox-sdk-<uid>`.
+    /// Where per-sandbox directories live, with each sandbox's writable disk (its overlay).
+    /// Default: `$SANDBOX_STATE_DIR`, else `/var/lib/sandbox-sdk` for root, else
+    /// `$XDG_STATE_HOME/sandbox-sdk`, else `$HOME/.local/state/sandbox-sdk`, else
+    /// `$TMPDIR/sandbox-sdk-<uid>`. Put it on a disk, not a tmpfs such as `/run`: a disk there
+    /// lives in memory, charged to its sandbox's cgroup (`KvmRuntime::new` warns).
     pub state_dir: Option<PathBuf>,
     /// The KVM device checked at startup.
     pub kvm_device: PathBuf,
@@ -386,12 +391,21 @@ fn find_vmm_near(exe: Option<&Path>) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The state directory when the config names none. On a disk by default (`/var/lib`, the XDG
+/// state directory), not in `/run` or `$XDG_RUNTIME_DIR`: those are tmpfs, where a sandbox's
+/// overlay would grow its VMM's memory with every guest write.
 fn default_state_dir(env: &Env<'_>) -> PathBuf {
-    if let Some(xdg) = (env.var)("XDG_RUNTIME_DIR") {
-        return PathBuf::from(xdg).join("sandbox-sdk");
+    if let Some(dir) = (env.var)(ENV_STATE_DIR) {
+        return PathBuf::from(dir);
     }
     if env.is_root {
-        return PathBuf::from("/run/sandbox-sdk");
+        return PathBuf::from("/var/lib/sandbox-sdk");
+    }
+    if let Some(xdg) = (env.var)("XDG_STATE_HOME") {
+        return PathBuf::from(xdg).join("sandbox-sdk");
+    }
+    if let Some(home) = (env.var)("HOME") {
+        return PathBuf::from(home).join(".local/state/sandbox-sdk");
     }
     let tmp = (env.var)("TMPDIR")
         .map(PathBuf::from)
@@ -555,13 +569,18 @@ mod tests {
             (ENV_KERNEL, kernel.clone().into_os_string()),
             (ENV_ROOTFS, rootfs.clone().into_os_string()),
             ("XDG_RUNTIME_DIR", OsString::from("/run/user/1000")),
+            ("HOME", OsString::from("/home/u")),
         ]
         .into_iter()
         .collect();
         let get = |k: &str| vars.get(k).cloned();
         let r = resolve(&KvmRuntimeConfig::default(), &env_with(&get, None)).expect("resolves");
         assert_eq!((r.vmm, r.kernel, r.rootfs), (vmm, kernel, rootfs));
-        assert_eq!(r.state_dir, PathBuf::from("/run/user/1000/sandbox-sdk"));
+        // On a disk: not in $XDG_RUNTIME_DIR (a tmpfs).
+        assert_eq!(
+            r.state_dir,
+            PathBuf::from("/home/u/.local/state/sandbox-sdk")
+        );
     }
 
     #[test]
@@ -628,6 +647,21 @@ mod tests {
             PathBuf::from("/tmp/sandbox-sdk-1000")
         );
         env.is_root = true;
-        assert_eq!(default_state_dir(&env), PathBuf::from("/run/sandbox-sdk"));
+        assert_eq!(
+            default_state_dir(&env),
+            PathBuf::from("/var/lib/sandbox-sdk")
+        );
+        let vars = |k: &str| match k {
+            "XDG_STATE_HOME" => Some(OsString::from("/s")),
+            "HOME" => Some(OsString::from("/home/u")),
+            _ => None,
+        };
+        let env = env_with(&vars, None);
+        assert_eq!(default_state_dir(&env), PathBuf::from("/s/sandbox-sdk"));
+        // The variable wins over every default, for root too.
+        let vars = |k: &str| (k == ENV_STATE_DIR).then(|| OsString::from("/disk/sbx"));
+        let mut env = env_with(&vars, None);
+        env.is_root = true;
+        assert_eq!(default_state_dir(&env), PathBuf::from("/disk/sbx"));
     }
 }

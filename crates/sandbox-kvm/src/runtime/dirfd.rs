@@ -56,8 +56,8 @@ impl Distrust {
     pub fn fix(&self) -> &'static str {
         match self {
             Distrust::Symlink | Distrust::NotADirectory | Distrust::Ancestor { .. } => {
-                "point KvmRuntimeConfig.state_dir at a real directory of your own, \
-                 for example under $XDG_RUNTIME_DIR"
+                "point KvmRuntimeConfig.state_dir (or SANDBOX_STATE_DIR) at a real directory \
+                 of your own on a disk, for example under $XDG_STATE_HOME"
             }
             Distrust::Owner { .. } => {
                 "remove it, or point KvmRuntimeConfig.state_dir at a directory you own"

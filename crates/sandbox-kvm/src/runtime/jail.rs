@@ -706,14 +706,15 @@ pub(crate) fn kill_and_remove(dir: &Path) -> io::Result<()> {
 }
 
 /// Whether the cgroup `dir`'s OOM killer has killed a process (`memory.events`: `oom_kill` > 0),
-/// with its `memory.max`. Reads at most 4 KiB of each file.
+/// with its `memory.max` and the `shmem` bytes of `memory.stat` (files in memory: a tmpfs
+/// overlay). Reads at most 16 KiB of each file.
 pub(crate) fn oom_killed(dir: &Path) -> Option<super::process::OomKill> {
     let read = |name: &str| -> Option<String> {
         use std::io::Read;
         let mut text = String::new();
         fs::File::open(dir.join(name))
             .ok()?
-            .take(4096)
+            .take(16 * 1024)
             .read_to_string(&mut text)
             .ok()?;
         Some(text)
@@ -721,6 +722,15 @@ pub(crate) fn oom_killed(dir: &Path) -> Option<super::process::OomKill> {
     let kills = parse_oom_kills(&read("memory.events")?);
     (kills > 0).then(|| super::process::OomKill {
         memory_max: read("memory.max").and_then(|m| m.trim().parse().ok()),
+        shmem: read("memory.stat").and_then(|s| parse_stat(&s, "shmem")),
+    })
+}
+
+/// One counter of a `memory.stat` file (`<name> <bytes>` lines).
+fn parse_stat(stat: &str, name: &str) -> Option<u64> {
+    stat.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == name).then(|| v.trim().parse().ok()).flatten()
     })
 }
 
@@ -1182,6 +1192,15 @@ mod tests {
     }
 
     #[test]
+    fn memory_stat_counters_are_read_by_name() {
+        let stat = "anon 1000\nfile 20\nshmem 300\nshmem_thp 7\n";
+        assert_eq!(parse_stat(stat, "shmem"), Some(300));
+        assert_eq!(parse_stat(stat, "shmem_thp"), Some(7));
+        assert_eq!(parse_stat(stat, "sock"), None);
+        assert_eq!(parse_stat("shmem x\n", "shmem"), None);
+    }
+
+    #[test]
     fn an_oom_kill_is_read_from_memory_events() {
         let dir = tempfile::tempdir().expect("dir");
         let events = "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n";
@@ -1193,10 +1212,12 @@ mod tests {
         assert_eq!(oom_killed(dir.path()), None);
         fs::write(dir.path().join("memory.events"), events).expect("write");
         fs::write(dir.path().join("memory.max"), "335544320\n").expect("write");
+        fs::write(dir.path().join("memory.stat"), "anon 1\nshmem 4096\n").expect("write");
         assert_eq!(
             oom_killed(dir.path()),
             Some(super::super::process::OomKill {
-                memory_max: Some(335_544_320)
+                memory_max: Some(335_544_320),
+                shmem: Some(4096),
             })
         );
     }

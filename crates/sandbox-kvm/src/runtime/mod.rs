@@ -44,7 +44,7 @@ use std::time::Duration;
 pub use config::{
     DiskMode, KvmRuntimeConfig, KvmRuntimeConfigBuilder, DEFAULT_CONSOLE_CAP_BYTES,
     DEFAULT_CREATE_DEADLINE, DEFAULT_DESTROY_GRACE, DEFAULT_MAX_SANDBOXES, ENV_KERNEL, ENV_ROOTFS,
-    ENV_VMM,
+    ENV_STATE_DIR, ENV_VMM,
 };
 pub use copy::CopyMethod;
 pub use sandbox::{DiskUsage, KvmRuntime, KvmSandbox, HOST_EXEC_GRACE};
@@ -260,14 +260,16 @@ pub enum RuntimeError {
     /// (docs/jail.md). A guest that fills its own RAM meets its own kernel's OOM killer instead.
     #[error(
         "Sandbox {id}: sandbox-vmm ran out of memory: its cgroup reached memory.max \
-         ({memory_max}) and the kernel's OOM killer ended it; fix: raise \
-         JailConfig::memory_overhead_mib (or the spec's memory).{console}"
+         ({memory_max}) and the kernel's OOM killer ended it; fix: {fix}.{console}"
     )]
     VmmOutOfMemory {
         /// The sandbox id.
         id: String,
         /// The cgroup's `memory.max`, for people (`"335544320 bytes"`).
         memory_max: String,
+        /// What to change: the jail's overhead, or, when most of the memory was files in
+        /// memory, the state directory's file system.
+        fix: String,
         /// The last console and VMM log lines.
         console: String,
     },

@@ -104,6 +104,9 @@ pub(crate) struct VmmExit(pub ExitStatus, pub Option<OomKill>);
 pub(crate) struct OomKill {
     /// The cgroup's `memory.max`, bytes (`None`: unreadable or `max`).
     pub memory_max: Option<u64>,
+    /// Bytes of files in memory charged to the cgroup (`memory.stat` `shmem`): a writable disk
+    /// in a tmpfs state directory grows this with every guest write.
+    pub shmem: Option<u64>,
 }
 
 impl std::fmt::Display for VmmExit {

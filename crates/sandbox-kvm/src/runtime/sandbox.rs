@@ -198,7 +198,8 @@ pub struct KvmRuntime {
 impl KvmRuntime {
     /// Validates `config` (the builder's rules, also for a config edited field by field),
     /// resolves it (defaults from `SANDBOX_VMM`, `SANDBOX_KERNEL`, `SANDBOX_ROOTFS`,
-    /// `XDG_RUNTIME_DIR`), refuses a state directory whose sandbox socket paths would not fit a
+    /// `SANDBOX_STATE_DIR`, `XDG_STATE_HOME`, `HOME`), warns when the state directory is a
+    /// tmpfs (a sandbox's writable disk would live in memory), refuses a state directory whose sandbox socket paths would not fit a
     /// Unix socket address, checks `/dev/kvm`, creates the state directory (mode 0700) or checks
     /// that the existing one is ours (see `docs/runtime.md`), and removes stale sandboxes left
     /// in it by processes that are gone (killing their VMMs once verified).
@@ -235,6 +236,15 @@ impl KvmRuntime {
                 source,
             },
         })?;
+        if in_memory(&cfg.state_dir) {
+            tracing::warn!(
+                state_dir = %cfg.state_dir.display(),
+                "the state directory is in memory (tmpfs): each sandbox's writable disk lives \
+                 there, so its guest's writes count against its VMM's memory.max and a guest \
+                 that writes more than the jail's memory overhead gets its VMM OOM-killed; put \
+                 the state directory on a disk (KvmRuntimeConfig::state_dir, SANDBOX_STATE_DIR)"
+            );
+        }
         let state = Arc::new(state);
         // A VMM left by an earlier run may run as the jail's user.
         let owners: Vec<u32> = std::iter::once(env.uid)
@@ -892,6 +902,34 @@ fn console_tail(dir: &SandboxDir) -> String {
     out
 }
 
+/// Whether `dir` is on a file system that lives in memory (tmpfs, ramfs).
+fn in_memory(dir: &Path) -> bool {
+    use nix::sys::statfs::{statfs, FsType, TMPFS_MAGIC};
+    // ramfs(7): nix names no constant for it.
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    statfs(dir).is_ok_and(|s| {
+        let t = s.filesystem_type();
+        t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    })
+}
+
+/// What to change after a VMM's OOM kill. Files in memory (`shmem`) that are at least a quarter
+/// of the limit (and 16 MiB) are a writable disk in a tmpfs state directory: every byte the
+/// guest writes is charged to the VMM's cgroup and cannot be reclaimed (no swap).
+fn oom_fix(oom: super::process::OomKill) -> String {
+    const MIB: u64 = 1024 * 1024;
+    match (oom.shmem, oom.memory_max) {
+        (Some(shmem), Some(max)) if shmem >= 16 * MIB && shmem.saturating_mul(4) >= max => format!(
+            "{} MiB of it were files in memory: the state directory is in memory (tmpfs), so \
+             the sandbox's writable disk grows the VMM's memory with every write; put the \
+             state directory on a disk (KvmRuntimeConfig::state_dir or SANDBOX_STATE_DIR; \
+             docs/runtime.md)",
+            shmem / MIB
+        ),
+        _ => "raise JailConfig::memory_overhead_mib (or the spec's memory)".to_string(),
+    }
+}
+
 /// The error for a VMM that ended with `exit`: [`RuntimeError::VmmOutOfMemory`] when its
 /// cgroup's OOM killer ended it, [`RuntimeError::VmmSeccomp`] for a seccomp violation (its log
 /// line quoted), [`RuntimeError::GuestExited`] otherwise.
@@ -902,6 +940,7 @@ fn exit_error(id: &str, exit: VmmExit, console: String) -> RuntimeError {
             memory_max: oom
                 .memory_max
                 .map_or_else(|| "its limit".to_string(), |b| format!("{b} bytes")),
+            fix: oom_fix(oom),
             console,
         };
     }
@@ -1571,6 +1610,7 @@ mod tests {
                 ExitStatus::from_raw(libc::SIGKILL),
                 Some(super::super::process::OomKill {
                     memory_max: Some(335_544_320),
+                    shmem: Some(1 << 20),
                 }),
             ),
             String::new(),
@@ -1583,6 +1623,35 @@ mod tests {
         let text = oom.to_string();
         assert!(text.contains("335544320 bytes"), "{text}");
         assert!(text.contains("memory_overhead_mib"), "{text}");
+        // Mostly files in memory: the state directory is a tmpfs, and the fix says so.
+        let tmpfs = exit_error(
+            "sbx-1",
+            VmmExit(
+                ExitStatus::from_raw(libc::SIGKILL),
+                Some(super::super::process::OomKill {
+                    memory_max: Some(335_544_320),
+                    shmem: Some(250 << 20),
+                }),
+            ),
+            String::new(),
+        );
+        let text = tmpfs.to_string();
+        assert!(
+            text.contains("250 MiB of it were files in memory"),
+            "{text}"
+        );
+        assert!(text.contains("SANDBOX_STATE_DIR"), "{text}");
+    }
+
+    #[test]
+    fn a_tmpfs_is_in_memory_and_a_disk_is_not() {
+        // /dev/shm is a tmpfs on every Linux this runs on; the crate's own directory is on
+        // whatever holds the checkout (a disk, or overlayfs in a container).
+        if Path::new("/dev/shm").is_dir() {
+            assert!(in_memory(Path::new("/dev/shm")));
+        }
+        assert!(!in_memory(Path::new(env!("CARGO_MANIFEST_DIR"))));
+        assert!(!in_memory(Path::new("/nonexistent-dir")));
     }
 
     #[test]
