@@ -43,13 +43,18 @@ impl QuotaHandle {
 #[derive(Debug, Default)]
 pub(crate) struct Quota {
     cap: Option<u64>,
+    /// The file's length when it was opened: data already there may be rewritten in place
+    /// even when the file is longer than the cap.
+    open_len: u64,
     handle: QuotaHandle,
 }
 
 impl Quota {
-    pub(crate) fn new(cap: Option<u64>) -> Self {
+    /// `open_len`: the file's length when it was opened.
+    pub(crate) fn new(cap: Option<u64>, open_len: u64) -> Self {
         Self {
             cap,
+            open_len,
             handle: QuotaHandle::default(),
         }
     }
@@ -74,12 +79,14 @@ impl Quota {
         len.min(to_boundary)
     }
 
-    /// Whether data mapped to `[host_offset, host_offset + len)` would grow a file of
-    /// `file_len` bytes past the cap.
-    pub(crate) fn refuses(&self, host_offset: u64, len: u64, file_len: u64) -> bool {
+    /// Whether data mapped to `[host_offset, host_offset + len)` lies past the cap (or past the
+    /// file's length at open, when that was longer). Not the file's current length: clusters a
+    /// refused copy-on-write left past the cap are free space past the cap, and letting data into
+    /// them because the file is now that long would ratchet the file up one cluster per refusal.
+    pub(crate) fn refuses(&self, host_offset: u64, len: u64) -> bool {
         let Some(cap) = self.cap else { return false };
         match host_offset.checked_add(len) {
-            Some(end) => end > cap && end > file_len,
+            Some(end) => end > cap.max(self.open_len),
             None => true,
         }
     }
@@ -107,34 +114,34 @@ mod tests {
 
     #[test]
     fn chunks_shrink_to_one_cluster_near_the_cap() {
-        let q = Quota::new(Some(1 << 20));
+        let q = Quota::new(Some(1 << 20), 0);
         assert_eq!(q.chunk_len(0, 4096, 0, 65536), 4096, "far from the cap");
         assert_eq!(q.chunk_len(900 << 10, 1 << 20, 1000, 65536), 65536 - 1000);
         assert_eq!(
-            Quota::new(None).chunk_len(u64::MAX, 1 << 30, 5, 65536),
+            Quota::new(None, 0).chunk_len(u64::MAX, 1 << 30, 5, 65536),
             1 << 30
         );
     }
 
     #[test]
-    fn refuses_only_growth_past_the_cap() {
-        let q = Quota::new(Some(1 << 20));
-        assert!(!q.refuses(0, 65536, 0));
+    fn refuses_only_data_past_the_cap() {
+        let q = Quota::new(Some(1 << 20), 0);
+        assert!(!q.refuses(0, 65536));
+        assert!(!q.refuses((1 << 20) - 65536, 65536), "up to the cap");
+        assert!(q.refuses(1 << 20, 65536), "past the cap");
+        let longer = Quota::new(Some(1 << 20), 2 << 20);
         assert!(
-            q.refuses(1 << 20, 65536, 1 << 20),
-            "would grow past the cap"
+            !longer.refuses(1 << 20, 65536),
+            "clusters a file opened longer than the cap holds may be rewritten"
         );
-        assert!(
-            !q.refuses(1 << 20, 65536, 2 << 20),
-            "overwriting clusters the file already holds is allowed"
-        );
-        assert!(q.refuses(u64::MAX, 2, 0), "overflow is refused");
-        assert!(!Quota::new(None).refuses(u64::MAX - 1, 1, 0));
+        assert!(longer.refuses(2 << 20, 65536));
+        assert!(q.refuses(u64::MAX, 2), "overflow is refused");
+        assert!(!Quota::new(None, 0).refuses(u64::MAX - 1, 1));
     }
 
     #[test]
     fn counts_storage_full_only() {
-        let q = Quota::new(Some(1));
+        let q = Quota::new(Some(1), 0);
         let h = q.handle();
         let _ = q.count(storage_full());
         let _ = q.count(io::Error::from_raw_os_error(libc::ENOSPC));

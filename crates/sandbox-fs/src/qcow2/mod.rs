@@ -290,12 +290,13 @@ impl Qcow2Disk {
     /// [`Qcow2Error::Base`], [`Qcow2Error::Imago`].
     pub fn open(overlay: &Path, base: &Path, config: &Qcow2Config) -> Result<Self> {
         let (image, file, info) = open_image(overlay, base, true)?;
+        let len = open_len(&file, overlay)?;
         Ok(Self {
             image,
             file,
             size: info.virtual_size,
             cluster_size: info.cluster_size(),
-            quota: Quota::new(config.host_bytes_cap),
+            quota: Quota::new(config.host_bytes_cap, len),
         })
     }
 
@@ -324,12 +325,13 @@ impl Qcow2Disk {
             expected_base_name,
             true,
         )?;
+        let len = open_len(&file, overlay.1)?;
         Ok(Self {
             image,
             file,
             size: info.virtual_size,
             cluster_size: info.cluster_size(),
-            quota: Quota::new(config.host_bytes_cap),
+            quota: Quota::new(config.host_bytes_cap, len),
         })
     }
 
@@ -386,9 +388,13 @@ impl Qcow2Disk {
             if n == 0 || n > want {
                 return Err(io::Error::other("imago returned an empty data mapping"));
             }
-            if self.quota.refuses(mapping.offset(), n, file_len) {
-                // Dropping the prepared mapping frees the clusters it allocated.
+            if self.quota.refuses(mapping.offset(), n) {
+                // Dropping the prepared mapping frees the clusters it allocated, but imago only
+                // hands freed clusters out again after its metadata is written back: without
+                // this flush every refused copy-on-write would take a new cluster at the end of
+                // the file. (No sync: this is about imago's caches, not durability.)
                 drop(mapping);
+                self.image.flush()?;
                 return Err(storage_full());
             }
             // n <= want <= rest.len(), so the cast and the slice are in range.
@@ -569,6 +575,16 @@ impl BlockBackend for Qcow2Disk {
 }
 
 /// Opens and validates an overlay and its base; see [`Qcow2Disk::open`].
+/// The overlay file's length when it is opened (the cap's floor, see [`crate::quota`]).
+fn open_len(file: &File, path: &Path) -> Result<u64> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|source| Qcow2Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 fn open_image(
     overlay: &Path,
     base: &Path,

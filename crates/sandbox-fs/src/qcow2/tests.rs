@@ -714,6 +714,58 @@ fn the_cap_refuses_growth_keeps_data_and_the_image_clean() {
     compare_with_qemu(&fx, &ov, &model);
 }
 
+/// Refused partial-cluster writes must not ratchet the file past the cap: each one makes imago
+/// copy a cluster of backing data to the end of the file before we refuse and free it, and the
+/// next write must not be let into that freed cluster just because the file is now that long
+/// (found by a guest `dd` that took a 40 MiB cap to 43.6 MiB, one cluster per refused write).
+#[test]
+fn refused_copy_on_write_does_not_ratchet_the_file_past_the_cap() {
+    let fx = Fixture::new(MIB as usize);
+    let ov = fx.overlay(64 * MIB);
+    let cap = 2 * MIB;
+    let mut disk = Qcow2Disk::open(
+        &ov,
+        &fx.base(),
+        &Qcow2Config::new().host_bytes_cap(Some(cap)),
+    )
+    .expect("open");
+    let mut model = fx.model(64 * MIB);
+    // Fill to the cap with whole clusters past the base.
+    let chunk = vec![0x5au8; CS as usize];
+    let mut at = 8 * MIB;
+    while disk.write_at(at, &chunk).is_ok() {
+        model[at as usize..at as usize + chunk.len()].copy_from_slice(&chunk);
+        at += CS;
+        assert!(at < 64 * MIB, "the cap never triggered");
+    }
+    // Then many small writes into clusters the base holds (copy-on-write) and into empty ones:
+    // every one needs a new cluster, so every one is refused.
+    let mut refused = 0;
+    for round in 0..3u64 {
+        for i in 0..(MIB / CS) {
+            for off in [i * CS + 512 * (round + 1), 16 * MIB + i * CS + 512] {
+                match disk.write_at(off, &[0xeeu8; 512]) {
+                    Ok(()) => model[off as usize..off as usize + 512].fill(0xee),
+                    Err(e) => {
+                        assert_eq!(e.kind(), io::ErrorKind::StorageFull);
+                        refused += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(refused > 0, "nothing was refused");
+    disk.flush().expect("flush");
+    let len = disk.file_len().expect("len");
+    assert!(
+        len <= cap + QUOTA_SLACK_CLUSTERS * CS,
+        "file {len} bytes after {refused} refused writes, cap {cap} + {QUOTA_SLACK_CLUSTERS} clusters"
+    );
+    assert_eq!(read_all(&mut disk), model);
+    drop(disk);
+    check_clean(&ov);
+}
+
 #[test]
 fn flatten_writes_the_merged_bytes_sparsely() {
     let fx = Fixture::new(MIB as usize);
