@@ -118,6 +118,7 @@ impl Internet {
                 "-c",
                 "import socket; socket.create_connection(('198.51.100.2', 8080), 1)",
             ])
+            .stderr(std::process::Stdio::null())
             .status()
             .map(|s| !s.success())
             .unwrap_or(true)
