@@ -160,6 +160,8 @@ impl ClientError {
     fn public_message(&self) -> String {
         match self {
             ClientError::Agent(a) => a.message.clone(),
+            ClientError::Exec(e) => e.to_string(),
+            ClientError::File(e) => e.to_string(),
             other => other.to_string(),
         }
     }
