@@ -96,6 +96,58 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// A configured artifact is readable but not what it must be: a kernel that is neither a
+    /// vmlinux ELF file nor a bzImage, a rootfs without an ext2/3/4 superblock (`HostSetup`).
+    #[error("The {what} {path} cannot be used: {problem}; fix: {fix}.")]
+    ArtifactInvalid {
+        /// `guest kernel` or `guest rootfs`.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with the file.
+        problem: String,
+        /// How to fix it.
+        fix: &'static str,
+    },
+    /// The configured `sandbox-vmm` is not one: its `--version` does not name sandbox-vmm
+    /// (`HostSetup`).
+    #[error(
+        "{path} is not a sandbox-vmm binary: {problem}; fix: set SANDBOX_VMM (or \
+         KvmRuntimeConfig::vmm) to the sandbox-vmm built by `cargo build --release --bin sandbox-vmm`."
+    )]
+    VmmNotOurs {
+        /// The configured path.
+        path: PathBuf,
+        /// What `--version` did.
+        problem: String,
+    },
+    /// The spec's kernel or rootfs is readable but not a kernel or a file system (`InvalidSpec`).
+    #[error("The spec's {field} {path} cannot be used: {problem}; fix: point the spec at a vmlinux (or bzImage) kernel and a raw ext4 rootfs (`cargo xtask guest` builds both).")]
+    SpecFileInvalid {
+        /// `kernel` or `rootfs`.
+        field: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with the file.
+        problem: String,
+    },
+    /// `sandbox-vmm` refused to start the VM (exit 1 or 2 before the agent answered: a VM
+    /// config, artifact or host problem, not the guest's) (`HostSetup`).
+    #[error(
+        "Sandbox {id}: sandbox-vmm refused to start the VM ({how}): {reason}; fix: use a \
+         sandbox-vmm, kernel and rootfs from the same build (`cargo build --release --bin \
+         sandbox-vmm`, `cargo xtask guest`) and see its log below.{console}"
+    )]
+    VmmRefused {
+        /// The sandbox id.
+        id: String,
+        /// How the VMM ended.
+        how: String,
+        /// The VMM's error line, or `no error line in its log`.
+        reason: String,
+        /// The last console and VMM log lines.
+        console: String,
+    },
     /// `/dev/kvm` is missing or unusable; the message names the fix (`HostSetup`).
     #[error("KVM is not usable: {0}.")]
     Kvm(#[from] sandbox_vmm::kvm::KvmError),
@@ -303,11 +355,15 @@ impl RuntimeError {
             RuntimeError::Config { .. }
             | RuntimeError::VmConfig(_)
             | RuntimeError::SpecFile { .. }
+            | RuntimeError::SpecFileInvalid { .. }
             | RuntimeError::DiskSpec { .. }
             | RuntimeError::Policy { .. } => ErrorKind::InvalidSpec,
             RuntimeError::VmmNotFound
             | RuntimeError::ArtifactUnset { .. }
             | RuntimeError::ArtifactUnreadable { .. }
+            | RuntimeError::ArtifactInvalid { .. }
+            | RuntimeError::VmmNotOurs { .. }
+            | RuntimeError::VmmRefused { .. }
             | RuntimeError::Kvm(_)
             | RuntimeError::StateDir { .. }
             | RuntimeError::StateDirUntrusted { .. }
