@@ -220,16 +220,36 @@ pub enum RuntimeError {
         /// What is wrong, as a phrase.
         problem: String,
     },
-    /// The spec's image cannot be used: unknown to the store, or the store cannot be opened
-    /// (`InvalidSpec` for an unknown or malformed reference, `Io` otherwise).
-    #[error("The spec's image {reference:?} cannot be used from the image store {store}.")]
+    /// The image store cannot be opened (created if missing) to look up the spec's image
+    /// (`HostSetup`): the message has the cause (read-only file system, permission...) and the
+    /// fix.
+    #[error(
+        "The image store {store} cannot be opened to find the spec's image {reference:?}: {}; \
+         fix: set SANDBOX_IMAGE_STORE (or KvmRuntimeConfig::image_store) to a directory this \
+         user can create or write, holding the imported images (docs/images.md).",
+        chain(source)
+    )]
+    ImageStore {
+        /// The reference (a tag or `sha256:<hex>`).
+        reference: String,
+        /// The store directory.
+        store: PathBuf,
+        /// The cause (part of the text, so not also the `source()`).
+        source: sandbox_fs::StoreError,
+    },
+    /// The spec's image cannot be used from the store: unknown (`InvalidSpec`), or its file
+    /// cannot be read (`Io`). The message has the cause.
+    #[error(
+        "The spec's image {reference:?} cannot be used from the image store {store}: {}{}",
+        chain(source),
+        image_hint(source)
+    )]
     Image {
         /// The reference (a tag or `sha256:<hex>`).
         reference: String,
         /// The store directory.
         store: PathBuf,
-        /// The cause.
-        #[source]
+        /// The cause (part of the text, so not also the `source()`).
         source: sandbox_fs::StoreError,
     },
     /// The sandbox's network could not be set up (`HostSetup` when the host lacks something
@@ -348,6 +368,29 @@ pub enum RuntimeError {
     },
 }
 
+/// `e` and its causes, joined with `: ` (for errors whose text carries their cause).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// What to do about an image the store does not have.
+fn image_hint(e: &sandbox_fs::StoreError) -> &'static str {
+    match e {
+        sandbox_fs::StoreError::NotFound { .. } => {
+            " Import it first (`ImageStore::import_dir`, `import_oci`) and tag it, or name it by \
+             `sha256:<hex>` (docs/images.md)."
+        }
+        _ => "",
+    }
+}
+
 impl RuntimeError {
     /// The public kind of this error.
     pub fn kind(&self) -> ErrorKind {
@@ -362,6 +405,7 @@ impl RuntimeError {
             | RuntimeError::ArtifactUnset { .. }
             | RuntimeError::ArtifactUnreadable { .. }
             | RuntimeError::ArtifactInvalid { .. }
+            | RuntimeError::ImageStore { .. }
             | RuntimeError::VmmNotOurs { .. }
             | RuntimeError::VmmRefused { .. }
             | RuntimeError::Kvm(_)

@@ -791,7 +791,13 @@ fn base_image(cfg: &Resolved, spec: &SandboxSpec) -> Result<PathBuf> {
         store: cfg.image_store.clone(),
         source,
     };
-    let store = sandbox_fs::ImageStore::open(&cfg.image_store).map_err(err)?;
+    let store = sandbox_fs::ImageStore::open(&cfg.image_store).map_err(|source| {
+        RuntimeError::ImageStore {
+            reference: reference.to_string(),
+            store: cfg.image_store.clone(),
+            source,
+        }
+    })?;
     Ok(store.resolve(reference).map_err(err)?.path)
 }
 
@@ -1645,6 +1651,34 @@ mod tests {
         if built.is_file() {
             check_vmm_identity(&built).expect("the built sandbox-vmm");
         }
+    }
+
+    #[test]
+    fn image_errors_carry_their_cause_and_the_right_kind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = |image: &str| {
+            SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("rootfs.ext4"))
+                .image(image)
+                .build()
+                .expect("spec")
+        };
+        // A store that cannot be created (its parent is a file): the host's setup, with the
+        // cause and the fix.
+        let mut cfg = resolved(dir.path());
+        std::fs::write(dir.path().join("a-file"), b"").expect("file");
+        cfg.image_store = dir.path().join("a-file/store");
+        let e = base_image(&cfg, &spec("nosuchimage")).expect_err("no store");
+        assert_eq!(e.kind(), ErrorKind::HostSetup, "{e}");
+        let text = sandbox_core::Error::from(e).to_string();
+        assert!(text.contains("Not a directory"), "the cause: {text}");
+        assert!(text.contains("SANDBOX_IMAGE_STORE"), "the fix: {text}");
+        // A store that exists but lacks the tag: the spec's mistake.
+        let cfg = resolved(dir.path());
+        let e = base_image(&cfg, &spec("nosuchimage")).expect_err("no such tag");
+        assert_eq!(e.kind(), ErrorKind::InvalidSpec, "{e}");
+        let text = e.to_string();
+        assert!(text.contains("No image nosuchimage"), "{text}");
+        assert!(text.contains("Import it first"), "{text}");
     }
 
     #[test]
