@@ -574,15 +574,18 @@ fn prepare(
             path: path.to_path_buf(),
             source,
         })?;
-        // A text file as the kernel would otherwise end the VMM as if the guest had exited.
-        if field == "kernel" {
-            if let Some(problem) = super::config::kernel_problem(&f) {
-                return Err(RuntimeError::SpecFileInvalid {
-                    field,
-                    path: path.to_path_buf(),
-                    problem,
-                });
-            }
+        // A text file as the kernel or the rootfs would otherwise end the VMM or panic the
+        // guest kernel, reported as if the guest had exited.
+        let problem = match field {
+            "kernel" => super::config::kernel_problem(&f),
+            _ => super::config::rootfs_problem(&f),
+        };
+        if let Some(problem) = problem {
+            return Err(RuntimeError::SpecFileInvalid {
+                field,
+                path: path.to_path_buf(),
+                problem,
+            });
         }
     }
     let disk = DiskPlan::new(cfg.disk_mode, spec, &base)?;
@@ -1682,7 +1685,7 @@ mod tests {
     }
 
     #[test]
-    fn a_text_file_as_the_spec_kernel_is_an_invalid_spec() {
+    fn a_text_file_as_the_spec_kernel_or_rootfs_is_an_invalid_spec() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = resolved(dir.path());
         let state = Arc::new(StateDir::open(&cfg.state_dir, sys::euid()).expect("state"));
@@ -1718,6 +1721,32 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::InvalidSpec);
         assert!(err.to_string().contains("neither a vmlinux"), "{err}");
         assert!(guard.dir.is_none());
+        // A text file as the rootfs: the same, before the guest kernel could panic on it.
+        std::fs::write(dir.path().join("vmlinux"), FAKE_KERNEL).expect("kernel");
+        let spec = SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("notakernel"))
+            .build()
+            .expect("spec");
+        let err = prepare(
+            &cfg,
+            &spec,
+            &state,
+            &SandboxId::new("sbx-02"),
+            &mut guard,
+            &AtomicBool::new(false),
+            None,
+        )
+        .expect_err("not a rootfs");
+        assert!(
+            matches!(
+                err,
+                RuntimeError::SpecFileInvalid {
+                    field: "rootfs",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.kind(), ErrorKind::InvalidSpec);
     }
 
     #[test]
@@ -1915,7 +1944,7 @@ mod tests {
         std::fs::write(dir.path().join("kvm"), b"").expect("kvm");
         // A base whose name cannot be an overlay's backing file name (a ':' reads as a protocol
         // in qcow2 tools): the overlay fails after the directory and lock were made.
-        std::fs::write(dir.path().join("root:fs.ext4"), vec![0u8; 4096]).expect("base");
+        std::fs::write(dir.path().join("root:fs.ext4"), fake_rootfs(4096)).expect("base");
         let spec =
             SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("root:fs.ext4"))
                 .build()
