@@ -6,14 +6,16 @@
 //! 2. The sandbox gets a network under that policy; the runtime enforces it on the host, in the
 //!    sandbox's own network namespace, where the guest cannot touch it.
 //! 3. Inside, one allowed fetch (`https://pypi.org/simple/`) and two denied ones (a name the
-//!    policy does not allow, and the metadata address); each denial fails fast.
+//!    policy does not allow, and the metadata address); each denial fails fast and is labelled
+//!    "denied by the policy", while a failure of the allowed fetch is labelled "failed (no route
+//!    to the internet?)".
 //! 4. The deny events the host recorded are printed: what a platform logs or alerts on.
 //!
 //! Needs root (netns, nftables), the `nft` binary, a `/dev/kvm` that boots Linux, and for the
 //! allowed fetch a host that reaches PyPI (the upstream resolver is the host's). Run it with
 //! `cargo xtask run --example egress_policy` (in the nested test host on machines without such a
-//! KVM; that host has no route to the internet, so the allowed fetch fails there while the
-//! denials and events are shown all the same).
+//! KVM; that host has no route to the internet, so the allowed fetch fails there, labelled so,
+//! while the denials and events are shown all the same).
 
 use std::time::Duration;
 
@@ -36,11 +38,23 @@ ports = [443]
 protocol = "tcp"
 "#;
 
-/// A guest-side fetch that prints `ok <status>` or `denied <error>` and how long it took.
+/// A guest-side fetch that prints `ok <status>` or `error <type> <message>`, then how long it took.
 fn fetch(url: &str) -> String {
     format!(
-        "python3 -c \"import time,urllib.request as u; t=time.time()\ntry:\n r=u.urlopen('{url}', timeout=15); print('ok', r.status, end='')\nexcept Exception as e:\n print('denied', type(e).__name__, e, end='')\nprint(' ({{:.1f}} s)'.format(time.time()-t))\""
+        "python3 -c \"import time,urllib.request as u; t=time.time()\ntry:\n r=u.urlopen('{url}', timeout=15); print('ok', r.status, end='')\nexcept Exception as e:\n print('error', type(e).__name__, e, end='')\nprint(' ({{:.1f}} s)'.format(time.time()-t))\""
     )
+}
+
+/// What a fetch's outcome means. The policy refuses a name (our resolver answers REFUSED) or
+/// rejects a connection at once, so a failed fetch the policy denies is the policy at work; a
+/// failed fetch it allows is the network's doing (no route to the internet, upstream DNS down).
+fn verdict(allowed: bool, guest: &str) -> String {
+    match (allowed, guest.strip_prefix("error ")) {
+        (true, None) => guest.to_string(),
+        (true, Some(why)) => format!("failed (no route to the internet?): {why}"),
+        (false, Some(why)) => format!("denied by the policy: {why}"),
+        (false, None) => format!("NOT denied: {guest}"),
+    }
 }
 
 #[tokio::main]
@@ -57,19 +71,22 @@ async fn main() -> anyhow::Result<()> {
         .egress_events()
         .expect("a sandbox with a policy has a deny-event stream");
 
-    for (what, url) in [
-        ("allowed: PyPI", "https://pypi.org/simple/"),
+    for (what, url, allowed) in [
+        ("allowed: PyPI", "https://pypi.org/simple/", true),
         (
             "denied: a name the policy does not allow",
             "https://example.com/",
+            false,
         ),
         (
             "denied: the cloud metadata address",
             "http://169.254.169.254/latest/meta-data/",
+            false,
         ),
     ] {
         let out = sandbox.exec(ExecRequest::shell(fetch(url))).await?;
-        println!("{what:45} {url:45} -> {}", out.stdout_str().trim());
+        let outcome = verdict(allowed, out.stdout_str().trim());
+        println!("{what:45} {url:45} -> {outcome}");
     }
 
     println!("\ndeny events recorded on the host:");
@@ -86,4 +103,24 @@ async fn main() -> anyhow::Result<()> {
     }
     sandbox.destroy().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verdict;
+
+    #[test]
+    fn a_failed_allowed_fetch_is_not_called_denied() {
+        let dns = "error URLError <urlopen error [Errno -3] Temporary failure in name resolution> \
+                   (0.1 s)";
+        let allowed = verdict(true, dns);
+        assert!(
+            allowed.starts_with("failed (no route to the internet?)"),
+            "{allowed}"
+        );
+        assert!(!allowed.contains("denied"), "{allowed}");
+        assert!(verdict(false, dns).starts_with("denied by the policy: URLError"));
+        assert_eq!(verdict(true, "ok 200 (0.4 s)"), "ok 200 (0.4 s)");
+        assert!(verdict(false, "ok 200 (0.4 s)").starts_with("NOT denied"));
+    }
 }

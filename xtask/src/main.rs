@@ -99,6 +99,62 @@ mod docs_tests {
         }
     }
 
+    /// Every request cap of the SDK (`pub const MAX_*` in sandbox-core's exec.rs and file.rs)
+    /// is in the caps list of docs/embedding.md §5 (chunk sizes are not caps a request hits).
+    #[test]
+    fn embedding_md_lists_every_request_cap() {
+        let root = crate::util::workspace_root();
+        let guide =
+            std::fs::read_to_string(root.join("docs/embedding.md")).expect("docs/embedding.md");
+        for file in ["exec.rs", "file.rs"] {
+            let src = std::fs::read_to_string(root.join("crates/sandbox-core/src").join(file))
+                .expect("sandbox-core source");
+            for line in src.lines() {
+                let Some(rest) = line.strip_prefix("pub const MAX_") else {
+                    continue;
+                };
+                let name = format!("MAX_{}", rest.split(':').next().unwrap_or_default());
+                if name.ends_with("_CHUNK_BYTES") {
+                    continue;
+                }
+                assert!(
+                    guide.contains(&format!("`{name}`")),
+                    "docs/embedding.md §5 does not list the cap {name} ({file})"
+                );
+            }
+        }
+    }
+
+    /// Every field of `KvmRuntimeConfig` has a row in docs/runtime.md's configuration table.
+    #[test]
+    fn runtime_md_lists_every_config_field() {
+        let root = crate::util::workspace_root();
+        let doc = std::fs::read_to_string(root.join("docs/runtime.md")).expect("docs/runtime.md");
+        let table: Vec<&str> = doc.lines().filter(|l| l.starts_with("| `")).collect();
+        let src = std::fs::read_to_string(root.join("crates/sandbox-kvm/src/runtime/config.rs"))
+            .expect("config.rs");
+        let body = src
+            .split_once("pub struct KvmRuntimeConfig {")
+            .and_then(|(_, rest)| rest.split_once("\n}"))
+            .map(|(body, _)| body)
+            .expect("the struct");
+        let fields: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub "))
+            .filter_map(|l| l.split_once(':').map(|(name, _)| name))
+            .collect();
+        assert!(fields.len() > 5, "{fields:?}");
+        for f in fields {
+            let cell = format!("`{f}`");
+            assert!(
+                table
+                    .iter()
+                    .any(|row| row.split('|').nth(1).is_some_and(|c| c.contains(&cell))),
+                "docs/runtime.md's configuration table has no row for {f}"
+            );
+        }
+    }
+
     #[test]
     fn docs_cite_only_files_in_the_repository() {
         let root = crate::util::workspace_root();

@@ -108,7 +108,12 @@ fn plan(start: &ExecStart) -> Result<SpawnPlan, (AgentErrorKind, String)> {
         .ok_or_else(|| bad("argv is empty.".into()))?;
     let user = match &start.user {
         None => None,
-        Some(u) => Some(lookup_user(u).ok_or_else(|| bad(format!("Unknown user {u:?}.")))?),
+        Some(u) => Some(lookup_user(u).ok_or_else(|| {
+            bad(format!(
+                "Unknown user {u:?}: no such name in the guest's /etc/passwd (a numeric uid is \
+                 accepted as is)."
+            ))
+        })?),
     };
     // A home that does not exist (nobody's is /nonexistent) falls back to /, like login(1).
     let home = user
@@ -143,9 +148,14 @@ fn plan(start: &ExecStart) -> Result<SpawnPlan, (AgentErrorKind, String)> {
         .clone()
         .unwrap_or_else(|| if user.is_some() { home } else { "/".into() });
     if !Path::new(&cwd).is_dir() {
+        let why = match std::fs::metadata(&cwd) {
+            Ok(_) => "is not a directory",
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist",
+            Err(_) => "cannot be reached",
+        };
         return Err((
             AgentErrorKind::NotFound,
-            format!("The working directory {cwd} does not exist."),
+            format!("The working directory {cwd} {why} in the guest."),
         ));
     }
     let argv = start
@@ -209,8 +219,7 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
     let pid = match spawned {
         Ok(pid) => pid,
         Err(e) => {
-            ctx.writer
-                .error(id, AgentErrorKind::Io, format!("Cannot fork: {e}."));
+            ctx.writer.error(id, AgentErrorKind::Io, fork_failure(e));
             return Next::Continue;
         }
     };
@@ -427,9 +436,70 @@ fn pump(ctx: &Ctx, id: u64, fd: OwnedFd, wrap: fn(Bytes) -> AgentMessage) {
     }
 }
 
+/// Why a command could not be started, with what to do when the guest is out of processes
+/// or memory (a fork bomb leaves it so until its processes die).
+fn fork_failure(e: std::io::Error) -> String {
+    use nix::errno::Errno;
+    let hint = match e.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::EAGAIN) => {
+            " The guest has too many processes (its pid limit is reached): kill some \
+             (`kill -9 -1` as their user) or destroy the sandbox."
+        }
+        Some(Errno::ENOMEM) => " The guest is out of memory: free some or destroy the sandbox.",
+        _ => "",
+    };
+    format!("Cannot fork the command: {e}.{hint}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn start(cwd: Option<&str>, user: Option<&str>) -> ExecStart {
+        ExecStart {
+            argv: vec!["sh".into()],
+            env: Vec::new(),
+            cwd: cwd.map(Into::into),
+            stdin: Default::default(),
+            timeout_ms: None,
+            user: user.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_directory_and_the_user() {
+        let Err((k, m)) = plan(&start(Some("/nonexistent-xyz"), None)) else {
+            panic!("a missing cwd is refused");
+        };
+        assert_eq!(k, AgentErrorKind::NotFound);
+        assert!(
+            m.contains("/nonexistent-xyz") && m.contains("does not exist"),
+            "{m}"
+        );
+        let Err((_, m)) = plan(&start(Some("/proc/self/status"), None)) else {
+            panic!("a file cwd is refused");
+        };
+        assert!(m.contains("is not a directory"), "{m}");
+        let Err((k, m)) = plan(&start(None, Some("nosuchuser"))) else {
+            panic!("an unknown user is refused");
+        };
+        assert_eq!(k, AgentErrorKind::InvalidRequest);
+        assert!(
+            m.contains("\"nosuchuser\"") && m.contains("/etc/passwd"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_fork_failure_names_the_errno_and_the_fix() {
+        let m = fork_failure(std::io::Error::from_raw_os_error(nix::libc::EAGAIN));
+        assert!(
+            m.contains("os error 11") && m.contains("too many processes"),
+            "{m}"
+        );
+        let m = fork_failure(std::io::Error::from_raw_os_error(nix::libc::EPERM));
+        assert!(m.contains("os error 1") && !m.contains("too many"), "{m}");
+    }
 
     #[test]
     fn the_oom_kill_count_is_read_from_vmstat() {

@@ -154,14 +154,41 @@ impl crate::Error {
     }
 }
 
+impl ClientError {
+    /// The sentence for people: the agent's own reason for [`ClientError::Agent`] (it names the
+    /// directory, the user, the errno...), this error's text otherwise.
+    fn public_message(&self) -> String {
+        match self {
+            ClientError::Agent(a) => a.message.clone(),
+            ClientError::Exec(e) => e.to_string(),
+            ClientError::File(e) => e.to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The public form of a borrowed error: the same kind and message as the `From` conversion,
+    /// with the cause chain kept as text (the error itself stays with the caller).
+    fn to_public(&self) -> crate::Error {
+        let mut chain = String::new();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            if !chain.is_empty() {
+                chain.push_str(": ");
+            }
+            chain.push_str(&c.to_string());
+            cause = c.source();
+        }
+        if chain.is_empty() {
+            crate::Error::new(self.kind(), self.public_message())
+        } else {
+            crate::Error::with_source(self.kind(), self.public_message(), chain)
+        }
+    }
+}
+
 impl From<ClientError> for crate::Error {
     fn from(e: ClientError) -> Self {
-        let kind = e.kind();
-        let message = match &e {
-            ClientError::Agent(a) => a.message.clone(),
-            other => other.to_string(),
-        };
-        crate::Error::with_source(kind, message, e)
+        crate::Error::with_source(e.kind(), e.public_message(), e)
     }
 }
 
@@ -541,8 +568,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> AgentClient<S> {
     pub async fn exec_to_channel(&mut self, req: &ExecRequest, tx: ExecEventSender) -> Result<()> {
         let r = self.exec_forward(req, &tx).await;
         if let Err(e) = &r {
-            let public = crate::Error::new(e.kind(), e.to_string());
-            let _ = tx.send(Err(public)).await;
+            let _ = tx.send(Err(e.to_public())).await;
         }
         r
     }
@@ -843,6 +869,46 @@ mod tests {
         .await
         .expect("reply");
         stream
+    }
+
+    #[tokio::test]
+    async fn an_exec_refusal_carries_the_agents_reason() {
+        let reason = "The working directory /nonexistent does not exist.";
+        let (host, agent) = tokio::io::duplex(64 * 1024);
+        let agent = tokio::spawn(stalling_agent(
+            agent,
+            AgentMessage::Error(AgentError::new(
+                crate::protocol::AgentErrorKind::NotFound,
+                reason,
+            )),
+        ));
+        let mut c = AgentClient::handshake(host, Duration::from_secs(5))
+            .await
+            .expect("handshake");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let req = ExecRequest::shell("pwd").cwd("/nonexistent");
+        let err = c.exec_to_channel(&req, tx).await.expect_err("refused");
+        assert!(!c.is_broken(), "a refusal keeps the connection");
+        let streamed = rx
+            .recv()
+            .await
+            .expect("an item")
+            .expect_err("the stream's last item is the error");
+        assert_eq!(streamed.kind(), crate::ErrorKind::NotFound);
+        assert_eq!(streamed.message(), reason);
+        let public = crate::Error::from(err);
+        assert_eq!(public.kind(), crate::ErrorKind::NotFound);
+        assert_eq!(public.message(), reason);
+        drop(agent.await.expect("agent"));
+    }
+
+    #[test]
+    fn a_borrowed_error_keeps_its_cause_as_text() {
+        let e = ClientError::Protocol(ProtocolError::Io(std::io::Error::other("reset")));
+        let public = e.to_public();
+        assert_eq!(public.message(), "The agent connection failed.");
+        let cause = std::error::Error::source(&public).map(|c| c.to_string());
+        assert!(cause.is_some_and(|c| c.contains("reset")), "{public:?}");
     }
 
     #[tokio::test]

@@ -447,8 +447,8 @@ async fn sh(sb: &dyn Sandbox, script: &str) -> crate::ExecOutput {
         .expect("exec must succeed")
 }
 
-/// Exit codes 0, 1 and 127 (unknown command, both through a shell and directly), and death by
-/// signal.
+/// Exit codes 0, 1 and 127 (unknown command, both through a shell and directly), death by
+/// signal, and the agent's reason in a refusal (missing cwd, unknown user).
 pub async fn exit_codes(sb: &dyn Sandbox) {
     assert_eq!(sh(sb, "exit 0").await.status.code, Some(0), "exit 0");
     assert_eq!(sh(sb, "exit 1").await.status.code, Some(1), "exit 1");
@@ -475,6 +475,19 @@ pub async fn exit_codes(sb: &dyn Sandbox) {
     assert!(!killed.status.timed_out);
     let term = sh(sb, "kill -15 $$").await;
     assert_eq!(term.status.signal, Some(15), "death by SIGTERM");
+    // A refused request carries the agent's reason, not just its kind.
+    let err = sb
+        .exec(ExecRequest::shell("pwd").cwd("/no-such-dir-xyz"))
+        .await
+        .expect_err("missing cwd");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(err.message().contains("/no-such-dir-xyz"), "{err}");
+    let err = sb
+        .exec(ExecRequest::shell("id").user("no-such-user-xyz"))
+        .await
+        .expect_err("unknown user");
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+    assert!(err.message().contains("no-such-user-xyz"), "{err}");
 }
 
 /// Stdout and stderr arrive on their own streams, each in order.

@@ -122,9 +122,19 @@ impl Error {
     }
 }
 
+/// `{e}` prints `kind: message`; `{e:#}` also appends `: cause` for each error of the source
+/// chain, outermost first.
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind, self.message)
+        write!(f, "{}: {}", self.kind, self.message)?;
+        if f.alternate() {
+            let mut cause = std::error::Error::source(self);
+            while let Some(c) = cause {
+                write!(f, ": {c}")?;
+                cause = c.source();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -162,6 +172,36 @@ mod tests {
             e.source().map(|s| s.to_string()),
             Some("disk on fire".to_owned())
         );
+    }
+
+    #[test]
+    fn alternate_display_appends_the_source_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot open the overlay")]
+        struct Mid(#[source] std::io::Error);
+        let e = Error::with_source(
+            ErrorKind::Io,
+            "Could not create the sandbox.",
+            Mid(std::io::Error::other("disk on fire")),
+        );
+        assert_eq!(e.to_string(), "io: Could not create the sandbox.");
+        assert_eq!(
+            format!("{e:#}"),
+            "io: Could not create the sandbox.: cannot open the overlay: disk on fire"
+        );
+        let plain = Error::new(ErrorKind::Timeout, "Gave up after 2s.");
+        assert_eq!(format!("{plain:#}"), "timeout: Gave up after 2s.");
+    }
+
+    #[test]
+    fn public_errors_do_not_restate_their_kind() {
+        let spec: Error = crate::spec::SpecError::Vcpus { got: 0, max: 8 }.into();
+        let req: Error = crate::exec::ExecError::EmptyArgv.into();
+        for e in [spec, req] {
+            let text = e.to_string().to_lowercase();
+            let kind = e.kind().as_str();
+            assert_eq!(text.matches(kind).count(), 1, "{e}");
+        }
     }
 
     #[test]

@@ -49,8 +49,8 @@ impl From<FileError> for crate::Error {
             FileError::TooLarge { .. } => crate::ErrorKind::TooLarge,
             _ => crate::ErrorKind::InvalidRequest,
         };
-        // The specific reason is the message: callers print `{e}` and `e.message()`.
-        crate::Error::new(kind, format!("Invalid file request: {e}"))
+        // The specific reason is the message (the kind already says "invalid request").
+        crate::Error::new(kind, e.to_string())
     }
 }
 

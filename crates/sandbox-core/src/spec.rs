@@ -128,11 +128,8 @@ impl SpecError {
 
 impl From<SpecError> for crate::Error {
     fn from(e: SpecError) -> Self {
-        // The specific reason is the message: callers print `{e}` and `e.message()`.
-        crate::Error::new(
-            crate::ErrorKind::InvalidSpec,
-            format!("Invalid sandbox spec: {e}"),
-        )
+        // The specific reason is the message (the kind already says "invalid spec").
+        crate::Error::new(crate::ErrorKind::InvalidSpec, e.to_string())
     }
 }
 

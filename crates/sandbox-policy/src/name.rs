@@ -27,7 +27,7 @@ pub enum NameError {
         len: usize,
     },
     /// One label is empty or longer than 63 bytes.
-    #[error("label `{label}` must be 1 to 63 bytes long")]
+    #[error("{}", label_length(label))]
     LabelLength {
         /// The offending label.
         label: String,
@@ -44,6 +44,17 @@ pub enum NameError {
     /// `*` appears other than as the whole leftmost label of `*.suffix`.
     #[error("`*` is allowed only as the whole leftmost label, as in `*.example.com`")]
     Wildcard,
+}
+
+fn label_length(label: &str) -> String {
+    if label.is_empty() {
+        "the name has an empty label (two dots in a row, or a leading dot)".to_owned()
+    } else {
+        format!(
+            "label `{label}` is {} bytes long; at most 63 are allowed",
+            label.len()
+        )
+    }
 }
 
 /// Normalises a DNS name (see the module documentation). Returns the A-label form.

@@ -47,21 +47,19 @@ pub enum RuleError {
     #[error("the rule sets both `domain` and `cidr`; split it into two rules")]
     TwoDestinations,
     /// `domain` is not a valid name or pattern.
-    #[error("`domain = \"{value}\"` is invalid")]
+    #[error("`domain = \"{value}\"` is invalid: {source}")]
     Domain {
         /// The value as written.
         value: String,
-        /// Why.
-        #[source]
+        /// Why (part of this error's text, so not also its `source()`).
         source: NameError,
     },
     /// `cidr` is not a valid block.
-    #[error("`cidr = \"{value}\"` is invalid")]
+    #[error("`cidr = \"{value}\"` is invalid: {source}")]
     Cidr {
         /// The value as written.
         value: String,
-        /// Why.
-        #[source]
+        /// Why (part of this error's text, so not also its `source()`).
         source: CidrError,
     },
     /// A `ports` entry is not a port (1..=65535) or an ascending range `"a-b"`.
@@ -109,8 +107,9 @@ pub enum PolicyError {
         /// Position and message from the parser.
         error: SyntaxError,
     },
-    /// One rule is invalid.
-    #[error("{list} rule #{index} (line {}) is invalid", fmt_line(*.line))]
+    /// One rule is invalid. The text numbers rules from 1 (`allow rule 1 (line 3): ...`) and
+    /// says what is wrong.
+    #[error("{list} rule {} (line {}): {error}", .index + 1, fmt_line(*.line))]
     Rule {
         /// The rule's list.
         list: RuleList,
@@ -119,8 +118,7 @@ pub enum PolicyError {
         /// 1-based line of the offending field, or of the rule (`None` for a model not read
         /// from text).
         line: Option<usize>,
-        /// What is wrong.
-        #[source]
+        /// What is wrong (part of this error's text, so not also its `source()`).
         error: RuleError,
     },
 }
@@ -774,9 +772,35 @@ mod tests {
     fn deny_rule_error_line_and_message() {
         let text = "[[deny]]\ndomain = \"ok.org\"\n\n[[deny]]\ncidr = \"nope\"\n";
         let err = Policy::from_toml(text).expect_err("invalid");
-        assert_eq!(err.to_string(), "deny rule #1 (line 5) is invalid");
+        assert_eq!(
+            err.to_string(),
+            "deny rule 2 (line 5): `cidr = \"nope\"` is invalid: expected an address or address/prefix, such as \
+             198.51.100.0/24 or 2001:db8::/32"
+        );
         let (list, index, line, _) = rule_err(text, Format::Toml);
         assert_eq!((list, index, line), (RuleList::Deny, 1, Some(5)));
+    }
+
+    #[test]
+    fn rule_error_text_says_what_is_wrong() {
+        let cases = [
+            ("ports = [70000]", "allow rule 1 (line 3): port `70000` is not a port 1-65535"),
+            ("domain = \"pypi..org\"", "allow rule 1 (line 3): `domain = \"pypi..org\"` is invalid: the name has an empty label"),
+            ("cidr = \"169.254.169.254/32\"", "allow rule 1 (line 3): 169.254.169.254/32 holds only cloud metadata addresses"),
+        ];
+        for (field, want) in cases {
+            let text = if field.starts_with("ports") {
+                format!("default = \"deny\"\n[[allow]]\n{field}\ndomain = \"a.org\"\n")
+            } else {
+                format!("default = \"deny\"\n[[allow]]\n{field}\n")
+            };
+            let err = Policy::from_toml(&text).expect_err("invalid");
+            assert!(err.to_string().starts_with(want), "{err}");
+            assert!(
+                std::error::Error::source(&err).is_none(),
+                "the reason is in the text, not repeated as a source"
+            );
+        }
     }
 
     #[test]

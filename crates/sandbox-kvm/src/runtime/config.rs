@@ -316,7 +316,9 @@ pub(crate) fn resolve(c: &KvmRuntimeConfig, env: &Env<'_>) -> Result<Resolved> {
         Ok::<_, RuntimeError>(p)
     };
     let kernel = artifact(&c.kernel, "guest kernel", ENV_KERNEL)?;
+    check_format(&kernel, "guest kernel", kernel_problem, FIX_KERNEL)?;
     let rootfs = artifact(&c.rootfs, "guest rootfs", ENV_ROOTFS)?;
+    check_format(&rootfs, "guest rootfs", rootfs_problem, FIX_ROOTFS)?;
     let state_dir = match &c.state_dir {
         Some(p) => p.clone(),
         None => default_state_dir(env),
@@ -411,6 +413,124 @@ fn default_state_dir(env: &Env<'_>) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     tmp.join(format!("sandbox-sdk-{}", env.uid))
+}
+
+const FIX_KERNEL: &str = "set SANDBOX_KERNEL (or KvmRuntimeConfig::kernel) to the vmlinux that \
+                          `cargo xtask guest` builds";
+const FIX_ROOTFS: &str = "set SANDBOX_ROOTFS (or KvmRuntimeConfig::rootfs) to the raw ext4 \
+                          rootfs.ext4 that `cargo xtask guest` builds";
+
+/// Offset of the bzImage setup header's `HdrS` magic (Linux x86 boot protocol).
+const BZIMAGE_MAGIC_AT: u64 = 0x202;
+/// Offset of the ext2/3/4 superblock's `s_magic` (superblock at 1024, field at +56).
+const EXT_MAGIC_AT: u64 = 1080;
+/// `s_magic` of ext2/3/4, little-endian on disk.
+const EXT_MAGIC: [u8; 2] = 0xEF53_u16.to_le_bytes();
+
+/// Why `f` is not a kernel the VMM boots (a vmlinux ELF file or a bzImage), or `None`.
+pub(crate) fn kernel_problem(f: &std::fs::File) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mut elf = [0u8; 4];
+    let mut hdrs = [0u8; 4];
+    if f.read_exact_at(&mut elf, 0).is_ok() && elf == *b"\x7fELF" {
+        return None;
+    }
+    match f.read_exact_at(&mut hdrs, BZIMAGE_MAGIC_AT) {
+        Ok(()) if hdrs == *b"HdrS" => None,
+        Ok(()) => Some("it is neither a vmlinux ELF file nor a bzImage".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Some("it is neither a vmlinux ELF file nor a bzImage (too short for either)".into())
+        }
+        Err(e) => Some(format!("it cannot be read ({e})")),
+    }
+}
+
+/// Why `f` is not a raw ext2/3/4 image, or `None`.
+pub(crate) fn rootfs_problem(f: &std::fs::File) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 2];
+    match f.read_exact_at(&mut magic, EXT_MAGIC_AT) {
+        Ok(()) if magic == EXT_MAGIC => None,
+        Ok(()) => Some("it has no ext2/3/4 superblock (magic 0xEF53 at byte 1080)".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Some("it is too short to hold an ext2/3/4 file system".into())
+        }
+        Err(e) => Some(format!("it cannot be read ({e})")),
+    }
+}
+
+fn check_format(
+    path: &Path,
+    what: &'static str,
+    problem: fn(&std::fs::File) -> Option<String>,
+    fix: &'static str,
+) -> Result<()> {
+    let f = std::fs::File::open(path).map_err(|source| RuntimeError::ArtifactUnreadable {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match problem(&f) {
+        None => Ok(()),
+        Some(problem) => Err(RuntimeError::ArtifactInvalid {
+            what,
+            path: path.to_path_buf(),
+            problem,
+            fix,
+        }),
+    }
+}
+
+/// How long `sandbox-vmm --version` may take.
+const VERSION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Runs `<vmm> --version` and checks that it names sandbox-vmm (so a wrong binary fails
+/// `KvmRuntime::new` instead of every `create` with a confusing guest exit).
+///
+/// # Errors
+/// [`RuntimeError::VmmNotOurs`] (`HostSetup`).
+pub(crate) fn check_vmm_identity(vmm: &Path) -> Result<()> {
+    use std::io::Read;
+    let not_ours = |problem: String| RuntimeError::VmmNotOurs {
+        path: vmm.to_path_buf(),
+        problem,
+    };
+    let mut child = std::process::Command::new(vmm)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| not_ours(format!("it cannot be run ({e})")))?;
+    let until = std::time::Instant::now() + VERSION_DEADLINE;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(not_ours(format!(
+                    "`--version` did not finish within {VERSION_DEADLINE:?}"
+                )));
+            }
+        }
+    };
+    let mut out = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = stdout.take(256).read_to_end(&mut out);
+    }
+    let out = String::from_utf8_lossy(&out);
+    let line = out.lines().next().unwrap_or("").trim();
+    if status.success() && line.starts_with("sandbox-vmm ") {
+        Ok(())
+    } else {
+        Err(not_ours(format!(
+            "`--version` printed {line:?} and ended with {status}, not `sandbox-vmm <version>`"
+        )))
+    }
 }
 
 fn check_file(what: &'static str, path: &Path) -> Result<()> {
@@ -561,9 +681,11 @@ mod tests {
         let vmm = dir.path().join("sandbox-vmm");
         let kernel = dir.path().join("vmlinux");
         let rootfs = dir.path().join("rootfs.ext4");
-        for p in [&vmm, &kernel, &rootfs] {
-            std::fs::write(p, b"x").expect("write");
-        }
+        std::fs::write(&vmm, b"x").expect("write");
+        std::fs::write(&kernel, b"\x7fELF").expect("write");
+        let mut ext = vec![0u8; 2048];
+        ext[1080..1082].copy_from_slice(&[0x53, 0xEF]);
+        std::fs::write(&rootfs, ext).expect("write");
         let vars: HashMap<&str, OsString> = [
             (ENV_VMM, vmm.clone().into_os_string()),
             (ENV_KERNEL, kernel.clone().into_os_string()),
@@ -636,6 +758,51 @@ mod tests {
         assert!(e.to_string().contains("cargo xtask guest"), "{e}");
         let public: sandbox_core::Error = e.into();
         assert_eq!(public.kind(), sandbox_core::ErrorKind::HostSetup);
+    }
+
+    #[test]
+    fn artifacts_of_the_wrong_format_are_host_setup_errors_naming_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vmm = dir.path().join("sandbox-vmm");
+        std::fs::write(&vmm, b"x").expect("write");
+        let text = dir.path().join("notakernel");
+        std::fs::write(&text, b"just some text\n").expect("write");
+        let mut bz = vec![0u8; 4096];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let bz_path = dir.path().join("bzImage");
+        std::fs::write(&bz_path, bz).expect("write");
+        let mut ext = vec![0u8; 4096];
+        ext[1080..1082].copy_from_slice(&0xEF53_u16.to_le_bytes());
+        let ext_path = dir.path().join("rootfs.ext4");
+        std::fs::write(&ext_path, ext).expect("write");
+        let none = |_: &str| None;
+        let resolve_with = |kernel: &Path, rootfs: &Path| {
+            let c = KvmRuntimeConfig::builder()
+                .vmm(&vmm)
+                .kernel(kernel)
+                .rootfs(rootfs)
+                .build()
+                .expect("valid");
+            resolve(&c, &env_with(&none, None))
+        };
+        let e = resolve_with(&text, &ext_path).expect_err("a text kernel");
+        assert!(
+            matches!(&e, RuntimeError::ArtifactInvalid { what: "guest kernel", problem, .. }
+                if problem.contains("neither a vmlinux ELF file nor a bzImage")),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("fix: set SANDBOX_KERNEL"), "{e}");
+        assert_eq!(e.kind(), sandbox_core::ErrorKind::HostSetup);
+        let e = resolve_with(&bz_path, &text).expect_err("a text rootfs");
+        assert!(
+            matches!(&e, RuntimeError::ArtifactInvalid { what: "guest rootfs", problem, .. }
+                if problem.contains("too short")),
+            "{e:?}"
+        );
+        let e = resolve_with(&bz_path, &bz_path).expect_err("a kernel as rootfs");
+        assert!(e.to_string().contains("no ext2/3/4 superblock"), "{e}");
+        assert!(e.to_string().contains("fix: set SANDBOX_ROOTFS"), "{e}");
+        resolve_with(&bz_path, &ext_path).expect("a bzImage and an ext4 image");
     }
 
     #[test]

@@ -96,6 +96,58 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// A configured artifact is readable but not what it must be: a kernel that is neither a
+    /// vmlinux ELF file nor a bzImage, a rootfs without an ext2/3/4 superblock (`HostSetup`).
+    #[error("The {what} {path} cannot be used: {problem}; fix: {fix}.")]
+    ArtifactInvalid {
+        /// `guest kernel` or `guest rootfs`.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with the file.
+        problem: String,
+        /// How to fix it.
+        fix: &'static str,
+    },
+    /// The configured `sandbox-vmm` is not one: its `--version` does not name sandbox-vmm
+    /// (`HostSetup`).
+    #[error(
+        "{path} is not a sandbox-vmm binary: {problem}; fix: set SANDBOX_VMM (or \
+         KvmRuntimeConfig::vmm) to the sandbox-vmm built by `cargo build --release --bin sandbox-vmm`."
+    )]
+    VmmNotOurs {
+        /// The configured path.
+        path: PathBuf,
+        /// What `--version` did.
+        problem: String,
+    },
+    /// The spec's kernel or rootfs is readable but not a kernel or a file system (`InvalidSpec`).
+    #[error("The spec's {field} {path} cannot be used: {problem}; fix: point the spec at a vmlinux (or bzImage) kernel and a raw ext4 rootfs (`cargo xtask guest` builds both).")]
+    SpecFileInvalid {
+        /// `kernel` or `rootfs`.
+        field: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with the file.
+        problem: String,
+    },
+    /// `sandbox-vmm` refused to start the VM (exit 1 or 2 before the agent answered: a VM
+    /// config, artifact or host problem, not the guest's) (`HostSetup`).
+    #[error(
+        "Sandbox {id}: sandbox-vmm refused to start the VM ({how}): {reason}; fix: use a \
+         sandbox-vmm, kernel and rootfs from the same build (`cargo build --release --bin \
+         sandbox-vmm`, `cargo xtask guest`) and see its log below.{console}"
+    )]
+    VmmRefused {
+        /// The sandbox id.
+        id: String,
+        /// How the VMM ended.
+        how: String,
+        /// The VMM's error line, or `no error line in its log`.
+        reason: String,
+        /// The last console and VMM log lines.
+        console: String,
+    },
     /// `/dev/kvm` is missing or unusable; the message names the fix (`HostSetup`).
     #[error("KVM is not usable: {0}.")]
     Kvm(#[from] sandbox_vmm::kvm::KvmError),
@@ -168,16 +220,36 @@ pub enum RuntimeError {
         /// What is wrong, as a phrase.
         problem: String,
     },
-    /// The spec's image cannot be used: unknown to the store, or the store cannot be opened
-    /// (`InvalidSpec` for an unknown or malformed reference, `Io` otherwise).
-    #[error("The spec's image {reference:?} cannot be used from the image store {store}.")]
+    /// The image store cannot be opened (created if missing) to look up the spec's image
+    /// (`HostSetup`): the message has the cause (read-only file system, permission...) and the
+    /// fix.
+    #[error(
+        "The image store {store} cannot be opened to find the spec's image {reference:?}: {}; \
+         fix: set SANDBOX_IMAGE_STORE (or KvmRuntimeConfig::image_store) to a directory this \
+         user can create or write, holding the imported images (docs/images.md).",
+        chain(source)
+    )]
+    ImageStore {
+        /// The reference (a tag or `sha256:<hex>`).
+        reference: String,
+        /// The store directory.
+        store: PathBuf,
+        /// The cause (part of the text, so not also the `source()`).
+        source: sandbox_fs::StoreError,
+    },
+    /// The spec's image cannot be used from the store: unknown (`InvalidSpec`), or its file
+    /// cannot be read (`Io`). The message has the cause.
+    #[error(
+        "The spec's image {reference:?} cannot be used from the image store {store}: {}{}",
+        chain(source),
+        image_hint(source)
+    )]
     Image {
         /// The reference (a tag or `sha256:<hex>`).
         reference: String,
         /// The store directory.
         store: PathBuf,
-        /// The cause.
-        #[source]
+        /// The cause (part of the text, so not also the `source()`).
         source: sandbox_fs::StoreError,
     },
     /// The sandbox's network could not be set up (`HostSetup` when the host lacks something
@@ -298,6 +370,29 @@ pub enum RuntimeError {
     },
 }
 
+/// `e` and its causes, joined with `: ` (for errors whose text carries their cause).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// What to do about an image the store does not have.
+fn image_hint(e: &sandbox_fs::StoreError) -> &'static str {
+    match e {
+        sandbox_fs::StoreError::NotFound { .. } => {
+            " Import it first (`ImageStore::import_dir`, `import_oci`) and tag it, or name it by \
+             `sha256:<hex>` (docs/images.md)."
+        }
+        _ => "",
+    }
+}
+
 impl RuntimeError {
     /// The public kind of this error.
     pub fn kind(&self) -> ErrorKind {
@@ -305,11 +400,16 @@ impl RuntimeError {
             RuntimeError::Config { .. }
             | RuntimeError::VmConfig(_)
             | RuntimeError::SpecFile { .. }
+            | RuntimeError::SpecFileInvalid { .. }
             | RuntimeError::DiskSpec { .. }
             | RuntimeError::Policy { .. } => ErrorKind::InvalidSpec,
             RuntimeError::VmmNotFound
             | RuntimeError::ArtifactUnset { .. }
             | RuntimeError::ArtifactUnreadable { .. }
+            | RuntimeError::ArtifactInvalid { .. }
+            | RuntimeError::ImageStore { .. }
+            | RuntimeError::VmmNotOurs { .. }
+            | RuntimeError::VmmRefused { .. }
             | RuntimeError::Kvm(_)
             | RuntimeError::StateDir { .. }
             | RuntimeError::StateDirUntrusted { .. }

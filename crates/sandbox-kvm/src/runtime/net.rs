@@ -251,6 +251,13 @@ mod tests {
         let err = parse_policy(&doc).expect_err("a bad CIDR");
         assert_eq!(err.kind(), sandbox_core::ErrorKind::InvalidSpec);
         assert!(err.to_string().contains("line"), "{err}");
+        let public = sandbox_core::Error::from(err);
+        assert!(
+            public
+                .message()
+                .contains("allow rule 1 (line 3): `cidr = \"300.0.0.0/8\"` is invalid: "),
+            "the message says what is wrong with the rule: {public}"
+        );
         let ok = PolicyDocument::toml(
             "default = \"deny\"\n[[allow]]\ndomain = \"pypi.org\"\nports = [443]\n",
         );

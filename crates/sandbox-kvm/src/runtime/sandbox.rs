@@ -22,7 +22,9 @@ use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 
 use super::config::DiskMode;
-use super::config::{check_socket_path, resolve, Env, KvmRuntimeConfig, Resolved};
+use super::config::{
+    check_socket_path, check_vmm_identity, resolve, Env, KvmRuntimeConfig, Resolved,
+};
 use super::copy::{copy_image, CopyMethod};
 use super::dirfd::{OpenError, SandboxDir, StateDir};
 use super::jail::{self, CgroupLimits, PreparedJail, PreparedRoot, SandboxCgroup};
@@ -207,19 +209,23 @@ impl KvmRuntime {
     /// # Errors
     /// [`RuntimeError::Config`] (kind `InvalidSpec`); [`RuntimeError`]s of kind `HostSetup` that
     /// name the fix: no `sandbox-vmm`, guest artifacts not built (`cargo xtask guest`), `/dev/kvm`
-    /// missing or not accessible, state directory not writable
+    /// missing or not accessible, a kernel or rootfs that is not one
+    /// ([`RuntimeError::ArtifactInvalid`]), a `vmm` that is not sandbox-vmm
+    /// ([`RuntimeError::VmmNotOurs`]), state directory not writable
     /// ([`RuntimeError::StateDir`]) or not trusted ([`RuntimeError::StateDirUntrusted`]), socket
     /// path too long ([`RuntimeError::SocketPathTooLong`]).
     pub fn new(config: KvmRuntimeConfig) -> Result<Self> {
         Self::start(&config, &Env::process(), true)
     }
 
-    /// [`KvmRuntime::new`] with the process environment given, and optionally without the KVM
-    /// check (tests with a fake `sandbox-vmm`).
+    /// [`KvmRuntime::new`] with the process environment given, and optionally without the
+    /// `sandbox-vmm --version` and KVM checks (tests with a fake `sandbox-vmm`).
     fn start(config: &KvmRuntimeConfig, env: &Env<'_>, check_kvm: bool) -> Result<Self> {
         // Validation, path resolution and the socket-length check, before anything is made.
         let mut cfg = resolve(config, env)?;
         if check_kvm {
+            // A wrong binary (`/bin/true`) would otherwise fail every create as a guest exit.
+            check_vmm_identity(&cfg.vmm)?;
             drop(sandbox_vmm::kvm::open_kvm_at(&config.kvm_device)?);
         } else {
             // A stand-in VMM: no /dev/kvm to pass (the host may have none).
@@ -493,6 +499,11 @@ impl KvmRuntime {
                 why: internal_error_detail(&console),
                 console,
             },
+            // Exit 1 (a VMM error: invalid config, kernel load, /dev/kvm) or 2 (usage) before
+            // the agent answered: the VMM never ran the guest (docs/vmm.md's exit statuses).
+            Ok(exit) if matches!(exit.0.code(), Some(1 | 2)) => {
+                vmm_refused(id.as_str(), exit, console)
+            }
             Ok(exit) => exit_error(id.as_str(), exit, console),
             Err(source) if source.kind() == ErrorKind::Protocol => {
                 return Err(Error::with_source(
@@ -568,11 +579,24 @@ fn prepare(
     // The spec's files first, so a typo is `InvalidSpec` naming the path, before any copy.
     let base = base_image(cfg, spec)?;
     for (field, path) in [("kernel", spec.kernel()), ("rootfs", base.as_path())] {
-        File::open(path).map_err(|source| RuntimeError::SpecFile {
+        let f = File::open(path).map_err(|source| RuntimeError::SpecFile {
             field,
             path: path.to_path_buf(),
             source,
         })?;
+        // A text file as the kernel or the rootfs would otherwise end the VMM or panic the
+        // guest kernel, reported as if the guest had exited.
+        let problem = match field {
+            "kernel" => super::config::kernel_problem(&f),
+            _ => super::config::rootfs_problem(&f),
+        };
+        if let Some(problem) = problem {
+            return Err(RuntimeError::SpecFileInvalid {
+                field,
+                path: path.to_path_buf(),
+                problem,
+            });
+        }
     }
     let disk = DiskPlan::new(cfg.disk_mode, spec, &base)?;
     let dir = guard
@@ -780,7 +804,13 @@ fn base_image(cfg: &Resolved, spec: &SandboxSpec) -> Result<PathBuf> {
         store: cfg.image_store.clone(),
         source,
     };
-    let store = sandbox_fs::ImageStore::open(&cfg.image_store).map_err(err)?;
+    let store = sandbox_fs::ImageStore::open(&cfg.image_store).map_err(|source| {
+        RuntimeError::ImageStore {
+            reference: reference.to_string(),
+            store: cfg.image_store.clone(),
+            source,
+        }
+    })?;
     Ok(store.resolve(reference).map_err(err)?.path)
 }
 
@@ -961,6 +991,29 @@ fn exit_error(id: &str, exit: VmmExit, console: String) -> RuntimeError {
     RuntimeError::GuestExited {
         id: id.to_string(),
         how: exit.to_string(),
+        console,
+    }
+}
+
+/// [`RuntimeError::VmmRefused`] for a VMM that ended with exit 1 or 2 before the agent answered,
+/// quoting its `sandbox-vmm: error: ...` line (or clap's `error: ...`).
+fn vmm_refused(id: &str, exit: VmmExit, console: String) -> RuntimeError {
+    let reason = console
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.split_once("sandbox-vmm: error: ")
+                .map(|(_, r)| r)
+                .or_else(|| l.strip_prefix("error: "))
+        })
+        .map_or_else(
+            || "no error line in its log".to_string(),
+            |r| r.trim().chars().take(300).collect(),
+        );
+    RuntimeError::VmmRefused {
+        id: id.to_string(),
+        how: exit.to_string(),
+        reason,
         console,
     }
 }
@@ -1579,6 +1632,162 @@ mod tests {
     use super::*;
     use crate::runtime::KvmRuntimeConfigBuilder;
 
+    /// Enough of a vmlinux for the runtime's format check.
+    const FAKE_KERNEL: &[u8] = b"\x7fELF fake";
+
+    /// `len` bytes with an ext2/3/4 superblock magic.
+    fn fake_rootfs(len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len.max(2048)];
+        b[1080..1082].copy_from_slice(&0xEF53_u16.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn a_vmm_that_refuses_its_config_is_host_setup_not_a_guest_exit() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::ExitStatus;
+        let console =
+            "\n--- sandbox-vmm log (last lines) ---\nsandbox-vmm: error: building the VM: \
+                       the kernel image is refused: not a vmlinux ELF file nor a bzImage"
+                .to_string();
+        let e = vmm_refused(
+            "sbx-1",
+            VmmExit(ExitStatus::from_raw(1 << 8), None),
+            console,
+        );
+        let RuntimeError::VmmRefused { reason, .. } = &e else {
+            panic!("{e:?}");
+        };
+        assert!(
+            reason.starts_with("building the VM: the kernel image"),
+            "{reason}"
+        );
+        assert_eq!(e.kind(), ErrorKind::HostSetup);
+        assert!(e.to_string().contains("fix: "), "{e}");
+        let usage = vmm_refused(
+            "sbx-1",
+            VmmExit(ExitStatus::from_raw(2 << 8), None),
+            "error: unexpected argument '--foo' found".into(),
+        );
+        assert!(usage.to_string().contains("unexpected argument"), "{usage}");
+        assert_eq!(usage.kind(), ErrorKind::HostSetup);
+    }
+
+    #[test]
+    fn only_a_sandbox_vmm_passes_the_identity_check() {
+        use std::os::unix::fs::PermissionsExt;
+        let e = check_vmm_identity(Path::new("/bin/true")).expect_err("/bin/true");
+        assert!(matches!(e, RuntimeError::VmmNotOurs { .. }), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::HostSetup);
+        assert!(e.to_string().contains("SANDBOX_VMM"), "{e}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = dir.path().join("text");
+        std::fs::write(&text, b"not a program").expect("write");
+        assert!(check_vmm_identity(&text).is_err());
+        let ours = dir.path().join("sandbox-vmm");
+        std::fs::write(&ours, b"#!/bin/sh\necho 'sandbox-vmm 0.1.0'\n").expect("write");
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        check_vmm_identity(&ours).expect("a sandbox-vmm");
+        // The real binary, when this workspace has built it.
+        let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/sandbox-vmm");
+        if built.is_file() {
+            check_vmm_identity(&built).expect("the built sandbox-vmm");
+        }
+    }
+
+    #[test]
+    fn image_errors_carry_their_cause_and_the_right_kind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = |image: &str| {
+            SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("rootfs.ext4"))
+                .image(image)
+                .build()
+                .expect("spec")
+        };
+        // A store that cannot be created (its parent is a file): the host's setup, with the
+        // cause and the fix.
+        let mut cfg = resolved(dir.path());
+        std::fs::write(dir.path().join("a-file"), b"").expect("file");
+        cfg.image_store = dir.path().join("a-file/store");
+        let e = base_image(&cfg, &spec("nosuchimage")).expect_err("no store");
+        assert_eq!(e.kind(), ErrorKind::HostSetup, "{e}");
+        let text = sandbox_core::Error::from(e).to_string();
+        assert!(text.contains("Not a directory"), "the cause: {text}");
+        assert!(text.contains("SANDBOX_IMAGE_STORE"), "the fix: {text}");
+        // A store that exists but lacks the tag: the spec's mistake.
+        let cfg = resolved(dir.path());
+        let e = base_image(&cfg, &spec("nosuchimage")).expect_err("no such tag");
+        assert_eq!(e.kind(), ErrorKind::InvalidSpec, "{e}");
+        let text = e.to_string();
+        assert!(text.contains("No image nosuchimage"), "{text}");
+        assert!(text.contains("Import it first"), "{text}");
+    }
+
+    #[test]
+    fn a_text_file_as_the_spec_kernel_or_rootfs_is_an_invalid_spec() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = resolved(dir.path());
+        let state = Arc::new(StateDir::open(&cfg.state_dir, sys::euid()).expect("state"));
+        std::fs::write(dir.path().join("notakernel"), b"hello\n").expect("kernel");
+        std::fs::write(dir.path().join("rootfs.ext4"), fake_rootfs(4096)).expect("rootfs");
+        let spec = SandboxSpec::builder(
+            dir.path().join("notakernel"),
+            dir.path().join("rootfs.ext4"),
+        )
+        .build()
+        .expect("spec");
+        let mut guard = test_guard();
+        let err = prepare(
+            &cfg,
+            &spec,
+            &state,
+            &SandboxId::new("sbx-01"),
+            &mut guard,
+            &AtomicBool::new(false),
+            None,
+        )
+        .expect_err("not a kernel");
+        assert!(
+            matches!(
+                err,
+                RuntimeError::SpecFileInvalid {
+                    field: "kernel",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.kind(), ErrorKind::InvalidSpec);
+        assert!(err.to_string().contains("neither a vmlinux"), "{err}");
+        assert!(guard.dir.is_none());
+        // A text file as the rootfs: the same, before the guest kernel could panic on it.
+        std::fs::write(dir.path().join("vmlinux"), FAKE_KERNEL).expect("kernel");
+        let spec = SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("notakernel"))
+            .build()
+            .expect("spec");
+        let err = prepare(
+            &cfg,
+            &spec,
+            &state,
+            &SandboxId::new("sbx-02"),
+            &mut guard,
+            &AtomicBool::new(false),
+            None,
+        )
+        .expect_err("not a rootfs");
+        assert!(
+            matches!(
+                err,
+                RuntimeError::SpecFileInvalid {
+                    field: "rootfs",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.kind(), ErrorKind::InvalidSpec);
+    }
+
     #[test]
     fn a_seccomp_exit_is_reported_with_the_vmm_report() {
         use std::os::unix::process::ExitStatusExt;
@@ -1772,7 +1981,7 @@ mod tests {
         let cfg = resolved(dir.path());
         let state = Arc::new(StateDir::open(&cfg.state_dir, sys::euid()).expect("state"));
         // A missing file of the spec is refused before anything is made, naming it.
-        std::fs::write(dir.path().join("vmlinux"), b"kernel").expect("kernel");
+        std::fs::write(dir.path().join("vmlinux"), FAKE_KERNEL).expect("kernel");
         let missing = SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("missing"))
             .build()
             .expect("spec");
@@ -1804,7 +2013,7 @@ mod tests {
         std::fs::write(dir.path().join("kvm"), b"").expect("kvm");
         // A base whose name cannot be an overlay's backing file name (a ':' reads as a protocol
         // in qcow2 tools): the overlay fails after the directory and lock were made.
-        std::fs::write(dir.path().join("root:fs.ext4"), vec![0u8; 4096]).expect("base");
+        std::fs::write(dir.path().join("root:fs.ext4"), fake_rootfs(4096)).expect("base");
         let spec =
             SandboxSpec::builder(dir.path().join("vmlinux"), dir.path().join("root:fs.ext4"))
                 .build()
@@ -1887,9 +2096,9 @@ mod tests {
     }
 
     fn artifacts(dir: &Path) -> KvmRuntimeConfigBuilder {
-        for f in ["sandbox-vmm", "vmlinux", "rootfs.ext4"] {
-            std::fs::write(dir.join(f), b"x").expect("write");
-        }
+        std::fs::write(dir.join("sandbox-vmm"), b"x").expect("write");
+        std::fs::write(dir.join("vmlinux"), FAKE_KERNEL).expect("write");
+        std::fs::write(dir.join("rootfs.ext4"), fake_rootfs(4096)).expect("write");
         KvmRuntimeConfig::builder()
             .vmm(dir.join("sandbox-vmm"))
             .kernel(dir.join("vmlinux"))
@@ -1909,7 +2118,12 @@ mod tests {
     #[test]
     fn new_reports_a_missing_kvm_device_as_host_setup() {
         let dir = tempfile::tempdir().expect("tempdir");
+        // A stand-in that answers `--version` like sandbox-vmm, so the KVM check is reached.
+        let vmm = dir.path().join("fake-vmm");
+        std::fs::write(&vmm, b"#!/bin/sh\necho 'sandbox-vmm 0.0.0'\n").expect("script");
+        std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let config = artifacts(dir.path())
+            .vmm(&vmm)
             .kvm_device(dir.path().join("no-kvm"))
             .build()
             .expect("config");
@@ -1995,7 +2209,9 @@ mod tests {
         .expect("script");
         std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         // Some data to copy, so that cancellation can land during the copy.
-        std::fs::write(dir.join("rootfs.ext4"), vec![0x5a_u8; 8 << 20]).expect("rootfs");
+        let mut rootfs = vec![0x5a_u8; 8 << 20];
+        rootfs[1080..1082].copy_from_slice(&0xEF53_u16.to_le_bytes());
+        std::fs::write(dir.join("rootfs.ext4"), rootfs).expect("rootfs");
         let config = base
             .vmm(&vmm)
             .create_deadline(deadline)
