@@ -479,7 +479,8 @@ def loops(n, port):
             fails.append("%d:%s" % (i, e))
     return "failures=%d n=%s secs=%.1f first=%s" % (len(fails), n, time.monotonic() - t, fails[:3])
 def prober(secs, allowed, denied):
-    end, probes, breaches, afail = time.monotonic() + float(secs), 0, [], 0
+    end, probes, breaches, afail, first = time.monotonic() + float(secs), 0, [], 0, []
+    t0 = time.monotonic()
     split = lambda hp: (hp.rsplit(":", 1)[0], int(hp.rsplit(":", 1)[1]))
     while time.monotonic() < end:
         for hp in denied.split(","):
@@ -489,9 +490,11 @@ def prober(secs, allowed, denied):
             except OSError: pass
         for hp in allowed.split(","):
             try:
-                c = socket.create_connection(split(hp), 5); c.close()
-            except OSError: afail += 1
-    return "probes=%d breaches=%s allowed_fail=%d" % (probes, ",".join(breaches) or "none", afail)
+                t = time.monotonic(); c = socket.create_connection(split(hp), 5); c.close()
+            except OSError as e:
+                afail += 1
+                if len(first) < 5: first.append("%s@%.1fs+%.2fs:%s" % (hp, t - t0, time.monotonic() - t, e))
+    return "probes=%d breaches=%s allowed_fail=%d first=%s" % (probes, ",".join(breaches) or "none", afail, first)
 cmd, args = sys.argv[1], sys.argv[2:]
 if cmd == "tcp": print(tcp(*args))
 elif cmd == "udp":
@@ -788,9 +791,16 @@ async fn the_bypass_matrix_from_inside_a_guest() {
     );
     let swaps = async {
         tokio::time::sleep(Duration::from_secs(5)).await;
+        let t0 = Instant::now();
         for i in 0..20 {
             let doc = PolicyDocument::toml(if i % 2 == 0 { MATRIX_B } else { MATRIX });
+            let t = Instant::now();
             sb.replace_egress_policy(&doc).await.expect("swap");
+            eprintln!(
+                "swap {i}: {:.1}s after the first, took {} ms",
+                (t - t0).as_secs_f64() + 5.0,
+                t.elapsed().as_millis()
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         Instant::now()
@@ -808,7 +818,7 @@ async fn the_bypass_matrix_from_inside_a_guest() {
         "the swaps outlasted the prober (slow host?): {out}"
     );
     assert!(
-        out.ends_with("breaches=none allowed_fail=0") && !out.starts_with("probes=0 "),
+        out.contains("breaches=none allowed_fail=0 ") && !out.starts_with("probes=0 "),
         "{out}"
     );
     ev.packet(Protocol::Tcp, "203.0.113.251", 8080, deny).await;
