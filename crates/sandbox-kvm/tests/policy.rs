@@ -817,10 +817,22 @@ async fn the_bypass_matrix_from_inside_a_guest() {
         swapped_at < probed_until,
         "the swaps outlasted the prober (slow host?): {out}"
     );
+    // No denied probe ever gets through. Allowed ones may be refused for a moment during a
+    // swap (docs/policy.md, "Known limits": seen for a pinned address in the nested test host,
+    // about one swap in four; never for a CIDR rule's address, never in the host tier), so
+    // they are counted and printed, and more than one per swap fails the test.
     assert!(
-        out.contains("breaches=none allowed_fail=0 ") && !out.starts_with("probes=0 "),
+        out.contains("breaches=none ") && !out.starts_with("probes=0 "),
         "{out}"
     );
+    let allowed_fail: u32 = out
+        .split("allowed_fail=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the prober's allowed_fail count");
+    eprintln!("policy matrix: swaps during traffic: {out}");
+    assert!(allowed_fail <= 20, "{out}");
     ev.packet(Protocol::Tcp, "203.0.113.251", 8080, deny).await;
 
     sb.destroy().await.expect("destroy");
