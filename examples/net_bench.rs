@@ -329,7 +329,7 @@ fn round_trips(addr: SocketAddr, n: usize, new_connection: bool) -> Result<Vec<f
         let t = Instant::now();
         let mut fresh;
         let s = if new_connection {
-            fresh = connect()?;
+            fresh = connect().with_context(|| format!("connect #{i} to {addr}"))?;
             &mut fresh
         } else {
             if open.is_none() {
@@ -337,9 +337,11 @@ fn round_trips(addr: SocketAddr, n: usize, new_connection: bool) -> Result<Vec<f
             }
             open.as_mut().context("connection")?
         };
-        s.write_all(b"ping1234")?;
+        s.write_all(b"ping1234")
+            .with_context(|| format!("write #{i} to {addr}"))?;
         let mut back = [0u8; 8];
-        s.read_exact(&mut back)?;
+        s.read_exact(&mut back)
+            .with_context(|| format!("read #{i} from {addr}"))?;
         let took = t.elapsed();
         ensure!(&back == b"ping1234", "the echo answered {back:?}");
         if i >= WARMUPS {
