@@ -259,7 +259,9 @@ pub fn execute(label: &str, program: &Path, argv: &[String], opts: &RunnerArgs) 
         println!("{l}");
     })?;
     println!(
-        "\nxtask {label}: test host ran {} ms (boot to `testhost: ready`: {}); total {} ms",
+        "\nxtask {label}: test host ran {} ms (QEMU start to `testhost: ready`: {}, by this \
+         machine's clock; the `ready after` line above is the test host kernel's own clock); \
+         total {} ms",
         outcome.elapsed.as_millis(),
         outcome
             .ready_after
