@@ -340,11 +340,14 @@ mod tests {
                                 && live.names(dst).any(|(m, _)| m == n),
                         }
                 });
-                let base = bo.decide(dst, port, proto, None).verdict;
-                let want = match base {
+                let base = bo.decide(dst, port, proto, None);
+                // A deny rule outranks every allow, learned ones included: an observed name
+                // does not open an address the base policy denies by rule.
+                let denied_by_rule = matches!(base.reason, crate::decide::Reason::DenyRule(_));
+                let want = match base.verdict {
                     Verdict::Resolver => Verdict::Resolver,
                     Verdict::Allow => Verdict::Allow,
-                    Verdict::Deny if covered => Verdict::Allow,
+                    Verdict::Deny if covered && !denied_by_rule => Verdict::Allow,
                     Verdict::Deny => Verdict::Deny,
                 };
                 let got = so.decide(dst, port, proto, None);
