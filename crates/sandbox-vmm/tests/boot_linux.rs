@@ -113,6 +113,37 @@ fn boots_to_init_with_one_vcpu_and_powers_off() {
         "console:\n{}",
         run.console.concat()
     );
+    // Each virtio-mmio window is declared once (DSDT): a second registration from the command
+    // line would be refused with an error line that costs port exits at every boot.
+    assert!(
+        !run.console.concat().contains("virtio-mmio"),
+        "console:\n{}",
+        run.console.concat()
+    );
+}
+
+#[test]
+fn with_acpi_off_the_disk_comes_from_the_command_line() {
+    // No DSDT: the devices are declared as `virtio_mmio.device=` words instead. Without ACPI
+    // there is no S5 power-off, so the test init's reboot fallback ends the VM.
+    let run = boot(
+        &rootfs_ro(),
+        true,
+        1,
+        r#"acpi=off sandbox_halt=reboot sandbox_run="test -b /dev/vda && echo vda-ok""#,
+    );
+    assert!(
+        run.lines().contains(&"vda-ok"),
+        "console:\n{}",
+        run.console.concat()
+    );
+    assert_eq!(run.command_exit(), Some(0));
+    assert_eq!(
+        run.reason,
+        ExitReason::Reset,
+        "console:\n{}",
+        run.console.concat()
+    );
 }
 
 #[test]

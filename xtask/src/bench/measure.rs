@@ -72,9 +72,8 @@ pub struct BootSetup {
 }
 
 /// The kernel command line both VMMs give the guest. Our VMM starts every command line with
-/// `sandbox_vmm::vmm::BASE_CMDLINE` (`console=ttyS0 reboot=k panic=-1`) and appends its own
-/// `virtio_mmio.device=` entries; QEMU gets the same words verbatim (microvm describes its
-/// virtio-mmio devices in the ACPI DSDT, as our VMM also does).
+/// `sandbox_vmm::vmm::BASE_CMDLINE` (these words and `pci=off`); QEMU gets the same words
+/// verbatim (microvm describes its virtio-mmio devices in the ACPI DSDT, as our VMM does).
 pub const CMDLINE_BASE: &str = "console=ttyS0 reboot=k panic=-1";
 /// What follows [`CMDLINE_BASE`] for both: read-only root (both VMMs boot the same file, so it
 /// must not change between runs), the test init, and `quiet` (console output is not measured).

@@ -11,8 +11,8 @@
 //!   (`PNP0501`) and every virtio-mmio device (`LNRO0005`, the id Linux's virtio_mmio driver
 //!   matches) with their interrupts. Declaring the interrupts matters: with hardware-reduced ACPI
 //!   Linux has no legacy PIC, so it maps no ISA IRQ by itself, and a GSI becomes a usable Linux IRQ
-//!   only once a `_CRS` names it (the virtio devices are also on the kernel command line; the
-//!   second registration of the same window is refused by the guest, harmlessly);
+//!   only once a `_CRS` names it (the devices are not also put on the kernel command line, which
+//!   would register each window twice; see `VmBuilder::cmdline`);
 //! - MADT: one enabled local APIC per vCPU (APIC id = vCPU index) and the IOAPIC (GSI base 0).
 //!
 //! The tables live in the reserved BIOS area from [`layout::RSDP_ADDR`]; `boot_params` also

@@ -210,6 +210,11 @@ pub fn build(resources: VmResources) -> Result<VmHandle> {
     b.into_paused()
 }
 
+/// Whether the kernel command line words `extra` turn ACPI off (an `acpi=off` word).
+fn acpi_off(extra: &str) -> bool {
+    extra.split_ascii_whitespace().any(|w| w == "acpi=off")
+}
+
 impl VmBuilder {
     /// Opens and checks `/dev/kvm`, creates the VM, sets the TSS address and maps guest RAM
     /// ([`layout::ram_ranges`]) into KVM memory slots.
@@ -479,9 +484,10 @@ impl VmBuilder {
         })
     }
 
-    /// Puts a virtio-mmio device on the MMIO bus at `slot` and declares it on the kernel command
-    /// line (`virtio_mmio.device=<size>@<addr>:<irq>`, drivers/virtio/virtio_mmio.c) and in the
-    /// DSDT (which is what makes its GSI usable under hardware-reduced ACPI; see [`acpi`]).
+    /// Puts a virtio-mmio device on the MMIO bus at `slot` and declares it in the DSDT (which is
+    /// what makes its GSI usable under hardware-reduced ACPI; see [`acpi`]). The command-line
+    /// form (`virtio_mmio.device=<size>@<addr>:<irq>`, drivers/virtio/virtio_mmio.c) is kept for
+    /// a guest booted with `acpi=off` (see [`Self::cmdline`]).
     ///
     /// # Errors
     /// [`BuildError::Bus`], [`BuildError::Order`] after the ACPI tables are written.
@@ -755,13 +761,21 @@ impl VmBuilder {
         Ok(())
     }
 
-    /// The full kernel command line: base, devices, user extra.
+    /// The full kernel command line: base, then the user's extra words.
+    ///
+    /// The virtio-mmio devices are declared in the DSDT only. Declaring them on the command line
+    /// as well made the guest register each window twice and refuse the second registration
+    /// with an error line on the console (`can't request region for resource`, 90 bytes, two
+    /// port exits per byte at every boot). If the extra words turn ACPI off (`acpi=off`), the
+    /// guest cannot see the DSDT, so the devices go on the command line instead.
     ///
     /// # Errors
     /// [`BuildError::Boot`] if it is too long.
     pub fn cmdline(&self) -> Result<String> {
         let mut parts: Vec<&str> = vec![BASE_CMDLINE];
-        parts.extend(self.cmdline_devices.iter().map(String::as_str));
+        if acpi_off(&self.resources.cmdline_extra) {
+            parts.extend(self.cmdline_devices.iter().map(String::as_str));
+        }
         parts.push(&self.resources.cmdline_extra);
         Ok(boot::build_cmdline(&parts)?)
     }
@@ -994,5 +1008,21 @@ impl Write for StdoutWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         io::stdout().lock().flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::acpi_off;
+
+    #[test]
+    fn acpi_off_is_an_exact_word() {
+        assert!(acpi_off("root=/dev/vda acpi=off quiet"));
+        assert!(acpi_off("acpi=off"));
+        assert!(!acpi_off(""));
+        assert!(!acpi_off("root=/dev/vda quiet"));
+        assert!(!acpi_off("acpi=noirq"));
+        assert!(!acpi_off("xacpi=off"));
+        assert!(!acpi_off("sandbox_run=\"echo acpi=offline\""));
     }
 }

@@ -24,7 +24,7 @@
 //!      vm_fd.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), i as u32)?;
 //!      epoll.add(evt.as_raw_fd(), token(device, i));
 //!  }
-//!  cmdline.push(format!("virtio_mmio.device={}@{:#x}:{}", MMIO_REGION_SIZE, base, gsi));
+//!  dsdt.push(lnro0005(base, MMIO_REGION_SIZE, gsi)); // or `virtio_mmio.device=` for acpi=off
 //!
 //!  // event-loop thread, on readiness of queue `i`'s eventfd:
 //!  transport.lock().handle_queue_event(i);              // reads the eventfd, then processes
