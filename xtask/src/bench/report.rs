@@ -202,6 +202,29 @@ impl BootReport {
         )
     }
 
+    /// Boot-time ratios of the runs paired by their place in the alternation: ours' measured run
+    /// `i` over QEMU's measured run `i`, where both reached the marker. Pairing cancels slow
+    /// drifts of the machine that a ratio of medians keeps.
+    pub fn paired_time_ratios(&self) -> Vec<f64> {
+        let marker = |vmm: Vmm, index: usize| {
+            self.runs
+                .iter()
+                .find(|r| r.vmm == vmm && !r.warmup && r.index == index)
+                .and_then(|r| r.sample.marker_ms)
+        };
+        let mut ratios: Vec<f64> = self
+            .runs
+            .iter()
+            .filter(|r| r.vmm == Vmm::Ours && !r.warmup)
+            .filter_map(|r| match (r.sample.marker_ms, marker(Vmm::Qemu, r.index)) {
+                (Some(o), Some(q)) if q > 0.0 => Some(o / q),
+                _ => None,
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios
+    }
+
     /// The raw results file (`target/bench/boot-<date>.json`).
     pub fn to_json(&self) -> Value {
         let runs: Vec<Value> = self
@@ -260,6 +283,7 @@ impl BootReport {
                 "sandbox-vmm": summary(Vmm::Ours),
                 "qemu-microvm": summary(Vmm::Qemu),
                 "ratio_time": time_ratio,
+                "paired_time_ratios": self.paired_time_ratios(),
                 "ratio_rss_excl_guest": mem_ratio,
                 "promise": { "time": TIME_RATIO_PROMISE, "rss_excl_guest": MEMORY_RATIO_PROMISE },
             },
@@ -341,6 +365,16 @@ impl BootReport {
                 qemu.rss_excl_guest_kib
             )
         );
+        let paired = self.paired_time_ratios();
+        if let Some(p) = Stats::of(&paired) {
+            let _ = writeln!(s);
+            let _ = writeln!(
+                s,
+                "Boot time paired run by run (ours' boot `i` over the QEMU boot alternating with \
+                 it, {} pairs): median {:.2}, range {:.2}–{:.2}.",
+                p.n, p.median, p.min, p.max
+            );
+        }
         let _ = writeln!(s);
         let _ = writeln!(
             s,
@@ -630,6 +664,14 @@ mod tests {
             "{section}"
         );
         assert!(section.contains("| 0.20 | ≤ 0.50 | **met** |"), "{section}");
+        // Pairs by index: 100/200 and 120/180 (QEMU's run 2 failed, run 3 has no partner).
+        let paired = report.paired_time_ratios();
+        assert_eq!(paired.len(), 2, "{paired:?}");
+        assert!((paired[0] - 0.5).abs() < 1e-9 && (paired[1] - 120.0 / 180.0).abs() < 1e-9);
+        assert!(
+            section.contains("2 pairs): median 0.58, range 0.50–0.67."),
+            "{section}"
+        );
         assert!(
             section.contains("never reached the marker (left out): sandbox-vmm 0/2, QEMU 1/4"),
             "{section}"
