@@ -72,9 +72,10 @@ pub struct BootSetup {
 }
 
 /// The kernel command line both VMMs give the guest. Our VMM starts every command line with
-/// `sandbox_vmm::vmm::BASE_CMDLINE` (these words and `pci=off`); QEMU gets the same words
-/// verbatim (microvm describes its virtio-mmio devices in the ACPI DSDT, as our VMM does).
-pub const CMDLINE_BASE: &str = "console=ttyS0 reboot=k panic=-1";
+/// `sandbox_vmm::vmm::BASE_CMDLINE`, these exact words (a test checks); QEMU gets them verbatim
+/// (microvm describes its virtio-mmio devices in the ACPI DSDT, as our VMM does), so both guests
+/// skip the PCI probe.
+pub const CMDLINE_BASE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 /// What follows [`CMDLINE_BASE`] for both: read-only root (both VMMs boot the same file, so it
 /// must not change between runs), the test init, and `quiet` (console output is not measured).
 pub const CMDLINE_EXTRA: &str = "root=/dev/vda ro init=/sbin/sandbox-test-init quiet";
@@ -610,7 +611,7 @@ Pss:                 100 kB
         };
         assert_eq!(
             after("-append"),
-            "console=ttyS0 reboot=k panic=-1 root=/dev/vda ro init=/sbin/sandbox-test-init quiet"
+            "console=ttyS0 reboot=k panic=-1 pci=off root=/dev/vda ro init=/sbin/sandbox-test-init quiet"
         );
         assert_eq!(
             after("-drive"),
@@ -618,5 +619,19 @@ Pss:                 100 kB
         );
         assert_eq!((after("-smp"), after("-m")), ("1".into(), "128".into()));
         assert_eq!(after("-M"), "microvm");
+    }
+
+    #[test]
+    fn the_base_command_line_is_the_vmm_s() {
+        let config = std::fs::read_to_string(
+            crate::util::workspace_root().join("crates/sandbox-vmm/src/vmm/config.rs"),
+        )
+        .expect("read the VMM's config.rs");
+        assert!(
+            config.contains(&format!(
+                "pub const BASE_CMDLINE: &str = \"{CMDLINE_BASE}\";"
+            )),
+            "CMDLINE_BASE must equal sandbox_vmm::vmm::BASE_CMDLINE"
+        );
     }
 }

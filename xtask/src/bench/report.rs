@@ -489,7 +489,7 @@ how to run them).
 
 Checked by `cargo xtask bench boot` (docs/bench.md). Both VMMs boot the same `vmlinux` and the same
 read-only ext4 root file system (`cargo xtask guest`), 1 vCPU, 128 MiB, the same kernel command line
-(`console=ttyS0 reboot=k panic=-1 root=/dev/vda ro init=/sbin/sandbox-test-init quiet`), one after
+(`console=ttyS0 reboot=k panic=-1 pci=off root=/dev/vda ro init=/sbin/sandbox-test-init quiet`), one after
 the other, alternating, in one run. The promise (DESIGN.md §4, §7), on medians:
 
 - **boot time** from spawning the VMM process to the console line `sandbox-init: ready`:
