@@ -548,13 +548,24 @@ async fn sandbox_under(rt: &KvmRuntime, policy: &str) -> KvmSandbox {
 
 /// Runs `probe.py ARGS` in the guest; its output line.
 async fn probe(sb: &KvmSandbox, args: &str) -> String {
-    let out = sb
-        .exec(
-            ExecRequest::shell(format!("python3 /tmp/probe.py {args}"))
-                .timeout(Duration::from_secs(1800)),
-        )
-        .await
-        .expect("exec");
+    // The longest probe (the prober) runs 45 s; a probe still running after 300 s means the
+    // guest is stuck: fail with its console rather than wait out the test host's limit.
+    let exec = sb.exec(
+        ExecRequest::shell(format!("python3 /tmp/probe.py {args}"))
+            .timeout(Duration::from_secs(300)),
+    );
+    let out = match tokio::time::timeout(Duration::from_secs(330), exec).await {
+        Ok(Ok(out)) if !out.status.timed_out => out,
+        other => panic!(
+            "probe `{args}` did not finish ({}); guest console (last 60 lines):\n{}",
+            match other {
+                Ok(Ok(_)) => "timed out in the guest".to_string(),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => "no answer from the guest agent".to_string(),
+            },
+            sb.console_tail(60)
+        ),
+    };
     format!("{}{}", out.stdout_str(), out.stderr_str())
         .trim()
         .to_string()
