@@ -216,7 +216,7 @@ fn boot(args: &BootArgs) -> Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    util::apt_install(&["qemu-system-x86"])?;
+    testhost::ensure_qemu()?;
     let artifacts = match (
         std::env::var_os("SANDBOX_KERNEL"),
         std::env::var_os("SANDBOX_ROOTFS"),

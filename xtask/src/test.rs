@@ -948,7 +948,7 @@ pub(crate) fn probe_kvm(
             artifacts.rootfs.to_string_lossy().replace(',', ",,")
         ))
         .args(["-device", "virtio-blk-device,drive=root"]);
-    util::apt_install(&["qemu-system-x86"])?;
+    testhost::ensure_qemu()?;
     let mut verdict: Option<(bool, String)> = None;
     let mut last = String::new();
     let out = testhost::stream(&mut cmd, Some(PROBE_TIMEOUT), &mut |line| {

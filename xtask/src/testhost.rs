@@ -67,7 +67,7 @@ const RECIPE_VERSION: &str = "3";
 
 /// Debian packages the test host needs on the build machine.
 const PACKAGES: &[&str] = &[
-    "qemu-system-x86",
+    // qemu-system-x86 comes from `ensure_qemu` (on bookworm from bookworm-backports).
     "busybox-static",
     "cpio",
     "kmod",
@@ -185,14 +185,20 @@ fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
-/// Makes sure `qemu-system-x86_64` is at least [`MIN_QEMU_MAJOR`]. On Debian bookworm (QEMU 7.2)
-/// it installs `qemu-system-x86` from Debian's `bookworm-backports` suite, adding that suite to
-/// apt's sources with the same archive URI the machine already uses for bookworm (backports are
-/// pinned below the release by default, so nothing else is upgraded).
+/// Makes sure `qemu-system-x86_64` is installed and at least [`MIN_QEMU_MAJOR`].
+///
+/// On Debian bookworm (QEMU 7.2) it installs `qemu-system-x86` and `qemu-utils` from Debian's
+/// `bookworm-backports` suite, adding that suite to apt's sources with the same archive URI the
+/// machine already uses for bookworm (backports are pinned below the release by default, so
+/// nothing else is upgraded). Both come from there together: a machine may already hold
+/// backports' `qemu-utils`, which breaks bookworm's `qemu-system-common`, so installing
+/// bookworm's `qemu-system-x86` beside it fails. Elsewhere a missing QEMU is installed with apt.
 pub fn ensure_qemu() -> Result<()> {
-    let (major, minor) = qemu_version()?;
-    if major >= MIN_QEMU_MAJOR {
-        return Ok(());
+    let installed = qemu_version().ok();
+    if let Some((major, _)) = installed {
+        if major >= MIN_QEMU_MAJOR {
+            return Ok(());
+        }
     }
     let os = fs::read_to_string("/etc/os-release").unwrap_or_default();
     let codename = os
@@ -201,16 +207,29 @@ pub fn ensure_qemu() -> Result<()> {
         .unwrap_or("")
         .trim_matches('"');
     if codename != "bookworm" {
-        bail!(
-            "QEMU {major}.{minor} is too old for the nested test host (it needs {MIN_QEMU_MAJOR}.0 \
-             or newer: older TCG stalls for minutes on stores to pages that held code, \
-             docs/testing.md); install a newer qemu-system-x86"
+        if let Some((major, minor)) = installed {
+            bail!(
+                "QEMU {major}.{minor} is too old for the nested test host (it needs \
+                 {MIN_QEMU_MAJOR}.0 or newer: older TCG stalls for minutes on stores to pages \
+                 that held code, docs/testing.md); install a newer qemu-system-x86"
+            );
+        }
+        util::apt_install(&["qemu-system-x86"])?;
+        let (major, minor) = qemu_version()?;
+        check!(
+            major >= MIN_QEMU_MAJOR,
+            "the installed qemu-system-x86 is {major}.{minor}; the nested test host needs \
+             {MIN_QEMU_MAJOR}.0 or newer"
         );
+        return Ok(());
     }
-    eprintln!(
-        "xtask: QEMU {major}.{minor} is too old for the test host; installing qemu-system-x86 \
-         from bookworm-backports"
-    );
+    match installed {
+        Some((major, minor)) => eprintln!(
+            "xtask: QEMU {major}.{minor} is too old for the test host; installing \
+             qemu-system-x86 from bookworm-backports"
+        ),
+        None => eprintln!("xtask: installing qemu-system-x86 from bookworm-backports"),
+    }
     let list = Path::new("/etc/apt/sources.list.d/sandbox-sdk-bookworm-backports.sources");
     if !list.exists() {
         let uri = debian_archive_uri().context(
@@ -230,7 +249,7 @@ pub fn ensure_qemu() -> Result<()> {
     util::run(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(["-t", "bookworm-backports", "qemu-system-x86"])
+            .args(["-t", "bookworm-backports", "qemu-system-x86", "qemu-utils"])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(Stdio::null()),
     )?;
