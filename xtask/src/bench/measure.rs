@@ -18,6 +18,17 @@ use anyhow::{bail, Context, Result};
 /// The line the guest's test init prints once user space is up (docs/guest.md).
 pub const READY_MARKER: &str = "sandbox-init: ready";
 
+/// The line the guest's test init prints first: the kernel has handed over to user space.
+pub const INIT_START_MARKER: &str = "sandbox-init: start";
+
+/// The log line (stderr, INFO from `sandbox_vmm::vmm::handle`) our VMM writes as it releases the
+/// vCPUs: its own start-up is over.
+pub const OURS_RUNNING_LOG: &str = "VM running";
+
+/// Our VMM's log filter for a measured boot: warnings, plus the INFO line above (two short lines
+/// per boot; the default filter, `warn`, would hide it).
+const OURS_RUST_LOG: &str = "warn,sandbox_vmm::vmm::handle=info";
+
 /// Most console bytes kept per run (stdout and stderr each), for the per-run log.
 const CONSOLE_KEEP: usize = 256 * 1024;
 
@@ -85,6 +96,12 @@ pub const CMDLINE_EXTRA: &str = "root=/dev/vda ro init=/sbin/sandbox-test-init q
 pub struct Sample {
     /// Spawning the VMM process to the marker line arriving on its stdout, ms.
     pub marker_ms: Option<f64>,
+    /// Spawning the VMM process to the end of its own start-up, ms: for ours the
+    /// [`OURS_RUNNING_LOG`] line (the vCPUs are released), for QEMU its first console line (its
+    /// firmware's banner, so this includes the firmware's first steps).
+    pub guest_start_ms: Option<f64>,
+    /// Spawning the VMM process to [`INIT_START_MARKER`], ms: the guest kernel's boot has ended.
+    pub init_start_ms: Option<f64>,
     /// The marker to the VMM process's exit (the test init powers off right after it), ms.
     pub exit_after_marker_ms: Option<f64>,
     /// Exit code of the VMM process (None: killed by a signal or still running at the timeout).
@@ -150,6 +167,17 @@ pub fn boot_once(setup: &BootSetup, which: Vmm, label: &str) -> Result<Sample> {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok((at, is_err, line)) => {
+                let since_spawn = || Some(ms(at.duration_since(started)));
+                let guest_started = match which {
+                    Vmm::Ours => is_err && line.contains(OURS_RUNNING_LOG),
+                    Vmm::Qemu => !is_err,
+                };
+                if guest_started && sample.guest_start_ms.is_none() {
+                    sample.guest_start_ms = since_spawn();
+                }
+                if !is_err && line.contains(INIT_START_MARKER) && sample.init_start_ms.is_none() {
+                    sample.init_start_ms = since_spawn();
+                }
                 if !is_err && line.contains(READY_MARKER) {
                     marker_at = Some(at);
                     // Sample now: the guest is already on its way to power-off.
@@ -232,7 +260,7 @@ fn command(setup: &BootSetup, which: Vmm, label: &str) -> Result<Command> {
             fs::write(&path, serde_json::to_string_pretty(&config)?)
                 .with_context(|| format!("writing {}", path.display()))?;
             let mut cmd = Command::new(&setup.vmm);
-            cmd.arg("--config").arg(path);
+            cmd.arg("--config").arg(path).env("RUST_LOG", OURS_RUST_LOG);
             Ok(cmd)
         }
         Vmm::Qemu => {
