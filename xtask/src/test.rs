@@ -1,6 +1,6 @@
 //! `cargo xtask test`: every test tier this machine can run, and a summary of what ran.
 //!
-//! Tiers (DESIGN.md §7, STYLE.md §25; docs/testing.md has the how-to):
+//! Tiers (docs/testing.md has the how-to):
 //! 1. **plain**: `cargo test --workspace` on the host.
 //! 2. **privileged** (`--cfg sandbox_privileged`, root only): built into `target/privileged`.
 //! 3. **kvm** (`--cfg sandbox_kvm`, plus `sandbox_privileged` as root): built into `target/kvm`,

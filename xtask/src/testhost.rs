@@ -1,7 +1,7 @@
 //! The nested test host: where the KVM tier runs when this machine's `/dev/kvm` cannot boot Linux.
 //!
 //! Our build machines are micro-VMs whose `/dev/kvm` comes from a nested module without SVM/VMX
-//! (DESIGN.md §7): a tiny real-mode guest runs, a Linux kernel dies. QEMU in TCG mode emulating an
+//! (docs/testing.md, "Where the KVM tier runs"): a tiny real-mode guest runs, a Linux kernel dies. QEMU in TCG mode emulating an
 //! EPYC with `+svm,+npt` does give a working KVM once Debian's `kvm-amd` is loaded inside it. So:
 //!
 //! 1. [`ensure`] fetches Debian's generic kernel package (the version `linux-image-amd64` depends

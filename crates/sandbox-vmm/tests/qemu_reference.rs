@@ -3,7 +3,7 @@
 //! QEMU exits when the init halts the VM.
 //!
 //! This proves the artifacts and the harness before our VMM exists, and it is the yardstick our
-//! VMM is measured against later (DESIGN.md §7): same kernel, same rootfs, same marker. The test
+//! VMM is measured against later (docs/bench.md): same kernel, same rootfs, same marker. The test
 //! kills QEMU on every path (a guard), and every wait has a deadline, so a hung guest fails the test
 //! instead of hanging the run.
 #![cfg(sandbox_kvm)]

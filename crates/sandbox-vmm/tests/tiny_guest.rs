@@ -1,4 +1,4 @@
-//! KVM tier, step one (STYLE.md §29): a hand-assembled real-mode guest of a few bytes writes to the
+//! KVM tier, step one: a hand-assembled real-mode guest of a few bytes writes to the
 //! serial port and halts, and we check the exits KVM reports.
 //!
 //! This is the smallest proof that the test harness hands the KVM tier a working `/dev/kvm`, and

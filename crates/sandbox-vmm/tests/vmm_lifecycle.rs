@@ -1,5 +1,5 @@
 //! KVM tier: the VMM's own boot path, threads and exit reasons, with hand-made 64-bit "kernels"
-//! of a few instructions (STYLE.md §29: the step between the 20-byte real-mode guest and Linux).
+//! of a few instructions (the step between the 20-byte real-mode guest and Linux).
 //!
 //! Each guest is an ELF64 with one PT_LOAD at 16 MiB, entered in long mode exactly like a
 //! vmlinux, so these tests cover the GDT, page tables, long-mode registers, the bus, the serial

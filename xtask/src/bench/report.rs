@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::measure::{Memory, Sample, Vmm};
 
-/// The promise (DESIGN.md §4, §7): our boot time to the marker is at most this fraction of QEMU
+/// The promise (docs/SPEC.md): our boot time to the marker is at most this fraction of QEMU
 /// microvm's (medians).
 pub const TIME_RATIO_PROMISE: f64 = 0.67;
 /// The promise: our VMM's resident memory excluding guest RAM is at most this fraction of QEMU's.
@@ -586,7 +586,7 @@ how to run them).
 Checked by `cargo xtask bench boot` (docs/bench.md). Both VMMs boot the same `vmlinux` and the same
 read-only ext4 root file system (`cargo xtask guest`), 1 vCPU, 128 MiB, the same kernel command line
 (`console=ttyS0 reboot=k panic=-1 pci=off root=/dev/vda ro init=/sbin/sandbox-test-init quiet`), one after
-the other, alternating, in one run. The promise (DESIGN.md §4, §7), on medians:
+the other, alternating, in one run. The promise, on medians:
 
 - **boot time** from spawning the VMM process to the console line `sandbox-init: ready`:
   at most **0.67×** QEMU microvm's;

@@ -11,7 +11,7 @@
 //! - leaf 0x8000_001E: AMD extended APIC id;
 //! - leaves 0x4000_0000/0x4000_0001: the KVM signature and feature leaves are kept, or added if
 //!   the host did not report them. Without them Linux finds no kvm-clock and boots about 3×
-//!   slower (DESIGN.md §4).
+//!   slower (docs/bench.md).
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 

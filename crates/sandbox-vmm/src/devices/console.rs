@@ -2,7 +2,7 @@
 //!
 //! The serial device writes one byte per guest `out`; [`LineBuffer`] collects bytes into lines
 //! (at most [`MAX_LINE`] bytes each) so the host sees one write per line, not per byte (per-byte
-//! writes cost seconds of boot under nesting, DESIGN.md §4). Lines go to a [`LineSink`]:
+//! writes cost seconds of boot under nesting, docs/bench.md). Lines go to a [`LineSink`]:
 //! [`CappedWriter`] (a file or stdout that stops growing at a byte cap) or [`ConsoleRing`] (a
 //! bounded in-memory ring that tests and the SDK can wait on). Neither grows with what the guest
 //! prints, so a console flood cannot exhaust host memory or disk.

@@ -2,7 +2,7 @@
 //!
 //! Linux reads the wall clock from it at boot and, before each read, polls status register A
 //! until the update-in-progress bit (UIP, bit 7) is clear. An unanswered port reads 0xff (UIP set)
-//! and costs ~10,000 polls, i.e. 40,000 port exits (DESIGN.md §4). We report: UIP always clear,
+//! and costs ~10,000 polls, i.e. 40,000 port exits (docs/bench.md). We report: UIP always clear,
 //! 24-hour BCD mode, valid time, and the host's UTC time. Other CMOS bytes are plain RAM.
 
 use std::time::{SystemTime, UNIX_EPOCH};
