@@ -55,6 +55,7 @@ fn read_config(path: Option<PathBuf>) -> anyhow::Result<VmConfig> {
 fn run(args: Args) -> anyhow::Result<ExitReason> {
     let config = read_config(args.config.or(args.config_path))?;
     let resources = VmResources::try_from(config)?;
+    warn_if_larger_than_host(&resources);
     let seccomp = resources.seccomp;
     let mut vm = build(resources).context("building the VM")?;
     vm.start().context("starting the VM")?;
@@ -63,6 +64,33 @@ fn run(args: Args) -> anyhow::Result<ExitReason> {
     sandbox_vmm::seccomp::apply(ThreadKind::Main, seccomp)
         .context("installing the seccomp filter")?;
     Ok(vm.wait())
+}
+
+/// A VM may be larger than its host (guest RAM is mapped without reserve, vCPUs are threads),
+/// but then it runs slowly or is killed for memory later: say so up front.
+fn warn_if_larger_than_host(resources: &VmResources) {
+    let host_ram = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    if let Some(host) = host_ram.filter(|&h| resources.memory_bytes > h) {
+        tracing::warn!(
+            guest_mib = resources.memory_bytes >> 20,
+            host_mib = host >> 20,
+            "guest RAM is larger than the host's RAM"
+        );
+    }
+    if let Ok(cpus) = std::thread::available_parallelism() {
+        if usize::from(resources.vcpus) > cpus.get() {
+            tracing::warn!(
+                vcpus = resources.vcpus,
+                host_cpus = cpus.get(),
+                "more vCPUs than host CPUs this process may use"
+            );
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -69,7 +69,7 @@ pub enum SeccompMode {
 /// A file the VMM uses: a path it opens itself, or an fd it inherited, already open.
 ///
 /// JSON: a string (`"/path/to/file"`) or an object (`{"fd": 5}`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(untagged)]
 pub enum FileSource {
     /// A path the VMM opens (relative paths from its working directory).
@@ -85,6 +85,29 @@ pub enum FileSource {
 pub struct InheritedFd {
     /// The fd number in the VMM process.
     pub fd: i32,
+}
+
+impl<'de> Deserialize<'de> for FileSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FileSource;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(r#"a path string or an inherited fd as {"fd": N}"#)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<FileSource, E> {
+                Ok(FileSource::Path(PathBuf::from(v)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<FileSource, A::Error> {
+                InheritedFd::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(FileSource::Fd)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl FileSource {
@@ -453,10 +476,10 @@ pub struct VmConfig {
     #[serde(default)]
     pub cmdline_extra: String,
     /// Number of vCPUs, 1..=[`MAX_VCPUS`].
-    #[serde(default = "default_vcpus")]
+    #[serde(default = "default_vcpus", deserialize_with = "de_vcpus")]
     pub vcpus: u8,
     /// Guest RAM, MiB, [`MIN_MEMORY_MIB`]..=[`MAX_MEMORY_MIB`].
-    #[serde(default = "default_memory_mib")]
+    #[serde(default = "default_memory_mib", deserialize_with = "de_memory_mib")]
     pub memory_mib: u32,
     /// virtio-blk disks, in order (/dev/vda, /dev/vdb...).
     #[serde(default)]
@@ -574,8 +597,66 @@ impl VmConfig {
     /// # Errors
     /// [`ConfigError::Json`].
     pub fn from_json(text: &str) -> Result<Self> {
+        // serde would also take a struct from a JSON array, by field position.
+        if !text.trim_start().starts_with('{') {
+            return Err(invalid(
+                "config",
+                "must be a JSON object (`{\"kernel\": ...}`)",
+            ));
+        }
         serde_json::from_str(text).map_err(ConfigError::Json)
     }
+}
+
+/// An integer field of `T`, whatever its JSON size: a number too large for `T` gets the same
+/// range message as [`VmResources::try_from`]'s check, not serde's "expected u8".
+fn de_bounded<'de, D, T>(d: D, field: &str, min: u64, max: u64) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    struct Visitor<'a> {
+        field: &'a str,
+        min: u64,
+        max: u64,
+    }
+    impl serde::de::Visitor<'_> for Visitor<'_> {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "{} as an integer {}..={}",
+                self.field, self.min, self.max
+            )
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<u64, E> {
+            u64::try_from(v).map_err(|_| {
+                E::custom(format!(
+                    "{} must be {}..={}, got {v}",
+                    self.field, self.min, self.max
+                ))
+            })
+        }
+    }
+    let v = d.deserialize_u64(Visitor { field, min, max })?;
+    T::try_from(v)
+        .map_err(|_| serde::de::Error::custom(format!("{field} must be {min}..={max}, got {v}")))
+}
+
+fn de_vcpus<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u8, D::Error> {
+    de_bounded(d, "vcpus", 1, u64::from(MAX_VCPUS))
+}
+
+fn de_memory_mib<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    de_bounded(
+        d,
+        "memory_mib",
+        u64::from(MIN_MEMORY_MIB),
+        u64::from(MAX_MEMORY_MIB),
+    )
 }
 
 /// Errors from reading or validating a [`VmConfig`].
@@ -603,7 +684,7 @@ pub enum ConfigError {
         problem: FdProblem,
     },
     /// A file the config names is missing or not a regular file.
-    #[error("invalid VM config: {field} {path} is not a readable file")]
+    #[error("invalid VM config: {field} {path:?} is not a readable file")]
     MissingFile {
         /// The field name.
         field: &'static str,
@@ -776,6 +857,10 @@ impl TryFrom<VmConfig> for VmResources {
         }
         if let Some(console) = &c.console.path {
             fds.check("console.path", console, FdKind::WriteFile, false)?;
+            // Created at build time; a directory would only fail then, after the checks.
+            if console.as_path().is_some_and(Path::is_dir) {
+                return Err(invalid("console.path", format!("{console} is a directory")));
+            }
         }
         for disk in &c.disks {
             let kind = FdKind::Disk {
@@ -1035,6 +1120,39 @@ mod tests {
     }
 
     #[test]
+    fn json_errors_say_what_is_expected() {
+        let msg = |json: &str| match VmConfig::from_json(json) {
+            Err(ConfigError::Json(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+            Ok(c) => panic!("{json} parsed: {c:?}"),
+        };
+        // Too large for the field's type: the range, as for a value that fits but is refused.
+        assert!(
+            msg(r#"{"kernel":"/k","vcpus":1000}"#).starts_with("vcpus must be 1..=32, got 1000")
+        );
+        assert!(msg(r#"{"kernel":"/k","vcpus":-1}"#).starts_with("vcpus must be 1..=32, got -1"));
+        assert!(msg(r#"{"kernel":"/k","memory_mib":99999999999}"#)
+            .starts_with("memory_mib must be 64..=65536, got 99999999999"));
+        assert!(
+            msg(r#"{"kernel":"/k","vcpus":"2"}"#).contains("expected vcpus as an integer 1..=32")
+        );
+        assert!(msg(r#"{"kernel":null}"#)
+            .contains(r#"expected a path string or an inherited fd as {"fd": N}"#));
+        assert!(msg(r#"{"kernel":{"fd":5,"x":1}}"#).contains("unknown field `x`"));
+        // serde would fill a struct from an array by position.
+        for text in ["[]", r#"["/k"]"#, " 5", ""] {
+            assert_eq!(
+                msg(text),
+                r#"invalid VM config: config must be a JSON object (`{"kernel": ...}`)"#
+            );
+        }
+        // In range, through the wider parse: the values arrive unchanged.
+        let c = VmConfig::from_json(r#"{"kernel":"/k","vcpus":32,"memory_mib":65536}"#)
+            .expect("in range");
+        assert_eq!((c.vcpus, c.memory_mib), (32, 65536));
+    }
+
+    #[test]
     fn validation_checks_ranges() {
         let k = kernel_file();
         let base = VmConfig::new(k.path());
@@ -1216,5 +1334,23 @@ mod tests {
                 ..
             })
         ));
+        // A console log is created at build time: a directory is refused now, not then.
+        let console_dir =
+            VmResources::try_from(VmConfig::new(k.path()).console_file(dir.path(), 1024));
+        assert!(matches!(
+            console_dir,
+            Err(ConfigError::Invalid {
+                field: "console.path",
+                ..
+            })
+        ));
+        // Paths are quoted, so an empty one shows.
+        let empty = VmResources::try_from(VmConfig::new("")).expect_err("empty path");
+        assert!(
+            empty
+                .to_string()
+                .starts_with(r#"invalid VM config: kernel "" is not"#),
+            "{empty}"
+        );
     }
 }
