@@ -6,10 +6,13 @@
 //! 2. The sandbox gets a network under that policy; the runtime enforces it on the host, in the
 //!    sandbox's own network namespace, where the guest cannot touch it.
 //! 3. Inside, one allowed fetch (`https://pypi.org/simple/`) and two denied ones (a name the
-//!    policy does not allow, and the metadata address); each denial fails fast and is labelled
-//!    "denied by the policy", while a failure of the allowed fetch is labelled "failed (no route
-//!    to the internet?)".
-//! 4. The deny events the host recorded are printed: what a platform logs or alerts on.
+//!    policy does not allow, and the metadata address). The guest cannot tell a refusal from a
+//!    network failure (a refused name and an unreachable upstream resolver both read "Temporary
+//!    failure in name resolution"), so a failed fetch is labelled by what the policy says of it:
+//!    "failed, as the policy requires" or "failed (no route to the internet?)".
+//! 4. The deny events the host recorded are printed, identical ones counted once (a resolver
+//!    retries), and each denied fetch is checked against them: the proof that the policy, not the
+//!    network, stopped it. That is what a platform logs or alerts on.
 //!
 //! Needs root (netns, nftables), the `nft` binary, a `/dev/kvm` that boots Linux, and for the
 //! allowed fetch a host that reaches PyPI (the upstream resolver is the host's). Run it with
@@ -45,16 +48,22 @@ fn fetch(url: &str) -> String {
     )
 }
 
-/// What a fetch's outcome means. The policy refuses a name (our resolver answers REFUSED) or
-/// rejects a connection at once, so a failed fetch the policy denies is the policy at work; a
-/// failed fetch it allows is the network's doing (no route to the internet, upstream DNS down).
+/// What a fetch's outcome means, from the guest's side only. A failed fetch the policy allows is
+/// the network's doing (no route to the internet, upstream DNS down); a failed fetch it denies is
+/// what the policy requires, and the host's deny events (checked in `main`) show who stopped it.
 fn verdict(allowed: bool, guest: &str) -> String {
     match (allowed, guest.strip_prefix("error ")) {
         (true, None) => guest.to_string(),
         (true, Some(why)) => format!("failed (no route to the internet?): {why}"),
-        (false, Some(why)) => format!("denied by the policy: {why}"),
+        (false, Some(why)) => format!("failed, as the policy requires: {why}"),
         (false, None) => format!("NOT denied: {guest}"),
     }
+}
+
+/// The host part of `url` (`https://example.com/x` -> `example.com`).
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split(['/', ':']).next().unwrap_or(rest)
 }
 
 #[tokio::main]
@@ -71,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         .egress_events()
         .expect("a sandbox with a policy has a deny-event stream");
 
+    let mut denied_hosts = Vec::new();
     for (what, url, allowed) in [
         ("allowed: PyPI", "https://pypi.org/simple/", true),
         (
@@ -87,12 +97,17 @@ async fn main() -> anyhow::Result<()> {
         let out = sandbox.exec(ExecRequest::shell(fetch(url))).await?;
         let outcome = verdict(allowed, out.stdout_str().trim());
         println!("{what:45} {url:45} -> {outcome}");
+        if !allowed {
+            denied_hosts.push(url_host(url));
+        }
     }
 
-    println!("\ndeny events recorded on the host:");
+    println!("\ndeny events recorded on the host (identical ones counted):");
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    let mut named: Vec<String> = Vec::new();
     while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(3), events.recv()).await {
-        println!(
-            "  {} {:?} {}:{} name={} reason={:?}",
+        let line = format!(
+            "{} {:?} {}:{} name={} reason={:?}",
             event.sandbox,
             event.protocol,
             event.destination,
@@ -100,6 +115,28 @@ async fn main() -> anyhow::Result<()> {
             event.name.as_deref().unwrap_or("-"),
             event.reason
         );
+        named.push(event.destination.to_string());
+        named.extend(event.name.clone());
+        match seen.iter_mut().find(|(l, _)| *l == line) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((line, 1)),
+        }
+    }
+    for (line, n) in &seen {
+        let times = if *n > 1 {
+            format!(" (x{n})")
+        } else {
+            String::new()
+        };
+        println!("  {line}{times}");
+    }
+    for host in denied_hosts {
+        let proof = if named.iter().any(|n| n.trim_end_matches('.') == host) {
+            "stopped by the policy (a deny event names it)"
+        } else {
+            "NO deny event names it: the policy did not stop it"
+        };
+        println!("{host:45} -> {proof}");
     }
     sandbox.destroy().await?;
     Ok(())
@@ -107,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::verdict;
+    use super::{url_host, verdict};
 
     #[test]
     fn a_failed_allowed_fetch_is_not_called_denied() {
@@ -119,8 +156,19 @@ mod tests {
             "{allowed}"
         );
         assert!(!allowed.contains("denied"), "{allowed}");
-        assert!(verdict(false, dns).starts_with("denied by the policy: URLError"));
+        assert!(verdict(false, dns).starts_with("failed, as the policy requires: URLError"));
         assert_eq!(verdict(true, "ok 200 (0.4 s)"), "ok 200 (0.4 s)");
         assert!(verdict(false, "ok 200 (0.4 s)").starts_with("NOT denied"));
+    }
+
+    #[test]
+    fn hosts_are_cut_out_of_urls() {
+        assert_eq!(url_host("https://example.com/"), "example.com");
+        assert_eq!(
+            url_host("http://169.254.169.254/latest/meta-data/"),
+            "169.254.169.254"
+        );
+        assert_eq!(url_host("http://h:8080/x"), "h");
+        assert_eq!(url_host("h"), "h");
     }
 }
