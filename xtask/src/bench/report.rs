@@ -705,6 +705,18 @@ mod tests {
         }
     }
 
+    /// A report of `runs`, 1 vCPU and 128 MiB each.
+    fn report_of(runs: Vec<Run>) -> BootReport {
+        BootReport {
+            date: "2026-01-01T00:00:00Z".into(),
+            environment: vec![("runner".into(), "direct".into())],
+            command: "cargo xtask bench boot".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            runs,
+        }
+    }
+
     #[test]
     fn stats_take_the_middle_values() {
         let s = Stats::of(&[3.0, 1.0, 2.0]).expect("non-empty");
@@ -742,14 +754,7 @@ mod tests {
         assert_eq!(qemu.marker_ms.map(|s| s.median), Some(180.0));
         assert_eq!(qemu.exit_ms.map(|s| s.n), Some(2));
         assert_eq!((qemu.failed, qemu.exit_failed, qemu.total), (1, 1, 4));
-        let report = BootReport {
-            date: "2026-01-01T00:00:00Z".into(),
-            environment: vec![("runner".into(), "direct".into())],
-            command: "cargo xtask bench boot".into(),
-            vcpus: 1,
-            memory_mib: 128,
-            runs,
-        };
+        let report = report_of(runs);
         let (t, m) = report.ratios();
         assert!((t.expect("time ratio") - 110.0 / 180.0).abs() < 1e-9);
         assert!((m.expect("memory ratio") - 4100.0 / 20_000.0).abs() < 1e-9);
@@ -807,14 +812,7 @@ mod tests {
             qemu.phases.kernel.map(|s| (s.n, s.median)),
             Some((2, 120.0))
         );
-        let report = BootReport {
-            date: "d".into(),
-            environment: Vec::new(),
-            command: "c".into(),
-            vcpus: 1,
-            memory_mib: 128,
-            runs,
-        };
+        let report = report_of(runs);
         // (66 + 33) / 200: our guest's share over QEMU's whole boot.
         let floor = report.ratio_without_own_start_up().expect("phases timed");
         assert!((floor - 99.0 / 200.0).abs() < 1e-9, "{floor}");
@@ -833,17 +831,10 @@ mod tests {
 
     #[test]
     fn results_json_round_trips_the_runs() {
-        let report = BootReport {
-            date: "d".into(),
-            environment: Vec::new(),
-            command: "c".into(),
-            vcpus: 1,
-            memory_mib: 128,
-            runs: vec![
-                run(Vmm::Ours, 0, 100.0, 4000),
-                run(Vmm::Qemu, 0, 150.0, 9000),
-            ],
-        };
+        let report = report_of(vec![
+            run(Vmm::Ours, 0, 100.0, 4000),
+            run(Vmm::Qemu, 0, 150.0, 9000),
+        ]);
         let back = runs_from_json(&report.to_json()).expect("parses");
         assert_eq!(back.len(), 2);
         assert_eq!(back[1].vmm, Vmm::Qemu);
