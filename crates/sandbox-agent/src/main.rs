@@ -2,6 +2,7 @@
 //!
 //! 1. As PID 1 it mounts `/proc`, `/sys`, `/dev`, `/dev/pts`, `/dev/shm`, `/tmp` and `/run`,
 //!    brings up `lo`, sets the hostname, and makes sure it has a console.
+//!    Commands run in their own cgroup; the agent locks its code in RAM (`workload`).
 //! 2. It becomes the reaper of every orphan (PID 1, or `PR_SET_CHILD_SUBREAPER` otherwise) while
 //!    keeping the exit statuses of its own commands (`reaper`).
 //! 3. It listens on vsock port [`AGENT_VSOCK_PORT`] (or a Unix socket / loopback TCP port when run
@@ -16,6 +17,7 @@ mod exec;
 mod files;
 mod reaper;
 mod sys;
+mod workload;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -356,6 +358,8 @@ fn init_system(hostname: &str) {
         log!("sethostname {hostname}: {e}");
     }
     install_resolver(Path::new("/proc/net/pnp"), Path::new("/etc/resolv.conf"));
+    workload::setup();
+    workload::lock_agent_memory();
 }
 
 /// With a network, the kernel configured `eth0` from the `ip=` command-line parameter and

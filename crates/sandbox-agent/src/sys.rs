@@ -71,8 +71,9 @@ impl SpawnPlan {
 /// # Errors
 /// `fork` failure.
 pub fn spawn(plan: &SpawnPlan, stdin: RawFd, stdout: RawFd, stderr: RawFd) -> io::Result<Pid> {
+    let cgroup = crate::workload::procs_fd();
     // SAFETY: after `fork` the child calls only async-signal-safe functions (setpgid, dup2,
-    // sigprocmask, signal, chdir, setgroups, setgid, setuid, execve, write, _exit) on data
+    // sigprocmask, signal, write, chdir, setgroups, setgid, setuid, execve, _exit) on data
     // prepared before the fork; it never returns into Rust code. The parent just returns the pid.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -81,7 +82,7 @@ pub fn spawn(plan: &SpawnPlan, stdin: RawFd, stdout: RawFd, stderr: RawFd) -> io
     if pid == 0 {
         // SAFETY: we are the child of a fork; see above. The fds are open in the child (they
         // were open in the parent), the pointers come from `plan`, alive for the whole call.
-        unsafe { child_exec(plan, stdin, stdout, stderr) }
+        unsafe { child_exec(plan, cgroup, stdin, stdout, stderr) }
     }
     let pid = Pid::from_raw(pid);
     // The child makes itself a group leader too, but maybe not yet: set it from this side as
@@ -94,8 +95,15 @@ pub fn spawn(plan: &SpawnPlan, stdin: RawFd, stdout: RawFd, stderr: RawFd) -> io
 /// Never returns.
 ///
 /// # Safety
-/// Only to be called in a freshly forked child, with `plan` prepared before the fork.
-unsafe fn child_exec(plan: &SpawnPlan, stdin: RawFd, stdout: RawFd, stderr: RawFd) -> ! {
+/// Only to be called in a freshly forked child, with `plan` prepared before the fork; `cgroup`,
+/// when set, is an open `cgroup.procs` of the workload cgroup (`workload`).
+unsafe fn child_exec(
+    plan: &SpawnPlan,
+    cgroup: Option<RawFd>,
+    stdin: RawFd,
+    stdout: RawFd,
+    stderr: RawFd,
+) -> ! {
     // SAFETY: only async-signal-safe libc calls, on valid pointers from `plan` (whole body).
     unsafe {
         // Own process group, so a timeout can kill the command and everything it started.
@@ -109,6 +117,11 @@ unsafe fn child_exec(plan: &SpawnPlan, stdin: RawFd, stdout: RawFd, stderr: RawF
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // Join the workload cgroup while still root ("0" = the writing process). A failure
+        // leaves the command in the agent's cgroup: it runs, without the agent's reserve.
+        if let Some(fd) = cgroup {
+            libc::write(fd, b"0".as_ptr().cast(), 1);
+        }
         if libc::chdir(plan.cwd.as_ptr()) != 0 {
             fail(&plan.msg_cwd, 126);
         }

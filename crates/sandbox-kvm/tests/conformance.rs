@@ -542,9 +542,25 @@ async fn vmm_runs_as_the_configured_user(_h: &KvmHarness) {
 
 /// A guest command that exhausts guest RAM is ended by the guest kernel's OOM killer, and the
 /// exec result says so (`signal` 9, `oom_killed`); the sandbox keeps running. The VMM stays
-/// within its cgroup (guest RAM plus the overhead).
+/// within its cgroup (guest RAM plus the overhead). The hog's memory is shared anonymous memory
+/// (Python's `mmap` default), which the kernel's OOM reaper cannot take back before the hog
+/// exits: the agent paging its own code back in during that window once left the kernel nothing
+/// to kill, and it panicked (seen in CI); the agent therefore locks its code in RAM, which this
+/// checks too.
 async fn a_guest_out_of_memory_is_reported_in_the_exec_result(h: &KvmHarness) {
     let sb = h.runtime.create_sandbox(h.spec()).await.expect("create");
+    // The agent's code is locked in RAM (docs/agent.md): more than 1 MiB of it.
+    let out = sb
+        .exec(ExecRequest::shell("sed -n 's/^VmLck: *//p' /proc/1/status"))
+        .await
+        .expect("exec");
+    let locked_kib: u64 = out
+        .stdout_str()
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap_or_else(|_| panic!("VmLck of PID 1: {:?}", out.stdout_str()));
+    assert!(locked_kib > 1024, "PID 1 locks {locked_kib} kB");
     // The hog as the command's own process (`exec`), and as a shell's child (exit 137).
     let hog = "python3 -c 'import mmap\nchunks=[]\nwhile True:\n m=mmap.mmap(-1,1<<20)\n \
                [m.__setitem__(i,1) for i in range(0,1<<20,4096)]\n chunks.append(m)'";
@@ -568,6 +584,49 @@ async fn a_guest_out_of_memory_is_reported_in_the_exec_result(h: &KvmHarness) {
         .expect("exec after the OOM kill");
     assert_eq!(after.stdout_str(), "alive\n");
     assert!(!after.status.oom_killed);
+    sb.destroy().await.expect("destroy");
+}
+
+/// A fork bomb is contained: commands run in the guest's workload cgroup, whose `pids.max`
+/// stops the bomb short of the guest's task limit (the agent keeps room for its threads), the
+/// exec's timeout kills the whole process group, and afterwards the sandbox answers with no
+/// process of the bomb left.
+async fn a_fork_bomb_is_contained(h: &KvmHarness) {
+    let sb = h.runtime.create_sandbox(h.spec()).await.expect("create");
+    let out = sb
+        .exec(ExecRequest::shell("cat /proc/self/cgroup"))
+        .await
+        .expect("exec");
+    assert_eq!(out.stdout_str(), "0::/workload\n", "{out:?}");
+    // The bomb in the background, the command's own process waiting (`exec`, no fork needed).
+    let out = sb
+        .exec(
+            ExecRequest::shell("b() { b | b & }; b & exec sleep 600")
+                .timeout(Duration::from_secs(15)),
+        )
+        .await
+        .expect("exec of the fork bomb");
+    assert!(out.status.timed_out, "{:?}", out.status);
+    // SIGKILL reached every process of the group; they may take a moment to exit.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = sb
+            .exec(ExecRequest::shell(
+                "read n < /sys/fs/cgroup/workload/pids.current; echo $n",
+            ))
+            .await
+            .expect("exec after the fork bomb");
+        // The shell reading the count is the one task expected.
+        if left.stdout_str() == "1\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bomb's tasks are still there: {:?}",
+            left.stdout_str()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     sb.destroy().await.expect("destroy");
 }
 
@@ -749,6 +808,10 @@ fn extra(suite: &Suite<KvmHarness>) -> Vec<Trial> {
         suite.trial(
             "a_guest_out_of_memory_is_reported_in_the_exec_result",
             |h| async move { a_guest_out_of_memory_is_reported_in_the_exec_result(&h).await },
+        ),
+        suite.trial(
+            "a_fork_bomb_is_contained",
+            |h| async move { a_fork_bomb_is_contained(&h).await },
         ),
         suite.trial("a_vmm_out_of_memory_is_reported_as_such", |h| async move {
             a_vmm_out_of_memory_is_reported_as_such(&h).await
