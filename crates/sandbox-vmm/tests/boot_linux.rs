@@ -17,8 +17,11 @@ use sandbox_vmm::vmm::{build, DiskConfig, ExitReason, VmConfig, VmResources};
 
 /// The console line every boot test waits for (docs/guest.md).
 const READY: &str = "sandbox-init: ready";
-/// Upper bound on a boot plus a command; boots take seconds even under nested TCG.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Upper bound on a boot to the ready line, and again on the command after it: a boot takes
+/// seconds even under nested TCG (about 10 s on a loaded 2-core machine). Both together stay well
+/// inside the test host's 900 s for the whole binary, so a guest that hangs fails its own test,
+/// with its console, and the other tests still run.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// Guest RAM, MiB: small, so that several test VMs fit in the test host.
 const MEMORY_MIB: u32 = 128;
 
@@ -32,10 +35,65 @@ fn env_path(name: &str) -> PathBuf {
     PathBuf::from(value)
 }
 
+/// What every thread of process `pid` is doing, from `/proc`: name, `wchan`, the syscall it is
+/// in (`syscall`: number and arguments) and its kernel stack (root only). For the message of a
+/// test that found something hung.
+fn thread_dump(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(process {pid} is gone)");
+    };
+    let read = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_else(|e| format!("({e})"));
+    let mut out = String::new();
+    for task in tasks.filter_map(Result::ok) {
+        let dir = task.path();
+        out.push_str(&format!(
+            "--- thread {} {:?}: wchan {:?}, syscall {:?}\n{}",
+            task.file_name().to_string_lossy(),
+            read(dir.join("comm")).trim(),
+            read(dir.join("wchan")).trim(),
+            read(dir.join("syscall")).trim(),
+            read(dir.join("stack")),
+        ));
+    }
+    out
+}
+
+/// Ends this test process with a dump of its threads and the console if it is still running
+/// `limit` after it was armed: a hang inside the VMM (not in the guest, which the timeouts
+/// cover) must show where it is, not just run into the test host's time limit.
+struct Watchdog(std::sync::mpsc::Sender<()>);
+
+impl Watchdog {
+    fn arm(limit: Duration, what: &'static str, ring: Option<ConsoleRing>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                eprintln!(
+                    "boot_linux: {what} still running after {} s: threads of this test \
+                     process:\n{}\nconsole:\n{}",
+                    limit.as_secs(),
+                    thread_dump(std::process::id()),
+                    ring.map(|r| r.lines().concat()).unwrap_or_default()
+                );
+                std::process::abort();
+            }
+        });
+        Watchdog(tx)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
 /// A writable copy of the rootfs in a fresh temp dir.
 fn rootfs_copy() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir in TMPDIR");
     let copy = dir.path().join("rootfs.ext4");
+    // 1 GiB over the test host's 9p share: 15-30 s.
+    let _watchdog = Watchdog::arm(Duration::from_secs(300), "a rootfs copy", None);
     std::fs::copy(env_path("SANDBOX_ROOTFS"), &copy).expect("copy the rootfs to TMPDIR");
     (dir, copy)
 }
@@ -86,14 +144,38 @@ fn boot_disk(disk: DiskConfig, vcpus: u8, extra: &str) -> Run {
     let resources = VmResources::try_from(config)
         .expect("valid config")
         .with_console_ring(ring.clone());
+    // Both waits below, plus a minute for building and stopping the VM.
+    let _watchdog = Watchdog::arm(
+        2 * BOOT_TIMEOUT + Duration::from_secs(60),
+        "a boot",
+        Some(ring.clone()),
+    );
     let mut vm = build(resources).expect("build the VM");
     vm.start().expect("start the VM");
+    let started = std::time::Instant::now();
     let ready = ring.wait_for_line(READY, BOOT_TIMEOUT);
-    let reason = vm.wait_timeout(BOOT_TIMEOUT).unwrap_or_else(|| vm.stop());
+    let ready_after = started.elapsed();
+    // Without the ready line the VM has had its time: do not wait for it again.
+    let wait = if ready.is_some() {
+        BOOT_TIMEOUT
+    } else {
+        Duration::ZERO
+    };
+    let ended = vm.wait_timeout(wait);
+    let hung = ended.is_none();
+    let reason = ended.unwrap_or_else(|| vm.stop());
     let console = ring.lines();
     assert!(
         ready.is_some(),
-        "no `{READY}` on the console; VM ended with {reason}; console:\n{}",
+        "no `{READY}` on the console within {} s; VM ended with {reason}; console:\n{}",
+        BOOT_TIMEOUT.as_secs(),
+        console.concat()
+    );
+    assert!(
+        !hung,
+        "the VM was ready after {} ms but did not end within {} s (stopped); console:\n{}",
+        ready_after.as_millis(),
+        BOOT_TIMEOUT.as_secs(),
         console.concat()
     );
     Run { reason, console }
@@ -253,7 +335,23 @@ fn sandbox_vmm_binary_boots_the_guest_from_a_json_config() {
             .write_all(config.to_string().as_bytes())
             .expect("write the config");
     }
-    let status = child.wait().expect("wait for sandbox-vmm");
+    let limit = std::time::Instant::now() + 2 * BOOT_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for sandbox-vmm") {
+            break status;
+        }
+        if std::time::Instant::now() > limit {
+            let dump = thread_dump(child.id());
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&console).unwrap_or_default();
+            panic!(
+                "sandbox-vmm did not exit within {} s (killed); its threads:\n{dump}\nconsole:\n{log}",
+                (2 * BOOT_TIMEOUT).as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let log = std::fs::read_to_string(&console).expect("console log");
     assert!(log.contains(READY), "console:\n{log}");
     assert_eq!(
