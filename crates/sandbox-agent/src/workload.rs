@@ -53,6 +53,15 @@ pub fn setup() {
 
 fn try_setup(root: &Path) -> Result<(OwnedFd, Option<u64>), String> {
     use nix::mount::{mount, MsFlags};
+    // A guest's init starts in the root cgroup. PID 1 of a PID namespace on a host (the agent's
+    // own PID-1 test) does not, and must not create cgroups in the host's hierarchy.
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    if !in_root_cgroup(&own) {
+        return Err(format!(
+            "not in the root cgroup ({:?}), so not a guest's init",
+            own.trim()
+        ));
+    }
     let _ = std::fs::create_dir_all(root);
     match mount(
         Some("cgroup2"),
@@ -90,6 +99,13 @@ fn try_setup(root: &Path) -> Result<(OwnedFd, Option<u64>), String> {
     Ok((OwnedFd::from(fd), pids))
 }
 
+/// Whether a `/proc/self/cgroup` text puts the process at the root of the cgroup v2 hierarchy
+/// (`0::/`), or, with no v2 line, at the root of every v1 hierarchy.
+fn in_root_cgroup(text: &str) -> bool {
+    let mut lines = text.lines().filter(|l| !l.is_empty()).peekable();
+    lines.peek().is_some() && lines.all(|l| l.rsplit_once(':').is_some_and(|(_, path)| path == "/"))
+}
+
 /// The workload leaf's `cgroup.procs`, open for writing (a forked child writes `0` to join), or
 /// `None` when there is no leaf. The fd is `O_CLOEXEC`: commands do not inherit it.
 pub fn procs_fd() -> Option<RawFd> {
@@ -123,5 +139,16 @@ mod tests {
         assert_eq!(pids_max(1000), 936);
         assert_eq!(pids_max(100), 50);
         assert_eq!(pids_max(0), 0);
+    }
+
+    #[test]
+    fn only_a_process_in_the_root_cgroup_sets_up_the_leaf() {
+        assert!(in_root_cgroup("0::/\n"));
+        assert!(in_root_cgroup("2:memory:/\n1:name=systemd:/\n"));
+        assert!(!in_root_cgroup(
+            "0::/user.slice/user-0.slice/session-1.scope\n"
+        ));
+        assert!(!in_root_cgroup("2:memory:/\n0::/init.scope\n"));
+        assert!(!in_root_cgroup(""));
     }
 }
