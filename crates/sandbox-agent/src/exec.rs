@@ -28,6 +28,15 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 /// pipes to drain (only a process that left the group can hold them open; normally the output
 /// pumps just need to read what is buffered).
 const DRAIN_CAP: Duration = Duration::from_secs(5);
+/// The drain limits above are counted in turns of this length in which nothing arrived, not read
+/// off the clock: a guest whose vCPUs the host stops for seconds (an overloaded host, nested
+/// emulation) sees its clock jump past any deadline before the output pumps ran again, and an
+/// exit reported then lost output already written (seen once in CI: `cat` exited 0 and its line
+/// never arrived).
+const DRAIN_TICK: Duration = Duration::from_millis(50);
+/// Whatever the turns say, the drain ends this long after the exit (a stream of other events
+/// could otherwise keep it going).
+const DRAIN_WALL_CAP: Duration = Duration::from_secs(20);
 /// After the host left and the command was killed, how long to wait for its exit status before
 /// giving the connection up anyway (a process stuck in uninterruptible sleep cannot die at once,
 /// and must not hold the connection's slot forever).
@@ -238,23 +247,27 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
 
     let deadline = start.timeout().map(|t| started + t);
     let mut status: Option<(WaitStatus, Duration)> = None;
-    // When the main process exited, and until when its pipes may drain.
+    // When the main process exited, and how many quiet turns its pipes may still take to drain.
     let mut exited_at: Option<Instant> = None;
-    let mut drain_until: Option<Instant> = None;
+    let mut drain_ticks: Option<u32> = None;
     let mut pipes_open = 2u8;
     let mut timed_out = false;
     let mut client_gone = false;
     let mut next = Next::Continue;
     loop {
         let now = Instant::now();
-        if let Some(until) = drain_until {
-            if pipes_open == 0 || client_gone || now >= until {
+        if let (Some(ticks), Some(at)) = (drain_ticks, exited_at) {
+            if pipes_open == 0
+                || client_gone
+                || ticks == 0
+                || now.duration_since(at) >= DRAIN_WALL_CAP
+            {
                 break;
             }
         }
-        // Wake up for the timeout while the command runs, for the drain limit after it exits.
-        let wake = match (drain_until, deadline) {
-            (Some(until), _) => Some(until),
+        // Wake up for the timeout while the command runs, each drain turn after it exits.
+        let wake = match (drain_ticks, deadline) {
+            (Some(_), _) => Some(now + DRAIN_TICK),
             (None, Some(d)) if !timed_out => Some(d),
             _ => None,
         };
@@ -264,7 +277,9 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
         };
         match ev {
             Err(RecvTimeoutError::Timeout) => {
-                if exited_at.is_none() && !timed_out {
+                if let Some(ticks) = drain_ticks.as_mut() {
+                    *ticks = ticks.saturating_sub(1);
+                } else if exited_at.is_none() && !timed_out {
                     crate::debug!("exec {id}: timeout, killing group {pid}");
                     kill_command(pid, status.is_none());
                     timed_out = true;
@@ -278,7 +293,11 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
                 exited_at = Some(at);
                 // Signal 0 probes whether anyone is left in the group.
                 let group_alive = killpg(pid, None).is_ok();
-                drain_until = Some(at + if group_alive { DRAIN_GRACE } else { DRAIN_CAP });
+                drain_ticks = Some(drain_turns(if group_alive {
+                    DRAIN_GRACE
+                } else {
+                    DRAIN_CAP
+                }));
             }
             Ok(Event::Exited(_)) => {}
             Ok(Event::PipeDone(pid_id)) if pid_id == id => {
@@ -345,6 +364,11 @@ pub fn run(ctx: &Ctx, id: u64, start: ExecStart) -> Next {
         ctx.writer.send(id, AgentMessage::Exited(exit));
     }
     next
+}
+
+/// How many [`DRAIN_TICK`] turns make `limit`.
+fn drain_turns(limit: Duration) -> u32 {
+    u32::try_from(limit.as_millis() / DRAIN_TICK.as_millis()).unwrap_or(u32::MAX)
 }
 
 /// The guest kernel's count of OOM kills (`oom_kill` in `/proc/vmstat`, Linux 4.13), or `None`
@@ -499,6 +523,14 @@ mod tests {
         );
         let m = fork_failure(std::io::Error::from_raw_os_error(nix::libc::EPERM));
         assert!(m.contains("os error 1") && !m.contains("too many"), "{m}");
+    }
+
+    #[test]
+    fn drain_limits_are_whole_turns() {
+        assert_eq!(drain_turns(DRAIN_GRACE), 10);
+        assert_eq!(drain_turns(DRAIN_CAP), 100);
+        assert_eq!(drain_turns(Duration::ZERO), 0);
+        assert!(DRAIN_WALL_CAP > DRAIN_CAP);
     }
 
     #[test]
