@@ -31,8 +31,7 @@ const DRAIN_CAP: Duration = Duration::from_secs(5);
 /// The drain limits above are counted in turns of this length in which nothing arrived, not read
 /// off the clock: a guest whose vCPUs the host stops for seconds (an overloaded host, nested
 /// emulation) sees its clock jump past any deadline before the output pumps ran again, and an
-/// exit reported then lost output already written (seen once in CI: `cat` exited 0 and its line
-/// never arrived).
+/// exit reported then would lose output already written.
 const DRAIN_TICK: Duration = Duration::from_millis(50);
 /// Whatever the turns say, the drain ends this long after the exit (a stream of other events
 /// could otherwise keep it going).

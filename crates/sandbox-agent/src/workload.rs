@@ -99,11 +99,13 @@ fn try_setup(root: &Path) -> Result<(OwnedFd, Option<u64>), String> {
     Ok((OwnedFd::from(fd), pids))
 }
 
-/// Whether a `/proc/self/cgroup` text puts the process at the root of the cgroup v2 hierarchy
-/// (`0::/`), or, with no v2 line, at the root of every v1 hierarchy.
+/// Whether a `/proc/self/cgroup` text puts the process at the root of every hierarchy it lists
+/// (`0::/` for cgroup v2). An empty text counts as the root: Linux lists the v2 hierarchy only
+/// once something has mounted cgroup2, which in a fresh guest nothing has yet.
 fn in_root_cgroup(text: &str) -> bool {
-    let mut lines = text.lines().filter(|l| !l.is_empty()).peekable();
-    lines.peek().is_some() && lines.all(|l| l.rsplit_once(':').is_some_and(|(_, path)| path == "/"))
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .all(|l| l.rsplit_once(':').is_some_and(|(_, path)| path == "/"))
 }
 
 /// The workload leaf's `cgroup.procs`, open for writing (a forked child writes `0` to join), or
@@ -149,6 +151,7 @@ mod tests {
             "0::/user.slice/user-0.slice/session-1.scope\n"
         ));
         assert!(!in_root_cgroup("2:memory:/\n0::/init.scope\n"));
-        assert!(!in_root_cgroup(""));
+        // A fresh guest: no hierarchy mounted yet, nothing listed.
+        assert!(in_root_cgroup(""));
     }
 }

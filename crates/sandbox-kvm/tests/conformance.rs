@@ -593,6 +593,8 @@ async fn a_guest_out_of_memory_is_reported_in_the_exec_result(h: &KvmHarness) {
 /// process of the bomb left.
 async fn a_fork_bomb_is_contained(h: &KvmHarness) {
     let sb = h.runtime.create_sandbox(h.spec()).await.expect("create");
+    // Empty if the agent did not set the cgroup up: Linux lists cgroup v2 in /proc/<pid>/cgroup
+    // only once something mounted it (two CI runs caught an agent that then skipped the setup).
     let out = sb
         .exec(ExecRequest::shell("cat /proc/self/cgroup"))
         .await

@@ -122,7 +122,10 @@ async fn overlays_through_the_runtime() {
     let after = sb.disk_usage().expect("usage").expect("an overlay");
     assert!(after.refused_writes > 0, "{after:?}");
     assert!(after.file_bytes <= (16 << 20) + (256 << 10), "{after:?}");
-    let (code, out) = sh(&sb, "rm -f /root/big; echo still-answering").await;
+    // After refused writes ext4 may have remounted itself read-only (errors=remount-ro, when
+    // a journal write was among the refused ones), so `rm` may fail: what matters is that the
+    // guest still answers.
+    let (code, out) = sh(&sb, "rm -f /root/big 2>/dev/null; echo still-answering").await;
     assert_eq!((code, out.trim()), (Some(0), "still-answering"));
     sb.destroy().await.expect("destroy");
 
